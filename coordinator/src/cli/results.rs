@@ -1,0 +1,235 @@
+//! `coordinator status`, `results`, `wait` and `download`: reading a sweep back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cohort_coordinator::plan::config_label;
+use cohort_coordinator::selection::{self, ConfigSummary, FoldResult};
+use cohort_proto::transfer;
+use cohort_proto::v1 as pb;
+use cohort_proto::v1::client_service_client::ClientServiceClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// A trial as the results show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrialRow {
+    /// Task id.
+    pub task_id: String,
+    /// Trial name.
+    pub trial: String,
+    /// Hyperparameter config label.
+    pub config: String,
+    /// Fold index.
+    pub fold: Option<u32>,
+    /// State.
+    pub state: String,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Epochs reported.
+    pub epochs: Vec<EpochRow>,
+    /// Minimum validation MSE.
+    pub min_val_mse: Option<f64>,
+    /// Final checkpoint blob.
+    pub final_checkpoint: Option<String>,
+    /// Last worker.
+    pub worker: String,
+    /// Last error.
+    pub error: String,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRow {
+    /// Epoch.
+    pub epoch: u32,
+    /// Named values.
+    pub values: std::collections::BTreeMap<String, f64>,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// A sweep's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// Sweep id.
+    pub sweep_id: String,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: String,
+    /// Trials in plan order.
+    pub trials: Vec<TrialRow>,
+    /// Cross-validation summary per config.
+    pub configs: Vec<ConfigRow>,
+}
+
+/// A config's CV figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigRow {
+    /// Label.
+    pub config: String,
+    /// Per-fold minimum validation MSE.
+    pub folds: Vec<Option<f64>>,
+    /// Mean.
+    pub mean: Option<f64>,
+    /// Standard deviation.
+    pub std: Option<f64>,
+    /// Winner.
+    pub winner: bool,
+}
+
+/// Names a sweep state.
+pub fn sweep_state_name(state: i32) -> &'static str {
+    match pb::SweepState::try_from(state).unwrap_or(pb::SweepState::Unspecified) {
+        pb::SweepState::Running => "running",
+        pb::SweepState::Succeeded => "succeeded",
+        pb::SweepState::Failed => "failed",
+        pb::SweepState::Cancelled => "cancelled",
+        pb::SweepState::Unspecified => "unknown",
+    }
+}
+
+fn task_state_name(state: i32) -> &'static str {
+    match pb::TaskState::try_from(state).unwrap_or(pb::TaskState::Unspecified) {
+        pb::TaskState::Queued => "queued",
+        pb::TaskState::Running => "running",
+        pb::TaskState::Succeeded => "succeeded",
+        pb::TaskState::Failed => "failed",
+        pb::TaskState::Cancelled => "cancelled",
+        pb::TaskState::Unspecified => "unknown",
+    }
+}
+
+impl From<pb::SweepDetail> for Results {
+    fn from(detail: pb::SweepDetail) -> Self {
+        let summary = detail.summary.unwrap_or_default();
+        let trials: Vec<TrialRow> = detail.tasks.into_iter().map(trial_row).collect();
+        let folds: Vec<FoldResult> = trials
+            .iter()
+            .filter_map(|t| t.fold.map(|fold| (t, fold)))
+            .map(|(t, fold)| FoldResult {
+                config: t.config.clone(),
+                fold,
+                min_val_mse: t.min_val_mse.filter(|_| t.state == "succeeded"),
+            })
+            .collect();
+        let configs = selection::summarize(&folds).into_iter().map(config_row).collect();
+        Results { sweep_id: summary.sweep_id, name: summary.name, state: sweep_state_name(summary.state).into(), trials, configs }
+    }
+}
+
+fn config_row(s: ConfigSummary) -> ConfigRow {
+    ConfigRow { config: s.config, folds: s.folds, mean: s.mean, std: s.std, winner: s.winner }
+}
+
+fn trial_row(task: pb::TaskResult) -> TrialRow {
+    let spec = task.spec.unwrap_or_default();
+    let config = spec.config.unwrap_or_default();
+    let epochs: Vec<EpochRow> = task
+        .epochs
+        .into_iter()
+        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds })
+        .collect();
+    let min_val_mse = epochs.iter().filter_map(|e| e.values.get("val_mse").copied()).reduce(f64::min);
+    TrialRow {
+        task_id: spec.task_id,
+        trial: spec.trial_name,
+        config: config_label(config.lr, config.weight_decay, config.batch_size),
+        fold: spec.fold.map(|f| f.index),
+        state: task_state_name(task.state).into(),
+        attempts: spec.attempt,
+        epochs,
+        min_val_mse,
+        final_checkpoint: task.checkpoints.iter().find(|c| c.is_final).and_then(|c| c.blob.as_ref()).map(|b| b.sha256.clone()),
+        worker: task.worker,
+        error: task.error,
+    }
+}
+
+/// Fetches a sweep's results.
+pub async fn fetch(client: &mut ClientServiceClient<Channel>, sweep_id: &str) -> anyhow::Result<Results> {
+    let detail = client
+        .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    Ok(detail.into_inner().into())
+}
+
+fn mse(value: Option<f64>) -> String {
+    value.map(|v| format!("{v:.5}")).unwrap_or_else(|| "-".into())
+}
+
+/// Prints results as tables.
+pub fn print_table(results: &Results) {
+    println!("sweep {} ({}): {}", results.sweep_id, results.name, results.state);
+    println!();
+    println!("{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}", "trial", "config", "fold", "state", "try", "epochs", "min val_mse", "last val_mse");
+    for t in &results.trials {
+        let last = t.epochs.last().and_then(|e| e.values.get("val_mse").copied());
+        let fold = t.fold.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}",
+            t.trial,
+            t.config,
+            fold,
+            t.state,
+            t.attempts,
+            t.epochs.len(),
+            mse(t.min_val_mse),
+            mse(last)
+        );
+        if !t.error.is_empty() && t.state != "succeeded" {
+            println!("{:<14} error: {}", "", t.error);
+        }
+    }
+    if results.configs.is_empty() {
+        return;
+    }
+    println!();
+    println!("cross-validation: minimum validation MSE per fold, mean ± std over folds (* = winner)");
+    for c in &results.configs {
+        let folds: Vec<String> = c.folds.iter().map(|v| mse(*v)).collect();
+        let summary = match (c.mean, c.std) {
+            (Some(mean), Some(std)) => format!("{mean:.5} ± {std:.5}"),
+            _ => "incomplete".into(),
+        };
+        println!("{} {:<30} [{}]  {}", if c.winner { "*" } else { " " }, c.config, folds.join(", "), summary);
+    }
+}
+
+/// Waits until the sweep leaves the running state or `timeout` passes; returns its final state.
+pub async fn wait(client: &mut ClientServiceClient<Channel>, sweep_id: &str, timeout: Option<Duration>) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
+        let results = fetch(client, sweep_id).await?;
+        if results.state != "running" {
+            return Ok(results.state);
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            bail!("sweep {sweep_id} still running after {:?}", timeout.unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Downloads a blob named by hash, or a task's final checkpoint named by task id, to `output`.
+pub async fn download(client: &mut ClientServiceClient<Channel>, what: &str, output: &Path) -> anyhow::Result<()> {
+    let sha256 = if transfer::is_sha256_hex(what) {
+        what.to_string()
+    } else {
+        let sweep_id = what.split('.').next().unwrap_or_default();
+        let results = fetch(client, sweep_id).await.with_context(|| format!("{what} is neither a blob hash nor a task id"))?;
+        let trial = results.trials.iter().find(|t| t.task_id == what).with_context(|| format!("no task {what}"))?;
+        trial.final_checkpoint.clone().with_context(|| format!("task {what} has no final checkpoint yet"))?
+    };
+    let stream = client
+        .download_blob(pb::FetchBlobRequest { sha256: sha256.clone() })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    let output = if output.is_relative() { std::env::current_dir()?.join(output) } else { output.to_path_buf() };
+    transfer::receive_to_file(stream, &output, Some(&sha256), u64::MAX).await?;
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Conversions between protocol messages and the coordinator's domain types: the only place
+//! where both meet.
+
+use cohort_proto::v1 as pb;
+
+use crate::core::{Counts, Dispatch, SweepState, SweepSummary, SweepView, TaskView};
+use crate::domain::{BlobRef, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec};
+use crate::scheduler::Lease;
+use crate::store::{CheckpointRecord, EpochRecord};
+
+impl From<BlobRef> for pb::BlobRef {
+    fn from(blob: BlobRef) -> Self {
+        pb::BlobRef { sha256: blob.sha256, size: blob.size }
+    }
+}
+
+impl From<pb::BlobRef> for BlobRef {
+    fn from(blob: pb::BlobRef) -> Self {
+        BlobRef { sha256: blob.sha256, size: blob.size }
+    }
+}
+
+/// The blob a message names, or an error naming the field.
+pub fn require_blob(blob: Option<pb::BlobRef>, field: &str) -> Result<BlobRef, String> {
+    blob.filter(|b| !b.sha256.is_empty()).map(BlobRef::from).ok_or_else(|| format!("{field} names no blob"))
+}
+
+/// Dataset files from a submit request.
+pub fn dataset_files(files: Vec<pb::DatasetFile>) -> Result<Vec<(String, BlobRef)>, String> {
+    files.into_iter().map(|file| Ok((file.name.clone(), require_blob(file.blob, &format!("dataset file {}", file.name))?))).collect()
+}
+
+/// Leases a worker says it holds.
+pub fn leases(running: Vec<pb::RunningTask>) -> Vec<Lease> {
+    running.into_iter().map(|r| Lease { task_id: r.task_id, attempt: r.attempt }).collect()
+}
+
+/// A failure kind from the wire (unspecified counts as infrastructure: retrying is the safe side).
+pub fn failure_kind(kind: pb::FailureKind) -> FailureKind {
+    match kind {
+        pb::FailureKind::User => FailureKind::User,
+        pb::FailureKind::Infrastructure | pb::FailureKind::Unspecified => FailureKind::Infrastructure,
+    }
+}
+
+/// Epoch metrics from the wire.
+pub fn epochs(attempt: u32, epochs: Vec<pb::EpochMetrics>) -> Vec<EpochRecord> {
+    epochs
+        .into_iter()
+        .map(|e| {
+            let mut values: Vec<(String, f64)> = e.values.into_iter().collect();
+            values.sort_by(|a, b| a.0.cmp(&b.0));
+            EpochRecord { epoch: e.epoch, attempt, values, seconds: e.seconds, samples: e.samples }
+        })
+        .collect()
+}
+
+fn trial_kind(kind: TrialKind) -> pb::TrialKind {
+    match kind {
+        TrialKind::DaeFold => pb::TrialKind::DaeFold,
+    }
+}
+
+fn training_config(config: &TrainingConfig) -> pb::TrainingConfig {
+    pb::TrainingConfig {
+        lr: config.lr,
+        weight_decay: config.weight_decay,
+        batch_size: config.batch_size,
+        epochs: config.epochs,
+        noise_std: config.noise_std,
+        latent: config.latent,
+        seed: config.seed,
+    }
+}
+
+fn dataset(dataset: &DatasetSpec) -> pb::Dataset {
+    pb::Dataset {
+        format: dataset.format.clone(),
+        files: dataset.files.iter().map(|(name, blob)| pb::DatasetFile { name: name.clone(), blob: Some(blob.clone().into()) }).collect(),
+        train_limit: dataset.train_limit,
+        test_limit: dataset.test_limit,
+    }
+}
+
+fn fold(fold: &FoldSpec) -> pb::FoldSpec {
+    pb::FoldSpec { folds: fold.folds, index: fold.index, shuffle_seed: fold.shuffle_seed }
+}
+
+/// A task spec for the wire.
+pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, resume_from: Option<BlobRef>) -> pb::TaskSpec {
+    pb::TaskSpec {
+        task_id: task_id.to_string(),
+        sweep_id: sweep_id.to_string(),
+        trial_name: spec.name.clone(),
+        kind: trial_kind(spec.kind) as i32,
+        config: Some(training_config(&spec.config)),
+        dataset: Some(dataset(&spec.dataset)),
+        fold: spec.fold.as_ref().map(fold),
+        attempt,
+        resume_from: resume_from.map(Into::into),
+        checkpoint_every: spec.checkpoint_every,
+    }
+}
+
+impl From<Dispatch> for pb::TaskSpec {
+    fn from(d: Dispatch) -> Self {
+        task_spec(&d.task_id, &d.sweep_id, d.attempt, &d.spec, d.resume_from)
+    }
+}
+
+fn task_state(state: TaskState) -> pb::TaskState {
+    match state {
+        TaskState::Queued => pb::TaskState::Queued,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+fn sweep_state(state: SweepState) -> pb::SweepState {
+    match state {
+        SweepState::Running => pb::SweepState::Running,
+        SweepState::Succeeded => pb::SweepState::Succeeded,
+        SweepState::Failed => pb::SweepState::Failed,
+        SweepState::Cancelled => pb::SweepState::Cancelled,
+    }
+}
+
+impl From<SweepSummary> for pb::SweepSummary {
+    fn from(s: SweepSummary) -> Self {
+        let Counts { total, queued, running, succeeded, failed, cancelled: _ } = s.counts;
+        pb::SweepSummary {
+            sweep_id: s.record.id,
+            name: s.record.name,
+            state: sweep_state(s.state) as i32,
+            total,
+            queued,
+            running,
+            succeeded,
+            failed,
+            created_unix_ms: s.record.created_ms,
+        }
+    }
+}
+
+fn checkpoint(c: CheckpointRecord) -> pb::Checkpoint {
+    pb::Checkpoint { task_id: c.task_id, epoch: c.epoch, blob: Some(c.blob.into()), is_final: c.is_final }
+}
+
+fn epoch(e: EpochRecord) -> pb::EpochMetrics {
+    pb::EpochMetrics { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, samples: e.samples }
+}
+
+impl From<TaskView> for pb::TaskResult {
+    fn from(view: TaskView) -> Self {
+        let entry = &view.task.entry;
+        pb::TaskResult {
+            spec: Some(task_spec(&entry.id, &entry.sweep_id, entry.attempt, &view.task.spec, None)),
+            state: task_state(entry.state) as i32,
+            worker: entry.worker.clone().unwrap_or_default(),
+            error: entry.error.clone().unwrap_or_default(),
+            epochs: view.epochs.into_iter().map(epoch).collect(),
+            checkpoints: view.checkpoints.into_iter().map(checkpoint).collect(),
+        }
+    }
+}
+
+impl From<SweepView> for pb::SweepDetail {
+    fn from(view: SweepView) -> Self {
+        let source = view.summary.record.source.clone();
+        pb::SweepDetail { summary: Some(view.summary.into()), source, tasks: view.tasks.into_iter().map(Into::into).collect() }
+    }
+}

@@ -1,0 +1,446 @@
+//! The coordinator's core: the scheduler and the store behind one lock, with every change
+//! committed to SQLite before the caller is answered. The gRPC handlers in [`crate::service`]
+//! only convert messages and call in here.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::blobs::BlobStore;
+use crate::dataset::{self, DatasetError};
+use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
+use crate::plan;
+use crate::scheduler::{Lease, Millis, Refusal, Scheduler, TaskEntry, Timeouts};
+use crate::store::{CheckpointRecord, EpochRecord, Store, StoreError, StoredTask, SweepRecord};
+use crate::sweep::{SweepError, SweepFile};
+
+/// Why the core refused or failed a request. Mapped to gRPC codes once, in the service.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The sweep file is invalid.
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    /// The dataset is unusable.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// A worker's call no longer applies (stale lease, unknown worker).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// Something named does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Local I/O failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How the core is set up.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Data directory: `state.db` and `blobs/` live here.
+    pub data_dir: PathBuf,
+    /// Lease and worker timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// A task handed to a worker, with everything it needs.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// Task id.
+    pub task_id: String,
+    /// Sweep id.
+    pub sweep_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// What to run.
+    pub spec: TrialSpec,
+    /// The checkpoint to resume from (a retried attempt).
+    pub resume_from: Option<BlobRef>,
+}
+
+/// Counts of a sweep's tasks by state, and the sweep's overall state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Total tasks.
+    pub total: u32,
+    /// Waiting.
+    pub queued: u32,
+    /// Running.
+    pub running: u32,
+    /// Done.
+    pub succeeded: u32,
+    /// Failed for good.
+    pub failed: u32,
+    /// Cancelled.
+    pub cancelled: u32,
+}
+
+/// A sweep's overall state, derived from its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepState {
+    /// Work remains.
+    Running,
+    /// Every task succeeded.
+    Succeeded,
+    /// Nothing remains and some task failed.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+impl Counts {
+    fn add(&mut self, state: TaskState) {
+        self.total += 1;
+        match state {
+            TaskState::Queued => self.queued += 1,
+            TaskState::Running => self.running += 1,
+            TaskState::Succeeded => self.succeeded += 1,
+            TaskState::Failed => self.failed += 1,
+            TaskState::Cancelled => self.cancelled += 1,
+        }
+    }
+
+    /// The sweep state these counts imply.
+    pub fn state(&self, cancelled: bool) -> SweepState {
+        if cancelled {
+            return SweepState::Cancelled;
+        }
+        if self.queued + self.running > 0 {
+            return SweepState::Running;
+        }
+        if self.failed + self.cancelled > 0 {
+            return SweepState::Failed;
+        }
+        SweepState::Succeeded
+    }
+}
+
+/// A sweep with its counts.
+#[derive(Debug, Clone)]
+pub struct SweepSummary {
+    /// The stored row.
+    pub record: SweepRecord,
+    /// Task counts.
+    pub counts: Counts,
+    /// Derived state.
+    pub state: SweepState,
+}
+
+/// A task with its figures.
+#[derive(Debug, Clone)]
+pub struct TaskView {
+    /// Row and spec.
+    pub task: StoredTask,
+    /// Epochs.
+    pub epochs: Vec<EpochRecord>,
+    /// Checkpoints.
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+/// A sweep in full.
+#[derive(Debug, Clone)]
+pub struct SweepView {
+    /// Summary.
+    pub summary: SweepSummary,
+    /// Its tasks, in plan order.
+    pub tasks: Vec<TaskView>,
+}
+
+struct Inner {
+    scheduler: Scheduler,
+    store: Store,
+}
+
+/// The coordinator's state.
+pub struct Core {
+    inner: Mutex<Inner>,
+    blobs: BlobStore,
+    work_available: Notify,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("blobs", &self.blobs).finish_non_exhaustive()
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buffer = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::thread_rng(), buffer.as_mut_slice());
+    hex::encode(buffer)
+}
+
+impl Core {
+    /// Opens the data directory, reloading every sweep. Running tasks keep their leases (renewed)
+    /// so that their workers can re-attach after a restart.
+    pub fn open(config: &CoreConfig) -> Result<Self, CoreError> {
+        std::fs::create_dir_all(config.data_dir.join("blobs"))
+            .map_err(|e| CoreError::Io(format!("{}: {e}", config.data_dir.display())))?;
+        let store = Store::open(&config.data_dir.join("state.db"))?;
+        let mut scheduler = Scheduler::new(config.timeouts);
+        for task in store.tasks(None)? {
+            scheduler.insert(task.entry, 0);
+        }
+        Ok(Self {
+            inner: Mutex::new(Inner { scheduler, store }),
+            blobs: BlobStore::new(config.data_dir.join("blobs")),
+            work_available: Notify::new(),
+            started: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// Validates and plans a sweep; unless `dry_run`, stores it and queues its trials.
+    /// Returns the new sweep's id (none on a dry run) and the planned tasks.
+    pub fn submit(
+        &self,
+        source: &str,
+        source_name: &str,
+        files: Vec<(String, BlobRef)>,
+        dry_run: bool,
+    ) -> Result<(Option<String>, Vec<(String, TrialSpec)>), CoreError> {
+        let sweep = SweepFile::parse(source, source_name)?;
+        let labels = dataset::check_files(&sweep.dataset.format, files.iter().map(|(name, _)| name.as_str()))?;
+        for (name, blob) in &files {
+            if self.blobs.size(&blob.sha256) != Some(blob.size) {
+                return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
+            }
+        }
+        let labels_blob = &files.iter().find(|(name, _)| *name == labels).expect("checked").1;
+        let train_samples = dataset::idx_label_count(&self.blobs.path(&labels_blob.sha256).expect("checked"))?;
+        sweep.check_against_dataset(source_name, train_samples)?;
+
+        let dataset = DatasetSpec {
+            format: sweep.dataset.format.clone(),
+            files,
+            train_limit: sweep.dataset.train_limit,
+            test_limit: sweep.dataset.test_limit,
+        };
+        let trials = plan::plan(&sweep, dataset);
+        let mut inner = self.lock();
+        let seq = inner.store.next_sweep_seq()?;
+        let sweep_id = format!("s{seq}-{}", random_hex(3));
+        let tasks: Vec<StoredTask> = trials
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| StoredTask {
+                entry: TaskEntry {
+                    id: format!("{sweep_id}.t{index}"),
+                    sweep_id: sweep_id.clone(),
+                    order: (seq << 20) | index as u64,
+                    state: TaskState::Queued,
+                    attempt: 0,
+                    max_attempts: spec.max_attempts,
+                    worker: None,
+                    lease_expires: None,
+                    error: None,
+                },
+                spec,
+            })
+            .collect();
+        let planned = tasks.iter().map(|t| (t.entry.id.clone(), t.spec.clone())).collect();
+        if dry_run {
+            return Ok((None, planned));
+        }
+        let record = SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
+        inner.store.insert_sweep(&record, &tasks)?;
+        let now = self.now();
+        for task in tasks {
+            inner.scheduler.insert(task.entry, now);
+        }
+        drop(inner);
+        self.work_available.notify_waiters();
+        tracing::info!(sweep = %sweep_id, "sweep submitted");
+        Ok((Some(sweep_id), planned))
+    }
+
+    fn persist(&self, inner: &mut Inner, changed: &[String]) -> Result<(), CoreError> {
+        let Inner { scheduler, store } = inner;
+        store.save_tasks(changed.iter().filter_map(|id| scheduler.task(id)))?;
+        Ok(())
+    }
+
+    /// Registers a worker; re-attaches the tasks it still runs, returns those to abandon.
+    pub fn register(&self, name: &str, running: &[Lease]) -> Result<(String, Vec<String>), CoreError> {
+        let worker_id = format!("w-{}", random_hex(4));
+        let mut inner = self.lock();
+        let now = self.now();
+        let (abandon, changed) = inner.scheduler.register(&worker_id, name, now, running);
+        self.persist(&mut inner, &changed)?;
+        tracing::info!(worker = %worker_id, name, reattached = changed.len(), "worker registered");
+        Ok((worker_id, abandon))
+    }
+
+    /// Renews the worker's leases; returns the tasks it must abandon.
+    pub fn heartbeat(&self, worker_id: &str, running: &[Lease]) -> Result<Vec<String>, CoreError> {
+        let now = self.now();
+        Ok(self.lock().scheduler.heartbeat(worker_id, now, running)?)
+    }
+
+    /// Leases the next task to the worker, waiting up to `wait` for one to appear.
+    pub async fn acquire(&self, worker_id: &str, wait: Duration) -> Result<Option<Dispatch>, CoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.work_available.notified();
+            if let Some(dispatch) = self.try_acquire(worker_id)? {
+                return Ok(Some(dispatch));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn try_acquire(&self, worker_id: &str) -> Result<Option<Dispatch>, CoreError> {
+        let mut inner = self.lock();
+        let now = self.now();
+        let Some(lease) = inner.scheduler.acquire(worker_id, now)? else {
+            return Ok(None);
+        };
+        self.persist(&mut inner, std::slice::from_ref(&lease.task_id))?;
+        let stored = inner.store.task(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
+        let resume_from = match lease.attempt {
+            1 => None,
+            _ => inner.store.latest_checkpoint(&lease.task_id)?.map(|c| c.blob),
+        };
+        tracing::info!(task = %lease.task_id, worker = %worker_id, attempt = lease.attempt, resume = resume_from.is_some(), "task leased");
+        Ok(Some(Dispatch { task_id: lease.task_id, sweep_id: stored.entry.sweep_id, attempt: lease.attempt, spec: stored.spec, resume_from }))
+    }
+
+    /// Records epochs reported by the lease holder.
+    pub fn report_metrics(&self, worker_id: &str, task_id: &str, attempt: u32, epochs: &[EpochRecord]) -> Result<(), CoreError> {
+        let mut inner = self.lock();
+        inner.scheduler.check_lease(worker_id, task_id, attempt)?;
+        inner.store.record_metrics(task_id, epochs)?;
+        Ok(())
+    }
+
+    /// Records a checkpoint (already uploaded as a blob) of the lease holder.
+    pub fn attach_checkpoint(&self, worker_id: &str, record: CheckpointRecord) -> Result<(), CoreError> {
+        if self.blobs.size(&record.blob.sha256) != Some(record.blob.size) {
+            return Err(CoreError::BadRequest(format!("checkpoint blob {} was not uploaded", record.blob.sha256)));
+        }
+        let inner = self.lock();
+        inner.scheduler.check_lease(worker_id, &record.task_id, record.attempt)?;
+        inner.store.record_checkpoint(&record)?;
+        Ok(())
+    }
+
+    /// The lease holder finished the task.
+    pub fn complete(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<(), CoreError> {
+        let mut inner = self.lock();
+        let now = self.now();
+        inner.scheduler.complete(worker_id, task_id, attempt, now)?;
+        self.persist(&mut inner, &[task_id.to_string()])?;
+        tracing::info!(task = %task_id, worker = %worker_id, "task succeeded");
+        Ok(())
+    }
+
+    /// The lease holder reports a failure.
+    pub fn fail(&self, worker_id: &str, task_id: &str, attempt: u32, kind: FailureKind, error: &str) -> Result<(), CoreError> {
+        let mut inner = self.lock();
+        let now = self.now();
+        let retry = inner.scheduler.fail(worker_id, task_id, attempt, kind, error, now)?;
+        self.persist(&mut inner, &[task_id.to_string()])?;
+        drop(inner);
+        tracing::warn!(task = %task_id, worker = %worker_id, ?kind, ?retry, error, "task failed");
+        self.work_available.notify_waiters();
+        Ok(())
+    }
+
+    /// Lapses overdue leases (requeueing or failing their tasks); call periodically.
+    pub fn expire_leases(&self) -> Result<(), CoreError> {
+        let mut inner = self.lock();
+        let now = self.now();
+        let lapsed = inner.scheduler.expire(now);
+        if lapsed.is_empty() {
+            return Ok(());
+        }
+        let changed: Vec<String> = lapsed.iter().map(|(id, _)| id.clone()).collect();
+        self.persist(&mut inner, &changed)?;
+        drop(inner);
+        for (task, retry) in lapsed {
+            tracing::warn!(%task, ?retry, "lease lapsed");
+        }
+        self.work_available.notify_waiters();
+        Ok(())
+    }
+
+    /// Cancels a sweep's unfinished tasks; returns how many.
+    pub fn cancel(&self, sweep_id: &str) -> Result<u32, CoreError> {
+        let mut inner = self.lock();
+        if inner.store.sweep(sweep_id)?.is_none() {
+            return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
+        }
+        let changed = inner.scheduler.cancel_sweep(sweep_id);
+        self.persist(&mut inner, &changed)?;
+        inner.store.mark_cancelled(sweep_id)?;
+        Ok(changed.len() as u32)
+    }
+
+    /// Registered workers: (id, name, seconds since last heard of).
+    pub fn workers(&self) -> Vec<(String, String, f64)> {
+        let now = self.now();
+        self.lock().scheduler.workers().into_iter().map(|(id, name, seen)| (id, name, now.saturating_sub(seen) as f64 / 1000.0)).collect()
+    }
+
+    fn summarize(record: SweepRecord, tasks: &[StoredTask]) -> SweepSummary {
+        let mut counts = Counts::default();
+        for task in tasks {
+            counts.add(task.entry.state);
+        }
+        let state = counts.state(record.cancelled);
+        SweepSummary { record, counts, state }
+    }
+
+    /// Every sweep's summary, oldest first.
+    pub fn sweeps(&self) -> Result<Vec<SweepSummary>, CoreError> {
+        let inner = self.lock();
+        let mut summaries = Vec::new();
+        for record in inner.store.sweeps()? {
+            let tasks = inner.store.tasks(Some(&record.id))?;
+            summaries.push(Self::summarize(record, &tasks));
+        }
+        Ok(summaries)
+    }
+
+    /// One sweep in full.
+    pub fn sweep(&self, sweep_id: &str) -> Result<SweepView, CoreError> {
+        let inner = self.lock();
+        let record = inner.store.sweep(sweep_id)?.ok_or_else(|| CoreError::NotFound(format!("sweep {sweep_id}")))?;
+        let stored = inner.store.tasks(Some(sweep_id))?;
+        let summary = Self::summarize(record, &stored);
+        let mut tasks = Vec::with_capacity(stored.len());
+        for task in stored {
+            let epochs = inner.store.metrics(&task.entry.id)?;
+            let checkpoints = inner.store.checkpoints(&task.entry.id)?;
+            tasks.push(TaskView { task, epochs, checkpoints });
+        }
+        Ok(SweepView { summary, tasks })
+    }
+}

@@ -1,0 +1,146 @@
+//! The coordinator's own types for what it plans, stores and schedules. Protocol types are
+//! converted to and from these in [`crate::convert`] and nowhere else.
+
+use serde::{Deserialize, Serialize};
+
+/// A content-addressed blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Lowercase hex SHA-256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Which training a trial runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrialKind {
+    /// DAE on k−1 folds, validated on the held-out fold.
+    DaeFold,
+}
+
+impl TrialKind {
+    /// The name used in files and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrialKind::DaeFold => "dae-fold",
+        }
+    }
+}
+
+/// A trial's hyperparameters and recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Epochs.
+    pub epochs: u32,
+    /// Input noise standard deviation.
+    pub noise_std: f64,
+    /// Latent size.
+    pub latent: u32,
+    /// Initialisation / shuffling / noise seed.
+    pub seed: u64,
+}
+
+/// A dataset as stored blobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    /// Format name (`idx`).
+    pub format: String,
+    /// File name → blob.
+    pub files: Vec<(String, BlobRef)>,
+    /// Training sample limit (0: all).
+    pub train_limit: u64,
+    /// Test sample limit (0: all).
+    pub test_limit: u64,
+}
+
+/// One fold of k-fold cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoldSpec {
+    /// k.
+    pub folds: u32,
+    /// The validating part.
+    pub index: u32,
+    /// Seed of the permutation the folds are cut from.
+    pub shuffle_seed: u64,
+}
+
+/// Everything needed to run one trial, as planned from a sweep file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialSpec {
+    /// Stage of the sweep (`cv`).
+    pub stage: String,
+    /// Unique within the sweep, e.g. `cv/c3/f1`.
+    pub name: String,
+    /// Identifies the hyperparameter config (trials of the same config differ only in fold).
+    pub config_label: String,
+    /// What to run.
+    pub kind: TrialKind,
+    /// Hyperparameters.
+    pub config: TrainingConfig,
+    /// Data.
+    pub dataset: DatasetSpec,
+    /// Fold, for cross-validation.
+    pub fold: Option<FoldSpec>,
+    /// Checkpoint period in epochs (0: only at the end).
+    pub checkpoint_every: u32,
+    /// Attempts before the trial fails for good.
+    pub max_attempts: u32,
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Waiting for a worker.
+    Queued,
+    /// Leased to a worker.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Failed for good.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+impl TaskState {
+    /// The name stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [TaskState::Queued, TaskState::Running, TaskState::Succeeded, TaskState::Failed, TaskState::Cancelled]
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+
+    /// True once the task will not change any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+}
+
+/// Whether a failure is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The trial itself is wrong: fail at once.
+    User,
+    /// The machine or process failed: retry.
+    Infrastructure,
+}

@@ -1,0 +1,225 @@
+//! `coordinator`: the Cohort coordinator server and the user's commands.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cli::{connect, local, results, submit, Format};
+use cohort_coordinator::core::CoreConfig;
+use cohort_coordinator::scheduler::Timeouts;
+use cohort_coordinator::server::BoundServer;
+use cohort_proto::v1 as pb;
+
+/// Cohort: distributed training sweeps. `serve` runs the coordinator; the other commands talk to it.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version)]
+struct Args {
+    /// Coordinator URL for client commands.
+    #[arg(long, global = true, env = "COHORT_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator server.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: SocketAddr,
+        /// Where state (state.db) and blobs live.
+        #[arg(long, default_value = "cohort-data")]
+        data_dir: PathBuf,
+        /// Seconds a task lease lasts without a heartbeat.
+        #[arg(long, default_value_t = 10)]
+        lease_secs: u64,
+    },
+    /// Upload a sweep file's dataset and submit it; prints the new sweep's id.
+    Submit {
+        /// The sweep file (TOML).
+        file: PathBuf,
+        /// Print the plan (every trial) without submitting.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format of the plan.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// List sweeps, or show one sweep's progress.
+    Status {
+        /// A sweep id (default: all sweeps).
+        id: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show a sweep's results: every trial's metrics and the cross-validation table.
+    Results {
+        /// The sweep id.
+        id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Wait until a sweep ends; exits 0 when it succeeded.
+    Wait {
+        /// The sweep id.
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Cancel a sweep's unfinished trials.
+    Cancel {
+        /// The sweep id.
+        id: String,
+    },
+    /// Download a checkpoint: a blob hash, or a task id (its final checkpoint).
+    Download {
+        /// Blob SHA-256 or task id.
+        checkpoint: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Run a sweep file on a local cluster (this coordinator plus N worker processes) and print its results.
+    Local {
+        /// The sweep file.
+        file: PathBuf,
+        /// Worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Keep state, logs and checkpoints here (default: a temporary folder, removed at the end).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Output format of the results.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn print_sweeps(sweeps: Vec<pb::SweepSummary>, format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        let rows: Vec<serde_json::Value> = sweeps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "sweep_id": s.sweep_id, "name": s.name, "state": results::sweep_state_name(s.state),
+                    "total": s.total, "queued": s.queued, "running": s.running, "succeeded": s.succeeded, "failed": s.failed,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<14} {:<20} {:<10} {:>6} {:>7} {:>8} {:>10} {:>7}", "sweep", "name", "state", "total", "queued", "running", "succeeded", "failed");
+    for s in sweeps {
+        println!(
+            "{:<14} {:<20} {:<10} {:>6} {:>7} {:>8} {:>10} {:>7}",
+            s.sweep_id,
+            s.name,
+            results::sweep_state_name(s.state),
+            s.total,
+            s.queued,
+            s.running,
+            s.succeeded,
+            s.failed
+        );
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let url = args.coordinator;
+    match args.command {
+        Command::Serve { listen, data_dir, lease_secs } => {
+            let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
+            let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts }).await?;
+            server.serve(shutdown_signal()).await?;
+        }
+        Command::Submit { file, dry_run, format } => {
+            let sweep = submit::read(&file)?;
+            let mut client = connect(&url).await?;
+            let response = submit::submit(&mut client, &sweep, dry_run).await?;
+            match (dry_run, format) {
+                (true, Format::Table) => submit::print_plan(&response.planned),
+                (true, Format::Json) => {
+                    let names: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
+                    println!("{}", serde_json::to_string_pretty(&names)?);
+                }
+                (false, _) => println!("{}", response.sweep_id),
+            }
+        }
+        Command::Status { id: None, format } => {
+            let mut client = connect(&url).await?;
+            let sweeps = client.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps;
+            print_sweeps(sweeps, format)?;
+        }
+        Command::Status { id: Some(id), format } | Command::Results { id, format } => {
+            let mut client = connect(&url).await?;
+            let results = results::fetch(&mut client, &id).await?;
+            match format {
+                Format::Table => results::print_table(&results),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+            }
+        }
+        Command::Wait { id, timeout } => {
+            let mut client = connect(&url).await?;
+            let state = results::wait(&mut client, &id, timeout.map(Duration::from_secs)).await?;
+            println!("{state}");
+            if state != "succeeded" {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Cancel { id } => {
+            let mut client = connect(&url).await?;
+            let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{} trials cancelled", response.into_inner().cancelled);
+        }
+        Command::Download { checkpoint, output } => {
+            let mut client = connect(&url).await?;
+            results::download(&mut client, &checkpoint, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
+            eprintln!("wrote {}", output.display());
+        }
+        Command::Local { file, workers, data_dir, format } => {
+            let succeeded = local::run(local::LocalOptions { file, workers, data_dir, format }).await?;
+            if !succeeded {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // The server logs what it does; client commands only what goes wrong.
+    let default_level = if matches!(args.command, Command::Serve { .. }) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}

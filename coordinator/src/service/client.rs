@@ -1,0 +1,65 @@
+//! `cohort.v1.ClientService`: what users' commands call.
+
+use std::sync::Arc;
+
+use cohort_proto::v1 as pb;
+use cohort_proto::v1::client_service_server::ClientService;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{receive_blob, send_blob, status, BlobStream};
+use crate::convert;
+use crate::core::Core;
+
+/// The client service over a shared core.
+#[derive(Debug, Clone)]
+pub struct ClientApi {
+    core: Arc<Core>,
+}
+
+impl ClientApi {
+    /// Serves `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl ClientService for ClientApi {
+    async fn submit_sweep(&self, request: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let request = request.into_inner();
+        let files = convert::dataset_files(request.dataset_files).map_err(Status::invalid_argument)?;
+        let (sweep_id, planned) = self.core.submit(&request.source, &request.source_name, files, request.dry_run).map_err(status)?;
+        let planned = planned.iter().map(|(id, spec)| convert::task_spec(id, sweep_id.as_deref().unwrap_or(""), 0, spec, None)).collect();
+        Ok(Response::new(pb::SubmitSweepResponse { sweep_id: sweep_id.unwrap_or_default(), planned }))
+    }
+
+    async fn has_blobs(&self, request: Request<pb::HasBlobsRequest>) -> Result<Response<pb::HasBlobsResponse>, Status> {
+        let present = request.into_inner().sha256.into_iter().filter(|sha| self.core.blobs().size(sha).is_some()).collect();
+        Ok(Response::new(pb::HasBlobsResponse { present }))
+    }
+
+    async fn upload_blob(&self, request: Request<Streaming<pb::BlobChunk>>) -> Result<Response<pb::UploadBlobResponse>, Status> {
+        Ok(Response::new(receive_blob(&self.core, request.into_inner()).await?))
+    }
+
+    type DownloadBlobStream = BlobStream;
+
+    async fn download_blob(&self, request: Request<pb::FetchBlobRequest>) -> Result<Response<BlobStream>, Status> {
+        Ok(Response::new(send_blob(&self.core, &request.into_inner().sha256)?))
+    }
+
+    async fn list_sweeps(&self, _request: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let sweeps = self.core.sweeps().map_err(status)?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListSweepsResponse { sweeps }))
+    }
+
+    async fn get_sweep(&self, request: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepDetail>, Status> {
+        let view = self.core.sweep(&request.into_inner().sweep_id).map_err(status)?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn cancel_sweep(&self, request: Request<pb::CancelSweepRequest>) -> Result<Response<pb::CancelSweepResponse>, Status> {
+        let cancelled = self.core.cancel(&request.into_inner().sweep_id).map_err(status)?;
+        Ok(Response::new(pb::CancelSweepResponse { cancelled }))
+    }
+}

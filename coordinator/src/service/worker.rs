@@ -1,0 +1,96 @@
+//! `cohort.v1.WorkerService`: what worker daemons call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_proto::v1 as pb;
+use cohort_proto::v1::worker_service_server::WorkerService;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{receive_blob, send_blob, status, BlobStream};
+use crate::convert;
+use crate::core::{Core, CoreError};
+use crate::scheduler::Refusal;
+use crate::store::CheckpointRecord;
+
+/// Longest long-poll of an acquire call.
+const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+
+/// The worker service over a shared core.
+#[derive(Debug, Clone)]
+pub struct WorkerApi {
+    core: Arc<Core>,
+}
+
+impl WorkerApi {
+    /// Serves `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let name = if request.name.is_empty() { "unnamed".to_string() } else { request.name };
+        let (worker_id, abandon) = self.core.register(&name, &convert::leases(request.running)).map_err(status)?;
+        Ok(Response::new(pb::RegisterResponse { worker_id, heartbeat_interval_ms: 1000, abandon }))
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        match self.core.heartbeat(&request.worker_id, &convert::leases(request.running)) {
+            Ok(abandon) => Ok(Response::new(pb::HeartbeatResponse { abandon, reregister: false })),
+            Err(CoreError::Refused(Refusal::UnknownWorker(_))) => {
+                Ok(Response::new(pb::HeartbeatResponse { abandon: vec![], reregister: true }))
+            }
+            Err(error) => Err(status(error)),
+        }
+    }
+
+    async fn acquire_task(&self, request: Request<pb::AcquireTaskRequest>) -> Result<Response<pb::AcquireTaskResponse>, Status> {
+        let request = request.into_inner();
+        let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_ACQUIRE_WAIT);
+        let dispatch = self.core.acquire(&request.worker_id, wait).await.map_err(status)?;
+        Ok(Response::new(pb::AcquireTaskResponse { task: dispatch.map(Into::into) }))
+    }
+
+    async fn report_metrics(&self, request: Request<pb::ReportMetricsRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let epochs = convert::epochs(r.attempt, r.epochs);
+        self.core.report_metrics(&r.worker_id, &r.task_id, r.attempt, &epochs).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn upload_blob(&self, request: Request<Streaming<pb::BlobChunk>>) -> Result<Response<pb::UploadBlobResponse>, Status> {
+        Ok(Response::new(receive_blob(&self.core, request.into_inner()).await?))
+    }
+
+    async fn attach_checkpoint(&self, request: Request<pb::AttachCheckpointRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let blob = convert::require_blob(r.blob, "checkpoint").map_err(Status::invalid_argument)?;
+        let record = CheckpointRecord { task_id: r.task_id, epoch: r.epoch, attempt: r.attempt, blob, is_final: r.is_final };
+        self.core.attach_checkpoint(&r.worker_id, record).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn complete_task(&self, request: Request<pb::CompleteTaskRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        self.core.complete(&r.worker_id, &r.task_id, r.attempt).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let kind = convert::failure_kind(r.kind());
+        self.core.fail(&r.worker_id, &r.task_id, r.attempt, kind, &r.error).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    type FetchBlobStream = BlobStream;
+
+    async fn fetch_blob(&self, request: Request<pb::FetchBlobRequest>) -> Result<Response<BlobStream>, Status> {
+        Ok(Response::new(send_blob(&self.core, &request.into_inner().sha256)?))
+    }
+}

@@ -1,0 +1,395 @@
+//! Durable state in one SQLite file (WAL mode): sweeps, tasks, metrics and checkpoint records.
+//!
+//! Every call commits before it returns, so whatever the coordinator acknowledged survives a
+//! `kill -9`. Trial specs are stored as JSON of the domain types.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::domain::{BlobRef, TaskState, TrialSpec};
+use crate::scheduler::TaskEntry;
+
+/// Why the store failed. Always an internal error: the database is ours.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value no longer parses.
+    #[error("database holds a corrupt {what}: {message}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    ord INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    worker TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_by_sweep ON tasks(sweep_id, ord);
+CREATE TABLE IF NOT EXISTS metrics (
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    epoch INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    vals TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    PRIMARY KEY (task_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    epoch INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    is_final INTEGER NOT NULL,
+    PRIMARY KEY (task_id, epoch)
+);
+"#;
+
+/// A sweep's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepRecord {
+    /// Sweep id.
+    pub id: String,
+    /// Submission order.
+    pub seq: u64,
+    /// Name from the file.
+    pub name: String,
+    /// The sweep file's text.
+    pub source: String,
+    /// Submission time, Unix milliseconds.
+    pub created_ms: i64,
+    /// Cancelled by the user.
+    pub cancelled: bool,
+}
+
+/// One epoch's stored figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    /// Epoch number.
+    pub epoch: u32,
+    /// Attempt that produced it.
+    pub attempt: u32,
+    /// Named values.
+    pub values: Vec<(String, f64)>,
+    /// Wall time.
+    pub seconds: f64,
+    /// Samples processed.
+    pub samples: u64,
+}
+
+/// One stored checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    /// Task.
+    pub task_id: String,
+    /// Last epoch in it.
+    pub epoch: u32,
+    /// Attempt that wrote it.
+    pub attempt: u32,
+    /// Its blob.
+    pub blob: BlobRef,
+    /// The trial's final weights.
+    pub is_final: bool,
+}
+
+/// A task row with its spec.
+#[derive(Debug, Clone)]
+pub struct StoredTask {
+    /// Scheduling state.
+    pub entry: TaskEntry,
+    /// What it runs.
+    pub spec: TrialSpec,
+}
+
+/// The database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
+    StoreError::Corrupt { what, message: message.to_string() }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: a commit survives the process being killed; FULL would also
+        // survive power loss at the cost of an fsync per commit.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// The next sweep sequence number.
+    pub fn next_sweep_seq(&self) -> Result<u64, StoreError> {
+        let max: Option<i64> = self.conn.query_row("SELECT MAX(seq) FROM sweeps", [], |r| r.get(0))?;
+        Ok(max.map_or(1, |m| m as u64 + 1))
+    }
+
+    /// Stores a new sweep and all its tasks in one transaction.
+    pub fn insert_sweep(&mut self, sweep: &SweepRecord, tasks: &[StoredTask]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO sweeps (id, seq, name, source, created_ms, cancelled) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+            params![sweep.id, sweep.seq as i64, sweep.name, sweep.source, sweep.created_ms],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, worker, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for task in tasks {
+                let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("trial spec", e))?;
+                let e = &task.entry;
+                insert.execute(params![
+                    e.id,
+                    e.sweep_id,
+                    e.order as i64,
+                    spec,
+                    e.state.as_str(),
+                    e.attempt,
+                    e.max_attempts,
+                    e.worker,
+                    e.error
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Saves the scheduling fields of the given tasks in one transaction.
+    pub fn save_tasks<'a>(&mut self, entries: impl IntoIterator<Item = &'a TaskEntry>) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut update = tx.prepare("UPDATE tasks SET state = ?2, attempt = ?3, worker = ?4, error = ?5 WHERE id = ?1")?;
+            for e in entries {
+                update.execute(params![e.id, e.state.as_str(), e.attempt, e.worker, e.error])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a sweep cancelled.
+    pub fn mark_cancelled(&self, sweep_id: &str) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", params![sweep_id])?;
+        Ok(())
+    }
+
+    /// Records epochs; a retried attempt's epoch replaces the earlier one.
+    pub fn record_metrics(&mut self, task_id: &str, epochs: &[EpochRecord]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut upsert = tx.prepare(
+                "INSERT OR REPLACE INTO metrics (task_id, epoch, attempt, vals, seconds, samples) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for e in epochs {
+                let values = serde_json::to_string(&e.values).map_err(|err| corrupt("metrics", err))?;
+                upsert.execute(params![task_id, e.epoch, e.attempt, values, e.seconds, e.samples as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a checkpoint.
+    pub fn record_checkpoint(&self, record: &CheckpointRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (task_id, epoch, attempt, sha256, size, is_final) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![record.task_id, record.epoch, record.attempt, record.blob.sha256, record.blob.size as i64, record.is_final],
+        )?;
+        Ok(())
+    }
+
+    /// The newest checkpoint of a task (highest epoch), to resume from.
+    pub fn latest_checkpoint(&self, task_id: &str) -> Result<Option<CheckpointRecord>, StoreError> {
+        Ok(self.checkpoints(task_id)?.into_iter().last())
+    }
+
+    /// A task's checkpoints, oldest first.
+    pub fn checkpoints(&self, task_id: &str) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let mut query = self.conn.prepare(
+            "SELECT epoch, attempt, sha256, size, is_final FROM checkpoints WHERE task_id = ?1 ORDER BY epoch",
+        )?;
+        let rows = query.query_map(params![task_id], |r| {
+            Ok(CheckpointRecord {
+                task_id: task_id.to_string(),
+                epoch: r.get(0)?,
+                attempt: r.get(1)?,
+                blob: BlobRef { sha256: r.get(2)?, size: r.get::<_, i64>(3)? as u64 },
+                is_final: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A task's epochs, in order.
+    pub fn metrics(&self, task_id: &str) -> Result<Vec<EpochRecord>, StoreError> {
+        let mut query =
+            self.conn.prepare("SELECT epoch, attempt, vals, seconds, samples FROM metrics WHERE task_id = ?1 ORDER BY epoch")?;
+        let rows = query.query_map(params![task_id], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, f64>(3)?, r.get::<_, i64>(4)?))
+        })?;
+        let mut epochs = Vec::new();
+        for row in rows {
+            let (epoch, attempt, values, seconds, samples) = row?;
+            let values = serde_json::from_str(&values).map_err(|e| corrupt("metrics", e))?;
+            epochs.push(EpochRecord { epoch, attempt, values, seconds, samples: samples as u64 });
+        }
+        Ok(epochs)
+    }
+
+    /// All sweeps, oldest first.
+    pub fn sweeps(&self) -> Result<Vec<SweepRecord>, StoreError> {
+        let mut query = self.conn.prepare("SELECT id, seq, name, source, created_ms, cancelled FROM sweeps ORDER BY seq")?;
+        let rows = query.query_map([], sweep_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One sweep.
+    pub fn sweep(&self, sweep_id: &str) -> Result<Option<SweepRecord>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT id, seq, name, source, created_ms, cancelled FROM sweeps WHERE id = ?1", params![sweep_id], sweep_row)
+            .optional()?)
+    }
+
+    /// Tasks with their specs: all of them, or one sweep's, in scheduling order.
+    pub fn tasks(&self, sweep_id: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
+        self.select_tasks("?1 IS NULL OR sweep_id = ?1", sweep_id)
+    }
+
+    /// One task with its spec.
+    pub fn task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError> {
+        Ok(self.select_tasks("id = ?1", Some(task_id))?.pop())
+    }
+
+    fn select_tasks(&self, condition: &str, param: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
+        let mut query = self.conn.prepare_cached(&format!(
+            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, worker, error FROM tasks WHERE {condition} ORDER BY ord"
+        ))?;
+        let rows = query.query_map(params![param], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, u32>(5)?,
+                r.get::<_, u32>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+            ))
+        })?;
+        let mut tasks = Vec::new();
+        for row in rows {
+            let (id, sweep_id, order, spec, state, attempt, max_attempts, worker, error) = row?;
+            let spec: TrialSpec = serde_json::from_str(&spec).map_err(|e| corrupt("trial spec", e))?;
+            let state = TaskState::parse(&state).ok_or_else(|| corrupt("task state", &state))?;
+            let entry = TaskEntry { id, sweep_id, order: order as u64, state, attempt, max_attempts, worker, lease_expires: None, error };
+            tasks.push(StoredTask { entry, spec });
+        }
+        Ok(tasks)
+    }
+}
+
+fn sweep_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SweepRecord> {
+    Ok(SweepRecord {
+        id: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        name: r.get(2)?,
+        source: r.get(3)?,
+        created_ms: r.get(4)?,
+        cancelled: r.get(5)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DatasetSpec, TrainingConfig, TrialKind};
+
+    fn spec() -> TrialSpec {
+        TrialSpec {
+            stage: "cv".into(),
+            name: "cv/c0/f0".into(),
+            config_label: "lr=1e-3".into(),
+            kind: TrialKind::DaeFold,
+            config: TrainingConfig { lr: 1e-3, weight_decay: 0.0, batch_size: 8, epochs: 2, noise_std: 0.3, latent: 4, seed: 1 },
+            dataset: DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0 },
+            fold: None,
+            checkpoint_every: 1,
+            max_attempts: 3,
+        }
+    }
+
+    #[test]
+    fn state_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut entry = TaskEntry {
+            id: "s.t0".into(),
+            sweep_id: "s".into(),
+            order: 7,
+            state: TaskState::Queued,
+            attempt: 0,
+            max_attempts: 3,
+            worker: None,
+            lease_expires: None,
+            error: None,
+        };
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert_eq!(store.next_sweep_seq().unwrap(), 1);
+            let sweep = SweepRecord { id: "s".into(), seq: 1, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
+            store.insert_sweep(&sweep, &[StoredTask { entry: entry.clone(), spec: spec() }]).unwrap();
+            entry.state = TaskState::Running;
+            entry.attempt = 1;
+            entry.worker = Some("w".into());
+            store.save_tasks([&entry]).unwrap();
+            let epoch = EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), 0.5)], seconds: 1.0, samples: 10 };
+            store.record_metrics("s.t0", &[epoch.clone()]).unwrap();
+            store.record_metrics("s.t0", &[EpochRecord { values: vec![("val_mse".into(), 0.25)], ..epoch }]).unwrap();
+            let blob = BlobRef { sha256: "ab".repeat(32), size: 3 };
+            store.record_checkpoint(&CheckpointRecord { task_id: "s.t0".into(), epoch: 1, attempt: 1, blob, is_final: false }).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.next_sweep_seq().unwrap(), 2);
+        let tasks = store.tasks(Some("s")).unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].entry, entry);
+        assert_eq!(tasks[0].spec, spec());
+        let metrics = store.metrics("s.t0").unwrap();
+        assert_eq!(metrics.len(), 1, "a re-reported epoch replaces the earlier one");
+        assert_eq!(metrics[0].values, vec![("val_mse".to_string(), 0.25)]);
+        assert_eq!(store.latest_checkpoint("s.t0").unwrap().unwrap().epoch, 1);
+        assert_eq!(store.sweeps().unwrap()[0].source, "src");
+    }
+}

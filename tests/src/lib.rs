@@ -1,0 +1,142 @@
+//! Helpers for the multi-process cluster tests: spawn the real `coordinator` and `worker`
+//! binaries on free loopback ports with temporary folders, kill them when the test ends, and
+//! print their log tails when it fails.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repo").to_path_buf()
+}
+
+/// The folder holding the built binaries (this test's executable lives in `<profile>/deps`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(path.is_file(), "{} is missing: build the binaries first (`make build` or `cargo build --release`)", path.display());
+    path
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr")
+}
+
+/// A process the cluster started, with its log file.
+#[derive(Debug)]
+pub struct Process {
+    /// What it is, for messages.
+    pub label: String,
+    /// The child.
+    pub child: Child,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+/// A local cluster: a coordinator and workers, killed on drop; logs printed if the test panicked.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Temporary folder holding data dirs, caches and logs.
+    pub dir: tempfile::TempDir,
+    /// The coordinator's address.
+    pub address: SocketAddr,
+    /// Running processes.
+    pub processes: Vec<Process>,
+}
+
+impl Cluster {
+    /// Starts a coordinator on a free port and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("cohort-cluster-").tempdir().expect("temp dir");
+        let address = free_address();
+        let mut cluster = Cluster { dir, address, processes: Vec::new() };
+        let data_dir = cluster.dir.path().join("coordinator");
+        let listen = address.to_string();
+        cluster.spawn("coordinator", &binary("coordinator"), &["serve", "--listen", &listen, "--data-dir", &data_dir.to_string_lossy()]);
+        cluster.wait_until_listening(Duration::from_secs(20));
+        cluster
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn spawn(&mut self, label: &str, program: &Path, args: &[&str]) {
+        let log = self.dir.path().join(format!("{label}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log clone"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        self.processes.push(Process { label: label.to_string(), child, log });
+    }
+
+    fn wait_until_listening(&self, limit: Duration) {
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&self.address, Duration::from_millis(200)).is_err() {
+            assert!(started.elapsed() < limit, "the coordinator did not listen on {} within {limit:?}", self.address);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a worker with one libtorch thread.
+    pub fn add_worker(&mut self, name: &str) {
+        let cache = self.dir.path().join(format!("cache-{name}"));
+        let url = self.url();
+        let args = ["--coordinator", &url, "--name", name, "--device", "cpu", "--threads", "1", "--cache-dir", &cache.to_string_lossy()];
+        self.spawn(name, &binary("worker"), &args);
+    }
+
+    /// Runs a client command of the coordinator binary against this cluster.
+    pub fn client(&self, args: &[&str]) -> Output {
+        Command::new(binary("coordinator"))
+            .arg("--coordinator")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .expect("run the coordinator client")
+    }
+
+    /// Runs a client command and returns its stdout, failing the test (with stderr) if it failed.
+    pub fn client_ok(&self, args: &[&str]) -> String {
+        let output = self.client(args);
+        assert!(
+            output.status.success(),
+            "coordinator {args:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    fn print_logs(&self) {
+        for process in &self.processes {
+            let text = std::fs::read_to_string(&process.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("----- last {} lines of {} ({}) -----\n{}", tail.len(), process.label, process.log.display(), tail.join("\n"));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        for process in &mut self.processes {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
+}

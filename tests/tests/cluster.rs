@@ -1,0 +1,95 @@
+//! The walking skeleton end to end: real coordinator and worker processes on loopback train a
+//! 2-trial sweep on real MNIST digits; the results hold both trials' metrics and each trial's
+//! checkpoint downloads and loads back into the model.
+
+use cohort_cluster_tests::{repo_root, Cluster};
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+
+fn write_sweep(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = repo_root().join("data/mnist-sample");
+    let text = format!(
+        r#"
+name = "cluster-test"
+[dataset]
+format = "idx"
+path = "{}"
+train_limit = 300
+[noise]
+std = 0.3
+[model]
+kind = "dae"
+latent = 4
+[cv]
+folds = 2
+epochs = 2
+lr = 1e-3
+weight_decay = 1e-6
+batch_size = 32
+"#,
+        data.display()
+    );
+    let path = dir.join("sweep.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn two_trial_sweep_runs_end_to_end() {
+    let mut cluster = Cluster::start();
+    cluster.add_worker("w0");
+    cluster.add_worker("w1");
+    let sweep = write_sweep(cluster.dir.path());
+    let sweep = sweep.to_string_lossy().into_owned();
+
+    let sweep_id = cluster.client_ok(&["submit", &sweep]).trim().to_string();
+    assert!(sweep_id.starts_with('s') && !sweep_id.contains(char::is_whitespace), "stdout is only the id: {sweep_id:?}");
+    let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
+    assert_eq!(state.trim(), "succeeded");
+
+    let results: serde_json::Value = serde_json::from_str(&cluster.client_ok(&["results", &sweep_id, "--format", "json"])).unwrap();
+    let trials = results["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 2);
+    let mut workers = std::collections::BTreeSet::new();
+    for trial in trials {
+        assert_eq!(trial["state"], "succeeded", "{trial}");
+        let epochs = trial["epochs"].as_array().unwrap();
+        assert_eq!(epochs.len(), 2, "{trial}");
+        for epoch in epochs {
+            let val = epoch["values"]["val_mse"].as_f64().unwrap();
+            let train = epoch["values"]["train_mse"].as_f64().unwrap();
+            assert!(val > 0.0 && val < 1.0 && train > 0.0 && train < 1.0, "{epoch}");
+        }
+        workers.insert(trial["worker"].as_str().unwrap().to_string());
+
+        let task_id = trial["task_id"].as_str().unwrap();
+        let output = cluster.dir.path().join(format!("{task_id}.safetensors"));
+        cluster.client_ok(&["download", task_id, "-o", &output.to_string_lossy()]);
+        let (_vars, model) = cohort_worker::train::dae::load_model(&output, 4, Device::Cpu).unwrap();
+        let batch = Tensor::rand([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let reconstruction = model.forward_t(&batch, false);
+        assert_eq!(reconstruction.size(), [3, 1, 28, 28]);
+    }
+    assert_eq!(results["configs"].as_array().unwrap().len(), 1);
+    assert_eq!(results["configs"][0]["winner"], true);
+
+    // The CV table in text form names the winner.
+    let table = cluster.client_ok(&["results", &sweep_id]);
+    assert!(table.contains("* lr=1e-3 wd=1e-6 bs=32"), "{table}");
+    let status = cluster.client_ok(&["status"]);
+    assert!(status.contains(&sweep_id) && status.contains("succeeded"), "{status}");
+}
+
+#[test]
+fn invalid_sweep_is_refused_and_nothing_is_submitted() {
+    let cluster = Cluster::start();
+    let sweep = write_sweep(cluster.dir.path());
+    let text = std::fs::read_to_string(&sweep).unwrap().replace("folds = 2", "folds = 1");
+    std::fs::write(&sweep, text).unwrap();
+    let output = cluster.client(&["submit", &sweep.to_string_lossy()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cv.folds: 1 must be at least 2"), "{stderr}");
+    let status = cluster.client_ok(&["status", "--format", "json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&status).unwrap(), serde_json::json!([]));
+}

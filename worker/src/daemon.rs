@@ -1,0 +1,405 @@
+//! The worker daemon: registers with the coordinator, leases tasks, runs each on a training
+//! thread and relays what it reports. All network I/O lives here, on the tokio runtime; the
+//! training itself never does.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cohort_proto::transfer;
+use cohort_proto::v1 as pb;
+use cohort_proto::v1::worker_service_client::WorkerServiceClient;
+use tch::Device;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::blobs::BlobCache;
+use crate::task::Task;
+use crate::train::{self, Events, RunInputs, TrainError, TrainEvent};
+
+/// How the daemon is set up; validated by the binary before it gets here.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Name shown in `coordinator workers` and the results.
+    pub name: String,
+    /// Where tensors live.
+    pub device: Device,
+    /// Blob cache and scratch space.
+    pub cache_dir: PathBuf,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The coordinator URL is not a valid endpoint.
+    #[error("invalid coordinator url {url}: {message}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// How long an acquire call waits on the coordinator for work.
+const ACQUIRE_WAIT_MS: u32 = 2_000;
+/// How long reports are retried while the coordinator is unreachable (e.g. restarting).
+const REPORT_RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// The task this worker is running, shared with the heartbeat loop.
+#[derive(Debug, Clone)]
+struct Running {
+    task_id: String,
+    attempt: u32,
+    stop: Arc<AtomicBool>,
+    /// Set when the coordinator no longer wants this run (cancelled or moved): report nothing more.
+    abandoned: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    client: WorkerServiceClient<Channel>,
+    config: WorkerConfig,
+    worker_id: Arc<Mutex<String>>,
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+/// Messages from the training thread to the daemon.
+enum FromTrainer {
+    Event(TrainEvent),
+    Done(Result<(), TrainError>),
+}
+
+/// True for errors worth retrying: the coordinator is unreachable or restarting.
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled)
+}
+
+/// Retries `call` (given a fresh client handle each time) with exponential backoff while it fails
+/// transiently, for at most `REPORT_RETRY_FOR`.
+async fn with_retry<T, F, Fut>(what: &str, client: &WorkerServiceClient<Channel>, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut(WorkerServiceClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match call(client.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(status) if is_transient(&status) && started.elapsed() < REPORT_RETRY_FOR => {
+                tracing::debug!(what, error = %status.message(), "coordinator unreachable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+impl Shared {
+    fn worker_id(&self) -> String {
+        self.worker_id.lock().unwrap().clone()
+    }
+
+    fn running_tasks(&self) -> Vec<pb::RunningTask> {
+        let running = self.running.lock().unwrap();
+        running.iter().map(|r| pb::RunningTask { task_id: r.task_id.clone(), attempt: r.attempt }).collect()
+    }
+
+    fn abandon(&self, task_ids: &[String]) {
+        let running = self.running.lock().unwrap();
+        if let Some(current) = running.as_ref().filter(|r| task_ids.contains(&r.task_id)) {
+            tracing::warn!(task = %current.task_id, "coordinator abandoned the task, stopping it");
+            current.abandoned.store(true, Ordering::SeqCst);
+            current.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Registers (again), announcing any running task so the coordinator can re-attach it.
+    async fn register(&self) {
+        let request = pb::RegisterRequest {
+            name: self.config.name.clone(),
+            device: device_name(self.config.device),
+            running: self.running_tasks(),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.client.clone().register(request.clone()).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    tracing::info!(worker_id = %response.worker_id, "registered with the coordinator");
+                    *self.worker_id.lock().unwrap() = response.worker_id;
+                    self.abandon(&response.abandon);
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "register failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let request = pb::HeartbeatRequest { worker_id: self.worker_id(), running: self.running_tasks() };
+            match self.client.clone().heartbeat(request).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    self.abandon(&response.abandon);
+                    if response.reregister {
+                        self.register().await;
+                    }
+                }
+                Err(status) => tracing::warn!(error = %status.message(), "heartbeat failed"),
+            }
+        }
+    }
+}
+
+/// Renders a device the way the protocol names it.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => format!("cuda:{index}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves; a running task is stopped and handed back.
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| DaemonError::BadUrl { url: config.coordinator.clone(), message: e.to_string() })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let client = WorkerServiceClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let shared = Shared { client, config, worker_id: Arc::default(), running: Arc::default() };
+    shared.register().await;
+    let heartbeat = tokio::spawn(shared.clone().heartbeat_loop(Duration::from_secs(1)));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let work = work_loop(shared.clone(), stopping.clone());
+    tokio::pin!(work);
+    tokio::select! {
+        () = &mut work => {}
+        () = shutdown => {
+            tracing::info!("shutting down: stopping the running task");
+            stopping.store(true, Ordering::SeqCst);
+            if let Some(current) = shared.running.lock().unwrap().as_ref() {
+                current.stop.store(true, Ordering::SeqCst);
+            }
+            work.await;
+        }
+    }
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
+    let mut backoff = Duration::from_millis(100);
+    while !stopping.load(Ordering::SeqCst) {
+        let request = pb::AcquireTaskRequest { worker_id: shared.worker_id(), wait_ms: ACQUIRE_WAIT_MS };
+        let response = match shared.client.clone().acquire_task(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == Code::NotFound => {
+                shared.register().await;
+                continue;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "acquire failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if let Some(spec) = response.task {
+            execute(&shared, spec, &stopping).await;
+        }
+    }
+}
+
+/// Runs one leased task to its end and reports the outcome.
+async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
+    let (task_id, attempt) = (spec.task_id.clone(), spec.attempt);
+    let task = match Task::try_from(spec) {
+        Ok(task) => task,
+        Err(error) => {
+            report_failure(shared, &task_id, attempt, true, error.to_string()).await;
+            return;
+        }
+    };
+    let current = Running { task_id: task_id.clone(), attempt, stop: Arc::default(), abandoned: Arc::default() };
+    *shared.running.lock().unwrap() = Some(current.clone());
+    tracing::info!(task = %task_id, trial = %task.trial_name, attempt, "task started");
+    let outcome = run_and_relay(shared, task, &current).await;
+    *shared.running.lock().unwrap() = None;
+    if current.abandoned.load(Ordering::SeqCst) {
+        return;
+    }
+    match outcome {
+        Ok(()) => {
+            let request = pb::CompleteTaskRequest { worker_id: shared.worker_id(), task_id: task_id.clone(), attempt };
+            match with_retry("complete", &shared.client, |mut c| {
+                let request = request.clone();
+                async move { c.complete_task(request).await }
+            }).await {
+                Ok(_) => tracing::info!(task = %task_id, "task succeeded"),
+                Err(status) => tracing::warn!(task = %task_id, error = %status.message(), "completion refused"),
+            }
+        }
+        Err(TrainError::Stopped) if stopping.load(Ordering::SeqCst) => {
+            report_failure(shared, &task_id, attempt, false, "worker shutting down".into()).await;
+        }
+        Err(error) => report_failure(shared, &task_id, attempt, error.is_user_error(), error.to_string()).await,
+    }
+}
+
+async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error: bool, error: String) {
+    tracing::warn!(task = %task_id, user_error, %error, "task failed");
+    let kind = if user_error { pb::FailureKind::User } else { pb::FailureKind::Infrastructure };
+    let request = pb::FailTaskRequest {
+        worker_id: shared.worker_id(),
+        task_id: task_id.to_string(),
+        attempt,
+        kind: kind as i32,
+        error,
+    };
+    if let Err(status) = with_retry("fail", &shared.client, |mut c| {
+        let request = request.clone();
+        async move { c.fail_task(request).await }
+    }).await {
+        tracing::warn!(task = %task_id, error = %status.message(), "failure report refused");
+    }
+}
+
+/// Fetches the task's inputs, trains on a dedicated thread, and relays its events as they come.
+async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result<(), TrainError> {
+    let cache = BlobCache::new(&shared.config.cache_dir);
+    let mut client = shared.client.clone();
+    let mut dataset_files = BTreeMap::new();
+    for (name, blob) in &task.dataset.files {
+        let path = cache.ensure(&mut client, blob).await.map_err(|e| fetch_error(name, e))?;
+        dataset_files.insert(name.clone(), path);
+    }
+    let resume_from = match &task.resume_from {
+        Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("checkpoint", e))?),
+        None => None,
+    };
+    let scratch_dir = cache.scratch_dir();
+    std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
+        path: scratch_dir.display().to_string(),
+        message: e.to_string(),
+    }))?;
+
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let device = shared.config.device;
+    let stop = current.stop.clone();
+    let thread_task = task.clone();
+    let trainer = std::thread::Builder::new()
+        .name(format!("train-{}", task.id))
+        .spawn(move || {
+            let inputs = RunInputs { dataset_files: &dataset_files, resume_from: resume_from.as_deref(), scratch_dir: &scratch_dir, device };
+            let events_sender = sender.clone();
+            let mut emit = move |event| {
+                let _ = events_sender.send(FromTrainer::Event(event));
+            };
+            let mut events = Events { emit: &mut emit, stop: &stop };
+            let result = train::run(&thread_task, &inputs, &mut events);
+            let _ = sender.send(FromTrainer::Done(result));
+        })
+        .map_err(|e| TrainError::Invalid(format!("cannot start the training thread: {e}")))?;
+
+    let mut outcome = Err(TrainError::Stopped);
+    while let Some(message) = receiver.recv().await {
+        match message {
+            FromTrainer::Event(event) => relay(shared, &task, current, event).await,
+            FromTrainer::Done(result) => {
+                outcome = result;
+                break;
+            }
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || trainer.join()).await;
+    outcome
+}
+
+fn fetch_error(what: &str, error: transfer::TransferError) -> TrainError {
+    TrainError::Invalid(format!("cannot fetch {what}: {error}"))
+}
+
+/// Sends one training event to the coordinator. A refusal (stale lease) stops the run.
+async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEvent) {
+    if current.abandoned.load(Ordering::SeqCst) {
+        return;
+    }
+    let result = match event {
+        TrainEvent::Epoch(report) => {
+            tracing::info!(task = %task.id, epoch = report.epoch, values = ?report.values, "epoch done");
+            let request = pb::ReportMetricsRequest {
+                worker_id: shared.worker_id(),
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                epochs: vec![pb::EpochMetrics {
+                    epoch: report.epoch,
+                    values: report.values.into_iter().collect(),
+                    seconds: report.seconds,
+                    samples: report.samples,
+                }],
+            };
+            with_retry("metrics", &shared.client, |mut c| {
+                let request = request.clone();
+                async move { c.report_metrics(request).await }
+            })
+            .await
+            .map(|_| ())
+        }
+        TrainEvent::Checkpoint { epoch, path, is_final } => upload_checkpoint(shared, task, epoch, &path, is_final).await,
+    };
+    if let Err(status) = result {
+        tracing::warn!(task = %task.id, error = %status.message(), "coordinator refused a report, stopping the task");
+        current.abandoned.store(true, Ordering::SeqCst);
+        current.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
+    let blob = transfer::hash_file(path).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    with_retry("upload", &shared.client, |mut c| {
+        let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
+        async move { c.upload_blob(chunks).await }
+    })
+    .await?;
+    let request = pb::AttachCheckpointRequest {
+        worker_id: shared.worker_id(),
+        task_id: task.id.clone(),
+        attempt: task.attempt,
+        epoch,
+        blob: Some(blob.clone()),
+        is_final,
+    };
+    with_retry("attach", &shared.client, |mut c| {
+        let request = request.clone();
+        async move { c.attach_checkpoint(request).await }
+    })
+    .await?;
+    // Keep the newest checkpoint in the cache under its hash: a resumed attempt here needs no download.
+    let cached = BlobCache::new(&shared.config.cache_dir).path(&blob.sha256);
+    if let Some(folder) = cached.parent() {
+        let _ = std::fs::create_dir_all(folder);
+    }
+    if std::fs::rename(path, &cached).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!(task = %task.id, epoch, sha256 = %blob.sha256, "checkpoint uploaded");
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Cohort's worker: runs the seed's models with tch on whatever device it has, for the
+//! coordinator that leases it tasks.
+//!
+//! - [`daemon`]: the network side (register, lease, relay), on tokio.
+//! - [`train`]: the recipes, run on a dedicated thread.
+//! - [`model`], [`optim`], [`data`], [`checkpoint`]: what the recipes are built from.
+
+pub mod blobs;
+pub mod checkpoint;
+pub mod daemon;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod task;
+pub mod train;

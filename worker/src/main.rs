@@ -1,0 +1,88 @@
+//! `worker`: the daemon that runs on each GPU (or CPU) machine of a Cohort cluster.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use cohort_worker::daemon::{self, WorkerConfig};
+use tch::Device;
+
+/// Runs Cohort trials for a coordinator: registers, leases tasks, trains them with libtorch,
+/// streams metrics and uploads checkpoints.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+struct Args {
+    /// Coordinator URL.
+    #[arg(long, env = "COHORT_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Where to compute: auto (CUDA when libtorch sees a GPU), cpu, or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Name shown by the coordinator (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Folder for the blob cache (datasets, checkpoints) and scratch files.
+    #[arg(long, default_value = "cohort-worker-cache")]
+    cache_dir: PathBuf,
+    /// CPU threads libtorch may use (default: libtorch's choice, usually all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_device(text: &str) -> anyhow::Result<Device> {
+    match text {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let Some(index) = text.strip_prefix("cuda:") else {
+                bail!("--device must be auto, cpu or cuda:N, not {text:?}");
+            };
+            let index: usize = index.parse().with_context(|| format!("--device {text:?}: bad GPU index"))?;
+            let available = tch::Cuda::device_count() as usize;
+            if index >= available {
+                bail!("--device {text}: libtorch sees {available} CUDA device(s)");
+            }
+            Ok(Device::Cuda(index))
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(threads as i32);
+        tch::set_num_interop_threads(1);
+    }
+    let device = parse_device(&args.device)?;
+    let config = WorkerConfig {
+        coordinator: args.coordinator,
+        name: args.name.unwrap_or_else(default_name),
+        device,
+        cache_dir: args.cache_dir,
+    };
+    tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.coordinator, "worker starting");
+    daemon::run(config, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! The seed's networks, each a struct implementing `nn::ModuleT`, built from an `nn::Path`.
+
+pub mod dae;

@@ -1,0 +1,150 @@
+//! The worker's view of a task, converted from the protocol once, at the edge.
+
+use cohort_proto::v1 as pb;
+
+/// A content-addressed blob: its SHA-256 (hex) and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Which kind of training a task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrialKind {
+    /// DAE on k−1 folds, validated on the held-out fold every epoch.
+    DaeFold,
+}
+
+/// The hyperparameters and recipe of a trial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Epochs to train.
+    pub epochs: u32,
+    /// Standard deviation of the Gaussian noise added to each input batch.
+    pub noise_std: f64,
+    /// Size of the latent code.
+    pub latent: i64,
+    /// Seeds initialisation, shuffling and noise.
+    pub seed: u64,
+}
+
+/// A dataset: its format and files (name the loader expects → blob).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetSpec {
+    /// "idx".
+    pub format: String,
+    /// Files by name.
+    pub files: Vec<(String, BlobRef)>,
+    /// At most this many training samples (0: all).
+    pub train_limit: usize,
+    /// At most this many test samples (0: all).
+    pub test_limit: usize,
+}
+
+/// One fold of k-fold cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fold {
+    /// k.
+    pub folds: usize,
+    /// Which part validates, `0..folds`.
+    pub index: usize,
+    /// Seeds the permutation the folds are cut from.
+    pub shuffle_seed: u64,
+}
+
+/// A unit of work handed to this worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// Coordinator-wide task id.
+    pub id: String,
+    /// Which attempt this is (1 for the first).
+    pub attempt: u32,
+    /// Human-readable trial name, for logs.
+    pub trial_name: String,
+    /// What to run.
+    pub kind: TrialKind,
+    /// Hyperparameters.
+    pub config: TrainingConfig,
+    /// Data.
+    pub dataset: DatasetSpec,
+    /// The fold, for cross-validation trials.
+    pub fold: Option<Fold>,
+    /// Resume from this checkpoint when set.
+    pub resume_from: Option<BlobRef>,
+    /// Upload a checkpoint every this many epochs (0: only at the end).
+    pub checkpoint_every: u32,
+}
+
+/// A task the coordinator sent that this worker cannot interpret.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed task {task_id}: {message}")]
+pub struct MalformedTask {
+    /// The task.
+    pub task_id: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn blob_ref(blob: Option<pb::BlobRef>) -> Option<BlobRef> {
+    blob.filter(|b| !b.sha256.is_empty()).map(|b| BlobRef { sha256: b.sha256, size: b.size })
+}
+
+impl TryFrom<pb::TaskSpec> for Task {
+    type Error = MalformedTask;
+
+    fn try_from(spec: pb::TaskSpec) -> Result<Self, Self::Error> {
+        let malformed = |message: &str| MalformedTask { task_id: spec.task_id.clone(), message: message.to_string() };
+        let kind = match spec.kind() {
+            pb::TrialKind::DaeFold => TrialKind::DaeFold,
+            pb::TrialKind::Unspecified => return Err(malformed("unknown trial kind")),
+        };
+        let config = spec.config.as_ref().ok_or_else(|| malformed("no training config"))?;
+        let dataset = spec.dataset.as_ref().ok_or_else(|| malformed("no dataset"))?;
+        let mut files = Vec::with_capacity(dataset.files.len());
+        for file in &dataset.files {
+            let blob = blob_ref(file.blob.clone()).ok_or_else(|| malformed("dataset file without blob"))?;
+            files.push((file.name.clone(), blob));
+        }
+        let fold = spec.fold.as_ref().filter(|f| f.folds > 0).map(|f| Fold {
+            folds: f.folds as usize,
+            index: f.index as usize,
+            shuffle_seed: f.shuffle_seed,
+        });
+        if kind == TrialKind::DaeFold && fold.is_none() {
+            return Err(malformed("a dae-fold trial needs a fold"));
+        }
+        Ok(Task {
+            id: spec.task_id.clone(),
+            attempt: spec.attempt,
+            trial_name: spec.trial_name.clone(),
+            kind,
+            config: TrainingConfig {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                batch_size: config.batch_size as usize,
+                epochs: config.epochs,
+                noise_std: config.noise_std,
+                latent: i64::from(config.latent),
+                seed: config.seed,
+            },
+            dataset: DatasetSpec {
+                format: dataset.format.clone(),
+                files,
+                train_limit: dataset.train_limit as usize,
+                test_limit: dataset.test_limit as usize,
+            },
+            fold,
+            resume_from: blob_ref(spec.resume_from.clone()),
+            checkpoint_every: spec.checkpoint_every,
+        })
+    }
+}
