@@ -149,7 +149,7 @@ fn checkpoint(c: CheckpointRecord) -> pb::Checkpoint {
 }
 
 fn epoch(e: EpochRecord) -> pb::EpochMetrics {
-    pb::EpochMetrics { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, samples: e.samples }
+    pb::EpochMetrics { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, samples: e.samples, attempt: e.attempt }
 }
 
 impl From<TaskView> for pb::TaskResult {

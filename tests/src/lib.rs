@@ -52,12 +52,20 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a coordinator on a free port and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Cluster::start`], with extra `coordinator serve` arguments.
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("cohort-cluster-").tempdir().expect("temp dir");
         let address = free_address();
         let mut cluster = Cluster { dir, address, processes: Vec::new() };
         let data_dir = cluster.dir.path().join("coordinator");
         let listen = address.to_string();
-        cluster.spawn("coordinator", &binary("coordinator"), &["serve", "--listen", &listen, "--data-dir", &data_dir.to_string_lossy()]);
+        let data_dir = data_dir.to_string_lossy().into_owned();
+        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir];
+        args.extend_from_slice(extra_args);
+        cluster.spawn("coordinator", &binary("coordinator"), &args);
         cluster.wait_until_listening(Duration::from_secs(20));
         cluster
     }
@@ -95,6 +103,27 @@ impl Cluster {
         let url = self.url();
         let args = ["--coordinator", &url, "--name", name, "--device", "cpu", "--threads", "1", "--cache-dir", &cache.to_string_lossy()];
         self.spawn(name, &binary("worker"), &args);
+    }
+
+    /// Kills a process by label with SIGKILL (a machine dying), and waits for it.
+    pub fn kill(&mut self, label: &str) {
+        let process = self.processes.iter_mut().find(|p| p.label == label).unwrap_or_else(|| panic!("no process {label}"));
+        process.child.kill().expect("kill");
+        process.child.wait().expect("wait");
+    }
+
+    /// Polls `results ID --format json` until `done` holds for it, failing after `limit`.
+    pub fn wait_for(&self, sweep_id: &str, limit: Duration, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let results: serde_json::Value =
+                serde_json::from_str(&self.client_ok(&["results", sweep_id, "--format", "json"])).expect("results json");
+            if done(&results) {
+                return results;
+            }
+            assert!(started.elapsed() < limit, "condition not reached within {limit:?}: {results}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs a client command of the coordinator binary against this cluster.

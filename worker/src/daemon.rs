@@ -354,6 +354,7 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
                     values: report.values.into_iter().collect(),
                     seconds: report.seconds,
                     samples: report.samples,
+                    attempt: task.attempt,
                 }],
             };
             with_retry("metrics", &shared.client, |mut c| {

@@ -48,6 +48,8 @@ pub struct EpochRow {
     pub values: std::collections::BTreeMap<String, f64>,
     /// Seconds.
     pub seconds: f64,
+    /// The attempt that produced it.
+    pub attempt: u32,
 }
 
 /// A sweep's results.
@@ -130,7 +132,7 @@ fn trial_row(task: pb::TaskResult) -> TrialRow {
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
-        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds })
+        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt })
         .collect();
     let min_val_mse = epochs.iter().filter_map(|e| e.values.get("val_mse").copied()).reduce(f64::min);
     TrialRow {
