@@ -1,6 +1,6 @@
-//! Embeds libtorch's folder as the binaries' rpath so that they run with no environment set, and
-//! keeps libtorch_cuda linked (rustc links with --as-needed, which would drop it because no symbol
-//! of it is referenced; without it the CUDA backend never registers).
+// Embeds libtorch's folder as the binaries' rpath so that they run with no environment set, and
+// keeps libtorch_cuda linked (rustc links with --as-needed, which would drop it because no symbol
+// of it is referenced; without it the CUDA backend never registers).
 
 fn main() {
     // torch-sys announces where it found libtorch through its `links = "tch"` metadata.

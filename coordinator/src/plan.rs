@@ -52,22 +52,7 @@ mod tests {
 
     #[test]
     fn seed_grid_is_32_trials_in_config_then_fold_order() {
-        let text = r#"
-name = "seed"
-[dataset]
-format = "idx"
-path = "d"
-[model]
-kind = "dae"
-[cv]
-folds = 4
-epochs = 20
-[cv.grid]
-lr = [1e-3, 1e-4]
-weight_decay = [1e-5, 1e-6]
-batch_size = [256, 512]
-"#;
-        let sweep = SweepFile::parse(text, "s").unwrap();
+        let sweep = SweepFile::parse(crate::sweep::tests::GOOD, "s").unwrap();
         let dataset = DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0 };
         let trials = plan(&sweep, dataset);
         assert_eq!(trials.len(), 32);
@@ -76,6 +61,6 @@ batch_size = [256, 512]
         assert_eq!(trials[5].config.batch_size, 512);
         let labels: std::collections::BTreeSet<_> = trials.iter().map(|t| t.config_label.clone()).collect();
         assert_eq!(labels.len(), 8);
-        assert!(trials.iter().all(|t| t.fold.unwrap().folds == 4 && t.config.epochs == 20));
+        assert!(trials.iter().all(|t| t.fold.unwrap().folds == 4 && t.config.epochs == 2));
     }
 }

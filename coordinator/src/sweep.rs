@@ -270,10 +270,11 @@ pub fn dataset_file_names(format: &str) -> BTreeMap<&'static str, &'static str> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// The seed's grid over 4 folds (shared with the planner's tests).
+    pub(crate) const GOOD: &str = r#"
 name = "t"
 [dataset]
 format = "idx"
