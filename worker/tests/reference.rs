@@ -1,9 +1,11 @@
-//! The DAE and Adam against PyTorch: loss, every gradient and one Adam step (L2 weight decay)
-//! from the same weights and inputs as tools/reference/dae_reference.py, to ‖a−b‖/‖b‖ < 1e-5.
+//! The DAE, the classifier and Adam against PyTorch: loss, every gradient and one Adam step (L2
+//! weight decay, per-group learning rates) from the same weights and inputs as
+//! tools/reference/dae_reference.py, to ‖a−b‖/‖b‖ < 1e-5 in float32 on CPU.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cohort_worker::model::classifier::Classifier;
 use cohort_worker::model::dae::Dae;
 use cohort_worker::optim::{Adam, ParamGroup};
 use tch::nn::{self, ModuleT};
@@ -11,8 +13,8 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 const TOLERANCE: f64 = 1e-5;
 
-fn fixture() -> BTreeMap<String, Tensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dae_reference.safetensors");
+fn fixture(name: &str) -> BTreeMap<String, Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     Tensor::read_safetensors(path).expect("fixture (regenerate with tools/reference/dae_reference.py)").into_iter().collect()
 }
 
@@ -31,24 +33,31 @@ fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
     assert!(error < TOLERANCE, "{what}: relative error {error:e}");
 }
 
-#[test]
-fn dae_loss_gradients_and_adam_step_match_pytorch() {
-    let reference = fixture();
-    let mut vars = nn::VarStore::new(Device::Cpu);
-    let model = Dae::new(&vars.root(), 4);
+/// Loads the fixture's weights into `vars`, then checks the loss, every gradient and one Adam
+/// step (parameter groups by `lr_of(name)`, weight decay `weight_decay`) against it.
+fn check_against_reference(
+    reference: &BTreeMap<String, Tensor>,
+    vars: &nn::VarStore,
+    lr_of: impl Fn(&str) -> f64,
+    weight_decay: f64,
+    loss: impl Fn() -> Tensor,
+) {
     tch::no_grad(|| {
         for (name, mut variable) in vars.variables() {
             variable.copy_(&reference[&format!("model.{name}")]);
         }
     });
-    vars.set_kind(Kind::Float);
     let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(named.len(), reference.keys().filter(|k| k.starts_with("grad.")).count(), "same parameters as PyTorch");
-    let mut adam = Adam::new(vec![ParamGroup { params: named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), lr: 1e-3, weight_decay: 1e-5 }], (0.9, 0.999), 1e-8);
+    let groups = named
+        .iter()
+        .map(|(name, t)| ParamGroup { params: vec![(name.clone(), t.shallow_clone())], lr: lr_of(name), weight_decay })
+        .collect();
+    let mut adam = Adam::new(groups, (0.9, 0.999), 1e-8);
 
     adam.zero_grad();
-    let loss = model.forward_t(&reference["input.noisy"], true).mse_loss(&reference["input.clean"], Reduction::Mean);
+    let loss = loss();
     assert_close("loss", &loss, &reference["loss"]);
     loss.backward();
     for (name, param) in &named {
@@ -58,4 +67,25 @@ fn dae_loss_gradients_and_adam_step_match_pytorch() {
     for (name, param) in &named {
         assert_close(&format!("{name} after one Adam step"), param, &reference[&format!("after.{name}")]);
     }
+}
+
+#[test]
+fn dae_loss_gradients_and_adam_step_match_pytorch() {
+    let reference = fixture("dae_reference.safetensors");
+    let vars = nn::VarStore::new(Device::Cpu);
+    let model = Dae::new(&vars.root(), 4);
+    check_against_reference(&reference, &vars, |_| 1e-3, 1e-5, || {
+        model.forward_t(&reference["input.noisy"], true).mse_loss(&reference["input.clean"], Reduction::Mean)
+    });
+}
+
+#[test]
+fn classifier_loss_gradients_and_two_rate_adam_step_match_pytorch() {
+    let reference = fixture("classifier_reference.safetensors");
+    let vars = nn::VarStore::new(Device::Cpu);
+    let model = Classifier::new(&vars.root(), 4);
+    let lr_of = |name: &str| if Classifier::is_encoder_variable(name) { 1e-4 } else { 1e-3 };
+    check_against_reference(&reference, &vars, lr_of, 1e-5, || {
+        model.forward_t(&reference["input.noisy"], true).nll_loss(&reference["input.labels"])
+    });
 }

@@ -1,3 +1,4 @@
 //! The seed's networks, each a struct implementing `nn::ModuleT`, built from an `nn::Path`.
 
+pub mod classifier;
 pub mod dae;
