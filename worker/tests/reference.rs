@@ -1,12 +1,15 @@
 //! The DAE, the classifier and Adam against PyTorch: loss, every gradient and one Adam step (L2
 //! weight decay, per-group learning rates) from the same weights and inputs as
-//! tools/reference/dae_reference.py, to ‖a−b‖/‖b‖ < 1e-5 in float32 on CPU.
+//! tools/reference/dae_reference.py, to ‖a−b‖/‖b‖ < 1e-5 in float32 on CPU; and the WGAN-GP's
+//! critic loss (gradient penalty included, through the double backward) and generator loss with
+//! all their gradients, from tools/reference/wgan_reference.py.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use cohort_worker::model::classifier::Classifier;
 use cohort_worker::model::dae::Dae;
+use cohort_worker::model::wgan::{self, Critic, Generator};
 use cohort_worker::optim::{Adam, ParamGroup};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -88,4 +91,53 @@ fn classifier_loss_gradients_and_two_rate_adam_step_match_pytorch() {
     check_against_reference(&reference, &vars, lr_of, 1e-5, || {
         model.forward_t(&reference["input.noisy"], true).nll_loss(&reference["input.labels"])
     });
+}
+
+/// Copies every variable (weights and BatchNorm buffers) of `vars` from `reference[prefix + name]`.
+fn load_variables(vars: &nn::VarStore, reference: &BTreeMap<String, Tensor>) {
+    tch::no_grad(|| {
+        for (name, mut variable) in vars.variables() {
+            let saved = reference.get(&name).unwrap_or_else(|| panic!("fixture lacks {name}"));
+            variable.copy_(saved);
+        }
+    });
+}
+
+fn assert_gradients(vars: &nn::VarStore, reference: &BTreeMap<String, Tensor>, prefix: &str) {
+    let expected: Vec<&String> = reference.keys().filter(|k| k.starts_with(&format!("grad.{prefix}."))).collect();
+    assert!(!expected.is_empty());
+    let variables = vars.variables();
+    for key in expected {
+        let name = key.trim_start_matches("grad.");
+        assert_close(&format!("gradient of {name}"), &variables[name].grad(), &reference[key]);
+    }
+}
+
+#[test]
+fn wgan_gp_losses_and_gradients_match_pytorch() {
+    let reference = fixture("wgan_reference.safetensors");
+    let widths = [16, 8, 8, 4];
+    let vars = nn::VarStore::new(Device::Cpu);
+    let generator = Generator::new(&(vars.root() / "generator"), widths);
+    let critic = Critic::new(&(vars.root() / "critic"), widths);
+    load_variables(&vars, &reference);
+
+    let (real, fake, epsilon) = (&reference["input.real"], &reference["input.fake"], &reference["input.epsilon"]);
+    let ours_fake = tch::no_grad(|| generator.forward_t(&reference["input.noise"], true));
+    assert_close("generated batch", &ours_fake, fake);
+    load_variables(&vars, &reference); // undo the BatchNorm running-stat update of that forward pass
+
+    let (loss, _wasserstein, penalty) = wgan::critic_loss(&critic, real, fake, epsilon, 10.0);
+    assert_close("gradient penalty", &penalty, &reference["critic.penalty"]);
+    assert_close("critic loss", &loss, &reference["critic.loss"]);
+    loss.backward();
+    assert_gradients(&vars, &reference, "critic");
+
+    for (_, mut variable) in vars.variables() {
+        variable.zero_grad();
+    }
+    let loss = wgan::generator_loss(&critic, &generator.forward_t(&reference["input.noise"], true));
+    assert_close("generator loss", &loss, &reference["generator.loss"]);
+    loss.backward();
+    assert_gradients(&vars, &reference, "generator");
 }

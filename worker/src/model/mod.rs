@@ -2,3 +2,4 @@
 
 pub mod classifier;
 pub mod dae;
+pub mod wgan;
