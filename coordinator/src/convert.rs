@@ -4,9 +4,9 @@
 use cohort_proto::v1 as pb;
 
 use crate::core::{Counts, Dispatch, SweepState, SweepSummary, SweepView, TaskView};
-use crate::domain::{BlobRef, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec};
+use crate::domain::{AugmentSpec, BlobRef, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
 use crate::scheduler::Lease;
-use crate::store::{CheckpointRecord, EpochRecord};
+use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord};
 
 impl From<BlobRef> for pb::BlobRef {
     fn from(blob: BlobRef) -> Self {
@@ -58,6 +58,25 @@ pub fn epochs(attempt: u32, epochs: Vec<pb::EpochMetrics>) -> Vec<EpochRecord> {
 fn trial_kind(kind: TrialKind) -> pb::TrialKind {
     match kind {
         TrialKind::DaeFold => pb::TrialKind::DaeFold,
+        TrialKind::DaeFinal => pb::TrialKind::DaeFinal,
+        TrialKind::Classifier => pb::TrialKind::Classifier,
+        TrialKind::Wgan => pb::TrialKind::Wgan,
+    }
+}
+
+fn augment(a: &AugmentSpec) -> pb::AugmentSpec {
+    pb::AugmentSpec { copies: a.copies, rotate_deg: a.rotate_deg, translate: a.translate, shear_deg: a.shear_deg, seed: a.seed }
+}
+
+fn wgan(w: &WganSpec) -> pb::WganSpec {
+    pb::WganSpec {
+        widths: w.widths.to_vec(),
+        critic_steps: w.critic_steps,
+        gp_lambda: w.gp_lambda,
+        beta1: w.beta1,
+        beta2: w.beta2,
+        sample_every: w.sample_every,
+        sample_count: w.sample_count,
     }
 }
 
@@ -70,6 +89,9 @@ fn training_config(config: &TrainingConfig) -> pb::TrainingConfig {
         noise_std: config.noise_std,
         latent: config.latent,
         seed: config.seed,
+        lr_encoder: config.lr_encoder,
+        augment: config.augment.as_ref().map(augment),
+        wgan: config.wgan.as_ref().map(wgan),
     }
 }
 
@@ -79,6 +101,8 @@ fn dataset(dataset: &DatasetSpec) -> pb::Dataset {
         files: dataset.files.iter().map(|(name, blob)| pb::DatasetFile { name: name.clone(), blob: Some(blob.clone().into()) }).collect(),
         train_limit: dataset.train_limit,
         test_limit: dataset.test_limit,
+        image_size: dataset.image_size,
+        min_foreground: dataset.min_foreground,
     }
 }
 
@@ -99,6 +123,9 @@ pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, 
         attempt,
         resume_from: resume_from.map(Into::into),
         checkpoint_every: spec.checkpoint_every,
+        init_from: spec.init_from.clone().map(Into::into),
+        stage: spec.stage.clone(),
+        config_label: spec.config_label.clone(),
     }
 }
 
@@ -148,6 +175,10 @@ fn checkpoint(c: CheckpointRecord) -> pb::Checkpoint {
     pb::Checkpoint { task_id: c.task_id, epoch: c.epoch, blob: Some(c.blob.into()), is_final: c.is_final }
 }
 
+fn artifact(a: ArtifactRecord) -> pb::Artifact {
+    pb::Artifact { task_id: a.task_id, name: a.name, epoch: a.epoch, blob: Some(a.blob.into()) }
+}
+
 fn epoch(e: EpochRecord) -> pb::EpochMetrics {
     pb::EpochMetrics { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, samples: e.samples, attempt: e.attempt }
 }
@@ -162,6 +193,7 @@ impl From<TaskView> for pb::TaskResult {
             error: entry.error.clone().unwrap_or_default(),
             epochs: view.epochs.into_iter().map(epoch).collect(),
             checkpoints: view.checkpoints.into_iter().map(checkpoint).collect(),
+            artifacts: view.artifacts.into_iter().map(artifact).collect(),
         }
     }
 }

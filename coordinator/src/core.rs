@@ -13,7 +13,7 @@ use crate::dataset::{self, DatasetError};
 use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
 use crate::plan;
 use crate::scheduler::{Lease, Millis, Refusal, Scheduler, TaskEntry, Timeouts};
-use crate::store::{CheckpointRecord, EpochRecord, Store, StoreError, StoredTask, SweepRecord};
+use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, Store, StoreError, StoredTask, SweepRecord};
 use crate::sweep::{SweepError, SweepFile};
 
 /// Why the core refused or failed a request. Mapped to gRPC codes once, in the service.
@@ -49,6 +49,17 @@ pub struct CoreConfig {
     pub data_dir: PathBuf,
     /// Lease and worker timeouts.
     pub timeouts: Timeouts,
+}
+
+/// What a submission planned.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The new sweep's id (none on a dry run).
+    pub sweep_id: Option<String>,
+    /// The first stage's tasks: (task id, spec).
+    pub planned: Vec<(String, TrialSpec)>,
+    /// Every stage: (name, trials, description).
+    pub stages: Vec<(String, u32, String)>,
 }
 
 /// A task handed to a worker, with everything it needs.
@@ -143,6 +154,8 @@ pub struct TaskView {
     pub epochs: Vec<EpochRecord>,
     /// Checkpoints.
     pub checkpoints: Vec<CheckpointRecord>,
+    /// Artifacts.
+    pub artifacts: Vec<ArtifactRecord>,
 }
 
 /// A sweep in full.
@@ -171,6 +184,31 @@ impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core").field("blobs", &self.blobs).finish_non_exhaustive()
     }
+}
+
+/// Task rows for newly planned trials, numbered on from `first_index` within the sweep.
+fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<TrialSpec>) -> Vec<StoredTask> {
+    trials
+        .into_iter()
+        .enumerate()
+        .map(|(offset, spec)| {
+            let index = first_index + offset;
+            StoredTask {
+                entry: TaskEntry {
+                    id: format!("{sweep_id}.t{index}"),
+                    sweep_id: sweep_id.to_string(),
+                    order: (sweep_seq << 20) | index as u64,
+                    state: TaskState::Queued,
+                    attempt: 0,
+                    max_attempts: spec.max_attempts,
+                    worker: None,
+                    lease_expires: None,
+                    error: None,
+                },
+                spec,
+            }
+        })
+        .collect()
 }
 
 fn unix_ms() -> i64 {
@@ -215,57 +253,45 @@ impl Core {
         &self.blobs
     }
 
-    /// Validates and plans a sweep; unless `dry_run`, stores it and queues its trials.
-    /// Returns the new sweep's id (none on a dry run) and the planned tasks.
+    /// Validates and plans a sweep; unless `dry_run`, stores it and queues its first stage.
     pub fn submit(
         &self,
         source: &str,
         source_name: &str,
         files: Vec<(String, BlobRef)>,
         dry_run: bool,
-    ) -> Result<(Option<String>, Vec<(String, TrialSpec)>), CoreError> {
+    ) -> Result<Submitted, CoreError> {
         let sweep = SweepFile::parse(source, source_name)?;
-        let labels = dataset::check_files(&sweep.dataset.format, files.iter().map(|(name, _)| name.as_str()))?;
+        dataset::check_names(files.iter().map(|(name, _)| name.as_str()))?;
         for (name, blob) in &files {
             if self.blobs.size(&blob.sha256) != Some(blob.size) {
                 return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
             }
         }
-        let labels_blob = &files.iter().find(|(name, _)| *name == labels).expect("checked").1;
-        let train_samples = dataset::idx_label_count(&self.blobs.path(&labels_blob.sha256).expect("checked"))?;
-        sweep.check_against_dataset(source_name, train_samples)?;
+        if sweep.dataset.format == "idx" {
+            let labels = dataset::check_files(&sweep.dataset.format, files.iter().map(|(name, _)| name.as_str()))?;
+            let labels_blob = &files.iter().find(|(name, _)| *name == labels).expect("checked").1;
+            let train_samples = dataset::idx_label_count(&self.blobs.path(&labels_blob.sha256).expect("checked"))?;
+            sweep.check_against_dataset(source_name, train_samples)?;
+        }
 
         let dataset = DatasetSpec {
             format: sweep.dataset.format.clone(),
             files,
             train_limit: sweep.dataset.train_limit,
             test_limit: sweep.dataset.test_limit,
+            image_size: sweep.dataset.image_size,
+            min_foreground: sweep.dataset.min_foreground,
         };
-        let trials = plan::plan(&sweep, dataset);
+        let trials = plan::initial(&sweep, dataset);
         let mut inner = self.lock();
         let seq = inner.store.next_sweep_seq()?;
         let sweep_id = format!("s{seq}-{}", random_hex(3));
-        let tasks: Vec<StoredTask> = trials
-            .into_iter()
-            .enumerate()
-            .map(|(index, spec)| StoredTask {
-                entry: TaskEntry {
-                    id: format!("{sweep_id}.t{index}"),
-                    sweep_id: sweep_id.clone(),
-                    order: (seq << 20) | index as u64,
-                    state: TaskState::Queued,
-                    attempt: 0,
-                    max_attempts: spec.max_attempts,
-                    worker: None,
-                    lease_expires: None,
-                    error: None,
-                },
-                spec,
-            })
-            .collect();
+        let tasks = new_tasks(&sweep_id, seq, 0, trials);
         let planned = tasks.iter().map(|t| (t.entry.id.clone(), t.spec.clone())).collect();
+        let stages = plan::describe_stages(&sweep);
         if dry_run {
-            return Ok((None, planned));
+            return Ok(Submitted { sweep_id: None, planned, stages });
         }
         let record = SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
         inner.store.insert_sweep(&record, &tasks)?;
@@ -276,13 +302,67 @@ impl Core {
         drop(inner);
         self.work_available.notify_waiters();
         tracing::info!(sweep = %sweep_id, "sweep submitted");
-        Ok((Some(sweep_id), planned))
+        Ok(Submitted { sweep_id: Some(sweep_id), planned, stages })
     }
 
     fn persist(&self, inner: &mut Inner, changed: &[String]) -> Result<(), CoreError> {
         let Inner { scheduler, store } = inner;
         store.save_tasks(changed.iter().filter_map(|id| scheduler.task(id)))?;
         Ok(())
+    }
+
+    /// Persists the changed tasks, then plans the next stage of every sweep in which one of
+    /// them ended. Returns whether new tasks were queued.
+    fn persist_and_advance(&self, inner: &mut Inner, changed: &[String]) -> Result<bool, CoreError> {
+        self.persist(inner, changed)?;
+        let mut sweeps: Vec<String> = changed
+            .iter()
+            .filter_map(|id| inner.scheduler.task(id))
+            .filter(|task| task.state.is_terminal())
+            .map(|task| task.sweep_id.clone())
+            .collect();
+        sweeps.dedup();
+        let mut queued = false;
+        for sweep_id in sweeps {
+            queued |= self.advance(inner, &sweep_id)?;
+        }
+        Ok(queued)
+    }
+
+    /// Plans and queues the sweep's next stage if its current one has ended.
+    fn advance(&self, inner: &mut Inner, sweep_id: &str) -> Result<bool, CoreError> {
+        let Some(record) = inner.store.sweep(sweep_id)? else {
+            return Ok(false);
+        };
+        if record.cancelled {
+            return Ok(false);
+        }
+        let sweep = SweepFile::parse(&record.source, &record.name)
+            .map_err(|e| CoreError::Io(format!("stored sweep {sweep_id} no longer parses: {e}")))?;
+        let stored = inner.store.tasks(Some(sweep_id))?;
+        let mut facts = Vec::with_capacity(stored.len());
+        for task in &stored {
+            let min_val_mse = inner.store.min_metric(&task.entry.id, "val_mse")?;
+            let final_checkpoint = inner.store.checkpoints(&task.entry.id)?.into_iter().rev().find(|c| c.is_final).map(|c| c.blob);
+            facts.push((task.entry.state, min_val_mse, final_checkpoint));
+        }
+        let outcomes: Vec<plan::Outcome<'_>> = stored
+            .iter()
+            .zip(facts)
+            .map(|(task, (state, min_val_mse, final_checkpoint))| plan::Outcome { spec: &task.spec, state, min_val_mse, final_checkpoint })
+            .collect();
+        let plan::Next::Start(trials) = plan::next_stage(&sweep, &outcomes) else {
+            return Ok(false);
+        };
+        let stage = trials.first().map(|t| t.stage.clone()).unwrap_or_default();
+        let tasks = new_tasks(sweep_id, record.seq, stored.len(), trials);
+        inner.store.insert_tasks(&tasks)?;
+        let now = self.now();
+        for task in tasks {
+            inner.scheduler.insert(task.entry, now);
+        }
+        tracing::info!(sweep = %sweep_id, %stage, "next stage queued");
+        Ok(true)
     }
 
     /// Registers a worker; re-attaches the tasks it still runs, returns those to abandon.
@@ -351,13 +431,31 @@ impl Core {
         Ok(())
     }
 
+    /// Records an artifact (already uploaded as a blob) of the lease holder.
+    pub fn attach_artifact(&self, worker_id: &str, attempt: u32, record: ArtifactRecord) -> Result<(), CoreError> {
+        if self.blobs.size(&record.blob.sha256) != Some(record.blob.size) {
+            return Err(CoreError::BadRequest(format!("artifact blob {} was not uploaded", record.blob.sha256)));
+        }
+        if record.name.is_empty() || record.name.len() > 200 {
+            return Err(CoreError::BadRequest("an artifact name has 1 to 200 characters".into()));
+        }
+        let inner = self.lock();
+        inner.scheduler.check_lease(worker_id, &record.task_id, attempt)?;
+        inner.store.record_artifact(&record)?;
+        Ok(())
+    }
+
     /// The lease holder finished the task.
     pub fn complete(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<(), CoreError> {
         let mut inner = self.lock();
         let now = self.now();
         inner.scheduler.complete(worker_id, task_id, attempt, now)?;
-        self.persist(&mut inner, &[task_id.to_string()])?;
+        let queued = self.persist_and_advance(&mut inner, &[task_id.to_string()])?;
+        drop(inner);
         tracing::info!(task = %task_id, worker = %worker_id, "task succeeded");
+        if queued {
+            self.work_available.notify_waiters();
+        }
         Ok(())
     }
 
@@ -366,7 +464,7 @@ impl Core {
         let mut inner = self.lock();
         let now = self.now();
         let retry = inner.scheduler.fail(worker_id, task_id, attempt, kind, error, now)?;
-        self.persist(&mut inner, &[task_id.to_string()])?;
+        self.persist_and_advance(&mut inner, &[task_id.to_string()])?;
         drop(inner);
         tracing::warn!(task = %task_id, worker = %worker_id, ?kind, ?retry, error, "task failed");
         self.work_available.notify_waiters();
@@ -382,7 +480,7 @@ impl Core {
             return Ok(());
         }
         let changed: Vec<String> = lapsed.iter().map(|(id, _)| id.clone()).collect();
-        self.persist(&mut inner, &changed)?;
+        self.persist_and_advance(&mut inner, &changed)?;
         drop(inner);
         for (task, retry) in lapsed {
             tracing::warn!(%task, ?retry, "lease lapsed");
@@ -439,7 +537,8 @@ impl Core {
         for task in stored {
             let epochs = inner.store.metrics(&task.entry.id)?;
             let checkpoints = inner.store.checkpoints(&task.entry.id)?;
-            tasks.push(TaskView { task, epochs, checkpoints });
+            let artifacts = inner.store.artifacts(&task.entry.id)?;
+            tasks.push(TaskView { task, epochs, checkpoints, artifacts });
         }
         Ok(SweepView { summary, tasks })
     }

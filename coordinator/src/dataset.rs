@@ -11,6 +11,27 @@ use crate::sweep::dataset_file_names;
 #[error("dataset: {0}")]
 pub struct DatasetError(pub String);
 
+/// Checks that every dataset file name is a plain relative path (no root, no `..`), so no name
+/// can place a file outside the dataset's folder on a worker.
+pub fn check_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), DatasetError> {
+    let mut count = 0;
+    for name in names {
+        count += 1;
+        let plain = !name.is_empty()
+            && name.len() <= 1024
+            && !name.starts_with('/')
+            && !name.contains('\\')
+            && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if !plain {
+            return Err(DatasetError(format!("file name {name:?} is not a plain relative path")));
+        }
+    }
+    if count == 0 {
+        return Err(DatasetError("no files".into()));
+    }
+    Ok(())
+}
+
 /// Checks the file names against the format; returns the file that holds the training labels.
 pub fn check_files<'a>(format: &str, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<String, DatasetError> {
     let mut labels = None;
@@ -53,6 +74,15 @@ mod tests {
         assert!(err.to_string().contains("no test labels file (t10k-labels-idx1-ubyte"), "{err}");
         let all = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
         assert_eq!(check_files("idx", all).unwrap(), "train-labels-idx1-ubyte.gz");
+    }
+
+    #[test]
+    fn names_cannot_escape_the_dataset_folder() {
+        check_names(["a", "train/x/y.png"]).unwrap();
+        for bad in ["../x", "/abs", "a/../b", "", "a//b"] {
+            assert!(check_names([bad]).is_err(), "{bad}");
+        }
+        assert!(check_names([]).unwrap_err().to_string().contains("no files"));
     }
 
     #[test]

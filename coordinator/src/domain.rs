@@ -18,6 +18,12 @@ pub struct BlobRef {
 pub enum TrialKind {
     /// DAE on k−1 folds, validated on the held-out fold.
     DaeFold,
+    /// DAE on the whole training set, tested each epoch.
+    DaeFinal,
+    /// Classifier fine-tuned from the final DAE's encoder.
+    Classifier,
+    /// WGAN-GP.
+    Wgan,
 }
 
 impl TrialKind {
@@ -25,8 +31,45 @@ impl TrialKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TrialKind::DaeFold => "dae-fold",
+            TrialKind::DaeFinal => "dae-final",
+            TrialKind::Classifier => "classifier",
+            TrialKind::Wgan => "wgan",
         }
     }
+}
+
+/// Seed §1.1: augmented copies of the training set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AugmentSpec {
+    /// Copies appended.
+    pub copies: u32,
+    /// ± degrees.
+    pub rotate_deg: f64,
+    /// ± fraction of the side.
+    pub translate: f64,
+    /// ± degrees.
+    pub shear_deg: f64,
+    /// Seeds the transforms.
+    pub seed: u64,
+}
+
+/// The WGAN-GP recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WganSpec {
+    /// Generator hidden widths, widest first.
+    pub widths: [u32; 4],
+    /// Critic steps per generator step.
+    pub critic_steps: u32,
+    /// Gradient penalty weight.
+    pub gp_lambda: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Sample grid period (0: only first and last epoch).
+    pub sample_every: u32,
+    /// Images per sample grid.
+    pub sample_count: u32,
 }
 
 /// A trial's hyperparameters and recipe.
@@ -46,6 +89,15 @@ pub struct TrainingConfig {
     pub latent: u32,
     /// Initialisation / shuffling / noise seed.
     pub seed: u64,
+    /// The classifier encoder's learning rate (`lr` is the head's).
+    #[serde(default)]
+    pub lr_encoder: f64,
+    /// Augmentation of the training set.
+    #[serde(default)]
+    pub augment: Option<AugmentSpec>,
+    /// The WGAN-GP recipe.
+    #[serde(default)]
+    pub wgan: Option<WganSpec>,
 }
 
 /// A dataset as stored blobs.
@@ -59,6 +111,12 @@ pub struct DatasetSpec {
     pub train_limit: u64,
     /// Test sample limit (0: all).
     pub test_limit: u64,
+    /// Side of the square images (image-folder, nifti).
+    #[serde(default)]
+    pub image_size: u32,
+    /// nifti: minimum bright fraction of a kept slice.
+    #[serde(default)]
+    pub min_foreground: f64,
 }
 
 /// One fold of k-fold cross-validation.
@@ -93,6 +151,9 @@ pub struct TrialSpec {
     pub checkpoint_every: u32,
     /// Attempts before the trial fails for good.
     pub max_attempts: u32,
+    /// Initialise from this checkpoint (the classifier's pretrained autoencoder).
+    #[serde(default)]
+    pub init_from: Option<BlobRef>,
 }
 
 /// Where a task stands.

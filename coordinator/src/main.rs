@@ -157,10 +157,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut client = connect(&url).await?;
             let response = submit::submit(&mut client, &sweep, dry_run).await?;
             match (dry_run, format) {
-                (true, Format::Table) => submit::print_plan(&response.planned),
+                (true, Format::Table) => submit::print_plan(&response),
                 (true, Format::Json) => {
-                    let names: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
-                    println!("{}", serde_json::to_string_pretty(&names)?);
+                    let stages: Vec<serde_json::Value> = response
+                        .stages
+                        .iter()
+                        .map(|s| serde_json::json!({"stage": s.name, "trials": s.trials, "description": s.description}))
+                        .collect();
+                    let trials: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
+                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": stages, "first_stage_trials": trials}))?);
                 }
                 (false, _) => println!("{}", response.sweep_id),
             }

@@ -1,16 +1,67 @@
-//! Turns a validated sweep file into trials: every grid config × every fold.
+//! Turns a validated sweep file into trials, stage by stage.
+//!
+//! The first stage is planned at submission: every cross-validation config × fold (or the final
+//! training when there is no `[cv]`, or the WGAN-GP's training). Each later stage is planned by
+//! [`next_stage`] from the outcomes of the earlier ones, when the coordinator sees a stage end:
+//! `final` trains the cross-validation winner, `finetune` starts from `final`'s checkpoint.
 
-use crate::domain::{DatasetSpec, FoldSpec, TrainingConfig, TrialKind, TrialSpec};
+use crate::domain::{AugmentSpec, BlobRef, DatasetSpec, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use crate::selection::{self, FoldResult};
 use crate::sweep::SweepFile;
 
-/// A config's label as shown in tables: `lr=0.001 wd=1e-6 bs=256`.
+/// Stage names.
+pub mod stages {
+    /// Cross-validation.
+    pub const CV: &str = "cv";
+    /// Retraining with the winner.
+    pub const FINAL: &str = "final";
+    /// Classifier fine-tune.
+    pub const FINETUNE: &str = "finetune";
+    /// WGAN-GP training.
+    pub const TRAIN: &str = "train";
+}
+
+/// A config's label as shown in tables: `lr=1e-3 wd=1e-6 bs=256`.
 pub fn config_label(lr: f64, weight_decay: f64, batch_size: u32) -> String {
     format!("lr={lr:e} wd={weight_decay:e} bs={batch_size}")
 }
 
-/// Plans the sweep's trials in scheduling order: configs in grid order, folds within each.
-pub fn plan(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
-    let cv = &sweep.cv;
+fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
+    sweep.augment.as_ref().map(|a| AugmentSpec {
+        copies: a.copies,
+        rotate_deg: a.rotate_deg,
+        translate: a.translate,
+        shear_deg: a.shear_deg,
+        seed: sweep.seed,
+    })
+}
+
+fn dae_config(sweep: &SweepFile, lr: f64, weight_decay: f64, batch_size: u32, epochs: u32) -> TrainingConfig {
+    TrainingConfig {
+        lr,
+        weight_decay,
+        batch_size,
+        epochs,
+        noise_std: sweep.noise.std,
+        latent: sweep.model.latent,
+        // Every config starts from the same initialisation: configs differ only in hyperparameters.
+        seed: sweep.seed,
+        lr_encoder: 0.0,
+        augment: augment(sweep),
+        wgan: None,
+    }
+}
+
+/// The trials of the first stage, in scheduling order.
+pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
+    if sweep.is_gan() {
+        return vec![gan_trial(sweep, dataset)];
+    }
+    let Some(cv) = &sweep.cv else {
+        let stage = sweep.final_stage.as_ref().expect("validated: cv or final");
+        let (lr, weight_decay, batch_size) = (stage.lr.unwrap_or(1e-3), stage.weight_decay.unwrap_or(0.0), stage.batch_size.unwrap_or(256));
+        return vec![final_trial(sweep, dataset, lr, weight_decay, batch_size)];
+    };
     let mut trials = Vec::new();
     let mut config_index = 0;
     for lr in sweep.lrs() {
@@ -19,24 +70,16 @@ pub fn plan(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
                 let label = config_label(lr, weight_decay, batch_size);
                 for fold in 0..cv.folds {
                     trials.push(TrialSpec {
-                        stage: "cv".into(),
+                        stage: stages::CV.into(),
                         name: format!("cv/c{config_index}/f{fold}"),
                         config_label: label.clone(),
                         kind: TrialKind::DaeFold,
-                        config: TrainingConfig {
-                            lr,
-                            weight_decay,
-                            batch_size,
-                            epochs: cv.epochs,
-                            noise_std: sweep.noise.std,
-                            latent: sweep.model.latent,
-                            // Every config starts from the same initialisation: configs differ only in hyperparameters.
-                            seed: cv.seed,
-                        },
+                        config: dae_config(sweep, lr, weight_decay, batch_size, cv.epochs),
                         dataset: dataset.clone(),
-                        fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: cv.seed }),
+                        fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
                         checkpoint_every: cv.checkpoint_every,
                         max_attempts: cv.max_attempts,
+                        init_from: None,
                     });
                 }
                 config_index += 1;
@@ -46,15 +89,172 @@ pub fn plan(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
     trials
 }
 
+fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, lr: f64, weight_decay: f64, batch_size: u32) -> TrialSpec {
+    let stage = sweep.final_stage.as_ref().expect("caller checked");
+    TrialSpec {
+        stage: stages::FINAL.into(),
+        name: "final".into(),
+        config_label: config_label(lr, weight_decay, batch_size),
+        kind: TrialKind::DaeFinal,
+        config: dae_config(sweep, lr, weight_decay, batch_size, stage.epochs),
+        dataset,
+        fold: None,
+        checkpoint_every: stage.checkpoint_every,
+        max_attempts: stage.max_attempts,
+        init_from: None,
+    }
+}
+
+fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained: BlobRef) -> TrialSpec {
+    let stage = sweep.finetune.as_ref().expect("caller checked");
+    let mut config = dae_config(sweep, stage.lr_head, stage.weight_decay, stage.batch_size, stage.epochs);
+    config.lr_encoder = stage.lr_encoder;
+    TrialSpec {
+        stage: stages::FINETUNE.into(),
+        name: "finetune".into(),
+        config_label: format!("lr_head={:e} lr_encoder={:e} wd={:e} bs={}", stage.lr_head, stage.lr_encoder, stage.weight_decay, stage.batch_size),
+        kind: TrialKind::Classifier,
+        config,
+        dataset,
+        fold: None,
+        checkpoint_every: stage.checkpoint_every,
+        max_attempts: stage.max_attempts,
+        init_from: Some(pretrained),
+    }
+}
+
+fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
+    let train = sweep.train.as_ref().expect("validated: a gan has [train]");
+    let wgan = WganSpec {
+        widths: sweep.model.widths,
+        critic_steps: train.critic_steps,
+        gp_lambda: train.gp_lambda,
+        beta1: train.beta1,
+        beta2: train.beta2,
+        sample_every: train.sample_every,
+        sample_count: train.sample_count,
+    };
+    TrialSpec {
+        stage: stages::TRAIN.into(),
+        name: "train".into(),
+        config_label: format!("lr={:e} bs={} betas=({}, {})", train.lr, train.batch_size, train.beta1, train.beta2),
+        kind: TrialKind::Wgan,
+        config: TrainingConfig {
+            lr: train.lr,
+            weight_decay: 0.0,
+            batch_size: train.batch_size,
+            epochs: train.epochs,
+            noise_std: 0.0,
+            latent: 0,
+            seed: sweep.seed,
+            lr_encoder: 0.0,
+            augment: augment(sweep),
+            wgan: Some(wgan),
+        },
+        dataset,
+        fold: None,
+        checkpoint_every: train.checkpoint_every,
+        max_attempts: train.max_attempts,
+        init_from: None,
+    }
+}
+
+/// A stage as `submit --dry-run` describes it: name, trial count, what it does.
+pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
+    if let Some(train) = &sweep.train {
+        let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas);
+        let what = format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
+        return vec![(stages::TRAIN.into(), 1, what)];
+    }
+    let mut described = Vec::new();
+    if let Some(cv) = &sweep.cv {
+        let configs = sweep.lrs().len() * sweep.weight_decays().len() * sweep.batch_sizes().len();
+        let what = format!("{configs} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
+        described.push((stages::CV.into(), (configs as u32) * cv.folds, what));
+    }
+    if let Some(stage) = &sweep.final_stage {
+        let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the given hyperparameters" };
+        described.push((stages::FINAL.into(), 1, format!("autoencoder on the whole training set with {source}, {} epochs", stage.epochs)));
+    }
+    if let Some(stage) = &sweep.finetune {
+        described.push((stages::FINETUNE.into(), 1, format!("classifier from the final autoencoder's encoder, {} epochs", stage.epochs)));
+    }
+    described
+}
+
+/// What the coordinator knows of a trial when deciding on the next stage.
+#[derive(Debug, Clone)]
+pub struct Outcome<'a> {
+    /// Its spec.
+    pub spec: &'a TrialSpec,
+    /// Its state.
+    pub state: TaskState,
+    /// Minimum `val_mse` over its epochs.
+    pub min_val_mse: Option<f64>,
+    /// Its final checkpoint.
+    pub final_checkpoint: Option<BlobRef>,
+}
+
+/// What to do after a trial ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// The current stage still has unfinished trials.
+    Wait,
+    /// Start these trials (the next stage).
+    Start(Vec<TrialSpec>),
+    /// Nothing more to run: the sweep is over.
+    Done,
+}
+
+/// Decides the next stage from the sweep's trials so far (in plan order).
+pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
+    let Some(last) = outcomes.last() else {
+        return Next::Done;
+    };
+    let current = last.spec.stage.as_str();
+    let in_stage: Vec<&Outcome<'_>> = outcomes.iter().filter(|o| o.spec.stage == current).collect();
+    if in_stage.iter().any(|o| !o.state.is_terminal()) {
+        return Next::Wait;
+    }
+    let dataset = last.spec.dataset.clone();
+    match current {
+        stages::CV if sweep.final_stage.is_some() => {
+            let folds: Vec<FoldResult> = in_stage
+                .iter()
+                .filter_map(|o| {
+                    let fold = o.spec.fold?;
+                    let min_val_mse = o.min_val_mse.filter(|_| o.state == TaskState::Succeeded);
+                    Some(FoldResult { config: o.spec.config_label.clone(), fold: fold.index, min_val_mse })
+                })
+                .collect();
+            let summaries = selection::summarize(&folds);
+            let Some(winner) = summaries.iter().find(|s| s.winner) else {
+                return Next::Done;
+            };
+            let config = &in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec.config;
+            Next::Start(vec![final_trial(sweep, dataset, config.lr, config.weight_decay, config.batch_size)])
+        }
+        stages::FINAL if sweep.finetune.is_some() => match (&last.state, &last.final_checkpoint) {
+            (TaskState::Succeeded, Some(checkpoint)) => Next::Start(vec![finetune_trial(sweep, dataset, checkpoint.clone())]),
+            _ => Next::Done,
+        },
+        _ => Next::Done,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sweep::tests::{GAN, GOOD, SEED};
+
+    fn dataset() -> DatasetSpec {
+        DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0, image_size: 64, min_foreground: 0.05 }
+    }
 
     #[test]
     fn seed_grid_is_32_trials_in_config_then_fold_order() {
-        let sweep = SweepFile::parse(crate::sweep::tests::GOOD, "s").unwrap();
-        let dataset = DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0 };
-        let trials = plan(&sweep, dataset);
+        let sweep = SweepFile::parse(GOOD, "s").unwrap();
+        let trials = initial(&sweep, dataset());
         assert_eq!(trials.len(), 32);
         assert_eq!(trials[0].name, "cv/c0/f0");
         assert_eq!(trials[5].name, "cv/c1/f1");
@@ -62,5 +262,77 @@ mod tests {
         let labels: std::collections::BTreeSet<_> = trials.iter().map(|t| t.config_label.clone()).collect();
         assert_eq!(labels.len(), 8);
         assert!(trials.iter().all(|t| t.fold.unwrap().folds == 4 && t.config.epochs == 2));
+    }
+
+    fn outcome<'a>(spec: &'a TrialSpec, state: TaskState, min: Option<f64>, checkpoint: Option<BlobRef>) -> Outcome<'a> {
+        Outcome { spec, state, min_val_mse: min, final_checkpoint: checkpoint }
+    }
+
+    #[test]
+    fn the_pipeline_goes_cv_then_final_with_the_winner_then_finetune() {
+        let sweep = SweepFile::parse(SEED, "s").unwrap();
+        let cv = initial(&sweep, dataset());
+        assert_eq!(cv.len(), 32);
+        assert!(cv.iter().all(|t| t.config.augment.as_ref().is_some_and(|a| a.copies == 1 && a.seed == 7)));
+        // Config 3 (lr 1e-3, wd 1e-6, bs 512) has the lowest fold minima; config 1 would be better but lost a fold.
+        let score = |t: &TrialSpec| if t.name.starts_with("cv/c3/") { 0.01 } else if t.name.starts_with("cv/c1/") { 0.001 } else { 0.05 };
+        let mut outcomes: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Succeeded, Some(score(t)), None)).collect();
+        outcomes[4].state = TaskState::Failed;
+        outcomes[31].state = TaskState::Running;
+        assert_eq!(next_stage(&sweep, &outcomes), Next::Wait);
+        outcomes[31].state = TaskState::Succeeded;
+        let Next::Start(finals) = next_stage(&sweep, &outcomes) else { panic!("final expected") };
+        assert_eq!(finals.len(), 1);
+        let final_spec = &finals[0];
+        assert_eq!((final_spec.kind, final_spec.config.epochs), (TrialKind::DaeFinal, 40));
+        assert_eq!((final_spec.config.lr, final_spec.config.weight_decay, final_spec.config.batch_size), (1e-3, 1e-6, 512));
+
+        let blob = BlobRef { sha256: "ab".repeat(32), size: 10 };
+        outcomes.push(outcome(final_spec, TaskState::Running, None, None));
+        assert_eq!(next_stage(&sweep, &outcomes), Next::Wait);
+        outcomes.pop();
+        outcomes.push(outcome(final_spec, TaskState::Succeeded, None, Some(blob.clone())));
+        let Next::Start(finetune) = next_stage(&sweep, &outcomes) else { panic!("finetune expected") };
+        assert_eq!(finetune[0].kind, TrialKind::Classifier);
+        assert_eq!(finetune[0].init_from.as_ref(), Some(&blob));
+        assert_eq!((finetune[0].config.lr, finetune[0].config.lr_encoder, finetune[0].config.weight_decay), (1e-3, 1e-4, 1e-5));
+        outcomes.push(outcome(&finetune[0], TaskState::Succeeded, None, None));
+        assert_eq!(next_stage(&sweep, &outcomes), Next::Done);
+    }
+
+    #[test]
+    fn a_failed_final_ends_the_sweep_and_no_winner_means_no_final() {
+        let sweep = SweepFile::parse(SEED, "s").unwrap();
+        let cv = initial(&sweep, dataset());
+        let failed: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Failed, None, None)).collect();
+        assert_eq!(next_stage(&sweep, &failed), Next::Done);
+        let final_spec = final_trial(&sweep, dataset(), 1e-3, 0.0, 256);
+        assert_eq!(next_stage(&sweep, &[outcome(&final_spec, TaskState::Failed, None, None)]), Next::Done);
+    }
+
+    #[test]
+    fn without_cv_the_final_stage_comes_first_and_a_gan_is_one_trial() {
+        let sweep = SweepFile::parse(&SEED.replace("[cv]", "[unused]").replace("[cv.grid]", "[unused.grid]"), "s");
+        assert!(sweep.is_err(), "unknown sections are refused");
+        let text = r#"
+name = "f"
+[dataset]
+format = "idx"
+path = "d"
+[model]
+kind = "dae"
+[final]
+epochs = 3
+lr = 0.01
+batch_size = 32
+"#;
+        let sweep = SweepFile::parse(text, "f").unwrap();
+        let trials = initial(&sweep, dataset());
+        assert_eq!(trials.len(), 1);
+        assert_eq!((trials[0].kind, trials[0].config.lr, trials[0].config.batch_size), (TrialKind::DaeFinal, 0.01, 32));
+        let gan = SweepFile::parse(GAN, "g").unwrap();
+        let trials = initial(&gan, dataset());
+        assert_eq!(trials[0].kind, TrialKind::Wgan);
+        assert_eq!(trials[0].config.wgan.as_ref().unwrap().critic_steps, 5);
     }
 }

@@ -56,6 +56,14 @@ CREATE TABLE IF NOT EXISTS metrics (
     samples INTEGER NOT NULL,
     PRIMARY KEY (task_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    name TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (task_id, name)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     task_id TEXT NOT NULL REFERENCES tasks(id),
     epoch INTEGER NOT NULL,
@@ -114,6 +122,19 @@ pub struct CheckpointRecord {
     pub is_final: bool,
 }
 
+/// One stored artifact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArtifactRecord {
+    /// Task.
+    pub task_id: String,
+    /// Name, unique within the task.
+    pub name: String,
+    /// Epoch it belongs to.
+    pub epoch: u32,
+    /// Its blob.
+    pub blob: BlobRef,
+}
+
 /// A task row with its spec.
 #[derive(Debug, Clone)]
 pub struct StoredTask {
@@ -159,6 +180,20 @@ impl Store {
             "INSERT INTO sweeps (id, seq, name, source, created_ms, cancelled) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
             params![sweep.id, sweep.seq as i64, sweep.name, sweep.source, sweep.created_ms],
         )?;
+        Self::insert_task_rows(&tx, tasks)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores tasks of an existing sweep (a later stage) in one transaction.
+    pub fn insert_tasks(&mut self, tasks: &[StoredTask]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::insert_task_rows(&tx, tasks)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_task_rows(tx: &rusqlite::Transaction<'_>, tasks: &[StoredTask]) -> Result<(), StoreError> {
         {
             let mut insert = tx.prepare(
                 "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, worker, error)
@@ -180,7 +215,6 @@ impl Store {
                 ])?;
             }
         }
-        tx.commit()?;
         Ok(())
     }
 
@@ -226,6 +260,34 @@ impl Store {
             params![record.task_id, record.epoch, record.attempt, record.blob.sha256, record.blob.size as i64, record.is_final],
         )?;
         Ok(())
+    }
+
+    /// Records an artifact (a re-attached name replaces the earlier blob).
+    pub fn record_artifact(&self, record: &ArtifactRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO artifacts (task_id, name, epoch, sha256, size) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![record.task_id, record.name, record.epoch, record.blob.sha256, record.blob.size as i64],
+        )?;
+        Ok(())
+    }
+
+    /// A task's artifacts, by epoch then name.
+    pub fn artifacts(&self, task_id: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT name, epoch, sha256, size FROM artifacts WHERE task_id = ?1 ORDER BY epoch, name")?;
+        let rows = query.query_map(params![task_id], |r| {
+            Ok(ArtifactRecord {
+                task_id: task_id.to_string(),
+                name: r.get(0)?,
+                epoch: r.get(1)?,
+                blob: BlobRef { sha256: r.get(2)?, size: r.get::<_, i64>(3)? as u64 },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The smallest value of metric `name` over a task's epochs.
+    pub fn min_metric(&self, task_id: &str, name: &str) -> Result<Option<f64>, StoreError> {
+        Ok(self.metrics(task_id)?.iter().filter_map(|e| e.values.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).reduce(f64::min))
     }
 
     /// The newest checkpoint of a task (highest epoch), to resume from.
@@ -342,11 +404,23 @@ mod tests {
             name: "cv/c0/f0".into(),
             config_label: "lr=1e-3".into(),
             kind: TrialKind::DaeFold,
-            config: TrainingConfig { lr: 1e-3, weight_decay: 0.0, batch_size: 8, epochs: 2, noise_std: 0.3, latent: 4, seed: 1 },
-            dataset: DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0 },
+            config: TrainingConfig {
+                lr: 1e-3,
+                weight_decay: 0.0,
+                batch_size: 8,
+                epochs: 2,
+                noise_std: 0.3,
+                latent: 4,
+                seed: 1,
+                lr_encoder: 0.0,
+                augment: None,
+                wgan: None,
+            },
+            dataset: DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
             fold: None,
             checkpoint_every: 1,
             max_attempts: 3,
+            init_from: None,
         }
     }
 

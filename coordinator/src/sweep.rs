@@ -34,7 +34,7 @@ pub enum SweepError {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSection {
-    /// `"idx"` (MNIST layout).
+    /// `"idx"` (MNIST layout), `"image-folder"` or `"nifti"`.
     pub format: String,
     /// Folder of the dataset, relative to the sweep file.
     pub path: String,
@@ -44,6 +44,51 @@ pub struct DatasetSection {
     /// Use at most this many test samples (0: all).
     #[serde(default)]
     pub test_limit: u64,
+    /// Side of the square images for image-folder and nifti data.
+    #[serde(default = "default_image_size")]
+    pub image_size: u32,
+    /// nifti: keep a slice only when at least this fraction of its pixels is bright.
+    #[serde(default = "default_min_foreground")]
+    pub min_foreground: f64,
+}
+
+fn default_image_size() -> u32 {
+    64
+}
+fn default_min_foreground() -> f64 {
+    0.05
+}
+
+/// `[augment]` (seed §1.1): randomly rotated, translated and sheared copies appended to the
+/// training set.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentSection {
+    /// Copies appended.
+    #[serde(default = "one")]
+    pub copies: u32,
+    /// Rotation range, ± degrees.
+    #[serde(default = "default_rotate")]
+    pub rotate_deg: f64,
+    /// Translation range, ± fraction of the side.
+    #[serde(default = "default_translate")]
+    pub translate: f64,
+    /// Shear range, ± degrees.
+    #[serde(default = "default_shear")]
+    pub shear_deg: f64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_rotate() -> f64 {
+    15.0
+}
+fn default_translate() -> f64 {
+    0.1
+}
+fn default_shear() -> f64 {
+    10.0
 }
 
 /// `[noise]`: the corruption of the denoising autoencoder's inputs.
@@ -69,15 +114,21 @@ impl Default for NoiseSection {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `"dae"`.
+    /// `"dae"` or `"wgan-gp"`.
     pub kind: String,
-    /// Latent code size.
+    /// DAE latent code size.
     #[serde(default = "default_latent")]
     pub latent: u32,
+    /// WGAN-GP generator hidden widths, widest first (the critic mirrors them).
+    #[serde(default = "default_widths")]
+    pub widths: [u32; 4],
 }
 
 fn default_latent() -> u32 {
     4
+}
+fn default_widths() -> [u32; 4] {
+    [1024, 512, 256, 128]
 }
 
 /// The values one hyperparameter takes in a grid.
@@ -109,11 +160,8 @@ pub struct CvSection {
     /// Batch size when not gridded.
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
-    /// Seeds the fold permutation and every trial's initialisation.
-    #[serde(default)]
-    pub seed: u64,
     /// Checkpoint every this many epochs (0: only at the end).
-    #[serde(default = "default_checkpoint_every")]
+    #[serde(default = "one")]
     pub checkpoint_every: u32,
     /// Attempts per trial before it fails for good.
     #[serde(default = "default_max_attempts")]
@@ -123,14 +171,137 @@ pub struct CvSection {
     pub grid: GridSection,
 }
 
+/// `[final]`: retrain on the whole training set with the cross-validation winner (or, without
+/// `[cv]`, with the hyperparameters given here), testing every epoch.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinalSection {
+    /// Epochs.
+    pub epochs: u32,
+    /// Learning rate (only without `[cv]`).
+    pub lr: Option<f64>,
+    /// Weight decay (only without `[cv]`).
+    pub weight_decay: Option<f64>,
+    /// Batch size (only without `[cv]`).
+    pub batch_size: Option<u32>,
+    /// Checkpoint period.
+    #[serde(default = "one")]
+    pub checkpoint_every: u32,
+    /// Attempts before failing for good.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// `[finetune]` (seed §1.5): a classifier from the final autoencoder's encoder.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSection {
+    /// Epochs.
+    pub epochs: u32,
+    /// Learning rate of the new head.
+    #[serde(default = "default_lr")]
+    pub lr_head: f64,
+    /// Learning rate of the pretrained encoder.
+    #[serde(default = "default_lr_encoder")]
+    pub lr_encoder: f64,
+    /// Weight decay.
+    #[serde(default = "default_finetune_weight_decay")]
+    pub weight_decay: f64,
+    /// Batch size.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Checkpoint period.
+    #[serde(default = "one")]
+    pub checkpoint_every: u32,
+    /// Attempts before failing for good.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_lr_encoder() -> f64 {
+    1e-4
+}
+fn default_finetune_weight_decay() -> f64 {
+    1e-5
+}
+
+/// `[train]`: the WGAN-GP's training (seed §2.3).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Epochs (passes of the critic over the data).
+    pub epochs: u32,
+    /// Adam learning rate of both networks.
+    #[serde(default = "default_gan_lr")]
+    pub lr: f64,
+    /// Adam β1.
+    #[serde(default)]
+    pub beta1: f64,
+    /// Adam β2.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Batch size.
+    #[serde(default = "default_gan_batch")]
+    pub batch_size: u32,
+    /// Critic steps per generator step.
+    #[serde(default = "default_critic_steps")]
+    pub critic_steps: u32,
+    /// Gradient penalty weight λ.
+    #[serde(default = "default_gp_lambda")]
+    pub gp_lambda: f64,
+    /// Sample grid every this many epochs (0: only the first and last).
+    #[serde(default = "default_sample_every")]
+    pub sample_every: u32,
+    /// Images per sample grid.
+    #[serde(default = "default_sample_count")]
+    pub sample_count: u32,
+    /// Checkpoint period.
+    #[serde(default = "default_gan_checkpoint_every")]
+    pub checkpoint_every: u32,
+    /// Attempts before failing for good.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_gan_lr() -> f64 {
+    1e-4
+}
+fn default_beta2() -> f64 {
+    0.9
+}
+fn default_gan_batch() -> u32 {
+    64
+}
+fn default_critic_steps() -> u32 {
+    5
+}
+fn default_gp_lambda() -> f64 {
+    10.0
+}
+fn default_sample_every() -> u32 {
+    10
+}
+fn default_sample_count() -> u32 {
+    16
+}
+fn default_gan_checkpoint_every() -> u32 {
+    5
+}
+
+/// `[distributed]`: data-parallel replicas of one training.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// Workers training together.
+    #[serde(default = "one")]
+    pub replicas: u32,
+}
+
 fn default_lr() -> f64 {
     1e-3
 }
 fn default_batch_size() -> u32 {
     256
-}
-fn default_checkpoint_every() -> u32 {
-    1
 }
 fn default_max_attempts() -> u32 {
     3
@@ -142,19 +313,59 @@ fn default_max_attempts() -> u32 {
 pub struct SweepFile {
     /// The experiment's name.
     pub name: String,
+    /// Seeds fold permutations, initialisation, shuffling, noise and augmentation.
+    #[serde(default)]
+    pub seed: u64,
     /// The data.
     pub dataset: DatasetSection,
+    /// Augmentation of the training set.
+    pub augment: Option<AugmentSection>,
     /// Input corruption.
     #[serde(default)]
     pub noise: NoiseSection,
     /// The network.
     pub model: ModelSection,
-    /// Cross-validation stage.
-    pub cv: CvSection,
+    /// Cross-validation stage (DAE).
+    pub cv: Option<CvSection>,
+    /// Final training stage (DAE).
+    #[serde(rename = "final")]
+    pub final_stage: Option<FinalSection>,
+    /// Classifier fine-tune stage (DAE).
+    pub finetune: Option<FinetuneSection>,
+    /// Training (WGAN-GP).
+    pub train: Option<TrainSection>,
+    /// Data-parallel replicas (WGAN-GP).
+    pub distributed: Option<DistributedSection>,
 }
 
 /// Largest number of trials one sweep may expand to.
 pub const MAX_TRIALS: usize = 10_000;
+
+/// Reports the first failed check as an error naming the key.
+struct Checker<'a> {
+    file: &'a str,
+}
+
+impl Checker<'_> {
+    fn require(&self, ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<(), SweepError> {
+        if ok {
+            return Ok(());
+        }
+        Err(SweepError::Invalid { file: self.file.to_string(), key: key.to_string(), message: message() })
+    }
+
+    fn positive(&self, value: f64, key: &str) -> Result<(), SweepError> {
+        self.require(value > 0.0 && value.is_finite(), key, || format!("{value} must be a finite number > 0"))
+    }
+
+    fn non_negative(&self, value: f64, key: &str) -> Result<(), SweepError> {
+        self.require(value >= 0.0 && value.is_finite(), key, || format!("{value} must be a finite number >= 0"))
+    }
+
+    fn at_least_one(&self, value: u32, key: &str) -> Result<(), SweepError> {
+        self.require(value >= 1, key, || format!("{value} must be at least 1"))
+    }
+}
 
 impl SweepFile {
     /// Parses and validates a sweep file's text; `file` names it in errors.
@@ -165,74 +376,128 @@ impl SweepFile {
         Ok(sweep)
     }
 
+    /// True for the WGAN-GP experiment, false for the autoencoder one.
+    pub fn is_gan(&self) -> bool {
+        self.model.kind == "wgan-gp"
+    }
+
     fn validate(&self, file: &str) -> Result<(), SweepError> {
-        let invalid = |key: &str, message: String| Err(SweepError::Invalid { file: file.to_string(), key: key.to_string(), message });
-        if self.name.trim().is_empty() || self.name.len() > 200 {
-            return invalid("name", "must be 1 to 200 characters".into());
+        let check = Checker { file };
+        check.require(!self.name.trim().is_empty() && self.name.len() <= 200, "name", || "must be 1 to 200 characters".into())?;
+        check.require(matches!(self.model.kind.as_str(), "dae" | "wgan-gp"), "model.kind", || {
+            format!("{:?} is not supported (supported: \"dae\", \"wgan-gp\")", self.model.kind)
+        })?;
+        check.require(matches!(self.dataset.format.as_str(), "idx" | "image-folder" | "nifti"), "dataset.format", || {
+            format!("{:?} is not supported (supported: \"idx\", \"image-folder\", \"nifti\")", self.dataset.format)
+        })?;
+        if let Some(augment) = &self.augment {
+            check.non_negative(augment.rotate_deg, "augment.rotate_deg")?;
+            check.require((0.0..=0.5).contains(&augment.translate), "augment.translate", || format!("{} must be within [0, 0.5]", augment.translate))?;
+            check.non_negative(augment.shear_deg, "augment.shear_deg")?;
         }
-        if self.dataset.format != "idx" {
-            return invalid("dataset.format", format!("{:?} is not supported (supported: \"idx\")", self.dataset.format));
+        if self.is_gan() {
+            self.validate_gan(&check)
+        } else {
+            self.validate_dae(&check)
         }
-        if self.model.kind != "dae" {
-            return invalid("model.kind", format!("{:?} is not supported (supported: \"dae\")", self.model.kind));
-        }
-        if self.model.latent == 0 {
-            return invalid("model.latent", "must be at least 1".into());
-        }
-        if !(self.noise.std >= 0.0 && self.noise.std.is_finite()) {
-            return invalid("noise.std", format!("{} must be a finite number >= 0", self.noise.std));
-        }
-        let cv = &self.cv;
-        if cv.folds < 2 {
-            return invalid("cv.folds", format!("{} must be at least 2", cv.folds));
-        }
-        if cv.epochs == 0 {
-            return invalid("cv.epochs", "must be at least 1".into());
-        }
-        if cv.max_attempts == 0 {
-            return invalid("cv.max_attempts", "must be at least 1".into());
-        }
-        for (key, values) in [("cv.grid.lr", cv.grid.lr.as_deref()), ("cv.grid.weight_decay", cv.grid.weight_decay.as_deref())] {
-            if values.is_some_and(|v| v.is_empty()) {
-                return invalid(key, "an empty grid axis leaves nothing to train".into());
+    }
+
+    fn validate_dae(&self, check: &Checker<'_>) -> Result<(), SweepError> {
+        check.require(self.dataset.format == "idx", "dataset.format", || "the autoencoder trains on \"idx\" (28×28) data".into())?;
+        check.at_least_one(self.model.latent, "model.latent")?;
+        check.non_negative(self.noise.std, "noise.std")?;
+        check.require(self.train.is_none(), "train", || "[train] belongs to model.kind = \"wgan-gp\"; the autoencoder uses [cv] and [final]".into())?;
+        check.require(self.distributed.is_none(), "distributed", || "data-parallel training is for model.kind = \"wgan-gp\"".into())?;
+        check.require(self.cv.is_some() || self.final_stage.is_some(), "cv", || "an autoencoder sweep needs [cv], [final] or both".into())?;
+        check.require(self.finetune.is_none() || self.final_stage.is_some(), "finetune", || "[finetune] starts from [final]'s autoencoder: add [final]".into())?;
+        if let Some(cv) = &self.cv {
+            check.require(cv.folds >= 2, "cv.folds", || format!("{} must be at least 2", cv.folds))?;
+            check.at_least_one(cv.epochs, "cv.epochs")?;
+            check.at_least_one(cv.max_attempts, "cv.max_attempts")?;
+            let empty = |axis: Option<usize>| axis == Some(0);
+            for (key, axis) in [
+                ("cv.grid.lr", cv.grid.lr.as_ref().map(Vec::len)),
+                ("cv.grid.weight_decay", cv.grid.weight_decay.as_ref().map(Vec::len)),
+                ("cv.grid.batch_size", cv.grid.batch_size.as_ref().map(Vec::len)),
+            ] {
+                check.require(!empty(axis), key, || "an empty grid axis leaves nothing to train".into())?;
             }
-        }
-        if cv.grid.batch_size.as_deref().is_some_and(|v| v.is_empty()) {
-            return invalid("cv.grid.batch_size", "an empty grid axis leaves nothing to train".into());
-        }
-        for lr in self.lrs() {
-            if !(lr > 0.0 && lr.is_finite()) {
-                return invalid("cv.grid.lr", format!("{lr} must be a finite number > 0"));
+            for lr in self.lrs() {
+                check.positive(lr, "cv.grid.lr")?;
             }
-        }
-        for wd in self.weight_decays() {
-            if !(wd >= 0.0 && wd.is_finite()) {
-                return invalid("cv.grid.weight_decay", format!("{wd} must be a finite number >= 0"));
+            for wd in self.weight_decays() {
+                check.non_negative(wd, "cv.grid.weight_decay")?;
             }
+            check.require(!self.batch_sizes().contains(&0), "cv.grid.batch_size", || "must be at least 1".into())?;
+            let trials = self.lrs().len() * self.weight_decays().len() * self.batch_sizes().len() * cv.folds as usize;
+            check.require(trials <= MAX_TRIALS, "cv.grid", || format!("expands to {trials} trials, more than the limit of {MAX_TRIALS}"))?;
         }
-        if self.batch_sizes().contains(&0) {
-            return invalid("cv.grid.batch_size", "must be at least 1".into());
+        if let Some(stage) = &self.final_stage {
+            check.at_least_one(stage.epochs, "final.epochs")?;
+            check.at_least_one(stage.max_attempts, "final.max_attempts")?;
+            let given = stage.lr.is_some() || stage.weight_decay.is_some() || stage.batch_size.is_some();
+            check.require(!(given && self.cv.is_some()), "final", || "lr, weight_decay and batch_size come from the cross-validation winner; set them in [final] only without [cv]".into())?;
+            if let Some(lr) = stage.lr {
+                check.positive(lr, "final.lr")?;
+            }
+            if let Some(wd) = stage.weight_decay {
+                check.non_negative(wd, "final.weight_decay")?;
+            }
+            check.require(stage.batch_size != Some(0), "final.batch_size", || "must be at least 1".into())?;
         }
-        let trials = self.lrs().len() * self.weight_decays().len() * self.batch_sizes().len() * cv.folds as usize;
-        if trials > MAX_TRIALS {
-            return invalid("cv.grid", format!("expands to {trials} trials, more than the limit of {MAX_TRIALS}"));
+        if let Some(finetune) = &self.finetune {
+            check.at_least_one(finetune.epochs, "finetune.epochs")?;
+            check.positive(finetune.lr_head, "finetune.lr_head")?;
+            check.positive(finetune.lr_encoder, "finetune.lr_encoder")?;
+            check.non_negative(finetune.weight_decay, "finetune.weight_decay")?;
+            check.at_least_one(finetune.batch_size, "finetune.batch_size")?;
+            check.at_least_one(finetune.max_attempts, "finetune.max_attempts")?;
         }
         Ok(())
     }
 
+    fn validate_gan(&self, check: &Checker<'_>) -> Result<(), SweepError> {
+        check.require(self.dataset.format != "idx", "dataset.format", || "the WGAN-GP trains on \"image-folder\" or \"nifti\" data".into())?;
+        check.require(self.dataset.image_size == 64, "dataset.image_size", || format!("{} must be 64: the generator makes 64×64 images", self.dataset.image_size))?;
+        check.require((0.0..1.0).contains(&self.dataset.min_foreground), "dataset.min_foreground", || "must be within [0, 1)".into())?;
+        for (present, key) in [(self.cv.is_some(), "cv"), (self.final_stage.is_some(), "final"), (self.finetune.is_some(), "finetune")] {
+            check.require(!present, key, || format!("[{key}] belongs to model.kind = \"dae\"; the WGAN-GP uses [train]"))?;
+        }
+        for (index, &width) in self.model.widths.iter().enumerate() {
+            check.require((1..=4096).contains(&width), "model.widths", || format!("width {index} is {width}, must be 1 to 4096"))?;
+        }
+        let Some(train) = &self.train else {
+            return check.require(false, "train", || "a WGAN-GP sweep needs [train]".into());
+        };
+        check.at_least_one(train.epochs, "train.epochs")?;
+        check.positive(train.lr, "train.lr")?;
+        check.require((0.0..1.0).contains(&train.beta1), "train.beta1", || format!("{} must be within [0, 1)", train.beta1))?;
+        check.require((0.0..1.0).contains(&train.beta2), "train.beta2", || format!("{} must be within [0, 1)", train.beta2))?;
+        check.require(train.batch_size >= 2, "train.batch_size", || format!("{} must be at least 2", train.batch_size))?;
+        check.at_least_one(train.critic_steps, "train.critic_steps")?;
+        check.non_negative(train.gp_lambda, "train.gp_lambda")?;
+        check.at_least_one(train.sample_count, "train.sample_count")?;
+        check.at_least_one(train.max_attempts, "train.max_attempts")?;
+        let replicas = self.distributed.as_ref().map_or(1, |d| d.replicas);
+        check.require(replicas == 1, "distributed.replicas", || format!("{replicas}: data-parallel training across workers is not available yet; use 1"))
+    }
+
     /// The learning rates to try.
     pub fn lrs(&self) -> Vec<f64> {
-        self.cv.grid.lr.clone().unwrap_or_else(|| vec![self.cv.lr])
+        let Some(cv) = &self.cv else { return vec![] };
+        cv.grid.lr.clone().unwrap_or_else(|| vec![cv.lr])
     }
 
     /// The weight decays to try.
     pub fn weight_decays(&self) -> Vec<f64> {
-        self.cv.grid.weight_decay.clone().unwrap_or_else(|| vec![self.cv.weight_decay])
+        let Some(cv) = &self.cv else { return vec![] };
+        cv.grid.weight_decay.clone().unwrap_or_else(|| vec![cv.weight_decay])
     }
 
     /// The batch sizes to try.
     pub fn batch_sizes(&self) -> Vec<u32> {
-        self.cv.grid.batch_size.clone().unwrap_or_else(|| vec![self.cv.batch_size])
+        let Some(cv) = &self.cv else { return vec![] };
+        cv.grid.batch_size.clone().unwrap_or_else(|| vec![cv.batch_size])
     }
 
     /// Checks what only the dataset can tell: a batch must fit in the training part of a fold.
@@ -241,22 +506,30 @@ impl SweepFile {
             0 => train_samples,
             limit => limit.min(train_samples),
         };
-        let folds = u64::from(self.cv.folds);
-        let fold_train = usable - usable.div_ceil(folds);
-        if let Some(&largest) = self.batch_sizes().iter().max() {
-            if u64::from(largest) > fold_train {
-                return Err(SweepError::Invalid {
-                    file: file.to_string(),
-                    key: "cv.grid.batch_size".into(),
-                    message: format!("batch size {largest} is larger than a fold's {fold_train} training samples"),
-                });
+        let check = Checker { file };
+        if let Some(cv) = &self.cv {
+            let folds = u64::from(cv.folds);
+            let fold_train = usable - usable.div_ceil(folds);
+            if let Some(&largest) = self.batch_sizes().iter().max() {
+                check.require(u64::from(largest) <= fold_train, "cv.grid.batch_size", || {
+                    format!("batch size {largest} is larger than a fold's {fold_train} training samples")
+                })?;
             }
+        }
+        if let Some(batch) = self.final_stage.as_ref().and_then(|f| f.batch_size) {
+            check.require(u64::from(batch) <= usable, "final.batch_size", || format!("batch size {batch} is larger than the {usable} training samples"))?;
+        }
+        if let Some(finetune) = &self.finetune {
+            check.require(u64::from(finetune.batch_size) <= usable, "finetune.batch_size", || {
+                format!("batch size {} is larger than the {usable} training samples", finetune.batch_size)
+            })?;
         }
         Ok(())
     }
 }
 
 /// Dataset file names a sweep may reference, by format (the loader finds them by these stems).
+/// (Other formats are checked by the worker's loader, which names the offending file.)
 pub fn dataset_file_names(format: &str) -> BTreeMap<&'static str, &'static str> {
     match format {
         "idx" => BTreeMap::from([
@@ -324,6 +597,78 @@ batch_size = [256, 512]
         assert!(error_of(&GOOD.replace("lr = [1e-3, 1e-4]", "lr = [-1.0]")).contains("cv.grid.lr: -1 must be"));
         assert!(error_of(&GOOD.replace("kind = \"dae\"", "kind = \"vae\"")).contains("model.kind"));
         assert!(error_of(&GOOD.replace("folds = 4", "folds = 4000")).contains("more than the limit"));
+    }
+
+    /// The seed's whole first experiment.
+    pub(crate) const SEED: &str = r#"
+name = "seed"
+seed = 7
+[dataset]
+format = "idx"
+path = "data"
+[augment]
+copies = 1
+[model]
+kind = "dae"
+[cv]
+folds = 4
+epochs = 20
+[cv.grid]
+lr = [1e-3, 1e-4]
+weight_decay = [1e-5, 1e-6]
+batch_size = [256, 512]
+[final]
+epochs = 40
+[finetune]
+epochs = 10
+"#;
+
+    /// The seed's second experiment.
+    pub(crate) const GAN: &str = r#"
+name = "gan"
+[dataset]
+format = "nifti"
+path = "mri"
+[model]
+kind = "wgan-gp"
+[train]
+epochs = 80
+"#;
+
+    #[test]
+    fn parses_the_whole_seed_pipeline_with_its_defaults() {
+        let sweep = SweepFile::parse(SEED, "s.toml").unwrap();
+        let augment = sweep.augment.unwrap();
+        assert_eq!((augment.rotate_deg, augment.translate, augment.shear_deg), (15.0, 0.1, 10.0));
+        let finetune = sweep.finetune.unwrap();
+        assert_eq!((finetune.lr_head, finetune.lr_encoder, finetune.weight_decay, finetune.batch_size), (1e-3, 1e-4, 1e-5, 256));
+        assert_eq!(sweep.final_stage.unwrap().epochs, 40);
+    }
+
+    #[test]
+    fn parses_the_gan_with_the_seed_recipe() {
+        let sweep = SweepFile::parse(GAN, "g.toml").unwrap();
+        assert!(sweep.is_gan());
+        let train = sweep.train.unwrap();
+        assert_eq!((train.lr, train.beta1, train.beta2, train.critic_steps, train.gp_lambda), (1e-4, 0.0, 0.9, 5, 10.0));
+        assert_eq!(sweep.model.widths, [1024, 512, 256, 128]);
+        assert_eq!(sweep.dataset.image_size, 64);
+    }
+
+    #[test]
+    fn stages_must_fit_the_model() {
+        let err = SweepFile::parse(&GAN.replace("[train]", "[cv]\nfolds = 2\nepochs = 1\n[train]"), "g").unwrap_err().to_string();
+        assert!(err.contains("g: cv: [cv] belongs to model.kind = \"dae\""), "{err}");
+        let err = SweepFile::parse(&SEED.replace("[final]\nepochs = 40", ""), "s").unwrap_err().to_string();
+        assert!(err.contains("finetune: [finetune] starts from [final]"), "{err}");
+        let err = SweepFile::parse(&SEED.replace("epochs = 40", "epochs = 40\nlr = 0.1"), "s").unwrap_err().to_string();
+        assert!(err.contains("final: lr, weight_decay and batch_size come from the cross-validation winner"), "{err}");
+        let err = SweepFile::parse(&format!("{GAN}[distributed]\nreplicas = 2\n"), "g").unwrap_err().to_string();
+        assert!(err.contains("distributed.replicas"), "{err}");
+        let err = SweepFile::parse(&GAN.replace("[train]", "[train]\nbeta2 = 1.0"), "g").unwrap_err().to_string();
+        assert!(err.contains("train.beta2: 1 must be within [0, 1)"), "{err}");
+        let err = SweepFile::parse(&GAN.replace("format = \"nifti\"", "format = \"idx\""), "g").unwrap_err().to_string();
+        assert!(err.contains("dataset.format"), "{err}");
     }
 
     #[test]

@@ -35,10 +35,29 @@ fn task(epochs: u32) -> Task {
         attempt: 1,
         trial_name: "resume".into(),
         kind: TrialKind::DaeFold,
-        config: TrainingConfig { lr: 1e-3, weight_decay: 1e-5, batch_size: 16, epochs, noise_std: 0.3, latent: 4, seed: 9 },
-        dataset: DatasetSpec { format: "idx".into(), files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })], train_limit: 0, test_limit: 0 },
+        config: TrainingConfig {
+            lr: 1e-3,
+            weight_decay: 1e-5,
+            batch_size: 16,
+            epochs,
+            noise_std: 0.3,
+            latent: 4,
+            seed: 9,
+            lr_encoder: 0.0,
+            augment: None,
+            wgan: None,
+        },
+        dataset: DatasetSpec {
+            format: "idx".into(),
+            files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
+            train_limit: 0,
+            test_limit: 0,
+            image_size: 0,
+            min_foreground: 0.0,
+        },
         fold: Some(Fold { folds: 4, index: 1, shuffle_seed: 3 }),
         resume_from: None,
+        init_from: None,
         checkpoint_every: 1,
     }
 }
@@ -46,7 +65,8 @@ fn task(epochs: u32) -> Task {
 /// Runs a task and returns its checkpoints (epoch → file) and validation MSEs.
 fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>, scratch: &Path) -> (BTreeMap<u32, PathBuf>, Vec<f64>) {
     std::fs::create_dir_all(scratch).unwrap();
-    let inputs = RunInputs { dataset_files: files, resume_from: resume, scratch_dir: scratch, device: Device::Cpu };
+    let root = files.values().next().and_then(|p| p.parent()).unwrap();
+    let inputs = RunInputs { dataset_files: files, dataset_root: root, resume_from: resume, init_from: None, scratch_dir: scratch, device: Device::Cpu };
     let mut checkpoints = BTreeMap::new();
     let mut val = Vec::new();
     let mut emit = |event| match event {
@@ -54,6 +74,7 @@ fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>, sc
             checkpoints.insert(epoch, path);
         }
         TrainEvent::Epoch(report) => val.push(report.values.iter().find(|(k, _)| k == "val_mse").unwrap().1),
+        TrainEvent::Artifact { .. } => {}
     };
     let stop = AtomicBool::new(false);
     train::run(task, &inputs, &mut Events { emit: &mut emit, stop: &stop }).unwrap();

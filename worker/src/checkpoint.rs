@@ -35,14 +35,16 @@ pub enum CheckpointError {
     },
 }
 
-/// Writes the model's variables, the optimizer state and `epoch` to `path`.
-pub fn save(path: &Path, vars: &nn::VarStore, optimizer: &Adam, epoch: u32) -> Result<(), CheckpointError> {
+/// Writes the model's variables, the optimizers' state and `epoch` to `path`.
+pub fn save(path: &Path, vars: &nn::VarStore, optimizers: &[&Adam], epoch: u32) -> Result<(), CheckpointError> {
     let mut tensors: Vec<(String, Tensor)> = vars
         .variables()
         .into_iter()
         .map(|(name, tensor)| (format!("{MODEL_PREFIX}{name}"), tensor))
         .collect();
-    tensors.extend(optimizer.state());
+    for optimizer in optimizers {
+        tensors.extend(optimizer.state());
+    }
     tensors.push((EPOCH_KEY.to_string(), Tensor::from(i64::from(epoch))));
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Tensor::write_safetensors(&tensors, path)
@@ -76,8 +78,14 @@ impl Loaded {
 
     /// Copies the weights into `vars`; every variable of `vars` must be present with its shape.
     pub fn restore_model(&self, vars: &mut nn::VarStore) -> Result<(), CheckpointError> {
+        self.restore_matching(vars, |_| true)
+    }
+
+    /// Copies the weights of the variables whose names satisfy `wanted` (e.g. only `encoder.*`
+    /// from an autoencoder into a classifier); each must be present with its shape.
+    pub fn restore_matching(&self, vars: &mut nn::VarStore, wanted: impl Fn(&str) -> bool) -> Result<(), CheckpointError> {
         tch::no_grad(|| {
-            for (name, mut variable) in vars.variables() {
+            for (name, mut variable) in vars.variables().into_iter().filter(|(name, _)| wanted(name)) {
                 let key = format!("{MODEL_PREFIX}{name}");
                 let saved = self.tensors.get(&key).ok_or_else(|| self.mismatch(format!("no weights for {name}")))?;
                 if saved.size() != variable.size() {

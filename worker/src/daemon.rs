@@ -2,7 +2,7 @@
 //! thread and relays what it reports. All network I/O lives here, on the tokio runtime; the
 //! training itself never does.
 
-use std::collections::BTreeMap;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -286,13 +286,19 @@ async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error
 async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result<(), TrainError> {
     let cache = BlobCache::new(&shared.config.cache_dir);
     let mut client = shared.client.clone();
-    let mut dataset_files = BTreeMap::new();
+    let mut fetched = Vec::with_capacity(task.dataset.files.len());
     for (name, blob) in &task.dataset.files {
         let path = cache.ensure(&mut client, blob).await.map_err(|e| fetch_error(name, e))?;
-        dataset_files.insert(name.clone(), path);
+        fetched.push((name.clone(), path, blob.sha256.clone()));
     }
+    let (dataset_root, dataset_files) =
+        cache.materialize(&fetched).map_err(|e| TrainError::Invalid(format!("cannot lay out the dataset: {e}")))?;
     let resume_from = match &task.resume_from {
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("checkpoint", e))?),
+        None => None,
+    };
+    let init_from = match &task.init_from {
+        Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("pretrained checkpoint", e))?),
         None => None,
     };
     let scratch_dir = cache.scratch_dir();
@@ -308,7 +314,14 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     let trainer = std::thread::Builder::new()
         .name(format!("train-{}", task.id))
         .spawn(move || {
-            let inputs = RunInputs { dataset_files: &dataset_files, resume_from: resume_from.as_deref(), scratch_dir: &scratch_dir, device };
+            let inputs = RunInputs {
+                dataset_files: &dataset_files,
+                dataset_root: &dataset_root,
+                resume_from: resume_from.as_deref(),
+                init_from: init_from.as_deref(),
+                scratch_dir: &scratch_dir,
+                device,
+            };
             let events_sender = sender.clone();
             let mut emit = move |event| {
                 let _ = events_sender.send(FromTrainer::Event(event));
@@ -365,6 +378,7 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
             .map(|_| ())
         }
         TrainEvent::Checkpoint { epoch, path, is_final } => upload_checkpoint(shared, task, epoch, &path, is_final).await,
+        TrainEvent::Artifact { name, epoch, path } => upload_artifact(shared, task, &name, epoch, &path).await,
     };
     if let Err(status) = result {
         tracing::warn!(task = %task.id, error = %status.message(), "coordinator refused a report, stopping the task");
@@ -373,13 +387,39 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
     }
 }
 
-async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
+/// Uploads a file as a blob (retrying while the coordinator is unreachable) and returns its ref.
+async fn upload_file(shared: &Shared, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
     let blob = transfer::hash_file(path).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
     with_retry("upload", &shared.client, |mut c| {
         let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
         async move { c.upload_blob(chunks).await }
     })
     .await?;
+    Ok(blob)
+}
+
+async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
+    let blob = upload_file(shared, path).await?;
+    let request = pb::AttachArtifactRequest {
+        worker_id: shared.worker_id(),
+        task_id: task.id.clone(),
+        attempt: task.attempt,
+        name: name.to_string(),
+        epoch,
+        blob: Some(blob),
+    };
+    with_retry("artifact", &shared.client, |mut c| {
+        let request = request.clone();
+        async move { c.attach_artifact(request).await }
+    })
+    .await?;
+    let _ = std::fs::remove_file(path);
+    tracing::info!(task = %task.id, artifact = name, "artifact uploaded");
+    Ok(())
+}
+
+async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
+    let blob = upload_file(shared, path).await?;
     let request = pb::AttachCheckpointRequest {
         worker_id: shared.worker_id(),
         task_id: task.id.clone(),

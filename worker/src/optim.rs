@@ -35,9 +35,10 @@ pub struct Adam {
     beta2: f64,
     eps: f64,
     step: i64,
+    prefix: String,
 }
 
-/// Key prefix of optimizer state in a checkpoint.
+/// Default key prefix of optimizer state in a checkpoint.
 const STATE_PREFIX: &str = "optim.";
 
 impl Adam {
@@ -57,7 +58,14 @@ impl Adam {
                 })
             })
             .collect();
-        Self { slots, beta1: betas.0, beta2: betas.1, eps, step: 0 }
+        Self { slots, beta1: betas.0, beta2: betas.1, eps, step: 0, prefix: STATE_PREFIX.to_string() }
+    }
+
+    /// Keys this optimizer's state under `prefix` instead of `optim.` (for several optimizers in
+    /// one checkpoint, e.g. a GAN's two).
+    pub fn with_state_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
     }
 
     /// Number of steps taken so far.
@@ -97,10 +105,11 @@ impl Adam {
 
     /// The optimizer state as named tensors, for a checkpoint.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut state = vec![(format!("{STATE_PREFIX}step"), Tensor::from(self.step))];
+        let prefix = &self.prefix;
+        let mut state = vec![(format!("{prefix}step"), Tensor::from(self.step))];
         for slot in &self.slots {
-            state.push((format!("{STATE_PREFIX}{}.exp_avg", slot.name), slot.exp_avg.shallow_clone()));
-            state.push((format!("{STATE_PREFIX}{}.exp_avg_sq", slot.name), slot.exp_avg_sq.shallow_clone()));
+            state.push((format!("{prefix}{}.exp_avg", slot.name), slot.exp_avg.shallow_clone()));
+            state.push((format!("{prefix}{}.exp_avg_sq", slot.name), slot.exp_avg_sq.shallow_clone()));
         }
         state
     }
@@ -108,12 +117,12 @@ impl Adam {
     /// Restores the state written by [`Adam::state`]; `lookup` finds a tensor by name.
     pub fn load_state(&mut self, lookup: impl Fn(&str) -> Option<Tensor>) -> Result<(), String> {
         let missing = |name: &str| format!("checkpoint lacks optimizer state {name}");
-        let step_key = format!("{STATE_PREFIX}step");
+        let step_key = format!("{}step", self.prefix);
         self.step = lookup(&step_key).ok_or_else(|| missing(&step_key))?.int64_value(&[]);
         tch::no_grad(|| {
             for slot in &mut self.slots {
                 for (suffix, target) in [("exp_avg", &mut slot.exp_avg), ("exp_avg_sq", &mut slot.exp_avg_sq)] {
-                    let key = format!("{STATE_PREFIX}{}.{suffix}", slot.name);
+                    let key = format!("{}{}.{suffix}", self.prefix, slot.name);
                     let value = lookup(&key).ok_or_else(|| missing(&key))?;
                     if value.size() != target.size() {
                         return Err(format!("optimizer state {key} has shape {:?}, expected {:?}", value.size(), target.size()));

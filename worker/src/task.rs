@@ -16,6 +16,46 @@ pub struct BlobRef {
 pub enum TrialKind {
     /// DAE on k−1 folds, validated on the held-out fold every epoch.
     DaeFold,
+    /// DAE on the whole training set, tested every epoch.
+    DaeFinal,
+    /// Classifier fine-tuned from a DAE's encoder.
+    Classifier,
+    /// WGAN-GP, one replica.
+    Wgan,
+}
+
+/// Seed §1.1: an augmented copy of the training set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Augment {
+    /// How many augmented copies to append.
+    pub copies: u32,
+    /// Rotation range, ± degrees.
+    pub rotate_deg: f64,
+    /// Translation range, ± fraction of the side.
+    pub translate: f64,
+    /// Shear range, ± degrees.
+    pub shear_deg: f64,
+    /// Seeds the random transforms.
+    pub seed: u64,
+}
+
+/// The WGAN-GP recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WganConfig {
+    /// Generator hidden widths, widest first.
+    pub widths: [i64; 4],
+    /// Critic steps per generator step.
+    pub critic_steps: u32,
+    /// Gradient penalty weight λ.
+    pub gp_lambda: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Sample grid period in epochs (0: only at the end).
+    pub sample_every: u32,
+    /// Images in a sample grid.
+    pub sample_count: u32,
 }
 
 /// The hyperparameters and recipe of a trial.
@@ -35,6 +75,12 @@ pub struct TrainingConfig {
     pub latent: i64,
     /// Seeds initialisation, shuffling and noise.
     pub seed: u64,
+    /// The classifier encoder's learning rate (`lr` is the head's).
+    pub lr_encoder: f64,
+    /// Augmentation of the training set, if any.
+    pub augment: Option<Augment>,
+    /// The WGAN-GP recipe (wgan trials).
+    pub wgan: Option<WganConfig>,
 }
 
 /// A dataset: its format and files (name the loader expects → blob).
@@ -48,6 +94,10 @@ pub struct DatasetSpec {
     pub train_limit: usize,
     /// At most this many test samples (0: all).
     pub test_limit: usize,
+    /// Side of the square images (image-folder, nifti).
+    pub image_size: i64,
+    /// nifti: minimum bright fraction of a kept slice.
+    pub min_foreground: f64,
 }
 
 /// One fold of k-fold cross-validation.
@@ -80,6 +130,8 @@ pub struct Task {
     pub fold: Option<Fold>,
     /// Resume from this checkpoint when set.
     pub resume_from: Option<BlobRef>,
+    /// Initialise weights from this checkpoint (the classifier's pretrained encoder).
+    pub init_from: Option<BlobRef>,
     /// Upload a checkpoint every this many epochs (0: only at the end).
     pub checkpoint_every: u32,
 }
@@ -105,6 +157,9 @@ impl TryFrom<pb::TaskSpec> for Task {
         let malformed = |message: &str| MalformedTask { task_id: spec.task_id.clone(), message: message.to_string() };
         let kind = match spec.kind() {
             pb::TrialKind::DaeFold => TrialKind::DaeFold,
+            pb::TrialKind::DaeFinal => TrialKind::DaeFinal,
+            pb::TrialKind::Classifier => TrialKind::Classifier,
+            pb::TrialKind::Wgan => TrialKind::Wgan,
             pb::TrialKind::Unspecified => return Err(malformed("unknown trial kind")),
         };
         let config = spec.config.as_ref().ok_or_else(|| malformed("no training config"))?;
@@ -122,6 +177,34 @@ impl TryFrom<pb::TaskSpec> for Task {
         if kind == TrialKind::DaeFold && fold.is_none() {
             return Err(malformed("a dae-fold trial needs a fold"));
         }
+        let init_from = blob_ref(spec.init_from.clone());
+        if kind == TrialKind::Classifier && init_from.is_none() {
+            return Err(malformed("a classifier trial needs a pretrained autoencoder (init_from)"));
+        }
+        let augment = config.augment.as_ref().filter(|a| a.copies > 0).map(|a| Augment {
+            copies: a.copies,
+            rotate_deg: a.rotate_deg,
+            translate: a.translate,
+            shear_deg: a.shear_deg,
+            seed: a.seed,
+        });
+        let wgan = match (&config.wgan, kind) {
+            (Some(w), _) => {
+                let widths: Vec<i64> = w.widths.iter().map(|&v| i64::from(v)).collect();
+                let widths: [i64; 4] = widths.try_into().map_err(|_| malformed("a wgan needs exactly 4 widths"))?;
+                Some(WganConfig {
+                    widths,
+                    critic_steps: w.critic_steps,
+                    gp_lambda: w.gp_lambda,
+                    beta1: w.beta1,
+                    beta2: w.beta2,
+                    sample_every: w.sample_every,
+                    sample_count: w.sample_count,
+                })
+            }
+            (None, TrialKind::Wgan) => return Err(malformed("a wgan trial needs its recipe")),
+            (None, _) => None,
+        };
         Ok(Task {
             id: spec.task_id.clone(),
             attempt: spec.attempt,
@@ -135,15 +218,21 @@ impl TryFrom<pb::TaskSpec> for Task {
                 noise_std: config.noise_std,
                 latent: i64::from(config.latent),
                 seed: config.seed,
+                lr_encoder: config.lr_encoder,
+                augment,
+                wgan,
             },
             dataset: DatasetSpec {
                 format: dataset.format.clone(),
                 files,
                 train_limit: dataset.train_limit as usize,
                 test_limit: dataset.test_limit as usize,
+                image_size: i64::from(dataset.image_size),
+                min_foreground: dataset.min_foreground,
             },
             fold,
             resume_from: blob_ref(spec.resume_from.clone()),
+            init_from,
             checkpoint_every: spec.checkpoint_every,
         })
     }

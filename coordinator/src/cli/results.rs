@@ -4,7 +4,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cohort_coordinator::plan::config_label;
 use cohort_coordinator::selection::{self, ConfigSummary, FoldResult};
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
@@ -17,6 +16,10 @@ use tonic::transport::Channel;
 pub struct TrialRow {
     /// Task id.
     pub task_id: String,
+    /// Sweep stage.
+    pub stage: String,
+    /// Trial kind.
+    pub kind: String,
     /// Trial name.
     pub trial: String,
     /// Hyperparameter config label.
@@ -33,6 +36,8 @@ pub struct TrialRow {
     pub min_val_mse: Option<f64>,
     /// Final checkpoint blob.
     pub final_checkpoint: Option<String>,
+    /// Artifacts: name → blob.
+    pub artifacts: std::collections::BTreeMap<String, String>,
     /// Last worker.
     pub worker: String,
     /// Last error.
@@ -128,23 +133,26 @@ fn config_row(s: ConfigSummary) -> ConfigRow {
 
 fn trial_row(task: pb::TaskResult) -> TrialRow {
     let spec = task.spec.unwrap_or_default();
-    let config = spec.config.unwrap_or_default();
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
         .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt })
         .collect();
     let min_val_mse = epochs.iter().filter_map(|e| e.values.get("val_mse").copied()).reduce(f64::min);
+    let kind = super::submit::kind_name(spec.kind()).to_string();
     TrialRow {
         task_id: spec.task_id,
+        stage: spec.stage,
+        kind,
         trial: spec.trial_name,
-        config: config_label(config.lr, config.weight_decay, config.batch_size),
+        config: spec.config_label,
         fold: spec.fold.map(|f| f.index),
         state: task_state_name(task.state).into(),
         attempts: spec.attempt,
         epochs,
         min_val_mse,
-        final_checkpoint: task.checkpoints.iter().find(|c| c.is_final).and_then(|c| c.blob.as_ref()).map(|b| b.sha256.clone()),
+        final_checkpoint: task.checkpoints.iter().rev().find(|c| c.is_final).and_then(|c| c.blob.as_ref()).map(|b| b.sha256.clone()),
+        artifacts: task.artifacts.into_iter().filter_map(|a| Some((a.name, a.blob?.sha256))).collect(),
         worker: task.worker,
         error: task.error,
     }
@@ -163,12 +171,61 @@ fn mse(value: Option<f64>) -> String {
     value.map(|v| format!("{v:.5}")).unwrap_or_else(|| "-".into())
 }
 
-/// Prints results as tables.
+fn values_line(values: &std::collections::BTreeMap<String, f64>) -> String {
+    values.iter().map(|(k, v)| format!("{k}={v:.5}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Prints results as tables: the trials stage by stage, then the cross-validation table.
 pub fn print_table(results: &Results) {
     println!("sweep {} ({}): {}", results.sweep_id, results.name, results.state);
+    let mut stages: Vec<&str> = Vec::new();
+    for trial in &results.trials {
+        if !stages.contains(&trial.stage.as_str()) {
+            stages.push(&trial.stage);
+        }
+    }
+    for stage in stages {
+        let trials: Vec<&TrialRow> = results.trials.iter().filter(|t| t.stage == stage).collect();
+        println!();
+        println!("stage {stage}: {} trial(s)", trials.len());
+        if stage == "cv" {
+            print_cv_trials(&trials);
+            continue;
+        }
+        for t in trials {
+            println!("{:<10} {:<11} {:<44} {:<10} try {} epochs {}", t.trial, t.kind, t.config, t.state, t.attempts, t.epochs.len());
+            if let Some(last) = t.epochs.last() {
+                println!("{:<10} last epoch: {}", "", values_line(&last.values));
+            }
+            for key in ["test_mse", "test_accuracy"] {
+                let series: Vec<String> = t.epochs.iter().filter_map(|e| e.values.get(key)).map(|v| format!("{v:.4}")).collect();
+                if !series.is_empty() {
+                    println!("{:<10} {key} per epoch: {}", "", series.join(" "));
+                }
+            }
+            if !t.error.is_empty() && t.state != "succeeded" {
+                println!("{:<10} error: {}", "", t.error);
+            }
+        }
+    }
+    if results.configs.is_empty() {
+        return;
+    }
     println!();
+    println!("cross-validation: minimum validation MSE per fold, mean ± std over folds (* = winner)");
+    for c in &results.configs {
+        let folds: Vec<String> = c.folds.iter().map(|v| mse(*v)).collect();
+        let summary = match (c.mean, c.std) {
+            (Some(mean), Some(std)) => format!("{mean:.5} ± {std:.5}"),
+            _ => "incomplete: excluded".into(),
+        };
+        println!("{} {:<30} [{}]  {}", if c.winner { "*" } else { " " }, c.config, folds.join(", "), summary);
+    }
+}
+
+fn print_cv_trials(trials: &[&TrialRow]) {
     println!("{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}", "trial", "config", "fold", "state", "try", "epochs", "min val_mse", "last val_mse");
-    for t in &results.trials {
+    for t in trials {
         let last = t.epochs.last().and_then(|e| e.values.get("val_mse").copied());
         let fold = t.fold.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
         println!(
@@ -185,19 +242,6 @@ pub fn print_table(results: &Results) {
         if !t.error.is_empty() && t.state != "succeeded" {
             println!("{:<14} error: {}", "", t.error);
         }
-    }
-    if results.configs.is_empty() {
-        return;
-    }
-    println!();
-    println!("cross-validation: minimum validation MSE per fold, mean ± std over folds (* = winner)");
-    for c in &results.configs {
-        let folds: Vec<String> = c.folds.iter().map(|v| mse(*v)).collect();
-        let summary = match (c.mean, c.std) {
-            (Some(mean), Some(std)) => format!("{mean:.5} ± {std:.5}"),
-            _ => "incomplete".into(),
-        };
-        println!("{} {:<30} [{}]  {}", if c.winner { "*" } else { " " }, c.config, folds.join(", "), summary);
     }
 }
 

@@ -27,22 +27,39 @@ pub fn read(path: &Path) -> anyhow::Result<LocalSweep> {
     let sweep = SweepFile::parse(&source, &source_name)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let folder = base.join(&sweep.dataset.path);
-    let entries = std::fs::read_dir(&folder)
-        .with_context(|| format!("{source_name}: dataset.path: cannot read the folder {}", folder.display()))?;
-    let mut dataset_files = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !entry.file_type()?.is_file() {
-            continue;
-        }
-        dataset_files.push((name, entry.path()));
+    if !folder.is_dir() {
+        bail!("{source_name}: dataset.path: {} is not a folder", folder.display());
     }
+    let mut dataset_files = Vec::new();
+    list_files(&folder, "", &mut dataset_files)?;
     dataset_files.sort();
     if dataset_files.is_empty() {
         bail!("{source_name}: dataset.path: the folder {} holds no file", folder.display());
     }
     Ok(LocalSweep { source, source_name, dataset_files })
+}
+
+/// Lists regular files under `folder` recursively as (relative name with `/`, path), skipping
+/// hidden entries. Symbolic links are not followed, so nothing outside the folder is uploaded.
+fn list_files(folder: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(folder).with_context(|| format!("cannot read the folder {}", folder.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            bail!("{}: file names must be UTF-8", entry.path().display());
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let relative = format!("{prefix}{name}");
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(&entry.path(), &format!("{relative}/"), out)?;
+        } else if kind.is_file() {
+            out.push((relative, entry.path()));
+        }
+    }
+    Ok(())
 }
 
 /// Uploads the files the coordinator lacks; returns every file as a dataset entry.
@@ -80,16 +97,32 @@ pub async fn submit(client: &mut ClientServiceClient<Channel>, sweep: &LocalSwee
     Ok(response.into_inner())
 }
 
-/// Prints a plan: one line per task.
-pub fn print_plan(planned: &[pb::TaskSpec]) {
-    println!("{:<14} {:<8} {:>9} {:>9} {:>6} {:>6} {:>6}", "trial", "kind", "lr", "wd", "batch", "epochs", "fold");
+/// A trial kind's name.
+pub fn kind_name(kind: pb::TrialKind) -> &'static str {
+    match kind {
+        pb::TrialKind::DaeFold => "dae-fold",
+        pb::TrialKind::DaeFinal => "dae-final",
+        pb::TrialKind::Classifier => "classifier",
+        pb::TrialKind::Wgan => "wgan",
+        pb::TrialKind::Unspecified => "unknown",
+    }
+}
+
+/// Prints a plan: the stages, then one line per task of the first stage.
+pub fn print_plan(response: &pb::SubmitSweepResponse) {
+    for stage in &response.stages {
+        println!("stage {:<9} {:>5} trial(s)  {}", stage.name, stage.trials, stage.description);
+    }
+    println!();
+    let planned = &response.planned;
+    println!("{:<14} {:<10} {:>9} {:>9} {:>6} {:>6} {:>6}", "trial", "kind", "lr", "wd", "batch", "epochs", "fold");
     for task in planned {
         let config = task.config.clone().unwrap_or_default();
         let fold = task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:<8} {:>9.1e} {:>9.1e} {:>6} {:>6} {:>6}",
+            "{:<14} {:<10} {:>9.1e} {:>9.1e} {:>6} {:>6} {:>6}",
             task.trial_name,
-            "dae-fold",
+            kind_name(task.kind()),
             config.lr,
             config.weight_decay,
             config.batch_size,
@@ -97,5 +130,5 @@ pub fn print_plan(planned: &[pb::TaskSpec]) {
             fold
         );
     }
-    println!("{} trials", planned.len());
+    println!("{} trials in the first stage; each later stage is planned when the one before it ends", planned.len());
 }

@@ -28,9 +28,11 @@ impl ClientService for ClientApi {
     async fn submit_sweep(&self, request: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
         let request = request.into_inner();
         let files = convert::dataset_files(request.dataset_files).map_err(Status::invalid_argument)?;
-        let (sweep_id, planned) = self.core.submit(&request.source, &request.source_name, files, request.dry_run).map_err(status)?;
-        let planned = planned.iter().map(|(id, spec)| convert::task_spec(id, sweep_id.as_deref().unwrap_or(""), 0, spec, None)).collect();
-        Ok(Response::new(pb::SubmitSweepResponse { sweep_id: sweep_id.unwrap_or_default(), planned }))
+        let submitted = self.core.submit(&request.source, &request.source_name, files, request.dry_run).map_err(status)?;
+        let sweep_id = submitted.sweep_id.unwrap_or_default();
+        let planned = submitted.planned.iter().map(|(id, spec)| convert::task_spec(id, &sweep_id, 0, spec, None)).collect();
+        let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
+        Ok(Response::new(pb::SubmitSweepResponse { sweep_id, planned, stages }))
     }
 
     async fn has_blobs(&self, request: Request<pb::HasBlobsRequest>) -> Result<Response<pb::HasBlobsResponse>, Status> {

@@ -11,7 +11,7 @@ use super::{receive_blob, send_blob, status, BlobStream};
 use crate::convert;
 use crate::core::{Core, CoreError};
 use crate::scheduler::Refusal;
-use crate::store::CheckpointRecord;
+use crate::store::{ArtifactRecord, CheckpointRecord};
 
 /// Longest long-poll of an acquire call.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
@@ -72,6 +72,14 @@ impl WorkerService for WorkerApi {
         let blob = convert::require_blob(r.blob, "checkpoint").map_err(Status::invalid_argument)?;
         let record = CheckpointRecord { task_id: r.task_id, epoch: r.epoch, attempt: r.attempt, blob, is_final: r.is_final };
         self.core.attach_checkpoint(&r.worker_id, record).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn attach_artifact(&self, request: Request<pb::AttachArtifactRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let blob = convert::require_blob(r.blob, "artifact").map_err(Status::invalid_argument)?;
+        let record = ArtifactRecord { task_id: r.task_id, name: r.name, epoch: r.epoch, blob };
+        self.core.attach_artifact(&r.worker_id, r.attempt, record).map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
 

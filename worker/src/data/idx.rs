@@ -28,7 +28,7 @@ pub struct IdxImages {
 }
 
 /// Reads a whole file, un-gzipping it when it starts with the gzip magic.
-fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>, DataError> {
+pub(super) fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>, DataError> {
     let raw = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     if !raw.starts_with(&GZIP_MAGIC) {
         return Ok(raw);

@@ -1,6 +1,9 @@
 //! Datasets as the worker sees them: files fetched from the coordinator, decoded into tensors.
 
+pub mod augment;
 pub mod idx;
+pub mod image_folder;
+pub mod nifti;
 pub mod split;
 
 use std::collections::BTreeMap;
@@ -33,10 +36,11 @@ pub enum DataError {
     Layout(String),
 }
 
-/// Labelled grey images as float tensors: `images` is `[N, 1, H, W]` in [0, 1], `labels` `[N]` i64.
+/// Labelled grey images as float tensors: `images` is `[N, 1, H, W]` (IDX digits in [0, 1],
+/// image-folder and NIfTI slices in [-1, 1]), `labels` `[N]` i64.
 #[derive(Debug)]
 pub struct ImageSet {
-    /// `[N, 1, H, W]`, float32, grey levels scaled to [0, 1].
+    /// `[N, 1, H, W]`, float32 grey levels.
     pub images: Tensor,
     /// `[N]`, int64 class labels.
     pub labels: Tensor,

@@ -1,26 +1,25 @@
-//! The denoising autoencoder recipes (report §1.3–1.4).
+//! The denoising autoencoder recipes (report §1.3–1.4): `dae-fold` for cross-validation and
+//! `dae-final` on the whole training set.
 
 use std::time::Instant;
 
 use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
-use super::{EpochReport, Events, RunInputs, TrainError, TrainEvent};
-use crate::checkpoint::{self, Loaded};
+use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use crate::checkpoint::Loaded;
 use crate::data::split::{derive_seed, kfold, permutation};
-use crate::data::{self, ImageSet};
+use crate::data::ImageSet;
 use crate::model::dae::Dae;
 use crate::optim::{Adam, ParamGroup};
 use crate::task::{Task, TrainingConfig};
 
 /// Adam's betas and epsilon: PyTorch's defaults, which the seed used.
-const BETAS: (f64, f64) = (0.9, 0.999);
-const EPS: f64 = 1e-8;
-/// Seed stream of the validation noise (fixed, so epochs are compared on the same noisy inputs).
-const VALIDATION_STREAM: u64 = u64::MAX;
-/// Seed streams of per-epoch shuffling and noise start here (epoch is added).
-const SHUFFLE_STREAM: u64 = 1 << 32;
-const NOISE_STREAM: u64 = 2 << 32;
+pub const BETAS: (f64, f64) = (0.9, 0.999);
+/// Adam's epsilon.
+pub const EPS: f64 = 1e-8;
+/// Test digits kept in the reconstruction artifacts (noisy input, output, clean).
+const RECONSTRUCTIONS: i64 = 8;
 
 /// Adds fresh white Gaussian noise of standard deviation `std` (the seed's corruption).
 pub fn corrupt(images: &Tensor, std: f64) -> Tensor {
@@ -28,6 +27,12 @@ pub fn corrupt(images: &Tensor, std: f64) -> Tensor {
         return images.shallow_clone();
     }
     images + images.randn_like() * std
+}
+
+/// The same noisy copy of an evaluation set every time (seeded from the trial seed).
+pub fn fixed_noisy(images: &Tensor, config: &TrainingConfig) -> Tensor {
+    tch::manual_seed(derive_seed(config.seed, streams::EVALUATION) as i64);
+    corrupt(images, config.noise_std)
 }
 
 /// Mean squared error of the model's reconstruction of `noisy` against `clean`, in batches.
@@ -42,15 +47,36 @@ pub fn evaluate_mse(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, batch_
         while start < n {
             let len = (batch_size as i64).min(n - start);
             let out = model.forward_t(&noisy.narrow(0, start, len), false);
-            let sse = out.mse_loss(&clean.narrow(0, start, len), Reduction::Sum).double_value(&[]);
-            total += sse;
+            total += out.mse_loss(&clean.narrow(0, start, len), Reduction::Sum).double_value(&[]);
             start += len;
         }
     });
     total / clean.numel() as f64
 }
 
-/// A model, its variables and its optimizer, optionally restored from a checkpoint.
+/// Calls `step(batch_indices)` for each mini-batch of a fresh permutation of `0..n` for `epoch`,
+/// after seeding the epoch's noise; stops early when asked to.
+pub fn for_each_batch(
+    n: usize,
+    config: &TrainingConfig,
+    epoch: u32,
+    device: Device,
+    events: &Events<'_>,
+    mut step: impl FnMut(&Tensor) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, streams::SHUFFLE + u64::from(epoch)))).to_device(device);
+    tch::manual_seed(derive_seed(config.seed, streams::NOISE + u64::from(epoch)) as i64);
+    let mut start = 0;
+    while start < n {
+        events.check_stop()?;
+        let len = config.batch_size.min(n - start);
+        step(&order.narrow(0, start as i64, len as i64))?;
+        start += len;
+    }
+    Ok(())
+}
+
+/// The autoencoder with its optimizer, optionally restored from a checkpoint.
 struct Trainee {
     vars: nn::VarStore,
     model: Dae,
@@ -64,9 +90,7 @@ impl Trainee {
         tch::manual_seed(config.seed as i64);
         let mut vars = nn::VarStore::new(inputs.device);
         let model = Dae::new(&vars.root(), config.latent);
-        let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let group = ParamGroup { params: named, lr: config.lr, weight_decay: config.weight_decay };
+        let group = ParamGroup { params: trainable(&vars), lr: config.lr, weight_decay: config.weight_decay };
         let mut optimizer = Adam::new(vec![group], BETAS, EPS);
         let mut done_epochs = 0;
         if let Some(path) = inputs.resume_from {
@@ -81,31 +105,18 @@ impl Trainee {
     /// One pass over `train` in a fresh order, with fresh noise; returns the mean training MSE.
     fn train_epoch(&mut self, train: &ImageSet, config: &TrainingConfig, epoch: u32, events: &Events<'_>) -> Result<f64, TrainError> {
         let n = train.len();
-        let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, SHUFFLE_STREAM + u64::from(epoch))))
-            .to_device(train.images.device());
-        tch::manual_seed(derive_seed(config.seed, NOISE_STREAM + u64::from(epoch)) as i64);
         let mut weighted_loss = 0.0;
-        let mut start = 0;
-        while start < n {
-            events.check_stop()?;
-            let len = config.batch_size.min(n - start);
-            let clean = train.images.index_select(0, &order.narrow(0, start as i64, len as i64));
+        for_each_batch(n, config, epoch, train.images.device(), events, |batch| {
+            let clean = train.images.index_select(0, batch);
             let noisy = corrupt(&clean, config.noise_std);
             let loss = self.model.forward_t(&noisy, true).mse_loss(&clean, Reduction::Mean);
             self.optimizer.zero_grad();
             loss.backward();
             self.optimizer.step();
-            weighted_loss += loss.double_value(&[]) * len as f64;
-            start += len;
-        }
+            weighted_loss += loss.double_value(&[]) * clean.size()[0] as f64;
+            Ok(())
+        })?;
         Ok(weighted_loss / n as f64)
-    }
-
-    fn checkpoint(&self, inputs: &RunInputs<'_>, task: &Task, epoch: u32, is_final: bool, events: &mut Events<'_>) -> Result<(), TrainError> {
-        let path = inputs.scratch_dir.join(format!("{}-a{}-e{epoch}.safetensors", task.id, task.attempt));
-        checkpoint::save(&path, &self.vars, &self.optimizer, epoch)?;
-        (events.emit)(TrainEvent::Checkpoint { epoch, path, is_final });
-        Ok(())
     }
 }
 
@@ -125,67 +136,94 @@ fn check_config(config: &TrainingConfig, train_len: usize) -> Result<(), TrainEr
     Ok(())
 }
 
-fn finite(value: f64, epoch: u32, what: &'static str) -> Result<f64, TrainError> {
-    if value.is_finite() {
-        return Ok(value);
+/// Shared loop of both recipes: train each remaining epoch, evaluate on `eval` (noisy, clean)
+/// under `eval_name`, report, checkpoint; `after_epoch` may emit artifacts.
+fn train_loop(
+    task: &Task,
+    inputs: &RunInputs<'_>,
+    events: &mut Events<'_>,
+    train: &ImageSet,
+    eval: (&Tensor, &Tensor, &'static str),
+    mut after_epoch: impl FnMut(&Dae, u32, &mut Events<'_>) -> Result<(), TrainError>,
+) -> Result<Trainee, TrainError> {
+    let config = &task.config;
+    check_config(config, train.len())?;
+    let mut trainee = Trainee::new(config, inputs)?;
+    let (eval_noisy, eval_clean, eval_name) = eval;
+    for epoch in trainee.done_epochs + 1..=config.epochs {
+        let started = Instant::now();
+        let train_mse = finite(trainee.train_epoch(train, config, epoch, events)?, epoch, "train_mse")?;
+        let eval_mse = finite(evaluate_mse(&trainee.model, eval_noisy, eval_clean, 1024), epoch, eval_name)?;
+        (events.emit)(TrainEvent::Epoch(EpochReport {
+            epoch,
+            values: vec![("train_mse".into(), train_mse), (eval_name.into(), eval_mse)],
+            seconds: started.elapsed().as_secs_f64(),
+            samples: train.len() as u64,
+        }));
+        after_epoch(&trainee.model, epoch, events)?;
+        if let Some(is_final) = checkpoint_due(task, epoch) {
+            save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, is_final, events)?;
+        }
     }
-    Err(TrainError::Diverged { epoch, what, value })
-}
-
-fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<data::TrainTest, TrainError> {
-    match task.dataset.format.as_str() {
-        "idx" => Ok(data::load_idx(inputs.dataset_files)?),
-        other => Err(TrainError::Invalid(format!("dataset format {other:?} is not supported by dae trials"))),
+    if trainee.done_epochs >= config.epochs {
+        // Resumed from the final checkpoint (its completion report was lost): hand it back again.
+        save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], config.epochs, true, events)?;
     }
+    Ok(trainee)
 }
 
 /// `dae-fold`: train on k−1 folds, validate on the held-out fold each epoch.
 ///
 /// Reports `train_mse` and `val_mse` per epoch; the coordinator takes the minimum of `val_mse`.
 pub fn run_fold(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
-    let config = &task.config;
     let fold = task.fold.ok_or_else(|| TrainError::Invalid("dae-fold without a fold".into()))?;
-    let dataset = load_dataset(task, inputs)?;
-    let all = dataset.train.truncate(task.dataset.train_limit);
+    let all = super::load_dataset(task, inputs)?.train;
     if fold.folds < 2 || fold.index >= fold.folds || all.len() < fold.folds {
         return Err(TrainError::Invalid(format!("fold {} of {} over {} samples", fold.index, fold.folds, all.len())));
     }
     let (train_idx, val_idx) = kfold(all.len(), fold.folds, fold.index, fold.shuffle_seed);
-    let train = to_device(all.select(&Tensor::from_slice(&train_idx)), inputs.device);
-    let val = to_device(all.select(&Tensor::from_slice(&val_idx)), inputs.device);
-    check_config(config, train.len())?;
-
-    let mut trainee = Trainee::new(config, inputs)?;
-    tch::manual_seed(derive_seed(config.seed, VALIDATION_STREAM) as i64);
-    let val_noisy = corrupt(&val.images, config.noise_std);
-    for epoch in trainee.done_epochs + 1..=config.epochs {
-        let started = Instant::now();
-        let train_mse = finite(trainee.train_epoch(&train, config, epoch, events)?, epoch, "train_mse")?;
-        let val_mse = finite(evaluate_mse(&trainee.model, &val_noisy, &val.images, 1024), epoch, "val_mse")?;
-        (events.emit)(TrainEvent::Epoch(EpochReport {
-            epoch,
-            values: vec![("train_mse".into(), train_mse), ("val_mse".into(), val_mse)],
-            seconds: started.elapsed().as_secs_f64(),
-            samples: train.len() as u64,
-        }));
-        let is_final = epoch == config.epochs;
-        let periodic = task.checkpoint_every > 0 && epoch % task.checkpoint_every == 0;
-        if is_final || periodic {
-            trainee.checkpoint(inputs, task, epoch, is_final, events)?;
-        }
-    }
-    if trainee.done_epochs >= config.epochs {
-        // Resumed from the final checkpoint (the upload of completion was lost): re-emit it.
-        trainee.checkpoint(inputs, task, config.epochs, true, events)?;
-    }
+    let device = all.images.device();
+    let train = super::augment(task, all.select(&Tensor::from_slice(&train_idx).to_device(device)));
+    let val = all.select(&Tensor::from_slice(&val_idx).to_device(device));
+    let val_noisy = fixed_noisy(&val.images, &task.config);
+    train_loop(task, inputs, events, &train, (&val_noisy, &val.images, "val_mse"), |_, _, _| Ok(()))?;
     Ok(())
 }
 
-fn to_device(set: ImageSet, device: Device) -> ImageSet {
-    if device == Device::Cpu {
-        return set;
+/// The test set's latent codes and labels, for the PCA figures.
+pub fn latent_codes(encoder: &impl ModuleT, images: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let chunks: Vec<Tensor> = images.split(1024, 0).iter().map(|chunk| encoder.forward_t(chunk, false)).collect();
+        Tensor::cat(&chunks, 0)
+    })
+}
+
+/// `dae-final`: train on the whole (augmented) training set, report `test_mse` each epoch.
+///
+/// Artifacts: `reconstructions-e{epoch}` (noisy input, output and clean image of a few test
+/// digits) after the first and last epoch, and `latents` (the clean test set's latent codes with
+/// labels) at the end.
+pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
+    let data = super::load_dataset(task, inputs)?;
+    if data.test.is_empty() {
+        return Err(TrainError::Invalid("dae-final needs a test set".into()));
     }
-    ImageSet { images: set.images.to_device(device), labels: set.labels.to_device(device) }
+    let train = super::augment(task, data.train);
+    let test_noisy = fixed_noisy(&data.test.images, &task.config);
+    let shown = RECONSTRUCTIONS.min(data.test.len() as i64);
+    let last_epoch = task.config.epochs;
+    let trainee = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, events| {
+        if epoch != 1 && epoch != last_epoch {
+            return Ok(());
+        }
+        let noisy = test_noisy.narrow(0, 0, shown);
+        let output = tch::no_grad(|| model.forward_t(&noisy, false));
+        let clean = data.test.images.narrow(0, 0, shown);
+        let tensors = [("noisy", noisy), ("output", output), ("clean", clean)];
+        emit_artifact(task, inputs, &format!("reconstructions-e{epoch}"), epoch, &tensors, events)
+    })?;
+    let latents = latent_codes(&trainee.model.encoder, &data.test.images);
+    emit_artifact(task, inputs, "latents", last_epoch, &[("latents", latents), ("labels", data.test.labels.shallow_clone())], events)
 }
 
 /// Loads a DAE's weights from a checkpoint file (for tools and tests).

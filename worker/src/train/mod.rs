@@ -1,15 +1,22 @@
 //! Training recipes. They run on a dedicated thread and talk to the daemon through [`Events`].
+//!
+//! Every recipe draws its randomness per epoch from seeds derived from (trial seed, epoch), so
+//! a trial resumed from the checkpoint of epoch k continues exactly as if it had never stopped.
 
+pub mod classifier;
 pub mod dae;
+pub mod wgan;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tch::Device;
+use tch::{nn, Device, Tensor};
 
-use crate::checkpoint::CheckpointError;
-use crate::data::DataError;
+use crate::checkpoint::{self, CheckpointError};
+use crate::data::augment::{augmented_copy, AugmentRanges};
+use crate::data::{self, DataError, ImageSet, TrainTest};
+use crate::optim::Adam;
 use crate::task::{Task, TrialKind};
 
 /// One epoch's figures, as the recipe reports them.
@@ -19,7 +26,7 @@ pub struct EpochReport {
     pub epoch: u32,
     /// Named scalars, e.g. `train_mse`, `val_mse`.
     pub values: Vec<(String, f64)>,
-    /// Wall time of the epoch (training and validation).
+    /// Wall time of the epoch (training and evaluation).
     pub seconds: f64,
     /// Training samples processed in the epoch.
     pub samples: u64,
@@ -30,7 +37,7 @@ pub struct EpochReport {
 pub enum TrainEvent {
     /// An epoch finished.
     Epoch(EpochReport),
-    /// A checkpoint file was written (the receiver uploads, then deletes it).
+    /// A checkpoint file was written (the receiver uploads, then moves or deletes it).
     Checkpoint {
         /// Last finished epoch in it.
         epoch: u32,
@@ -38,6 +45,15 @@ pub enum TrainEvent {
         path: PathBuf,
         /// The trial's last checkpoint.
         is_final: bool,
+    },
+    /// An artifact file (safetensors) was written: latent codes, samples, reconstructions.
+    Artifact {
+        /// Unique within the trial, e.g. `latents`, `samples-e10`.
+        name: String,
+        /// Epoch it belongs to.
+        epoch: u32,
+        /// Where it lies.
+        path: PathBuf,
     },
 }
 
@@ -95,14 +111,18 @@ impl Events<'_> {
     }
 }
 
-/// The inputs of a run besides the task: local dataset files, the checkpoint to resume, a scratch dir.
+/// The inputs of a run besides the task.
 #[derive(Debug)]
 pub struct RunInputs<'a> {
-    /// Dataset files by the name the loader expects.
+    /// Dataset files by their relative name, each at its local path under `dataset_root`.
     pub dataset_files: &'a BTreeMap<String, PathBuf>,
+    /// The folder holding the dataset's files under their relative names.
+    pub dataset_root: &'a Path,
     /// A checkpoint to resume from.
     pub resume_from: Option<&'a Path>,
-    /// Where checkpoints are written before upload.
+    /// A checkpoint to initialise weights from (the classifier's pretrained autoencoder).
+    pub init_from: Option<&'a Path>,
+    /// Where checkpoints and artifacts are written before upload.
     pub scratch_dir: &'a Path,
     /// Where to compute.
     pub device: Device,
@@ -112,5 +132,121 @@ pub struct RunInputs<'a> {
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     match task.kind {
         TrialKind::DaeFold => dae::run_fold(task, inputs, events),
+        TrialKind::DaeFinal => dae::run_final(task, inputs, events),
+        TrialKind::Classifier => classifier::run(task, inputs, events),
+        TrialKind::Wgan => wgan::run(task, inputs, events),
     }
+}
+
+/// Seed streams: each kind of randomness of each epoch gets its own seed.
+pub(crate) mod streams {
+    /// Shuffling of epoch e: `SHUFFLE + e`.
+    pub const SHUFFLE: u64 = 1 << 32;
+    /// Input noise / GAN noise of epoch e: `NOISE + e`.
+    pub const NOISE: u64 = 2 << 32;
+    /// The fixed noise of evaluation sets and sample grids.
+    pub const EVALUATION: u64 = u64::MAX;
+}
+
+/// The trainable variables of `vars`, by name, sorted (so optimizer state keys are stable).
+pub fn trainable(vars: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// `value` if finite, else the divergence error naming `what`.
+pub fn finite(value: f64, epoch: u32, what: &'static str) -> Result<f64, TrainError> {
+    if value.is_finite() {
+        return Ok(value);
+    }
+    Err(TrainError::Diverged { epoch, what, value })
+}
+
+/// Whether epoch `epoch` ends with a checkpoint, and whether it is the final one.
+pub fn checkpoint_due(task: &Task, epoch: u32) -> Option<bool> {
+    let is_final = epoch == task.config.epochs;
+    let periodic = task.checkpoint_every > 0 && epoch % task.checkpoint_every == 0;
+    (is_final || periodic).then_some(is_final)
+}
+
+/// Writes a checkpoint into the scratch folder and announces it.
+pub fn save_checkpoint(
+    task: &Task,
+    inputs: &RunInputs<'_>,
+    vars: &nn::VarStore,
+    optimizers: &[&Adam],
+    epoch: u32,
+    is_final: bool,
+    events: &mut Events<'_>,
+) -> Result<(), TrainError> {
+    let path = inputs.scratch_dir.join(format!("{}-a{}-e{epoch}.safetensors", task.id, task.attempt));
+    checkpoint::save(&path, vars, optimizers, epoch)?;
+    (events.emit)(TrainEvent::Checkpoint { epoch, path, is_final });
+    Ok(())
+}
+
+/// Writes named tensors as a safetensors artifact into the scratch folder and announces it.
+pub fn emit_artifact(
+    task: &Task,
+    inputs: &RunInputs<'_>,
+    name: &str,
+    epoch: u32,
+    tensors: &[(&str, Tensor)],
+    events: &mut Events<'_>,
+) -> Result<(), TrainError> {
+    let path = inputs.scratch_dir.join(format!("{}-a{}-{name}.safetensors", task.id, task.attempt));
+    let on_cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (*n, t.to_device(Device::Cpu))).collect();
+    Tensor::write_safetensors(&on_cpu, &path)
+        .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
+    (events.emit)(TrainEvent::Artifact { name: name.to_string(), epoch, path });
+    Ok(())
+}
+
+/// Loads the task's dataset by its format, applies the sample limits, and moves it to the device.
+pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
+    let spec = &task.dataset;
+    let loaded = match spec.format.as_str() {
+        "idx" => data::load_idx(inputs.dataset_files)?,
+        "image-folder" => data::image_folder::load_image_folder(inputs.dataset_root, spec.image_size)?,
+        "nifti" => {
+            let volumes: Vec<PathBuf> = inputs
+                .dataset_files
+                .iter()
+                .filter(|(name, _)| name.ends_with(".nii") || name.ends_with(".nii.gz"))
+                .map(|(_, path)| path.clone())
+                .collect();
+            let train = data::nifti::load_nifti_slices(&volumes, spec.image_size, spec.min_foreground)?;
+            let test = ImageSet { images: train.images.narrow(0, 0, 0), labels: train.labels.narrow(0, 0, 0) };
+            TrainTest { train, test }
+        }
+        other => return Err(TrainError::Invalid(format!("unknown dataset format {other:?}"))),
+    };
+    Ok(TrainTest {
+        train: to_device(loaded.train.truncate(spec.train_limit), inputs.device),
+        test: to_device(loaded.test.truncate(spec.test_limit), inputs.device),
+    })
+}
+
+/// Appends the task's augmented copies (seed §1.1) to a training set.
+pub fn augment(task: &Task, train: ImageSet) -> ImageSet {
+    let Some(augment) = &task.config.augment else {
+        return train;
+    };
+    let ranges = AugmentRanges { rotate_deg: augment.rotate_deg, translate: augment.translate, shear_deg: augment.shear_deg };
+    let mut images = vec![train.images.shallow_clone()];
+    let mut labels = vec![train.labels.shallow_clone()];
+    for copy in 0..augment.copies {
+        let seed = crate::data::split::derive_seed(augment.seed, u64::from(copy));
+        images.push(tch::no_grad(|| augmented_copy(&train.images, &ranges, seed)));
+        labels.push(train.labels.shallow_clone());
+    }
+    ImageSet { images: Tensor::cat(&images, 0), labels: Tensor::cat(&labels, 0) }
+}
+
+fn to_device(set: ImageSet, device: Device) -> ImageSet {
+    if device == Device::Cpu {
+        return set;
+    }
+    ImageSet { images: set.images.to_device(device), labels: set.labels.to_device(device) }
 }

@@ -1,0 +1,94 @@
+//! The classifier fine-tune (report §1.5): the final autoencoder's encoder plus a new head,
+//! trained on noisy inputs with a smaller learning rate for the encoder.
+
+use std::time::Instant;
+
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
+use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use crate::checkpoint::Loaded;
+use crate::data::ImageSet;
+use crate::model::classifier::Classifier;
+use crate::optim::{Adam, ParamGroup};
+use crate::task::Task;
+
+/// Test loss and accuracy of the classifier on `noisy` inputs.
+fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor) -> (f64, f64) {
+    tch::no_grad(|| {
+        let log_probs = Tensor::cat(&noisy.split(1024, 0).iter().map(|c| model.forward_t(c, false)).collect::<Vec<_>>(), 0);
+        let loss = log_probs.nll_loss(labels).double_value(&[]);
+        let correct = log_probs.argmax(-1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        (loss, correct)
+    })
+}
+
+/// `classifier`: fine-tune from the `init_from` autoencoder checkpoint; reports `train_loss`,
+/// `test_loss` and `test_accuracy` (noisy test inputs) per epoch, and exports the fine-tuned
+/// encoder's `latents` of the clean test set at the end.
+pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
+    let config = &task.config;
+    let data = super::load_dataset(task, inputs)?;
+    if data.test.is_empty() {
+        return Err(TrainError::Invalid("the classifier needs a test set".into()));
+    }
+    let train: ImageSet = super::augment(task, data.train);
+    if config.batch_size == 0 || config.batch_size > train.len() {
+        return Err(TrainError::Invalid(format!("batch size {} with {} training samples", config.batch_size, train.len())));
+    }
+    tch::manual_seed(config.seed as i64);
+    let mut vars = nn::VarStore::new(inputs.device);
+    let model = Classifier::new(&vars.root(), config.latent);
+    let (encoder, head): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(name, _)| Classifier::is_encoder_variable(name));
+    let groups = vec![
+        ParamGroup { params: encoder, lr: config.lr_encoder, weight_decay: config.weight_decay },
+        ParamGroup { params: head, lr: config.lr, weight_decay: config.weight_decay },
+    ];
+    let mut optimizer = Adam::new(groups, BETAS, EPS);
+    let mut done_epochs = 0;
+    if let Some(path) = inputs.resume_from {
+        let loaded = Loaded::read(path)?;
+        loaded.restore_model(&mut vars)?;
+        loaded.restore_optimizer(&mut optimizer)?;
+        done_epochs = loaded.epoch()?;
+    } else {
+        let pretrained = inputs.init_from.ok_or_else(|| TrainError::Invalid("no pretrained autoencoder".into()))?;
+        Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
+    }
+
+    let test_noisy = fixed_noisy(&data.test.images, config);
+    for epoch in done_epochs + 1..=config.epochs {
+        let started = Instant::now();
+        let mut weighted_loss = 0.0;
+        for_each_batch(train.len(), config, epoch, train.images.device(), events, |batch| {
+            let noisy = corrupt(&train.images.index_select(0, batch), config.noise_std);
+            let loss = model.forward_t(&noisy, true).nll_loss(&train.labels.index_select(0, batch));
+            optimizer.zero_grad();
+            loss.backward();
+            optimizer.step();
+            weighted_loss += loss.double_value(&[]) * batch.size()[0] as f64;
+            Ok(())
+        })?;
+        let train_loss = finite(weighted_loss / train.len() as f64, epoch, "train_loss")?;
+        let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels);
+        (events.emit)(TrainEvent::Epoch(EpochReport {
+            epoch,
+            values: vec![
+                ("train_loss".into(), train_loss),
+                ("test_loss".into(), finite(test_loss, epoch, "test_loss")?),
+                ("test_accuracy".into(), test_accuracy),
+            ],
+            seconds: started.elapsed().as_secs_f64(),
+            samples: train.len() as u64,
+        }));
+        if let Some(is_final) = checkpoint_due(task, epoch) {
+            save_checkpoint(task, inputs, &vars, &[&optimizer], epoch, is_final, events)?;
+        }
+    }
+    if done_epochs >= config.epochs {
+        save_checkpoint(task, inputs, &vars, &[&optimizer], config.epochs, true, events)?;
+    }
+    let latents = latent_codes(&model.encoder, &data.test.images);
+    emit_artifact(task, inputs, "latents", config.epochs, &[("latents", latents), ("labels", data.test.labels.shallow_clone())], events)
+}
