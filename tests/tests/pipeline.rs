@@ -1,0 +1,147 @@
+//! The seed's two experiments end to end on a real cluster, at test scale:
+//! - the autoencoder pipeline: cross-validation, the winner retrained (`final`), a classifier
+//!   fine-tuned from it (`finetune`), with their artifacts;
+//! - the WGAN-GP on real MRI slices (one replica).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_cluster_tests::{repo_root, Cluster};
+use serde_json::Value;
+use tch::Tensor;
+
+fn submit(cluster: &Cluster, name: &str, text: &str) -> String {
+    let path = cluster.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    cluster.client_ok(&["submit", &path.to_string_lossy()]).trim().to_string()
+}
+
+fn download_tensors(cluster: &Cluster, sha256: &str) -> BTreeMap<String, Tensor> {
+    let output = cluster.dir.path().join(format!("{sha256}.safetensors"));
+    cluster.client_ok(&["download", sha256, "-o", &output.to_string_lossy()]);
+    Tensor::read_safetensors(Path::new(&output)).unwrap().into_iter().collect()
+}
+
+fn trials_of<'a>(results: &'a Value, stage: &str) -> Vec<&'a Value> {
+    results["trials"].as_array().unwrap().iter().filter(|t| t["stage"] == stage).collect()
+}
+
+#[test]
+fn autoencoder_pipeline_runs_cv_then_final_then_finetune() {
+    let mut cluster = Cluster::start();
+    cluster.add_worker("w0");
+    cluster.add_worker("w1");
+    let text = format!(
+        r#"
+name = "pipeline"
+seed = 3
+[dataset]
+format = "idx"
+path = "{}"
+train_limit = 400
+test_limit = 200
+[augment]
+copies = 1
+[model]
+kind = "dae"
+[cv]
+folds = 2
+epochs = 2
+batch_size = 32
+[cv.grid]
+lr = [1e-3, 1e-5]
+[final]
+epochs = 2
+[finetune]
+epochs = 2
+batch_size = 32
+"#,
+        repo_root().join("data/mnist-sample").display()
+    );
+    let sweep_id = submit(&cluster, "pipeline.toml", &text);
+    let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
+    assert_eq!(state.trim(), "succeeded");
+    let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
+
+    assert_eq!(trials_of(&results, "cv").len(), 4);
+    let winner = results["configs"].as_array().unwrap().iter().find(|c| c["winner"] == true).unwrap();
+    let finals = trials_of(&results, "final");
+    assert_eq!(finals.len(), 1);
+    let final_trial = finals[0];
+    assert_eq!(final_trial["config"], winner["config"], "final trains the cross-validation winner");
+    assert_eq!(final_trial["kind"], "dae-final");
+    for epoch in final_trial["epochs"].as_array().unwrap() {
+        assert!(epoch["values"]["test_mse"].as_f64().unwrap() > 0.0, "{epoch}");
+    }
+    let artifacts = final_trial["artifacts"].as_object().unwrap();
+    for name in ["latents", "reconstructions-e1", "reconstructions-e2"] {
+        assert!(artifacts.contains_key(name), "final lacks {name}: {artifacts:?}");
+    }
+    let latents = download_tensors(&cluster, artifacts["latents"].as_str().unwrap());
+    assert_eq!(latents["latents"].size(), [200, 4]);
+    assert_eq!(latents["labels"].size(), [200]);
+    let reconstructions = download_tensors(&cluster, artifacts["reconstructions-e2"].as_str().unwrap());
+    assert_eq!(reconstructions["output"].size(), [8, 1, 28, 28]);
+
+    let finetune = trials_of(&results, "finetune");
+    assert_eq!(finetune.len(), 1);
+    assert_eq!(finetune[0]["kind"], "classifier");
+    let epochs = finetune[0]["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    let accuracy = epochs[1]["values"]["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
+    assert!(finetune[0]["artifacts"]["latents"].is_string());
+
+    let table = cluster.client_ok(&["results", &sweep_id]);
+    for needle in ["stage cv: 4 trial(s)", "stage final: 1 trial(s)", "stage finetune: 1 trial(s)", "test_accuracy per epoch"] {
+        assert!(table.contains(needle), "{needle} missing from:\n{table}");
+    }
+}
+
+#[test]
+fn wgan_trains_on_real_mri_slices() {
+    let mut cluster = Cluster::start();
+    cluster.add_worker("w0");
+    let text = format!(
+        r#"
+name = "gan"
+[dataset]
+format = "nifti"
+path = "{}"
+train_limit = 24
+[model]
+kind = "wgan-gp"
+widths = [32, 16, 8, 4]
+[train]
+epochs = 2
+batch_size = 4
+critic_steps = 2
+sample_every = 1
+sample_count = 4
+checkpoint_every = 1
+"#,
+        repo_root().join("data/mri-sample").display()
+    );
+    let sweep_id = submit(&cluster, "gan.toml", &text);
+    let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
+    assert_eq!(state.trim(), "succeeded");
+    let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
+    let train = trials_of(&results, "train");
+    assert_eq!(train.len(), 1);
+    let epochs = train[0]["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    for epoch in epochs {
+        for key in ["critic_loss", "generator_loss", "wasserstein", "gradient_penalty"] {
+            assert!(epoch["values"][key].as_f64().unwrap().is_finite(), "{key}: {epoch}");
+        }
+    }
+    let artifacts = train[0]["artifacts"].as_object().unwrap();
+    let real = download_tensors(&cluster, artifacts["real"].as_str().unwrap());
+    assert_eq!(real["images"].size(), [4, 1, 64, 64]);
+    let samples = download_tensors(&cluster, artifacts["samples-e2"].as_str().unwrap());
+    assert_eq!(samples["images"].size(), [4, 1, 64, 64]);
+    let max = samples["images"].abs().max().double_value(&[]);
+    assert!(max <= 1.0, "tanh output: {max}");
+    assert!(train[0]["final_checkpoint"].is_string());
+}
