@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo clean-runs
+.PHONY: all build test demo bench-seed clean-runs
 
 all: build
 
@@ -31,6 +31,10 @@ test: build
 
 demo: build
 	$(BIN)/coordinator local examples/demo.toml --workers 2
+
+# The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
+bench-seed: build
+	$(VENV)/bin/python tools/bench/seed_recipe.py
 
 clean-runs:
 	rm -rf runs report

@@ -8,6 +8,7 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use super::dae::Encoder;
+use super::torch_linear;
 
 /// Width of the classifier's hidden layer.
 pub const HIDDEN: i64 = 256;
@@ -29,8 +30,8 @@ impl Classifier {
         let head = path / "head";
         Self {
             encoder: Encoder::new(&(path / "encoder"), latent),
-            fc1: nn::linear(&head / "fc1", latent, HIDDEN, Default::default()),
-            fc2: nn::linear(&head / "fc2", HIDDEN, CLASSES, Default::default()),
+            fc1: torch_linear(&head / "fc1", latent, HIDDEN),
+            fc2: torch_linear(&head / "fc2", HIDDEN, CLASSES),
         }
     }
 

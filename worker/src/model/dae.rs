@@ -7,17 +7,21 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use super::{torch_default_init, torch_linear};
+
 /// Features after the last convolution: 32 channels of 3×3.
 pub const CONV_FEATURES: i64 = 32 * 3 * 3;
 /// Width of the hidden linear layer.
 pub const HIDDEN: i64 = 64;
 
 fn conv(path: nn::Path, c_in: i64, c_out: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(path, c_in, c_out, 3, nn::ConvConfig { stride: 2, padding, ..Default::default() })
+    let init = torch_default_init(c_in * 3 * 3);
+    nn::conv2d(path, c_in, c_out, 3, nn::ConvConfig { stride: 2, padding, ws_init: init, bs_init: init, ..Default::default() })
 }
 
 fn deconv(path: nn::Path, c_in: i64, c_out: i64, padding: i64, output_padding: i64) -> nn::ConvTranspose2D {
-    let config = nn::ConvTransposeConfig { stride: 2, padding, output_padding, ..Default::default() };
+    let init = torch_default_init(c_out * 3 * 3);
+    let config = nn::ConvTransposeConfig { stride: 2, padding, output_padding, ws_init: init, bs_init: init, ..Default::default() };
     nn::conv_transpose2d(path, c_in, c_out, 3, config)
 }
 
@@ -38,8 +42,8 @@ impl Encoder {
             conv1: conv(path / "conv1", 1, 8, 1),
             conv2: conv(path / "conv2", 8, 16, 1),
             conv3: conv(path / "conv3", 16, 32, 0),
-            fc1: nn::linear(path / "fc1", CONV_FEATURES, HIDDEN, Default::default()),
-            fc2: nn::linear(path / "fc2", HIDDEN, latent, Default::default()),
+            fc1: torch_linear(path / "fc1", CONV_FEATURES, HIDDEN),
+            fc2: torch_linear(path / "fc2", HIDDEN, latent),
         }
     }
 }
@@ -73,8 +77,8 @@ impl Decoder {
     /// Builds the decoder's variables under `path`.
     pub fn new(path: &nn::Path, latent: i64) -> Self {
         Self {
-            fc1: nn::linear(path / "fc1", latent, HIDDEN, Default::default()),
-            fc2: nn::linear(path / "fc2", HIDDEN, CONV_FEATURES, Default::default()),
+            fc1: torch_linear(path / "fc1", latent, HIDDEN),
+            fc2: torch_linear(path / "fc2", HIDDEN, CONV_FEATURES),
             deconv1: deconv(path / "deconv1", 32, 16, 0, 0),
             deconv2: deconv(path / "deconv2", 16, 8, 1, 1),
             deconv3: deconv(path / "deconv3", 8, 1, 1, 1),
@@ -137,5 +141,17 @@ mod tests {
         let names: Vec<String> = vs.variables().into_keys().collect();
         assert!(names.contains(&"encoder.conv3.weight".to_string()), "{names:?}");
         assert!(names.contains(&"decoder.deconv3.bias".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn initialisation_follows_pytorch_bounds() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _dae = Dae::new(&vs.root(), 4);
+        let variables = vs.variables();
+        // conv1: fan_in 1·3·3 → bound 1/3; deconv1 (transposed): fan_in out 16·3·3 → 1/12; fc1: 288.
+        for (name, bound) in [("encoder.conv1.weight", 1.0 / 3.0), ("encoder.conv1.bias", 1.0 / 3.0), ("decoder.deconv1.weight", 1.0 / 12.0), ("encoder.fc1.bias", 1.0 / 288f64.sqrt())] {
+            let max = variables[name].abs().max().double_value(&[]);
+            assert!(max <= bound && max > bound * 0.5, "{name}: max |w| {max}, bound {bound}");
+        }
     }
 }
