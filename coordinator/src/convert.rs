@@ -32,7 +32,7 @@ pub fn dataset_files(files: Vec<pb::DatasetFile>) -> Result<Vec<(String, BlobRef
 
 /// Leases a worker says it holds.
 pub fn leases(running: Vec<pb::RunningTask>) -> Vec<Lease> {
-    running.into_iter().map(|r| Lease { task_id: r.task_id, attempt: r.attempt }).collect()
+    running.into_iter().map(|r| Lease { task_id: r.task_id, attempt: r.attempt, rank: r.rank, world: 0 }).collect()
 }
 
 /// A failure kind from the wire (unspecified counts as infrastructure: retrying is the safe side).
@@ -110,7 +110,7 @@ fn fold(fold: &FoldSpec) -> pb::FoldSpec {
     pb::FoldSpec { folds: fold.folds, index: fold.index, shuffle_seed: fold.shuffle_seed }
 }
 
-/// A task spec for the wire.
+/// A task spec for the wire (rank 0 of `spec.replicas`; a dispatch sets the worker's own rank).
 pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, resume_from: Option<BlobRef>) -> pb::TaskSpec {
     pb::TaskSpec {
         task_id: task_id.to_string(),
@@ -126,12 +126,17 @@ pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, 
         init_from: spec.init_from.clone().map(Into::into),
         stage: spec.stage.clone(),
         config_label: spec.config_label.clone(),
+        rank: 0,
+        world_size: spec.replicas,
     }
 }
 
 impl From<Dispatch> for pb::TaskSpec {
     fn from(d: Dispatch) -> Self {
-        task_spec(&d.task_id, &d.sweep_id, d.attempt, &d.spec, d.resume_from)
+        let mut spec = task_spec(&d.task_id, &d.sweep_id, d.attempt, &d.spec, d.resume_from);
+        spec.rank = d.rank;
+        spec.world_size = d.world;
+        spec
     }
 }
 
@@ -189,7 +194,7 @@ impl From<TaskView> for pb::TaskResult {
         pb::TaskResult {
             spec: Some(task_spec(&entry.id, &entry.sweep_id, entry.attempt, &view.task.spec, None)),
             state: task_state(entry.state) as i32,
-            worker: entry.worker.clone().unwrap_or_default(),
+            worker: entry.members.join(","),
             error: entry.error.clone().unwrap_or_default(),
             epochs: view.epochs.into_iter().map(epoch).collect(),
             checkpoints: view.checkpoints.into_iter().map(checkpoint).collect(),

@@ -71,6 +71,10 @@ pub struct Dispatch {
     pub sweep_id: String,
     /// Attempt number.
     pub attempt: u32,
+    /// This worker's rank in the gang (0 for a plain task).
+    pub rank: u32,
+    /// The gang's size (1 for a plain task).
+    pub world: u32,
     /// What to run.
     pub spec: TrialSpec,
     /// The checkpoint to resume from (a retried attempt).
@@ -193,20 +197,9 @@ fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<Tri
         .enumerate()
         .map(|(offset, spec)| {
             let index = first_index + offset;
-            StoredTask {
-                entry: TaskEntry {
-                    id: format!("{sweep_id}.t{index}"),
-                    sweep_id: sweep_id.to_string(),
-                    order: (sweep_seq << 20) | index as u64,
-                    state: TaskState::Queued,
-                    attempt: 0,
-                    max_attempts: spec.max_attempts,
-                    worker: None,
-                    lease_expires: None,
-                    error: None,
-                },
-                spec,
-            }
+            let entry =
+                TaskEntry::queued(format!("{sweep_id}.t{index}"), sweep_id.to_string(), (sweep_seq << 20) | index as u64, spec.max_attempts, spec.replicas);
+            StoredTask { entry, spec }
         })
         .collect()
 }
@@ -409,7 +402,15 @@ impl Core {
             _ => inner.store.latest_checkpoint(&lease.task_id)?.map(|c| c.blob),
         };
         tracing::info!(task = %lease.task_id, worker = %worker_id, attempt = lease.attempt, resume = resume_from.is_some(), "task leased");
-        Ok(Some(Dispatch { task_id: lease.task_id, sweep_id: stored.entry.sweep_id, attempt: lease.attempt, spec: stored.spec, resume_from }))
+        Ok(Some(Dispatch {
+            task_id: lease.task_id,
+            sweep_id: stored.entry.sweep_id,
+            attempt: lease.attempt,
+            rank: lease.rank,
+            world: lease.world,
+            spec: stored.spec,
+            resume_from,
+        }))
     }
 
     /// Records epochs reported by the lease holder.
@@ -497,14 +498,45 @@ impl Core {
         }
         let changed = inner.scheduler.cancel_sweep(sweep_id);
         self.persist(&mut inner, &changed)?;
-        inner.store.mark_cancelled(sweep_id)?;
+        inner.store.set_cancelled(sweep_id, true)?;
         Ok(changed.len() as u32)
     }
 
-    /// Registered workers: (id, name, seconds since last heard of).
-    pub fn workers(&self) -> Vec<(String, String, f64)> {
+    /// Queues a sweep's failed and cancelled trials again (each with its full attempt budget);
+    /// returns how many. When none is left to retry but a stage is missing, plans it.
+    pub fn retry(&self, sweep_id: &str) -> Result<u32, CoreError> {
+        let mut inner = self.lock();
+        if inner.store.sweep(sweep_id)?.is_none() {
+            return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
+        }
+        let budgets: std::collections::HashMap<String, u32> =
+            inner.store.tasks(Some(sweep_id))?.into_iter().map(|t| (t.entry.id, t.spec.max_attempts)).collect();
+        let changed = inner.scheduler.retry_sweep(sweep_id, |id| budgets.get(id).copied().unwrap_or(1));
+        inner.store.set_cancelled(sweep_id, false)?;
+        self.persist(&mut inner, &changed)?;
+        if changed.is_empty() {
+            self.advance(&mut inner, sweep_id)?;
+        }
+        drop(inner);
+        tracing::info!(sweep = %sweep_id, requeued = changed.len(), "sweep retried");
+        self.work_available.notify_waiters();
+        Ok(changed.len() as u32)
+    }
+
+    /// Registered workers: (id, name, seconds since last heard of, leased task).
+    pub fn workers(&self) -> Vec<(String, String, f64, Option<String>)> {
         let now = self.now();
-        self.lock().scheduler.workers().into_iter().map(|(id, name, seen)| (id, name, now.saturating_sub(seen) as f64 / 1000.0)).collect()
+        let inner = self.lock();
+        let leases = inner.scheduler.leases_by_worker();
+        inner
+            .scheduler
+            .workers()
+            .into_iter()
+            .map(|(id, name, seen)| {
+                let task = leases.get(&id).cloned();
+                (id, name, now.saturating_sub(seen) as f64 / 1000.0, task)
+            })
+            .collect()
     }
 
     fn summarize(record: SweepRecord, tasks: &[StoredTask]) -> SweepSummary {

@@ -154,6 +154,13 @@ pub struct TrialSpec {
     /// Initialise from this checkpoint (the classifier's pretrained autoencoder).
     #[serde(default)]
     pub init_from: Option<BlobRef>,
+    /// Workers that train it together (a gang; 1 for a plain trial).
+    #[serde(default = "one")]
+    pub replicas: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Where a task stands.

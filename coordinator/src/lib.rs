@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod domain;
 pub mod plan;
 pub mod scheduler;
+pub mod search;
 pub mod selection;
 pub mod server;
 pub mod service;

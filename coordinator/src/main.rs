@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cli::{connect, local, results, submit, Format};
+use cli::{connect, local, results, submit, watch, Format};
 use cohort_coordinator::core::CoreConfig;
 use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::server::BoundServer;
@@ -44,9 +44,12 @@ enum Command {
     Submit {
         /// The sweep file (TOML).
         file: PathBuf,
-        /// Print the plan (every trial) without submitting.
+        /// Print the plan (every stage and trial) without submitting.
         #[arg(long)]
         dry_run: bool,
+        /// Follow the sweep's progress until it ends, then print its results.
+        #[arg(long, conflicts_with = "dry_run")]
+        watch: bool,
         /// Output format of the plan.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -75,10 +78,34 @@ enum Command {
         #[arg(long)]
         timeout: Option<u64>,
     },
-    /// Cancel a sweep's unfinished trials.
+    /// Follow a sweep's progress (a bar per stage, a line per running trial) until it ends.
+    Watch {
+        /// The sweep id.
+        id: String,
+    },
+    /// Cancel a sweep's unfinished trials (running ones are stopped on their workers).
     Cancel {
         /// The sweep id.
         id: String,
+    },
+    /// Run a sweep's failed and cancelled trials again; finished ones are kept.
+    Retry {
+        /// The sweep id.
+        id: String,
+    },
+    /// List the workers the coordinator knows, and what each runs.
+    Workers {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// List a sweep's checkpoints.
+    Checkpoints {
+        /// The sweep id.
+        id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Download a checkpoint: a blob hash, or a task id (its final checkpoint).
     Download {
@@ -113,8 +140,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn print_sweeps(sweeps: Vec<pb::SweepSummary>, format: Format) -> anyhow::Result<()> {
+fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result<()> {
     if format == Format::Json {
+        let rows: Vec<serde_json::Value> = workers
+            .iter()
+            .map(|w| serde_json::json!({"worker_id": w.worker_id, "name": w.name, "last_seen_secs": w.last_seen_secs, "task_id": w.task_id}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<12} {:<24} {:>10} task", "worker", "name", "last seen");
+    for w in workers {
+        println!("{:<12} {:<24} {:>9.1}s {}", w.worker_id, w.name, w.last_seen_secs, if w.task_id.is_empty() { "-" } else { &w.task_id });
+    }
+    Ok(())
+}
+
+fn print_sweeps(sweeps: Vec<pb::SweepSummary>, format: Format) -> anyhow::Result<()> {
+    if format != Format::Table {
         let rows: Vec<serde_json::Value> = sweeps
             .iter()
             .map(|s| {
@@ -152,12 +195,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts }).await?;
             server.serve(shutdown_signal()).await?;
         }
-        Command::Submit { file, dry_run, format } => {
+        Command::Submit { file, dry_run, watch, format } => {
             let sweep = submit::read(&file)?;
             let mut client = connect(&url).await?;
             let response = submit::submit(&mut client, &sweep, dry_run).await?;
             match (dry_run, format) {
-                (true, Format::Table) => submit::print_plan(&response),
+                (true, Format::Table | Format::Csv) => submit::print_plan(&response),
                 (true, Format::Json) => {
                     let stages: Vec<serde_json::Value> = response
                         .stages
@@ -169,6 +212,33 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 (false, _) => println!("{}", response.sweep_id),
             }
+            if watch {
+                let state = watch::watch(&mut client, &response.sweep_id).await?;
+                if state != "succeeded" {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Command::Watch { id } => {
+            let mut client = connect(&url).await?;
+            let state = watch::watch(&mut client, &id).await?;
+            if state != "succeeded" {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Retry { id } => {
+            let mut client = connect(&url).await?;
+            let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{} trials queued again", response.into_inner().requeued);
+        }
+        Command::Workers { format } => {
+            let mut client = connect(&url).await?;
+            let workers = client.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+            print_workers(workers, format)?;
+        }
+        Command::Checkpoints { id, format } => {
+            let mut client = connect(&url).await?;
+            results::print_checkpoints(&mut client, &id, format == Format::Json).await?;
         }
         Command::Status { id: None, format } => {
             let mut client = connect(&url).await?;
@@ -181,6 +251,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Table => results::print_table(&results),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+                Format::Csv => results::print_csv(&results),
             }
         }
         Command::Wait { id, timeout } => {

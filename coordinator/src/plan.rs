@@ -6,6 +6,7 @@
 //! `final` trains the cross-validation winner, `finetune` starts from `final`'s checkpoint.
 
 use crate::domain::{AugmentSpec, BlobRef, DatasetSpec, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use crate::search::{self, Hyper};
 use crate::selection::{self, FoldResult};
 use crate::sweep::SweepFile;
 
@@ -36,14 +37,14 @@ fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
     })
 }
 
-fn dae_config(sweep: &SweepFile, lr: f64, weight_decay: f64, batch_size: u32, epochs: u32) -> TrainingConfig {
+fn dae_config(sweep: &SweepFile, hyper: &Hyper, epochs: u32) -> TrainingConfig {
     TrainingConfig {
-        lr,
-        weight_decay,
-        batch_size,
+        lr: hyper.lr,
+        weight_decay: hyper.weight_decay,
+        batch_size: hyper.batch_size,
         epochs,
-        noise_std: sweep.noise.std,
-        latent: sweep.model.latent,
+        noise_std: hyper.noise_std,
+        latent: hyper.latent,
         // Every config starts from the same initialisation: configs differ only in hyperparameters.
         seed: sweep.seed,
         lr_encoder: 0.0,
@@ -59,55 +60,77 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
     }
     let Some(cv) = &sweep.cv else {
         let stage = sweep.final_stage.as_ref().expect("validated: cv or final");
-        let (lr, weight_decay, batch_size) = (stage.lr.unwrap_or(1e-3), stage.weight_decay.unwrap_or(0.0), stage.batch_size.unwrap_or(256));
-        return vec![final_trial(sweep, dataset, lr, weight_decay, batch_size)];
+        let hyper = Hyper {
+            lr: stage.lr.unwrap_or(1e-3),
+            weight_decay: stage.weight_decay.unwrap_or(0.0),
+            batch_size: stage.batch_size.unwrap_or(256),
+            noise_std: sweep.noise.std,
+            latent: sweep.model.latent,
+        };
+        let label = config_label(hyper.lr, hyper.weight_decay, hyper.batch_size);
+        return vec![final_trial(sweep, dataset, &hyper, label)];
     };
     let mut trials = Vec::new();
-    let mut config_index = 0;
-    for lr in sweep.lrs() {
-        for weight_decay in sweep.weight_decays() {
-            for batch_size in sweep.batch_sizes() {
-                let label = config_label(lr, weight_decay, batch_size);
-                for fold in 0..cv.folds {
-                    trials.push(TrialSpec {
-                        stage: stages::CV.into(),
-                        name: format!("cv/c{config_index}/f{fold}"),
-                        config_label: label.clone(),
-                        kind: TrialKind::DaeFold,
-                        config: dae_config(sweep, lr, weight_decay, batch_size, cv.epochs),
-                        dataset: dataset.clone(),
-                        fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
-                        checkpoint_every: cv.checkpoint_every,
-                        max_attempts: cv.max_attempts,
-                        init_from: None,
-                    });
-                }
-                config_index += 1;
-            }
+    let mut labels = std::collections::BTreeSet::new();
+    for (config_index, hyper) in search::configs(sweep, cv).iter().enumerate() {
+        let mut label = search::label(hyper, cv);
+        if !labels.insert(label.clone()) {
+            // A random search may draw the same config twice: keep the configs apart in the tables.
+            label = format!("{label} #{config_index}");
+            labels.insert(label.clone());
+        }
+        for fold in 0..cv.folds {
+            trials.push(TrialSpec {
+                stage: stages::CV.into(),
+                name: format!("cv/c{config_index}/f{fold}"),
+                config_label: label.clone(),
+                kind: TrialKind::DaeFold,
+                config: dae_config(sweep, hyper, cv.epochs),
+                dataset: dataset.clone(),
+                fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
+                checkpoint_every: cv.checkpoint_every,
+                max_attempts: cv.max_attempts,
+                init_from: None,
+                replicas: 1,
+            });
         }
     }
     trials
 }
 
-fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, lr: f64, weight_decay: f64, batch_size: u32) -> TrialSpec {
+fn hyper_of(config: &TrainingConfig) -> Hyper {
+    Hyper { lr: config.lr, weight_decay: config.weight_decay, batch_size: config.batch_size, noise_std: config.noise_std, latent: config.latent }
+}
+
+fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: String) -> TrialSpec {
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     TrialSpec {
         stage: stages::FINAL.into(),
         name: "final".into(),
-        config_label: config_label(lr, weight_decay, batch_size),
+        config_label: label,
         kind: TrialKind::DaeFinal,
-        config: dae_config(sweep, lr, weight_decay, batch_size, stage.epochs),
+        config: dae_config(sweep, hyper, stage.epochs),
         dataset,
         fold: None,
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
         init_from: None,
+        replicas: 1,
     }
 }
 
-fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained: BlobRef) -> TrialSpec {
+fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &TrialSpec, pretrained: BlobRef) -> TrialSpec {
     let stage = sweep.finetune.as_ref().expect("caller checked");
-    let mut config = dae_config(sweep, stage.lr_head, stage.weight_decay, stage.batch_size, stage.epochs);
+    // The encoder's shape (latent size) and the input noise come from the autoencoder it starts from.
+    let pretrained_config = &pretrained_from.config;
+    let hyper = Hyper {
+        lr: stage.lr_head,
+        weight_decay: stage.weight_decay,
+        batch_size: stage.batch_size,
+        noise_std: pretrained_config.noise_std,
+        latent: pretrained_config.latent,
+    };
+    let mut config = dae_config(sweep, &hyper, stage.epochs);
     config.lr_encoder = stage.lr_encoder;
     TrialSpec {
         stage: stages::FINETUNE.into(),
@@ -120,6 +143,7 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained: BlobRef) 
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
         init_from: Some(pretrained),
+        replicas: 1,
     }
 }
 
@@ -156,6 +180,7 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         checkpoint_every: train.checkpoint_every,
         max_attempts: train.max_attempts,
         init_from: None,
+        replicas: sweep.distributed.as_ref().map_or(1, |d| d.replicas),
     }
 }
 
@@ -168,8 +193,9 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     }
     let mut described = Vec::new();
     if let Some(cv) = &sweep.cv {
-        let configs = sweep.lrs().len() * sweep.weight_decays().len() * sweep.batch_sizes().len();
-        let what = format!("{configs} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
+        let configs = sweep.cv_configs().len();
+        let search = if cv.random.is_some() { "random-search" } else { "grid" };
+        let what = format!("{configs} {search} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
         described.push((stages::CV.into(), (configs as u32) * cv.folds, what));
     }
     if let Some(stage) = &sweep.final_stage {
@@ -232,10 +258,10 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
                 return Next::Done;
             };
             let config = &in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec.config;
-            Next::Start(vec![final_trial(sweep, dataset, config.lr, config.weight_decay, config.batch_size)])
+            Next::Start(vec![final_trial(sweep, dataset, &hyper_of(config), winner.config.clone())])
         }
         stages::FINAL if sweep.finetune.is_some() => match (&last.state, &last.final_checkpoint) {
-            (TaskState::Succeeded, Some(checkpoint)) => Next::Start(vec![finetune_trial(sweep, dataset, checkpoint.clone())]),
+            (TaskState::Succeeded, Some(checkpoint)) => Next::Start(vec![finetune_trial(sweep, dataset, last.spec, checkpoint.clone())]),
             _ => Next::Done,
         },
         _ => Next::Done,
@@ -306,7 +332,8 @@ mod tests {
         let cv = initial(&sweep, dataset());
         let failed: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Failed, None, None)).collect();
         assert_eq!(next_stage(&sweep, &failed), Next::Done);
-        let final_spec = final_trial(&sweep, dataset(), 1e-3, 0.0, 256);
+        let hyper = Hyper { lr: 1e-3, weight_decay: 0.0, batch_size: 256, noise_std: 0.3, latent: 4 };
+        let final_spec = final_trial(&sweep, dataset(), &hyper, "x".into());
         assert_eq!(next_stage(&sweep, &[outcome(&final_spec, TaskState::Failed, None, None)]), Next::Done);
     }
 

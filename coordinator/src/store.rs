@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL,
     max_attempts INTEGER NOT NULL,
-    worker TEXT,
+    gang_size INTEGER NOT NULL,
+    members TEXT NOT NULL,
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_sweep ON tasks(sweep_id, ord);
@@ -196,8 +197,8 @@ impl Store {
     fn insert_task_rows(tx: &rusqlite::Transaction<'_>, tasks: &[StoredTask]) -> Result<(), StoreError> {
         {
             let mut insert = tx.prepare(
-                "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, worker, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for task in tasks {
                 let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("trial spec", e))?;
@@ -210,7 +211,8 @@ impl Store {
                     e.state.as_str(),
                     e.attempt,
                     e.max_attempts,
-                    e.worker,
+                    e.gang_size,
+                    members_json(&e.members)?,
                     e.error
                 ])?;
             }
@@ -222,18 +224,19 @@ impl Store {
     pub fn save_tasks<'a>(&mut self, entries: impl IntoIterator<Item = &'a TaskEntry>) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut update = tx.prepare("UPDATE tasks SET state = ?2, attempt = ?3, worker = ?4, error = ?5 WHERE id = ?1")?;
+            let mut update =
+                tx.prepare("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6 WHERE id = ?1")?;
             for e in entries {
-                update.execute(params![e.id, e.state.as_str(), e.attempt, e.worker, e.error])?;
+                update.execute(params![e.id, e.state.as_str(), e.attempt, members_json(&e.members)?, e.error, e.max_attempts])?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Marks a sweep cancelled.
-    pub fn mark_cancelled(&self, sweep_id: &str) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", params![sweep_id])?;
+    /// Marks a sweep cancelled, or (retried) no longer cancelled.
+    pub fn set_cancelled(&self, sweep_id: &str, cancelled: bool) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE sweeps SET cancelled = ?2 WHERE id = ?1", params![sweep_id, cancelled])?;
         Ok(())
     }
 
@@ -355,7 +358,7 @@ impl Store {
 
     fn select_tasks(&self, condition: &str, param: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
         let mut query = self.conn.prepare_cached(&format!(
-            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, worker, error FROM tasks WHERE {condition} ORDER BY ord"
+            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error FROM tasks WHERE {condition} ORDER BY ord"
         ))?;
         let rows = query.query_map(params![param], |r| {
             Ok((
@@ -366,20 +369,27 @@ impl Store {
                 r.get::<_, String>(4)?,
                 r.get::<_, u32>(5)?,
                 r.get::<_, u32>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<String>>(8)?,
+                r.get::<_, u32>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, Option<String>>(9)?,
             ))
         })?;
         let mut tasks = Vec::new();
         for row in rows {
-            let (id, sweep_id, order, spec, state, attempt, max_attempts, worker, error) = row?;
+            let (id, sweep_id, order, spec, state, attempt, max_attempts, gang_size, members, error) = row?;
             let spec: TrialSpec = serde_json::from_str(&spec).map_err(|e| corrupt("trial spec", e))?;
             let state = TaskState::parse(&state).ok_or_else(|| corrupt("task state", &state))?;
-            let entry = TaskEntry { id, sweep_id, order: order as u64, state, attempt, max_attempts, worker, lease_expires: None, error };
+            let members: Vec<String> = serde_json::from_str(&members).map_err(|e| corrupt("task members", e))?;
+            let entry =
+                TaskEntry { id, sweep_id, order: order as u64, state, attempt, max_attempts, gang_size, members, leases: vec![], error };
             tasks.push(StoredTask { entry, spec });
         }
         Ok(tasks)
     }
+}
+
+fn members_json(members: &[String]) -> Result<String, StoreError> {
+    serde_json::to_string(members).map_err(|e| corrupt("task members", e))
 }
 
 fn sweep_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SweepRecord> {
@@ -421,6 +431,7 @@ mod tests {
             checkpoint_every: 1,
             max_attempts: 3,
             init_from: None,
+            replicas: 1,
         }
     }
 
@@ -428,17 +439,7 @@ mod tests {
     fn state_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let mut entry = TaskEntry {
-            id: "s.t0".into(),
-            sweep_id: "s".into(),
-            order: 7,
-            state: TaskState::Queued,
-            attempt: 0,
-            max_attempts: 3,
-            worker: None,
-            lease_expires: None,
-            error: None,
-        };
+        let mut entry = TaskEntry::queued("s.t0".into(), "s".into(), 7, 3, 1);
         {
             let mut store = Store::open(&path).unwrap();
             assert_eq!(store.next_sweep_seq().unwrap(), 1);
@@ -446,7 +447,7 @@ mod tests {
             store.insert_sweep(&sweep, &[StoredTask { entry: entry.clone(), spec: spec() }]).unwrap();
             entry.state = TaskState::Running;
             entry.attempt = 1;
-            entry.worker = Some("w".into());
+            entry.members = vec!["w".into()];
             store.save_tasks([&entry]).unwrap();
             let epoch = EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), 0.5)], seconds: 1.0, samples: 10 };
             store.record_metrics("s.t0", &[epoch.clone()]).unwrap();

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::search::{self, GridSection, Hyper, RandomSection};
+
 /// Why a sweep file was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -131,18 +133,6 @@ fn default_widths() -> [u32; 4] {
     [1024, 512, 256, 128]
 }
 
-/// The values one hyperparameter takes in a grid.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct GridSection {
-    /// Learning rates.
-    pub lr: Option<Vec<f64>>,
-    /// L2 weight decays.
-    pub weight_decay: Option<Vec<f64>>,
-    /// Mini-batch sizes.
-    pub batch_size: Option<Vec<u32>>,
-}
-
 /// `[cv]`: k-fold cross-validation over a grid of hyperparameters.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -166,9 +156,11 @@ pub struct CvSection {
     /// Attempts per trial before it fails for good.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// Hyperparameter axes; every combination is a config, and each config runs `folds` trials.
+    /// Grid search: every combination of the listed values is a config.
     #[serde(default)]
     pub grid: GridSection,
+    /// Random search (instead of a grid): configs drawn from ranges.
+    pub random: Option<RandomSection>,
 }
 
 /// `[final]`: retrain on the whole training set with the cross-validation winner (or, without
@@ -414,23 +406,43 @@ impl SweepFile {
             check.require(cv.folds >= 2, "cv.folds", || format!("{} must be at least 2", cv.folds))?;
             check.at_least_one(cv.epochs, "cv.epochs")?;
             check.at_least_one(cv.max_attempts, "cv.max_attempts")?;
-            let empty = |axis: Option<usize>| axis == Some(0);
+            let grid = &cv.grid;
+            let gridded = grid.lr.is_some() || grid.weight_decay.is_some() || grid.batch_size.is_some() || grid.noise_std.is_some() || grid.latent.is_some();
+            check.require(!(gridded && cv.random.is_some()), "cv.random", || "use either [cv.grid] or [cv.random], not both".into())?;
             for (key, axis) in [
-                ("cv.grid.lr", cv.grid.lr.as_ref().map(Vec::len)),
-                ("cv.grid.weight_decay", cv.grid.weight_decay.as_ref().map(Vec::len)),
-                ("cv.grid.batch_size", cv.grid.batch_size.as_ref().map(Vec::len)),
+                ("cv.grid.lr", grid.lr.as_ref().map(Vec::len)),
+                ("cv.grid.weight_decay", grid.weight_decay.as_ref().map(Vec::len)),
+                ("cv.grid.batch_size", grid.batch_size.as_ref().map(Vec::len)),
+                ("cv.grid.noise_std", grid.noise_std.as_ref().map(Vec::len)),
+                ("cv.grid.latent", grid.latent.as_ref().map(Vec::len)),
             ] {
-                check.require(!empty(axis), key, || "an empty grid axis leaves nothing to train".into())?;
+                check.require(axis != Some(0), key, || "an empty grid axis leaves nothing to train".into())?;
             }
-            for lr in self.lrs() {
-                check.positive(lr, "cv.grid.lr")?;
+            if let Some(random) = &cv.random {
+                check.require((1..=MAX_TRIALS as u32).contains(&random.samples), "cv.random.samples", || format!("{} must be 1 to {MAX_TRIALS}", random.samples))?;
+                for (key, result) in [
+                    ("cv.random.lr", random.lr.as_ref().map(search::check_axis)),
+                    ("cv.random.weight_decay", random.weight_decay.as_ref().map(search::check_axis)),
+                    ("cv.random.batch_size", random.batch_size.as_ref().map(search::check_axis)),
+                    ("cv.random.noise_std", random.noise_std.as_ref().map(search::check_axis)),
+                    ("cv.random.latent", random.latent.as_ref().map(search::check_axis)),
+                ] {
+                    if let Some(Err(message)) = result {
+                        check.require(false, key, || message)?;
+                    }
+                }
             }
-            for wd in self.weight_decays() {
-                check.non_negative(wd, "cv.grid.weight_decay")?;
-            }
-            check.require(!self.batch_sizes().contains(&0), "cv.grid.batch_size", || "must be at least 1".into())?;
-            let trials = self.lrs().len() * self.weight_decays().len() * self.batch_sizes().len() * cv.folds as usize;
+            let configs = search::configs(self, cv);
+            let trials = configs.len() * cv.folds as usize;
             check.require(trials <= MAX_TRIALS, "cv.grid", || format!("expands to {trials} trials, more than the limit of {MAX_TRIALS}"))?;
+            let axis = if cv.random.is_some() { "cv.random" } else { "cv.grid" };
+            for h in &configs {
+                check.positive(h.lr, &format!("{axis}.lr"))?;
+                check.non_negative(h.weight_decay, &format!("{axis}.weight_decay"))?;
+                check.non_negative(h.noise_std, &format!("{axis}.noise_std"))?;
+                check.at_least_one(h.batch_size, &format!("{axis}.batch_size"))?;
+                check.at_least_one(h.latent, &format!("{axis}.latent"))?;
+            }
         }
         if let Some(stage) = &self.final_stage {
             check.at_least_one(stage.epochs, "final.epochs")?;
@@ -482,22 +494,9 @@ impl SweepFile {
         check.require(replicas == 1, "distributed.replicas", || format!("{replicas}: data-parallel training across workers is not available yet; use 1"))
     }
 
-    /// The learning rates to try.
-    pub fn lrs(&self) -> Vec<f64> {
-        let Some(cv) = &self.cv else { return vec![] };
-        cv.grid.lr.clone().unwrap_or_else(|| vec![cv.lr])
-    }
-
-    /// The weight decays to try.
-    pub fn weight_decays(&self) -> Vec<f64> {
-        let Some(cv) = &self.cv else { return vec![] };
-        cv.grid.weight_decay.clone().unwrap_or_else(|| vec![cv.weight_decay])
-    }
-
-    /// The batch sizes to try.
-    pub fn batch_sizes(&self) -> Vec<u32> {
-        let Some(cv) = &self.cv else { return vec![] };
-        cv.grid.batch_size.clone().unwrap_or_else(|| vec![cv.batch_size])
+    /// The cross-validation configs (empty without `[cv]`).
+    pub fn cv_configs(&self) -> Vec<Hyper> {
+        self.cv.as_ref().map(|cv| search::configs(self, cv)).unwrap_or_default()
     }
 
     /// Checks what only the dataset can tell: a batch must fit in the training part of a fold.
@@ -510,7 +509,7 @@ impl SweepFile {
         if let Some(cv) = &self.cv {
             let folds = u64::from(cv.folds);
             let fold_train = usable - usable.div_ceil(folds);
-            if let Some(&largest) = self.batch_sizes().iter().max() {
+            if let Some(largest) = self.cv_configs().iter().map(|h| h.batch_size).max() {
                 check.require(u64::from(largest) <= fold_train, "cv.grid.batch_size", || {
                     format!("batch size {largest} is larger than a fold's {fold_train} training samples")
                 })?;
@@ -570,8 +569,10 @@ batch_size = [256, 512]
     #[test]
     fn parses_the_seed_grid() {
         let sweep = SweepFile::parse(GOOD, "s.toml").unwrap();
-        assert_eq!(sweep.lrs(), vec![1e-3, 1e-4]);
-        assert_eq!(sweep.batch_sizes(), vec![256, 512]);
+        let configs = sweep.cv_configs();
+        assert_eq!(configs.len(), 8);
+        assert_eq!((configs[0].lr, configs[0].batch_size), (1e-3, 256));
+        assert_eq!((configs[7].lr, configs[7].weight_decay, configs[7].batch_size), (1e-4, 1e-6, 512));
         assert_eq!(sweep.noise.std, 0.3);
         assert_eq!(sweep.model.latent, 4);
     }
@@ -595,6 +596,8 @@ batch_size = [256, 512]
         assert!(error_of(&GOOD.replace("folds = 4", "folds = 1")).contains("cv.folds: 1 must be at least 2"));
         assert!(error_of(&GOOD.replace("lr = [1e-3, 1e-4]", "lr = []")).contains("cv.grid.lr: an empty grid axis"));
         assert!(error_of(&GOOD.replace("lr = [1e-3, 1e-4]", "lr = [-1.0]")).contains("cv.grid.lr: -1 must be"));
+        assert!(error_of(&GOOD.replace("[cv.grid]", "[cv.random]\nsamples = 3\n[cv.grid]")).contains("either [cv.grid] or [cv.random]"));
+        assert!(error_of(&GOOD.replace("[cv.grid]\n", "[cv.random]\nsamples = 3\nlr = { min = 1.0, max = 0.1 }\n[cv.grid.unused]\n")).contains("unknown field"));
         assert!(error_of(&GOOD.replace("kind = \"dae\"", "kind = \"vae\"")).contains("model.kind"));
         assert!(error_of(&GOOD.replace("folds = 4", "folds = 4000")).contains("more than the limit"));
     }

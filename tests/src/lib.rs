@@ -47,6 +47,8 @@ pub struct Cluster {
     pub address: SocketAddr,
     /// Running processes.
     pub processes: Vec<Process>,
+    /// The coordinator's `serve` arguments, to restart it alike.
+    coordinator_args: Vec<String>,
 }
 
 impl Cluster {
@@ -59,15 +61,26 @@ impl Cluster {
     pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("cohort-cluster-").tempdir().expect("temp dir");
         let address = free_address();
-        let mut cluster = Cluster { dir, address, processes: Vec::new() };
+        let mut cluster = Cluster { dir, address, processes: Vec::new(), coordinator_args: Vec::new() };
         let data_dir = cluster.dir.path().join("coordinator");
         let listen = address.to_string();
         let data_dir = data_dir.to_string_lossy().into_owned();
         let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir];
         args.extend_from_slice(extra_args);
+        cluster.coordinator_args = args.iter().map(|a| a.to_string()).collect();
         cluster.spawn("coordinator", &binary("coordinator"), &args);
         cluster.wait_until_listening(Duration::from_secs(20));
         cluster
+    }
+
+    /// Kills the coordinator with SIGKILL and starts it again on the same address and data dir.
+    pub fn restart_coordinator(&mut self) {
+        self.kill("coordinator");
+        let generation = self.processes.iter().filter(|p| p.label.starts_with("coordinator")).count();
+        let args: Vec<String> = self.coordinator_args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&format!("coordinator-{generation}"), &binary("coordinator"), &args);
+        self.wait_until_listening(Duration::from_secs(20));
     }
 
     /// The coordinator's URL.
@@ -105,9 +118,9 @@ impl Cluster {
         self.spawn(name, &binary("worker"), &args);
     }
 
-    /// Kills a process by label with SIGKILL (a machine dying), and waits for it.
+    /// Kills the newest process whose label starts with `label` with SIGKILL (a machine dying), and waits for it.
     pub fn kill(&mut self, label: &str) {
-        let process = self.processes.iter_mut().find(|p| p.label == label).unwrap_or_else(|| panic!("no process {label}"));
+        let process = self.processes.iter_mut().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
         process.child.kill().expect("kill");
         process.child.wait().expect("wait");
     }

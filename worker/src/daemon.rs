@@ -57,6 +57,8 @@ const REPORT_RETRY_FOR: Duration = Duration::from_secs(120);
 struct Running {
     task_id: String,
     attempt: u32,
+    /// Its rank in the gang (0 for a plain task).
+    rank: u32,
     stop: Arc<AtomicBool>,
     /// Set when the coordinator no longer wants this run (cancelled or moved): report nothing more.
     abandoned: Arc<AtomicBool>,
@@ -81,25 +83,43 @@ fn is_transient(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled)
 }
 
-/// Retries `call` (given a fresh client handle each time) with exponential backoff while it fails
-/// transiently, for at most `REPORT_RETRY_FOR`.
-async fn with_retry<T, F, Fut>(what: &str, client: &WorkerServiceClient<Channel>, mut call: F) -> Result<T, tonic::Status>
+/// Calls `call` with a fresh client handle and the worker's current id until it succeeds:
+/// - while the coordinator is unreachable (restarting), with exponential backoff, for at most
+///   `REPORT_RETRY_FOR`;
+/// - at once when the worker re-registered meanwhile (its id changed under the call);
+/// - after registering again when the coordinator no longer knows the worker.
+///
+/// Any other refusal (a lease lost to another worker, a cancelled task) is returned.
+async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut call: F) -> Result<T, tonic::Status>
 where
-    F: FnMut(WorkerServiceClient<Channel>) -> Fut,
+    F: FnMut(WorkerServiceClient<Channel>, String) -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     let started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match call(client.clone()).await {
+        let worker_id = shared.worker_id();
+        let status = match call(shared.client.clone(), worker_id.clone()).await {
             Ok(value) => return Ok(value),
-            Err(status) if is_transient(&status) && started.elapsed() < REPORT_RETRY_FOR => {
-                tracing::debug!(what, error = %status.message(), "coordinator unreachable, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(status) => return Err(status),
+            Err(status) => status,
+        };
+        if started.elapsed() >= REPORT_RETRY_FOR {
+            return Err(status);
         }
+        let refused = matches!(status.code(), Code::FailedPrecondition | Code::NotFound);
+        if refused && shared.worker_id() != worker_id {
+            continue;
+        }
+        if status.code() == Code::NotFound && status.message().starts_with("unknown worker") {
+            shared.register().await;
+            continue;
+        }
+        if !is_transient(&status) {
+            return Err(status);
+        }
+        tracing::debug!(what, error = %status.message(), "coordinator unreachable, retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -110,7 +130,7 @@ impl Shared {
 
     fn running_tasks(&self) -> Vec<pb::RunningTask> {
         let running = self.running.lock().unwrap();
-        running.iter().map(|r| pb::RunningTask { task_id: r.task_id.clone(), attempt: r.attempt }).collect()
+        running.iter().map(|r| pb::RunningTask { task_id: r.task_id.clone(), attempt: r.attempt, rank: r.rank }).collect()
     }
 
     fn abandon(&self, task_ids: &[String]) {
@@ -230,7 +250,7 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
 
 /// Runs one leased task to its end and reports the outcome.
 async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
-    let (task_id, attempt) = (spec.task_id.clone(), spec.attempt);
+    let (task_id, attempt, rank) = (spec.task_id.clone(), spec.attempt, spec.rank);
     let task = match Task::try_from(spec) {
         Ok(task) => task,
         Err(error) => {
@@ -238,7 +258,7 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
             return;
         }
     };
-    let current = Running { task_id: task_id.clone(), attempt, stop: Arc::default(), abandoned: Arc::default() };
+    let current = Running { task_id: task_id.clone(), attempt, rank, stop: Arc::default(), abandoned: Arc::default() };
     *shared.running.lock().unwrap() = Some(current.clone());
     tracing::info!(task = %task_id, trial = %task.trial_name, attempt, "task started");
     let outcome = run_and_relay(shared, task, &current).await;
@@ -248,11 +268,11 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     }
     match outcome {
         Ok(()) => {
-            let request = pb::CompleteTaskRequest { worker_id: shared.worker_id(), task_id: task_id.clone(), attempt };
-            match with_retry("complete", &shared.client, |mut c| {
-                let request = request.clone();
+            let complete = |mut c: WorkerServiceClient<Channel>, worker_id| {
+                let request = pb::CompleteTaskRequest { worker_id, task_id: task_id.clone(), attempt };
                 async move { c.complete_task(request).await }
-            }).await {
+            };
+            match with_retry(shared, "complete", complete).await {
                 Ok(_) => tracing::info!(task = %task_id, "task succeeded"),
                 Err(status) => tracing::warn!(task = %task_id, error = %status.message(), "completion refused"),
             }
@@ -267,17 +287,11 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
 async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error: bool, error: String) {
     tracing::warn!(task = %task_id, user_error, %error, "task failed");
     let kind = if user_error { pb::FailureKind::User } else { pb::FailureKind::Infrastructure };
-    let request = pb::FailTaskRequest {
-        worker_id: shared.worker_id(),
-        task_id: task_id.to_string(),
-        attempt,
-        kind: kind as i32,
-        error,
-    };
-    if let Err(status) = with_retry("fail", &shared.client, |mut c| {
-        let request = request.clone();
+    let fail = |mut c: WorkerServiceClient<Channel>, worker_id| {
+        let request = pb::FailTaskRequest { worker_id, task_id: task_id.to_string(), attempt, kind: kind as i32, error: error.clone() };
         async move { c.fail_task(request).await }
-    }).await {
+    };
+    if let Err(status) = with_retry(shared, "fail", fail).await {
         tracing::warn!(task = %task_id, error = %status.message(), "failure report refused");
     }
 }
@@ -358,22 +372,18 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
     let result = match event {
         TrainEvent::Epoch(report) => {
             tracing::info!(task = %task.id, epoch = report.epoch, values = ?report.values, "epoch done");
-            let request = pb::ReportMetricsRequest {
-                worker_id: shared.worker_id(),
-                task_id: task.id.clone(),
+            let epochs = vec![pb::EpochMetrics {
+                epoch: report.epoch,
+                values: report.values.into_iter().collect(),
+                seconds: report.seconds,
+                samples: report.samples,
                 attempt: task.attempt,
-                epochs: vec![pb::EpochMetrics {
-                    epoch: report.epoch,
-                    values: report.values.into_iter().collect(),
-                    seconds: report.seconds,
-                    samples: report.samples,
-                    attempt: task.attempt,
-                }],
-            };
-            with_retry("metrics", &shared.client, |mut c| {
-                let request = request.clone();
+            }];
+            let report_metrics = |mut c: WorkerServiceClient<Channel>, worker_id| {
+                let request = pb::ReportMetricsRequest { worker_id, task_id: task.id.clone(), attempt: task.attempt, epochs: epochs.clone() };
                 async move { c.report_metrics(request).await }
-            })
+            };
+            with_retry(shared, "metrics", report_metrics)
             .await
             .map(|_| ())
         }
@@ -390,7 +400,7 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
 /// Uploads a file as a blob (retrying while the coordinator is unreachable) and returns its ref.
 async fn upload_file(shared: &Shared, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
     let blob = transfer::hash_file(path).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
-    with_retry("upload", &shared.client, |mut c| {
+    with_retry(shared, "upload", |mut c, _| {
         let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
         async move { c.upload_blob(chunks).await }
     })
@@ -400,18 +410,18 @@ async fn upload_file(shared: &Shared, path: &std::path::Path) -> Result<pb::Blob
 
 async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, path).await?;
-    let request = pb::AttachArtifactRequest {
-        worker_id: shared.worker_id(),
-        task_id: task.id.clone(),
-        attempt: task.attempt,
-        name: name.to_string(),
-        epoch,
-        blob: Some(blob),
-    };
-    with_retry("artifact", &shared.client, |mut c| {
-        let request = request.clone();
+    let attach = |mut c: WorkerServiceClient<Channel>, worker_id| {
+        let request = pb::AttachArtifactRequest {
+            worker_id,
+            task_id: task.id.clone(),
+            attempt: task.attempt,
+            name: name.to_string(),
+            epoch,
+            blob: Some(blob.clone()),
+        };
         async move { c.attach_artifact(request).await }
-    })
+    };
+    with_retry(shared, "artifact", attach)
     .await?;
     let _ = std::fs::remove_file(path);
     tracing::info!(task = %task.id, artifact = name, "artifact uploaded");
@@ -420,18 +430,18 @@ async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, p
 
 async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, path).await?;
-    let request = pb::AttachCheckpointRequest {
-        worker_id: shared.worker_id(),
-        task_id: task.id.clone(),
-        attempt: task.attempt,
-        epoch,
-        blob: Some(blob.clone()),
-        is_final,
-    };
-    with_retry("attach", &shared.client, |mut c| {
-        let request = request.clone();
+    let attach = |mut c: WorkerServiceClient<Channel>, worker_id| {
+        let request = pb::AttachCheckpointRequest {
+            worker_id,
+            task_id: task.id.clone(),
+            attempt: task.attempt,
+            epoch,
+            blob: Some(blob.clone()),
+            is_final,
+        };
         async move { c.attach_checkpoint(request).await }
-    })
+    };
+    with_retry(shared, "attach", attach)
     .await?;
     // Keep the newest checkpoint in the cache under its hash: a resumed attempt here needs no download.
     let cached = BlobCache::new(&shared.config.cache_dir).path(&blob.sha256);

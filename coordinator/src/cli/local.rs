@@ -118,6 +118,7 @@ async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], dat
             match format {
                 Format::Table => results::print_table(&current),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&current)?),
+                Format::Csv => results::print_csv(&current),
             }
             return Ok(current.state == "succeeded");
         }

@@ -3,6 +3,7 @@
 pub mod local;
 pub mod results;
 pub mod submit;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -28,4 +29,6 @@ pub enum Format {
     Table,
     /// JSON for programs.
     Json,
+    /// CSV, one row per (trial, epoch, metric) (results only).
+    Csv,
 }

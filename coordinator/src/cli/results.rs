@@ -30,6 +30,8 @@ pub struct TrialRow {
     pub state: String,
     /// Attempts started.
     pub attempts: u32,
+    /// Epochs the trial is planned to train.
+    pub planned_epochs: u32,
     /// Epochs reported.
     pub epochs: Vec<EpochRow>,
     /// Minimum validation MSE.
@@ -55,6 +57,8 @@ pub struct EpochRow {
     pub seconds: f64,
     /// The attempt that produced it.
     pub attempt: u32,
+    /// Training samples processed.
+    pub samples: u64,
 }
 
 /// A sweep's results.
@@ -136,11 +140,13 @@ fn trial_row(task: pb::TaskResult) -> TrialRow {
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
-        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt })
+        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt, samples: e.samples })
         .collect();
     let min_val_mse = epochs.iter().filter_map(|e| e.values.get("val_mse").copied()).reduce(f64::min);
     let kind = super::submit::kind_name(spec.kind()).to_string();
+    let planned_epochs = spec.config.as_ref().map_or(0, |c| c.epochs);
     TrialRow {
+        planned_epochs,
         task_id: spec.task_id,
         stage: spec.stage,
         kind,
@@ -243,6 +249,67 @@ fn print_cv_trials(trials: &[&TrialRow]) {
             println!("{:<14} error: {}", "", t.error);
         }
     }
+}
+
+/// Prints every epoch of every trial as CSV: one row per (trial, epoch, metric).
+pub fn print_csv(results: &Results) {
+    println!("sweep_id,stage,trial,task_id,config,fold,state,epoch,attempt,metric,value");
+    let quote = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
+    for t in &results.trials {
+        let fold = t.fold.map(|f| f.to_string()).unwrap_or_default();
+        for e in &t.epochs {
+            for (metric, value) in &e.values {
+                println!(
+                    "{},{},{},{},{},{fold},{},{},{},{metric},{value}",
+                    results.sweep_id,
+                    t.stage,
+                    t.trial,
+                    t.task_id,
+                    quote(&t.config),
+                    t.state,
+                    e.epoch,
+                    e.attempt
+                );
+            }
+        }
+    }
+}
+
+/// Prints every checkpoint of a sweep: trial, epoch, blob, whether final.
+pub async fn print_checkpoints(client: &mut ClientServiceClient<Channel>, sweep_id: &str, json: bool) -> anyhow::Result<()> {
+    let detail = client
+        .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    let mut rows = Vec::new();
+    for task in &detail.tasks {
+        let spec = task.spec.clone().unwrap_or_default();
+        for c in &task.checkpoints {
+            let blob = c.blob.clone().unwrap_or_default();
+            rows.push(serde_json::json!({
+                "task_id": spec.task_id, "trial": spec.trial_name, "epoch": c.epoch,
+                "sha256": blob.sha256, "size": blob.size, "final": c.is_final,
+            }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<14} {:<14} {:>5} {:>10} {:<5} sha256", "task", "trial", "epoch", "bytes", "final");
+    for row in rows {
+        println!(
+            "{:<14} {:<14} {:>5} {:>10} {:<5} {}",
+            row["task_id"].as_str().unwrap_or_default(),
+            row["trial"].as_str().unwrap_or_default(),
+            row["epoch"],
+            row["size"],
+            if row["final"] == true { "yes" } else { "" },
+            row["sha256"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// Waits until the sweep leaves the running state or `timeout` passes; returns its final state.

@@ -64,4 +64,19 @@ impl ClientService for ClientApi {
         let cancelled = self.core.cancel(&request.into_inner().sweep_id).map_err(status)?;
         Ok(Response::new(pb::CancelSweepResponse { cancelled }))
     }
+
+    async fn retry_sweep(&self, request: Request<pb::RetrySweepRequest>) -> Result<Response<pb::RetrySweepResponse>, Status> {
+        let requeued = self.core.retry(&request.into_inner().sweep_id).map_err(status)?;
+        Ok(Response::new(pb::RetrySweepResponse { requeued }))
+    }
+
+    async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .core
+            .workers()
+            .into_iter()
+            .map(|(worker_id, name, last_seen_secs, task)| pb::WorkerInfo { worker_id, name, last_seen_secs, task_id: task.unwrap_or_default() })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
 }

@@ -66,6 +66,16 @@ pub fn kfold(n: usize, folds: usize, index: usize, seed: u64) -> (Vec<i64>, Vec<
     (training, validation)
 }
 
+/// Rank `rank`'s shard of `0..n` for one epoch of data-parallel training over `world` replicas.
+///
+/// Every replica draws the same permutation from `epoch_seed` (shared, so the shards are
+/// reshuffled each epoch identically everywhere) and takes every `world`-th sample starting at
+/// its rank: the shards are disjoint, cover every sample, and differ in size by at most one.
+pub fn shard(n: usize, rank: usize, world: usize, epoch_seed: u64) -> Vec<i64> {
+    assert!(world >= 1 && rank < world, "rank {rank} of {world}");
+    permutation(n, epoch_seed).into_iter().skip(rank).step_by(world).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +108,19 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&c| c == 1), "every sample validates exactly once");
+    }
+
+    #[test]
+    fn shards_are_disjoint_cover_the_epoch_and_reshuffle() {
+        for world in 1..=5 {
+            let shards: Vec<Vec<i64>> = (0..world).map(|rank| shard(103, rank, world, 9)).collect();
+            let mut all: Vec<i64> = shards.concat();
+            all.sort();
+            assert_eq!(all, (0..103).collect::<Vec<i64>>(), "world {world}: disjoint and covering");
+            let sizes: Vec<usize> = shards.iter().map(Vec::len).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+        }
+        assert_ne!(shard(103, 0, 2, 1), shard(103, 0, 2, 2), "a new epoch seed reshuffles");
     }
 
     #[test]

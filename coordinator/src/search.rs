@@ -1,0 +1,223 @@
+//! The hyperparameter search of a cross-validation stage: a grid (every combination of the
+//! listed values) or a random search (`samples` draws from ranges, log-uniform where asked).
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::sweep::{CvSection, SweepFile};
+
+/// The hyperparameters a cross-validation config sets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Input noise standard deviation.
+    pub noise_std: f64,
+    /// Latent code size.
+    pub latent: u32,
+}
+
+/// `[cv.grid]`: the values each searched hyperparameter takes; every combination is a config.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GridSection {
+    /// Learning rates.
+    pub lr: Option<Vec<f64>>,
+    /// L2 weight decays.
+    pub weight_decay: Option<Vec<f64>>,
+    /// Mini-batch sizes.
+    pub batch_size: Option<Vec<u32>>,
+    /// Noise standard deviations.
+    pub noise_std: Option<Vec<f64>>,
+    /// Latent sizes.
+    pub latent: Option<Vec<u32>>,
+}
+
+/// How a random search draws one hyperparameter: from listed values, or from a range.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Axis<T> {
+    /// Uniformly among these values.
+    Values {
+        /// The values.
+        values: Vec<T>,
+    },
+    /// Uniformly (or log-uniformly) in `[min, max]`.
+    Range {
+        /// Lower bound.
+        min: T,
+        /// Upper bound.
+        max: T,
+        /// Draw the logarithm uniformly (for learning rates and decays).
+        #[serde(default)]
+        log: bool,
+    },
+}
+
+/// `[cv.random]`: `samples` configs drawn at random (seeded by the sweep's `seed`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RandomSection {
+    /// Configs to draw.
+    pub samples: u32,
+    /// Learning rate.
+    pub lr: Option<Axis<f64>>,
+    /// Weight decay.
+    pub weight_decay: Option<Axis<f64>>,
+    /// Batch size.
+    pub batch_size: Option<Axis<u32>>,
+    /// Noise standard deviation.
+    pub noise_std: Option<Axis<f64>>,
+    /// Latent size.
+    pub latent: Option<Axis<u32>>,
+}
+
+/// Checks one axis; returns a message naming what is wrong.
+pub fn check_axis<T: Copy + PartialOrd + Into<f64>>(axis: &Axis<T>) -> Result<(), String> {
+    match axis {
+        Axis::Values { values } if values.is_empty() => Err("an empty list of values leaves nothing to draw".into()),
+        Axis::Values { .. } => Ok(()),
+        Axis::Range { min, max, log } => {
+            let (lo, hi): (f64, f64) = ((*min).into(), (*max).into());
+            if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() {
+                return Err(format!("min {lo} must not exceed max {hi}"));
+            }
+            if *log && lo <= 0.0 {
+                return Err(format!("a log range needs min > 0, not {lo}"));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn draw_f64(rng: &mut rand::rngs::StdRng, axis: &Axis<f64>) -> f64 {
+    match axis {
+        Axis::Values { values } => values[rng.gen_range(0..values.len())],
+        Axis::Range { min, max, log: true } => (rng.gen_range(0.0..=1.0) * (max.ln() - min.ln()) + min.ln()).exp(),
+        Axis::Range { min, max, log: false } => rng.gen_range(0.0..=1.0) * (max - min) + min,
+    }
+}
+
+fn draw_u32(rng: &mut rand::rngs::StdRng, axis: &Axis<u32>) -> u32 {
+    match axis {
+        Axis::Values { values } => values[rng.gen_range(0..values.len())],
+        Axis::Range { min, max, log: true } => {
+            let (lo, hi) = (f64::from(*min).ln(), f64::from(*max).ln());
+            ((rng.gen_range(0.0..=1.0) * (hi - lo) + lo).exp().round() as u32).clamp(*min, *max)
+        }
+        Axis::Range { min, max, log: false } => rng.gen_range(*min..=*max),
+    }
+}
+
+/// The config every axis starts from: the `[cv]` scalars, `[noise] std` and `[model] latent`.
+pub fn base(sweep: &SweepFile, cv: &CvSection) -> Hyper {
+    Hyper { lr: cv.lr, weight_decay: cv.weight_decay, batch_size: cv.batch_size, noise_std: sweep.noise.std, latent: sweep.model.latent }
+}
+
+/// Every config of the stage's search, in a stable order (grid: the axes as written, the first
+/// axis outermost; random: draw order).
+pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<Hyper> {
+    let start = base(sweep, cv);
+    if let Some(random) = &cv.random {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(sweep.seed);
+        return (0..random.samples)
+            .map(|_| {
+                let mut h = start.clone();
+                if let Some(axis) = &random.lr {
+                    h.lr = draw_f64(&mut rng, axis);
+                }
+                if let Some(axis) = &random.weight_decay {
+                    h.weight_decay = draw_f64(&mut rng, axis);
+                }
+                if let Some(axis) = &random.batch_size {
+                    h.batch_size = draw_u32(&mut rng, axis);
+                }
+                if let Some(axis) = &random.noise_std {
+                    h.noise_std = draw_f64(&mut rng, axis);
+                }
+                if let Some(axis) = &random.latent {
+                    h.latent = draw_u32(&mut rng, axis);
+                }
+                h
+            })
+            .collect();
+    }
+    let grid = &cv.grid;
+    let mut configs = vec![start];
+    let expand = |configs: Vec<Hyper>, values: Option<&Vec<f64>>, set: fn(&mut Hyper, f64)| -> Vec<Hyper> {
+        let Some(values) = values else { return configs };
+        configs.into_iter().flat_map(|c| values.iter().map(move |&v| { let mut c = c.clone(); set(&mut c, v); c })).collect()
+    };
+    let expand_u32 = |configs: Vec<Hyper>, values: Option<&Vec<u32>>, set: fn(&mut Hyper, u32)| -> Vec<Hyper> {
+        let Some(values) = values else { return configs };
+        configs.into_iter().flat_map(|c| values.iter().map(move |&v| { let mut c = c.clone(); set(&mut c, v); c })).collect()
+    };
+    configs = expand(configs, grid.lr.as_ref(), |h, v| h.lr = v);
+    configs = expand(configs, grid.weight_decay.as_ref(), |h, v| h.weight_decay = v);
+    configs = expand_u32(configs, grid.batch_size.as_ref(), |h, v| h.batch_size = v);
+    configs = expand(configs, grid.noise_std.as_ref(), |h, v| h.noise_std = v);
+    configs = expand_u32(configs, grid.latent.as_ref(), |h, v| h.latent = v);
+    configs
+}
+
+/// A config's label for tables: learning rate, weight decay and batch size always, noise and
+/// latent size when they are searched.
+pub fn label(h: &Hyper, cv: &CvSection) -> String {
+    let mut text = format!("lr={:e} wd={:e} bs={}", h.lr, h.weight_decay, h.batch_size);
+    let searched = |grid: bool, random: bool| grid || random;
+    let random = cv.random.as_ref();
+    if searched(cv.grid.noise_std.is_some(), random.is_some_and(|r| r.noise_std.is_some())) {
+        text.push_str(&format!(" noise={}", h.noise_std));
+    }
+    if searched(cv.grid.latent.is_some(), random.is_some_and(|r| r.latent.is_some())) {
+        text.push_str(&format!(" latent={}", h.latent));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(cv_extra: &str) -> SweepFile {
+        let text = format!("name = \"s\"\nseed = 4\n[dataset]\nformat = \"idx\"\npath = \"d\"\n[model]\nkind = \"dae\"\n[cv]\nfolds = 2\nepochs = 1\n{cv_extra}");
+        SweepFile::parse(&text, "s").unwrap()
+    }
+
+    #[test]
+    fn grid_is_the_cartesian_product_first_axis_outermost() {
+        let s = sweep("[cv.grid]\nlr = [0.1, 0.2]\nlatent = [2, 4, 8]\n");
+        let cv = s.cv.as_ref().unwrap();
+        let configs = configs(&s, cv);
+        assert_eq!(configs.len(), 6);
+        assert_eq!((configs[0].lr, configs[0].latent), (0.1, 2));
+        assert_eq!((configs[1].lr, configs[1].latent), (0.1, 4));
+        assert_eq!((configs[5].lr, configs[5].latent), (0.2, 8));
+        assert_eq!(label(&configs[1], cv), "lr=1e-1 wd=0e0 bs=256 latent=4");
+    }
+
+    #[test]
+    fn random_search_draws_within_ranges_reproducibly() {
+        let s = sweep("[cv.random]\nsamples = 50\nlr = { min = 1e-5, max = 1e-1, log = true }\nbatch_size = { values = [64, 128] }\nlatent = { min = 2, max = 6 }\n");
+        let cv = s.cv.as_ref().unwrap();
+        let first = configs(&s, cv);
+        assert_eq!(first, configs(&s, cv), "same seed, same draws");
+        assert_eq!(first.len(), 50);
+        assert!(first.iter().all(|h| (1e-5..=1e-1).contains(&h.lr) && [64, 128].contains(&h.batch_size) && (2..=6).contains(&h.latent)));
+        // Log-uniform: about half the draws fall below the geometric middle (1e-3).
+        let below = first.iter().filter(|h| h.lr < 1e-3).count();
+        assert!((10..=40).contains(&below), "{below} of 50 below 1e-3");
+        assert!(first.iter().all(|h| h.weight_decay == 0.0), "unsearched values come from [cv]");
+    }
+
+    #[test]
+    fn axes_are_checked() {
+        assert!(check_axis(&Axis::Range { min: 1.0f64, max: 0.5, log: false }).unwrap_err().contains("must not exceed"));
+        assert!(check_axis(&Axis::Range { min: 0.0f64, max: 0.5, log: true }).unwrap_err().contains("log range needs min > 0"));
+        assert!(check_axis(&Axis::<f64>::Values { values: vec![] }).is_err());
+    }
+}
