@@ -261,11 +261,12 @@ impl Core {
                 return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
             }
         }
-        if sweep.dataset.format == "idx" {
-            let labels = dataset::check_files(&sweep.dataset.format, files.iter().map(|(name, _)| name.as_str()))?;
-            let labels_blob = &files.iter().find(|(name, _)| *name == labels).expect("checked").1;
-            let train_samples = dataset::idx_label_count(&self.blobs.path(&labels_blob.sha256).expect("checked"))?;
-            sweep.check_against_dataset(source_name, train_samples)?;
+        let local: Vec<(String, PathBuf)> =
+            files.iter().map(|(name, blob)| (name.clone(), self.blobs.path(&blob.sha256).expect("checked present"))).collect();
+        match sweep.dataset.format.as_str() {
+            "idx" => sweep.check_against_dataset(source_name, dataset::check_idx(&local)?)?,
+            "nifti" => dataset::check_nifti(&local)?,
+            _ => dataset::check_image_folder(&local)?,
         }
 
         let dataset = DatasetSpec {

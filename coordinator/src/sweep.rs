@@ -3,8 +3,6 @@
 //! Parsing is strict: unknown keys and wrong types are errors that name the file, line, column
 //! and key. [`SweepFile::parse`] is the only way in, so everything past it is valid.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::search::{self, GridSection, Hyper, RandomSection};
@@ -524,20 +522,6 @@ impl SweepFile {
             })?;
         }
         Ok(())
-    }
-}
-
-/// Dataset file names a sweep may reference, by format (the loader finds them by these stems).
-/// (Other formats are checked by the worker's loader, which names the offending file.)
-pub fn dataset_file_names(format: &str) -> BTreeMap<&'static str, &'static str> {
-    match format {
-        "idx" => BTreeMap::from([
-            ("train-images-idx3-ubyte", "training images"),
-            ("train-labels-idx1-ubyte", "training labels"),
-            ("t10k-images-idx3-ubyte", "test images"),
-            ("t10k-labels-idx1-ubyte", "test labels"),
-        ]),
-        _ => BTreeMap::new(),
     }
 }
 

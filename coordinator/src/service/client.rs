@@ -28,7 +28,12 @@ impl ClientService for ClientApi {
     async fn submit_sweep(&self, request: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
         let request = request.into_inner();
         let files = convert::dataset_files(request.dataset_files).map_err(Status::invalid_argument)?;
-        let submitted = self.core.submit(&request.source, &request.source_name, files, request.dry_run).map_err(status)?;
+        // Checking the dataset reads (and un-gzips) its files: keep that off the async runtime.
+        let core = self.core.clone();
+        let submitted = tokio::task::spawn_blocking(move || core.submit(&request.source, &request.source_name, files, request.dry_run))
+            .await
+            .map_err(|e| Status::internal(format!("submit task failed: {e}")))?
+            .map_err(status)?;
         let sweep_id = submitted.sweep_id.unwrap_or_default();
         let planned = submitted.planned.iter().map(|(id, spec)| convert::task_spec(id, &sweep_id, 0, spec, None)).collect();
         let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
