@@ -12,6 +12,11 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repo").to_path_buf()
 }
 
+/// The committed MNIST sample (8,000 training and 2,000 test digits).
+pub fn mnist_sample() -> String {
+    repo_root().join("data/mnist-sample").display().to_string()
+}
+
 /// The folder holding the built binaries (this test's executable lives in `<profile>/deps`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -147,6 +152,13 @@ impl Cluster {
             .args(args)
             .output()
             .expect("run the coordinator client")
+    }
+
+    /// Writes a sweep file into the cluster's folder, submits it, and returns the sweep id.
+    pub fn submit(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write the sweep file");
+        self.client_ok(&["submit", &path.to_string_lossy()]).trim().to_string()
     }
 
     /// Runs a client command and returns its stdout, failing the test (with stderr) if it failed.

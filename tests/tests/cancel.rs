@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use cohort_cluster_tests::{repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, Cluster};
 
 fn sweep(cluster: &Cluster, name: &str, epochs: u32) -> String {
-    let path = cluster.dir.path().join(format!("{name}.toml"));
     let text = format!(
         r#"
 name = "{name}"
@@ -20,10 +19,9 @@ kind = "dae"
 epochs = {epochs}
 batch_size = 64
 "#,
-        repo_root().join("data/mnist-sample").display()
+        mnist_sample()
     );
-    std::fs::write(&path, text).unwrap();
-    cluster.client_ok(&["submit", &path.to_string_lossy()]).trim().to_string()
+    cluster.submit(&format!("{name}.toml"), &text)
 }
 
 #[test]

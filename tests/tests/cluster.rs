@@ -2,12 +2,12 @@
 //! 2-trial sweep on real MNIST digits; the results hold both trials' metrics and each trial's
 //! checkpoint downloads and loads back into the model.
 
-use cohort_cluster_tests::{repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, Cluster};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
 fn write_sweep(dir: &std::path::Path) -> std::path::PathBuf {
-    let data = repo_root().join("data/mnist-sample");
+    let data = mnist_sample();
     let text = format!(
         r#"
 name = "cluster-test"
@@ -27,7 +27,7 @@ lr = 1e-3
 weight_decay = 1e-6
 batch_size = 32
 "#,
-        data.display()
+        data
     );
     let path = dir.join("sweep.toml");
     std::fs::write(&path, text).unwrap();

@@ -7,15 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_cluster_tests::{repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, repo_root, Cluster};
 use serde_json::Value;
 use tch::Tensor;
-
-fn submit(cluster: &Cluster, name: &str, text: &str) -> String {
-    let path = cluster.dir.path().join(name);
-    std::fs::write(&path, text).unwrap();
-    cluster.client_ok(&["submit", &path.to_string_lossy()]).trim().to_string()
-}
 
 fn download_tensors(cluster: &Cluster, sha256: &str) -> BTreeMap<String, Tensor> {
     let output = cluster.dir.path().join(format!("{sha256}.safetensors"));
@@ -57,9 +51,9 @@ epochs = 2
 epochs = 2
 batch_size = 32
 "#,
-        repo_root().join("data/mnist-sample").display()
+        mnist_sample()
     );
-    let sweep_id = submit(&cluster, "pipeline.toml", &text);
+    let sweep_id = cluster.submit("pipeline.toml", &text);
     let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
     assert_eq!(state.trim(), "succeeded");
     let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
@@ -123,7 +117,7 @@ checkpoint_every = 1
 "#,
         repo_root().join("data/mri-sample").display()
     );
-    let sweep_id = submit(&cluster, "gan.toml", &text);
+    let sweep_id = cluster.submit("gan.toml", &text);
     let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
     assert_eq!(state.trim(), "succeeded");
     let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);

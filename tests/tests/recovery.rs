@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use cohort_cluster_tests::{repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, Cluster};
 
 #[test]
 fn killed_worker_trial_resumes_from_its_checkpoint_elsewhere() {
     let mut cluster = Cluster::start_with(&["--lease-secs", "2"]);
-    let sweep = cluster.dir.path().join("sweep.toml");
     let text = format!(
         r#"
 name = "recovery"
@@ -26,11 +25,10 @@ checkpoint_every = 1
 [cv.grid]
 lr = [1e-3]
 "#,
-        repo_root().join("data/mnist-sample").display()
+        mnist_sample()
     );
-    std::fs::write(&sweep, text).unwrap();
     cluster.add_worker("doomed");
-    let sweep_id = cluster.client_ok(&["submit", &sweep.to_string_lossy()]).trim().to_string();
+    let sweep_id = cluster.submit("sweep.toml", &text);
 
     // Let the doomed worker get a few epochs (and checkpoints) into its first trial, then kill it.
     let progressed = |r: &serde_json::Value| {

@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use cohort_cluster_tests::{repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, Cluster};
 
 #[test]
 fn coordinator_crash_loses_nothing_and_running_trials_are_reattached() {
     let mut cluster = Cluster::start();
     cluster.add_worker("w0");
     cluster.add_worker("w1");
-    let sweep = cluster.dir.path().join("sweep.toml");
     let text = format!(
         r#"
 name = "restart"
@@ -26,10 +25,9 @@ epochs = 25
 batch_size = 64
 checkpoint_every = 5
 "#,
-        repo_root().join("data/mnist-sample").display()
+        mnist_sample()
     );
-    std::fs::write(&sweep, text).unwrap();
-    let sweep_id = cluster.client_ok(&["submit", &sweep.to_string_lossy()]).trim().to_string();
+    let sweep_id = cluster.submit("sweep.toml", &text);
     let both_running = |r: &serde_json::Value| {
         r["trials"].as_array().unwrap().iter().all(|t| t["state"] == "running" && t["epochs"].as_array().unwrap().len() >= 2)
     };

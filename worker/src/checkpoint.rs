@@ -51,6 +51,20 @@ pub fn save(path: &Path, vars: &nn::VarStore, optimizers: &[&Adam], epoch: u32) 
         .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })
 }
 
+/// Restores weights and optimizer state from the checkpoint at `path`, if any; returns the
+/// number of epochs already done (0 without a checkpoint).
+pub fn resume(path: Option<&Path>, vars: &mut nn::VarStore, optimizers: &mut [&mut Adam]) -> Result<u32, CheckpointError> {
+    let Some(path) = path else {
+        return Ok(0);
+    };
+    let loaded = Loaded::read(path)?;
+    loaded.restore_model(vars)?;
+    for optimizer in optimizers {
+        loaded.restore_optimizer(optimizer)?;
+    }
+    loaded.epoch()
+}
+
 /// A checkpoint read back into memory.
 #[derive(Debug)]
 pub struct Loaded {

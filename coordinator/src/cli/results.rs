@@ -131,6 +131,24 @@ impl From<pb::SweepDetail> for Results {
     }
 }
 
+impl Results {
+    /// The stages its trials belong to, in the order they first appear.
+    pub fn stages(&self) -> Vec<&str> {
+        let mut stages: Vec<&str> = Vec::new();
+        for trial in &self.trials {
+            if !stages.contains(&trial.stage.as_str()) {
+                stages.push(&trial.stage);
+            }
+        }
+        stages
+    }
+
+    /// The trials of one stage.
+    pub fn stage_trials(&self, stage: &str) -> Vec<&TrialRow> {
+        self.trials.iter().filter(|t| t.stage == stage).collect()
+    }
+}
+
 fn config_row(s: ConfigSummary) -> ConfigRow {
     ConfigRow { config: s.config, folds: s.folds, mean: s.mean, std: s.std, winner: s.winner }
 }
@@ -184,14 +202,8 @@ fn values_line(values: &std::collections::BTreeMap<String, f64>) -> String {
 /// Prints results as tables: the trials stage by stage, then the cross-validation table.
 pub fn print_table(results: &Results) {
     println!("sweep {} ({}): {}", results.sweep_id, results.name, results.state);
-    let mut stages: Vec<&str> = Vec::new();
-    for trial in &results.trials {
-        if !stages.contains(&trial.stage.as_str()) {
-            stages.push(&trial.stage);
-        }
-    }
-    for stage in stages {
-        let trials: Vec<&TrialRow> = results.trials.iter().filter(|t| t.stage == stage).collect();
+    for stage in results.stages() {
+        let trials = results.stage_trials(stage);
         println!();
         println!("stage {stage}: {} trial(s)", trials.len());
         if stage == "cv" {

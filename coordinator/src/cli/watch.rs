@@ -50,14 +50,8 @@ fn mean_epoch_seconds(trial: &TrialRow) -> Option<f64> {
 /// The lines describing a sweep's progress now.
 pub fn render(results: &Results) -> Vec<String> {
     let mut lines = vec![format!("sweep {} ({}): {}", results.sweep_id, results.name, results.state)];
-    let mut stages: Vec<&str> = Vec::new();
-    for trial in &results.trials {
-        if !stages.contains(&trial.stage.as_str()) {
-            stages.push(&trial.stage);
-        }
-    }
-    for stage in stages {
-        let trials: Vec<&TrialRow> = results.trials.iter().filter(|t| t.stage == stage).collect();
+    for stage in results.stages() {
+        let trials = results.stage_trials(stage);
         let done = trials.iter().filter(|t| matches!(t.state.as_str(), "succeeded" | "failed" | "cancelled")).count();
         let running: Vec<&&TrialRow> = trials.iter().filter(|t| t.state == "running").collect();
         // Stage ETA: remaining epochs of all unfinished trials at the observed mean epoch time,

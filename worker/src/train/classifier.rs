@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
 use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
-use crate::checkpoint::Loaded;
+use crate::checkpoint::{self, Loaded};
 use crate::data::ImageSet;
 use crate::model::classifier::Classifier;
 use crate::optim::{Adam, ParamGroup};
@@ -46,13 +46,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         ParamGroup { params: head, lr: config.lr, weight_decay: config.weight_decay },
     ];
     let mut optimizer = Adam::new(groups, BETAS, EPS);
-    let mut done_epochs = 0;
-    if let Some(path) = inputs.resume_from {
-        let loaded = Loaded::read(path)?;
-        loaded.restore_model(&mut vars)?;
-        loaded.restore_optimizer(&mut optimizer)?;
-        done_epochs = loaded.epoch()?;
-    } else {
+    let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
+    if inputs.resume_from.is_none() {
         let pretrained = inputs.init_from.ok_or_else(|| TrainError::Invalid("no pretrained autoencoder".into()))?;
         Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
     }

@@ -7,7 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
 use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
-use crate::checkpoint::Loaded;
+use crate::checkpoint::{self, Loaded};
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
 use crate::model::dae::Dae;
@@ -92,13 +92,7 @@ impl Trainee {
         let model = Dae::new(&vars.root(), config.latent);
         let group = ParamGroup { params: trainable(&vars), lr: config.lr, weight_decay: config.weight_decay };
         let mut optimizer = Adam::new(vec![group], BETAS, EPS);
-        let mut done_epochs = 0;
-        if let Some(path) = inputs.resume_from {
-            let loaded = Loaded::read(path)?;
-            loaded.restore_model(&mut vars)?;
-            loaded.restore_optimizer(&mut optimizer)?;
-            done_epochs = loaded.epoch()?;
-        }
+        let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
         Ok(Self { vars, model, optimizer, done_epochs })
     }
 

@@ -7,7 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
-use crate::checkpoint::Loaded;
+use crate::checkpoint;
 use crate::data::split::{derive_seed, permutation};
 use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
@@ -39,14 +39,7 @@ impl Gan {
         let group = |params| vec![ParamGroup { params, lr: config.lr, weight_decay: config.weight_decay }];
         let mut generator_optimizer = Adam::new(group(generator_params), betas, 1e-8).with_state_prefix("optim.generator.");
         let mut critic_optimizer = Adam::new(group(critic_params), betas, 1e-8).with_state_prefix("optim.critic.");
-        let mut done_epochs = 0;
-        if let Some(path) = inputs.resume_from {
-            let loaded = Loaded::read(path)?;
-            loaded.restore_model(&mut vars)?;
-            loaded.restore_optimizer(&mut generator_optimizer)?;
-            loaded.restore_optimizer(&mut critic_optimizer)?;
-            done_epochs = loaded.epoch()?;
-        }
+        let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut generator_optimizer, &mut critic_optimizer])?;
         Ok(Self { vars, generator, critic, generator_optimizer, critic_optimizer, done_epochs })
     }
 
