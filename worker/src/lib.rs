@@ -7,6 +7,7 @@
 
 pub mod blobs;
 pub mod checkpoint;
+pub mod collective;
 pub mod daemon;
 pub mod data;
 pub mod model;
