@@ -66,7 +66,7 @@ fn task(epochs: u32) -> Task {
 fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>, scratch: &Path) -> (BTreeMap<u32, PathBuf>, Vec<f64>) {
     std::fs::create_dir_all(scratch).unwrap();
     let root = files.values().next().and_then(|p| p.parent()).unwrap();
-    let inputs = RunInputs { dataset_files: files, dataset_root: root, resume_from: resume, init_from: None, scratch_dir: scratch, device: Device::Cpu };
+    let inputs = RunInputs { dataset_files: files, dataset_root: root, resume_from: resume, init_from: None, scratch_dir: scratch, device: Device::Cpu, gang: None };
     let mut checkpoints = BTreeMap::new();
     let mut val = Vec::new();
     let mut emit = |event| match event {

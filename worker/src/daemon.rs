@@ -335,6 +335,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
                 init_from: init_from.as_deref(),
                 scratch_dir: &scratch_dir,
                 device,
+                gang: None,
             };
             let events_sender = sender.clone();
             let mut emit = move |event| {

@@ -5,6 +5,7 @@
 
 pub mod classifier;
 pub mod dae;
+pub mod data_parallel;
 pub mod wgan;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,9 @@ pub enum TrainError {
     /// libtorch failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective with the other replicas failed (infrastructure: the gang restarts).
+    #[error("collective: {0}")]
+    Collective(String),
     /// The daemon asked the recipe to stop (cancel, lease lost, shutdown).
     #[error("stopped on request")]
     Stopped,
@@ -126,6 +130,17 @@ pub struct RunInputs<'a> {
     pub scratch_dir: &'a Path,
     /// Where to compute.
     pub device: Device,
+    /// The gang, when the task runs on several replicas.
+    pub gang: Option<&'a GangInputs>,
+}
+
+/// What a replica needs to join its gang: its bound collective listener and the rendezvous result.
+#[derive(Debug)]
+pub struct GangInputs {
+    /// Bound to this replica's advertised collective address.
+    pub listener: std::net::TcpListener,
+    /// Rank, peers, secret, timeout.
+    pub settings: crate::collective::GangSettings,
 }
 
 /// Runs `task` to completion, reporting through `events`.

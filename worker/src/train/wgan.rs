@@ -1,13 +1,24 @@
 //! The WGAN-GP recipe (report §2): `critic_steps` critic updates, each on a fresh real batch,
 //! per generator update; both with Adam(lr, betas (β1, β2)); gradient penalty λ.
+//!
+//! Data parallel over a gang of `world` replicas, it computes what one process would on the
+//! global batch: every replica walks the same shuffled order and draws the same global noise
+//! (shared seeds), takes its rows of each global batch for the critic, and averages gradients
+//! after every backward pass. BatchNorm (in the generator) sees the global batch: each replica
+//! runs the generator over all of the global batch's noise, so the batch statistics, the running
+//! statistics and the generator's gradient equal the single-process ones; only the critic's
+//! work (5 steps per generator step, each with a double backward: most of the compute) is split.
 
 use std::time::Instant;
 
 use tch::nn::{self, ModuleT};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::data_parallel::{self, Shard};
 use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
 use crate::checkpoint;
+use crate::collective::ring::RingCommunicator;
+use crate::collective::{CollectiveError, Communicator};
 use crate::data::split::{derive_seed, permutation};
 use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
@@ -16,127 +27,196 @@ use crate::task::{Task, WganConfig};
 /// The side of the images the generator makes.
 pub const IMAGE_SIZE: i64 = 64;
 
+impl From<CollectiveError> for TrainError {
+    fn from(error: CollectiveError) -> Self {
+        TrainError::Collective(error.to_string())
+    }
+}
+
 /// Generator and critic with their optimizers.
-struct Gan {
-    vars: nn::VarStore,
-    generator: Generator,
-    critic: Critic,
+pub struct Gan {
+    /// Every variable of both networks (`generator.*`, `critic.*`).
+    pub vars: nn::VarStore,
+    /// The generator.
+    pub generator: Generator,
+    /// The critic.
+    pub critic: Critic,
+    generator_params: Vec<Tensor>,
+    critic_params: Vec<Tensor>,
     generator_optimizer: Adam,
     critic_optimizer: Adam,
-    done_epochs: u32,
 }
 
 impl Gan {
-    fn new(task: &Task, recipe: &WganConfig, inputs: &RunInputs<'_>) -> Result<Self, TrainError> {
-        let config = &task.config;
-        tch::manual_seed(config.seed as i64);
-        let mut vars = nn::VarStore::new(inputs.device);
-        let generator = Generator::new(&(vars.root() / "generator"), recipe.widths);
-        let critic = Critic::new(&(vars.root() / "critic"), recipe.widths);
-        let (generator_params, critic_params): (Vec<_>, Vec<_>) =
-            trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
-        let betas = (recipe.beta1, recipe.beta2);
-        let group = |params| vec![ParamGroup { params, lr: config.lr, weight_decay: config.weight_decay }];
-        let mut generator_optimizer = Adam::new(group(generator_params), betas, 1e-8).with_state_prefix("optim.generator.");
-        let mut critic_optimizer = Adam::new(group(critic_params), betas, 1e-8).with_state_prefix("optim.critic.");
-        let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut generator_optimizer, &mut critic_optimizer])?;
-        Ok(Self { vars, generator, critic, generator_optimizer, critic_optimizer, done_epochs })
+    /// Builds both networks (initialised from libtorch's generator) and their optimizers.
+    pub fn new(widths: [i64; 4], lr: f64, betas: (f64, f64), device: Device) -> Self {
+        let vars = nn::VarStore::new(device);
+        let generator = Generator::new(&(vars.root() / "generator"), widths);
+        let critic = Critic::new(&(vars.root() / "critic"), widths);
+        let (generator_named, critic_named): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
+        let generator_params = generator_named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let critic_params = critic_named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let group = |params| vec![ParamGroup { params, lr, weight_decay: 0.0 }];
+        let generator_optimizer = Adam::new(group(generator_named), betas, 1e-8).with_state_prefix("optim.generator.");
+        let critic_optimizer = Adam::new(group(critic_named), betas, 1e-8).with_state_prefix("optim.critic.");
+        Self { vars, generator, critic, generator_params, critic_params, generator_optimizer, critic_optimizer }
     }
 
-    fn noise(&self, count: i64) -> Tensor {
+    /// Draws noise for `count` generator inputs from libtorch's (seeded) generator.
+    pub fn noise(&self, count: i64) -> Tensor {
         Tensor::randn([count, NOISE_DIM], (Kind::Float, self.vars.device()))
     }
 
-    /// One critic update on a real batch; returns (loss, Wasserstein estimate, penalty).
-    fn critic_step(&mut self, real: &Tensor, lambda: f64) -> (f64, f64, f64) {
-        let count = real.size()[0];
-        let fake = tch::no_grad(|| self.generator.forward_t(&self.noise(count), true));
-        let epsilon = Tensor::rand([count], (Kind::Float, real.device()));
-        let (loss, wasserstein, penalty) = wgan::critic_loss(&self.critic, real, &fake, &epsilon, lambda);
+    /// The critic's loss on this replica's rows of a global batch (real images, generator noise,
+    /// interpolation coefficients), back-propagated; gradients then averaged over the gang.
+    /// Returns this replica's (loss, Wasserstein estimate, penalty).
+    pub fn critic_gradients(
+        &mut self,
+        real: &Tensor,
+        noise: &Tensor,
+        epsilon: &Tensor,
+        lambda: f64,
+        shard: Shard,
+        comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<(f64, f64, f64), CollectiveError> {
+        let fake = tch::no_grad(|| self.generator.forward_t(noise, true));
+        let (loss, wasserstein, penalty) = wgan::critic_loss(&self.critic, &shard.slice(real), &shard.slice(&fake), &shard.slice(epsilon), lambda);
         self.critic_optimizer.zero_grad();
         loss.backward();
-        self.critic_optimizer.step();
-        (loss.double_value(&[]), wasserstein.double_value(&[]), penalty.double_value(&[]))
+        if let Some(comm) = comm {
+            data_parallel::average_gradients(comm, &self.critic_params)?;
+        }
+        Ok((loss.double_value(&[]), wasserstein.double_value(&[]), penalty.double_value(&[])))
     }
 
-    /// One generator update; returns its loss.
-    fn generator_step(&mut self, count: i64) -> f64 {
-        let loss = wgan::generator_loss(&self.critic, &self.generator.forward_t(&self.noise(count), true));
+    /// The generator's loss on this replica's rows of the global batch made from `noise` (the
+    /// generator itself runs on all of it, so BatchNorm sees the global batch), back-propagated;
+    /// gradients then averaged over the gang. Returns this replica's loss.
+    pub fn generator_gradients(&mut self, noise: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<f64, CollectiveError> {
+        let fake = self.generator.forward_t(noise, true);
+        let loss = wgan::generator_loss(&self.critic, &shard.slice(&fake));
         self.generator_optimizer.zero_grad();
         loss.backward();
-        self.generator_optimizer.step();
-        loss.double_value(&[])
+        if let Some(comm) = comm {
+            data_parallel::average_gradients(comm, &self.generator_params)?;
+        }
+        Ok(loss.double_value(&[]))
+    }
+
+    /// The gradients of the critic's or the generator's parameters, by name (for tests).
+    pub fn gradients(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        trainable(&self.vars).into_iter().filter(|(name, _)| name.starts_with(prefix)).map(|(name, t)| (name, t.grad())).collect()
     }
 }
 
-/// Running means of an epoch's figures.
+/// Running sums of an epoch's figures: critic loss, Wasserstein estimate, penalty, generator loss.
 #[derive(Default)]
-struct Means {
-    sums: [f64; 4],
+struct Sums {
+    critic: [f64; 3],
+    generator: f64,
     critic_steps: f64,
     generator_steps: f64,
 }
 
-/// `wgan`: trains one replica. Reports `critic_loss`, `generator_loss`, `wasserstein` and
-/// `gradient_penalty` (epoch means) per epoch. Artifacts: `real` (a grid's worth of training
-/// images) at the start, `samples-e{epoch}` (the fixed noise through the generator) after the
-/// first epoch, every `sample_every` epochs and at the end.
+/// The gang's communicator, when the task runs on several replicas.
+fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<RingCommunicator>), TrainError> {
+    let Some(gang) = inputs.gang else {
+        return Ok((Shard::SOLE, None));
+    };
+    let listener = gang.listener.try_clone().map_err(|e| TrainError::Collective(format!("listener: {e}")))?;
+    let ring = RingCommunicator::connect(listener, &gang.settings)?;
+    Ok((Shard { rank: ring.rank(), world: ring.world() }, Some(ring)))
+}
+
+/// `wgan`: trains one WGAN-GP, alone or as one replica of a gang. Reports (rank 0) `critic_loss`,
+/// `generator_loss`, `wasserstein` and `gradient_penalty` (epoch means over the gang) per epoch,
+/// and at the end each replica's `param_checksum_rank{r}`. Artifacts (rank 0): `real` (a grid's
+/// worth of training images) at the start, `samples-e{epoch}` (the fixed noise through the
+/// generator) after the first epoch, every `sample_every` epochs and at the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let config = &task.config;
-    let recipe = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
+    let recipe: &WganConfig = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
     let train = super::load_dataset(task, inputs)?.train;
     let size = train.images.size();
     if size[2] != IMAGE_SIZE || size[3] != IMAGE_SIZE {
         return Err(TrainError::Invalid(format!("the generator makes {IMAGE_SIZE}×{IMAGE_SIZE} images, the data is {}×{}", size[2], size[3])));
     }
+    let (shard, mut ring) = join_gang(inputs)?;
     let n = train.len();
-    if config.batch_size < 2 || config.batch_size > n || recipe.critic_steps == 0 {
-        return Err(TrainError::Invalid(format!("batch size {} with {n} images, {} critic steps", config.batch_size, recipe.critic_steps)));
+    let batch = config.batch_size;
+    if batch < 2 || batch > n || recipe.critic_steps == 0 || batch % shard.world != 0 {
+        return Err(TrainError::Invalid(format!(
+            "batch size {batch} with {n} images, {} critic steps, {} replicas (the batch must split evenly)",
+            recipe.critic_steps, shard.world
+        )));
     }
-    let mut gan = Gan::new(task, recipe, inputs)?;
+    tch::manual_seed(config.seed as i64);
+    let mut gan = Gan::new(recipe.widths, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
+    let done_epochs = checkpoint::resume(inputs.resume_from, &mut gan.vars, &mut [&mut gan.generator_optimizer, &mut gan.critic_optimizer])?;
+    if let Some(ring) = ring.as_mut() {
+        data_parallel::broadcast_variables(ring, &gan.vars)?;
+    }
+    let leader = shard.rank == 0;
     tch::manual_seed(derive_seed(config.seed, streams::EVALUATION) as i64);
     let sample_count = i64::from(recipe.sample_count.max(1));
     let fixed_noise = gan.noise(sample_count);
-    if gan.done_epochs == 0 {
+    if done_epochs == 0 && leader {
         let real = train.images.narrow(0, 0, sample_count.min(n as i64));
         emit_artifact(task, inputs, "real", 0, &[("images", real)], events)?;
     }
-    for epoch in gan.done_epochs + 1..=config.epochs {
+    for epoch in done_epochs + 1..=config.epochs {
         let started = Instant::now();
         let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, streams::SHUFFLE + u64::from(epoch)))).to_device(train.images.device());
         tch::manual_seed(derive_seed(config.seed, streams::NOISE + u64::from(epoch)) as i64);
-        let mut means = Means::default();
-        let mut start = 0;
-        while start < n {
+        let mut sums = Sums::default();
+        // Full global batches only, so every replica's share is the same size.
+        for step in 0..n / batch {
             events.check_stop()?;
-            let len = config.batch_size.min(n - start);
-            let real = train.images.index_select(0, &order.narrow(0, start as i64, len as i64));
-            start += len;
-            let (loss, wasserstein, penalty) = gan.critic_step(&real, recipe.gp_lambda);
-            means.sums[0] += loss;
-            means.sums[2] += wasserstein;
-            means.sums[3] += penalty;
-            means.critic_steps += 1.0;
-            if means.critic_steps as u32 % recipe.critic_steps == 0 {
-                means.sums[1] += gan.generator_step(config.batch_size as i64);
-                means.generator_steps += 1.0;
+            let real = train.images.index_select(0, &order.narrow(0, (step * batch) as i64, batch as i64));
+            let noise = gan.noise(batch as i64);
+            let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
+            let comm = ring.as_mut().map(|r| r as &mut dyn Communicator);
+            let (loss, wasserstein, penalty) = gan.critic_gradients(&real, &noise, &epsilon, recipe.gp_lambda, shard, comm)?;
+            gan.critic_optimizer.step();
+            for (sum, value) in sums.critic.iter_mut().zip([loss, wasserstein, penalty]) {
+                *sum += value;
+            }
+            sums.critic_steps += 1.0;
+            if (step + 1) % recipe.critic_steps as usize == 0 {
+                let noise = gan.noise(batch as i64);
+                let comm = ring.as_mut().map(|r| r as &mut dyn Communicator);
+                sums.generator += gan.generator_gradients(&noise, shard, comm)?;
+                gan.generator_optimizer.step();
+                sums.generator_steps += 1.0;
             }
         }
-        let critic_loss = finite(means.sums[0] / means.critic_steps, epoch, "critic_loss")?;
-        let mut values = vec![
-            ("critic_loss".to_string(), critic_loss),
-            ("wasserstein".to_string(), means.sums[2] / means.critic_steps),
-            ("gradient_penalty".to_string(), means.sums[3] / means.critic_steps),
-        ];
-        if means.generator_steps > 0.0 {
-            values.push(("generator_loss".into(), finite(means.sums[1] / means.generator_steps, epoch, "generator_loss")?));
+        let mut totals = [sums.critic[0] as f32, sums.critic[1] as f32, sums.critic[2] as f32, sums.generator as f32];
+        if let Some(ring) = ring.as_mut() {
+            ring.all_reduce_sum(&mut totals)?;
         }
-        (events.emit)(TrainEvent::Epoch(EpochReport {
-            epoch,
-            values,
-            seconds: started.elapsed().as_secs_f64(),
-            samples: n as u64,
-        }));
+        let world = shard.world as f64;
+        let critic_steps = sums.critic_steps.max(1.0) * world;
+        let mut values = vec![
+            ("critic_loss".to_string(), finite(f64::from(totals[0]) / critic_steps, epoch, "critic_loss")?),
+            ("wasserstein".to_string(), f64::from(totals[1]) / critic_steps),
+            ("gradient_penalty".to_string(), f64::from(totals[2]) / critic_steps),
+        ];
+        if sums.generator_steps > 0.0 {
+            values.push(("generator_loss".into(), finite(f64::from(totals[3]) / (sums.generator_steps * world), epoch, "generator_loss")?));
+        }
+        if epoch == config.epochs {
+            let checksums = match ring.as_mut() {
+                Some(ring) => data_parallel::gather_scalar(ring, data_parallel::checksum(&gan.vars))?,
+                None => vec![data_parallel::checksum(&gan.vars)],
+            };
+            for (rank, value) in checksums.into_iter().enumerate() {
+                values.push((format!("param_checksum_rank{rank}"), f64::from(value)));
+            }
+        }
+        if !leader {
+            continue;
+        }
+        (events.emit)(TrainEvent::Epoch(EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 }));
         let periodic = recipe.sample_every > 0 && epoch % recipe.sample_every == 0;
         if epoch == 1 || periodic || epoch == config.epochs {
             let samples = tch::no_grad(|| gan.generator.forward_t(&fixed_noise, false));
@@ -146,7 +226,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], epoch, is_final, events)?;
         }
     }
-    if gan.done_epochs >= config.epochs {
+    if done_epochs >= config.epochs && leader {
         save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], config.epochs, true, events)?;
     }
     Ok(())
