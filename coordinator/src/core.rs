@@ -2,6 +2,7 @@
 //! committed to SQLite before the caller is answered. The gRPC handlers in [`crate::service`]
 //! only convert messages and call in here.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -176,11 +177,33 @@ struct Inner {
     store: Store,
 }
 
+/// The members of one gang attempt announcing their collective addresses.
+#[derive(Debug)]
+struct Gathering {
+    attempt: u32,
+    addresses: Vec<Option<String>>,
+    secret: String,
+    nccl_id: Vec<u8>,
+}
+
+/// A finished rendezvous: every member's address by rank, the attempt's secret, rank 0's NCCL id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendezvous {
+    /// Collective addresses by rank.
+    pub peers: Vec<String>,
+    /// The attempt's gang secret.
+    pub secret: String,
+    /// Rank 0's NCCL unique id (empty for the ring backend).
+    pub nccl_id: Vec<u8>,
+}
+
 /// The coordinator's state.
 pub struct Core {
     inner: Mutex<Inner>,
     blobs: BlobStore,
     work_available: Notify,
+    gatherings: Mutex<HashMap<String, Gathering>>,
+    gathered: Notify,
     started: Instant,
 }
 
@@ -229,6 +252,8 @@ impl Core {
             inner: Mutex::new(Inner { scheduler, store }),
             blobs: BlobStore::new(config.data_dir.join("blobs")),
             work_available: Notify::new(),
+            gatherings: Mutex::new(HashMap::new()),
+            gathered: Notify::new(),
             started: Instant::now(),
         })
     }
@@ -412,6 +437,59 @@ impl Core {
             spec: stored.spec,
             resume_from,
         }))
+    }
+
+    /// Records a gang member's collective address and waits up to `wait` for the others; returns
+    /// the rendezvous once every rank of the attempt has announced itself.
+    pub async fn rendezvous(
+        &self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        address: &str,
+        nccl_id: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Option<Rendezvous>, CoreError> {
+        if address.is_empty() || address.len() > 256 {
+            return Err(CoreError::BadRequest("a collective address is host:port".into()));
+        }
+        let (rank, world) = {
+            let inner = self.lock();
+            let rank = inner.scheduler.member_rank(worker_id, task_id, attempt)?;
+            (rank, inner.scheduler.task(task_id).map_or(1, |t| t.gang_size as usize))
+        };
+        {
+            let mut gatherings = self.gatherings.lock().unwrap_or_else(|p| p.into_inner());
+            let gathering = gatherings.entry(task_id.to_string()).or_insert_with(|| Gathering {
+                attempt,
+                addresses: vec![None; world],
+                secret: random_hex(16),
+                nccl_id: vec![],
+            });
+            if gathering.attempt != attempt {
+                *gathering = Gathering { attempt, addresses: vec![None; world], secret: random_hex(16), nccl_id: vec![] };
+            }
+            gathering.addresses[rank] = Some(address.to_string());
+            if rank == 0 && !nccl_id.is_empty() {
+                gathering.nccl_id = nccl_id;
+            }
+        }
+        self.gathered.notify_waiters();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.gathered.notified();
+            {
+                let gatherings = self.gatherings.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(g) = gatherings.get(task_id).filter(|g| g.attempt == attempt) {
+                    if let Some(peers) = g.addresses.iter().cloned().collect::<Option<Vec<String>>>() {
+                        return Ok(Some(Rendezvous { peers, secret: g.secret.clone(), nccl_id: g.nccl_id.clone() }));
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
     }
 
     /// Records epochs reported by the lease holder.

@@ -17,6 +17,9 @@ use crate::domain::{FailureKind, TaskState};
 /// Milliseconds on the caller's monotonic clock.
 pub type Millis = u64;
 
+/// The lease of a gang rank that reported its part done: it never lapses.
+const FINISHED: Millis = Millis::MAX;
+
 /// A task as the scheduler tracks it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskEntry {
@@ -51,6 +54,11 @@ impl TaskEntry {
     /// The rank `worker_id` runs, if it is a member.
     fn rank_of(&self, worker_id: &str) -> Option<usize> {
         self.members.iter().position(|m| m == worker_id)
+    }
+
+    /// The rank `worker_id` still works on: a member whose part is not yet reported done.
+    fn active_rank_of(&self, worker_id: &str) -> Option<usize> {
+        self.rank_of(worker_id).filter(|&rank| self.leases.get(rank).is_some_and(|&lease| lease != FINISHED))
     }
 }
 
@@ -188,7 +196,7 @@ impl Scheduler {
         let lost: Vec<String> = self
             .tasks
             .values()
-            .filter(|t| t.state == TaskState::Running && t.rank_of(worker_id).is_some())
+            .filter(|t| t.state == TaskState::Running && t.active_rank_of(worker_id).is_some())
             .filter(|t| !running.iter().any(|l| l.task_id == t.id && l.attempt == t.attempt))
             .map(|t| t.id.clone())
             .collect();
@@ -301,13 +309,24 @@ impl Scheduler {
         Ok(())
     }
 
-    /// A member finished the task (for a gang, rank 0 reports). Recorded once: a second or late
-    /// report is refused. The lease decides, not the registry: after a coordinator restart a
-    /// worker may report under its old id before it has registered again.
-    pub fn complete(&mut self, worker_id: &str, task_id: &str, attempt: u32, now: Millis) -> Result<(), Refusal> {
+    /// The rank the worker holds in the task's current attempt.
+    pub fn member_rank(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<usize, Refusal> {
         self.check_lease(worker_id, task_id, attempt)?;
+        Ok(self.tasks[task_id].rank_of(worker_id).expect("checked"))
+    }
+
+    /// A member finished the task. Rank 0's report completes it, once: a second or late report
+    /// is refused. Another rank's report only marks its own part done (its lease no longer
+    /// lapses) while rank 0 finishes. The lease decides, not the registry: after a coordinator
+    /// restart a worker may report under its old id before it has registered again.
+    pub fn complete(&mut self, worker_id: &str, task_id: &str, attempt: u32, now: Millis) -> Result<(), Refusal> {
+        let rank = self.member_rank(worker_id, task_id, attempt)?;
         let _ = self.touch(worker_id, now);
         let task = self.tasks.get_mut(task_id).expect("checked");
+        if rank > 0 {
+            task.leases[rank] = FINISHED;
+            return Ok(());
+        }
         task.state = TaskState::Succeeded;
         task.leases.clear();
         task.error = None;
@@ -387,12 +406,12 @@ impl Scheduler {
         changed
     }
 
-    /// The task each worker holds a lease on.
+    /// The task each worker still works on.
     pub fn leases_by_worker(&self) -> HashMap<String, String> {
         self.tasks
             .values()
             .filter(|t| t.state == TaskState::Running)
-            .flat_map(|t| t.members.iter().map(|w| (w.clone(), t.id.clone())))
+            .flat_map(|t| t.members.iter().filter(|w| t.active_rank_of(w).is_some()).map(|w| (w.clone(), t.id.clone())))
             .collect()
     }
 
@@ -567,11 +586,18 @@ mod tests {
         assert_eq!(s.task("g").unwrap().members, vec!["w1", "w2", "w3"]);
         assert_eq!(s.acquire("w1", 4).unwrap().unwrap().rank, 0);
         assert_eq!(s.acquire("w2", 4).unwrap().unwrap().rank, 1);
-        // Every member reports under the same task; rank 0's completion ends it once.
+        // Every member reports under the same task; a finished rank > 0 no longer lapses, and
+        // rank 0's completion ends the task once.
         s.heartbeat("w2", 5, &[Lease { rank: 1, world: 3, ..held("g", 1) }]).unwrap();
-        s.complete("w1", "g", 1, 6).unwrap();
-        assert!(matches!(s.complete("w2", "g", 1, 6), Err(Refusal::StaleLease { .. })));
-        assert_eq!(s.acquire("w2", 7).unwrap().unwrap().task_id, "small");
+        s.complete("w2", "g", 1, 6).unwrap();
+        s.complete("w3", "g", 1, 6).unwrap();
+        assert_eq!(s.task("g").unwrap().state, TaskState::Running);
+        s.heartbeat("w1", 90, &[held("g", 1)]).unwrap();
+        assert!(s.expire(150).is_empty(), "finished ranks do not lapse");
+        s.complete("w1", "g", 1, 160).unwrap();
+        assert_eq!(s.task("g").unwrap().state, TaskState::Succeeded);
+        assert!(matches!(s.complete("w1", "g", 1, 170), Err(Refusal::StaleLease { .. })));
+        assert_eq!(s.acquire("w2", 170).unwrap().unwrap().task_id, "small");
     }
 
     #[test]
@@ -653,9 +679,13 @@ mod tests {
                     }
                     0 | 1 | 2 => {
                         if let Some(lease) = held.remove(w) {
-                            if s.complete(w, &lease.task_id, lease.attempt, now).is_ok() {
+                            let before = s.task(&lease.task_id).unwrap().state;
+                            let accepted = s.complete(w, &lease.task_id, lease.attempt, now).is_ok();
+                            let after = s.task(&lease.task_id).unwrap().state;
+                            if accepted && before != TaskState::Succeeded && after == TaskState::Succeeded {
                                 *successes.entry(lease.task_id).or_default() += 1;
                             }
+                            assert!(before != TaskState::Succeeded || after == TaskState::Succeeded, "seed {seed}: a result was undone");
                         }
                     }
                     3 => {
@@ -684,7 +714,7 @@ mod tests {
                 let running: Vec<&TaskEntry> = s.tasks.values().filter(|t| t.state == TaskState::Running).collect();
                 let mut by_worker: HashMap<&str, u32> = HashMap::new();
                 for t in running {
-                    for member in &t.members {
+                    for member in t.members.iter().filter(|m| t.active_rank_of(m).is_some()) {
                         *by_worker.entry(member.as_str()).or_default() += 1;
                     }
                 }

@@ -489,7 +489,10 @@ impl SweepFile {
         check.at_least_one(train.sample_count, "train.sample_count")?;
         check.at_least_one(train.max_attempts, "train.max_attempts")?;
         let replicas = self.distributed.as_ref().map_or(1, |d| d.replicas);
-        check.require(replicas == 1, "distributed.replicas", || format!("{replicas}: data-parallel training across workers is not available yet; use 1"))
+        check.require((1..=64).contains(&replicas), "distributed.replicas", || format!("{replicas} must be 1 to 64"))?;
+        check.require(train.batch_size % replicas == 0, "train.batch_size", || {
+            format!("{} must split evenly over {replicas} replicas", train.batch_size)
+        })
     }
 
     /// The cross-validation configs (empty without `[cv]`).
@@ -650,8 +653,10 @@ epochs = 80
         assert!(err.contains("finetune: [finetune] starts from [final]"), "{err}");
         let err = SweepFile::parse(&SEED.replace("epochs = 40", "epochs = 40\nlr = 0.1"), "s").unwrap_err().to_string();
         assert!(err.contains("final: lr, weight_decay and batch_size come from the cross-validation winner"), "{err}");
-        let err = SweepFile::parse(&format!("{GAN}[distributed]\nreplicas = 2\n"), "g").unwrap_err().to_string();
-        assert!(err.contains("distributed.replicas"), "{err}");
+        let err = SweepFile::parse(&format!("{GAN}[distributed]\nreplicas = 100\n"), "g").unwrap_err().to_string();
+        assert!(err.contains("distributed.replicas: 100 must be 1 to 64"), "{err}");
+        let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 3\n", GAN.replace("epochs = 80", "epochs = 80\nbatch_size = 64")), "g").unwrap_err().to_string();
+        assert!(err.contains("train.batch_size: 64 must split evenly over 3 replicas"), "{err}");
         let err = SweepFile::parse(&GAN.replace("[train]", "[train]\nbeta2 = 1.0"), "g").unwrap_err().to_string();
         assert!(err.contains("train.beta2: 1 must be within [0, 1)"), "{err}");
         let err = SweepFile::parse(&GAN.replace("format = \"nifti\"", "format = \"idx\""), "g").unwrap_err().to_string();

@@ -59,6 +59,8 @@ fn task(epochs: u32) -> Task {
         resume_from: None,
         init_from: None,
         checkpoint_every: 1,
+        rank: 0,
+        world: 1,
     }
 }
 

@@ -19,7 +19,8 @@ use tonic::Code;
 
 use crate::blobs::BlobCache;
 use crate::task::Task;
-use crate::train::{self, Events, RunInputs, TrainError, TrainEvent};
+use crate::collective::GangSettings;
+use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
 
 /// How the daemon is set up; validated by the binary before it gets here.
 #[derive(Debug, Clone)]
@@ -32,6 +33,12 @@ pub struct WorkerConfig {
     pub device: Device,
     /// Blob cache and scratch space.
     pub cache_dir: PathBuf,
+    /// Interface the collective (ring) listener binds to, e.g. 0.0.0.0.
+    pub collective_bind: std::net::IpAddr,
+    /// Host peers dial for collectives (default: this machine's address on the route to the coordinator).
+    pub advertise_host: Option<String>,
+    /// A silent peer fails a collective after this long.
+    pub collective_timeout: Duration,
 }
 
 /// Why the daemon stopped.
@@ -51,6 +58,8 @@ pub enum DaemonError {
 const ACQUIRE_WAIT_MS: u32 = 2_000;
 /// How long reports are retried while the coordinator is unreachable (e.g. restarting).
 const REPORT_RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long a gang member waits for the others at the rendezvous.
+const RENDEZVOUS_FOR: Duration = Duration::from_secs(120);
 
 /// The task this worker is running, shared with the heartbeat loop.
 #[derive(Debug, Clone)]
@@ -315,6 +324,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("pretrained checkpoint", e))?),
         None => None,
     };
+    let gang = if task.world > 1 { Some(join_rendezvous(shared, &task).await?) } else { None };
     let scratch_dir = cache.scratch_dir();
     std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
         path: scratch_dir.display().to_string(),
@@ -335,7 +345,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
                 init_from: init_from.as_deref(),
                 scratch_dir: &scratch_dir,
                 device,
-                gang: None,
+                gang: gang.as_ref(),
             };
             let events_sender = sender.clone();
             let mut emit = move |event| {
@@ -359,6 +369,52 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     }
     let _ = tokio::task::spawn_blocking(move || trainer.join()).await;
     outcome
+}
+
+/// The host peers should dial: the flag's, else this machine's address on the route to the
+/// coordinator (found by connecting a UDP socket, which sends nothing).
+fn advertise_host(config: &WorkerConfig) -> Result<String, TrainError> {
+    if let Some(host) = &config.advertise_host {
+        return Ok(host.clone());
+    }
+    let uri: tonic::codegen::http::Uri = config.coordinator.parse().map_err(|e| TrainError::Collective(format!("coordinator url: {e}")))?;
+    let host = uri.host().unwrap_or("127.0.0.1").trim_matches(|c| c == '[' || c == ']');
+    let port = uri.port_u16().unwrap_or(50051);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| TrainError::Collective(format!("route lookup: {e}")))?;
+    socket.connect((host, port)).map_err(|e| TrainError::Collective(format!("route to the coordinator: {e}")))?;
+    Ok(socket.local_addr().map_err(|e| TrainError::Collective(e.to_string()))?.ip().to_string())
+}
+
+/// Binds this member's collective listener, announces it, and waits for the whole gang.
+async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, TrainError> {
+    let collective = |message: String| TrainError::Collective(message);
+    let listener = std::net::TcpListener::bind((shared.config.collective_bind, 0)).map_err(|e| collective(format!("bind: {e}")))?;
+    let port = listener.local_addr().map_err(|e| collective(e.to_string()))?.port();
+    let address = format!("{}:{port}", advertise_host(&shared.config)?);
+    let started = tokio::time::Instant::now();
+    loop {
+        let rendezvous = |mut c: WorkerServiceClient<Channel>, worker_id| {
+            let request = pb::RendezvousRequest {
+                worker_id,
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                rank: task.rank,
+                address: address.clone(),
+                wait_ms: 2_000,
+                nccl_id: vec![],
+            };
+            async move { c.rendezvous(request).await }
+        };
+        let response = with_retry(shared, "rendezvous", rendezvous).await.map_err(|s| collective(format!("rendezvous: {}", s.message())))?.into_inner();
+        if response.ready {
+            tracing::info!(task = %task.id, rank = task.rank, world = task.world, "gang assembled");
+            let settings = GangSettings { rank: task.rank as usize, peers: response.peers, secret: response.secret, timeout: shared.config.collective_timeout };
+            return Ok(GangInputs { listener, settings });
+        }
+        if started.elapsed() >= RENDEZVOUS_FOR {
+            return Err(collective(format!("the gang did not assemble within {RENDEZVOUS_FOR:?}")));
+        }
+    }
 }
 
 fn fetch_error(what: &str, error: transfer::TransferError) -> TrainError {

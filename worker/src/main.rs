@@ -27,6 +27,16 @@ struct Args {
     /// CPU threads libtorch may use (default: libtorch's choice, usually all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Interface the collective (ring all-reduce) listener binds to; its port is picked per task.
+    #[arg(long, default_value = "0.0.0.0")]
+    collective_bind: std::net::IpAddr,
+    /// Host (name or address) the other gang members dial to reach this worker's collective
+    /// listener. Default: this machine's address on the route to the coordinator.
+    #[arg(long, env = "COHORT_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Seconds a silent peer may take before a collective fails (so no replica hangs forever).
+    #[arg(long, default_value_t = 10)]
+    collective_timeout_secs: u64,
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -81,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
         name: args.name.unwrap_or_else(default_name),
         device,
         cache_dir: args.cache_dir,
+        collective_bind: args.collective_bind,
+        advertise_host: args.advertise_host,
+        collective_timeout: std::time::Duration::from_secs(args.collective_timeout_secs.max(1)),
     };
     tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.coordinator, "worker starting");
     daemon::run(config, shutdown_signal()).await?;

@@ -134,6 +134,10 @@ pub struct Task {
     pub init_from: Option<BlobRef>,
     /// Upload a checkpoint every this many epochs (0: only at the end).
     pub checkpoint_every: u32,
+    /// This worker's rank in the gang (0 for a plain task).
+    pub rank: u32,
+    /// Replicas in the gang (1 for a plain task).
+    pub world: u32,
 }
 
 /// A task the coordinator sent that this worker cannot interpret.
@@ -176,6 +180,9 @@ impl TryFrom<pb::TaskSpec> for Task {
         });
         if kind == TrialKind::DaeFold && fold.is_none() {
             return Err(malformed("a dae-fold trial needs a fold"));
+        }
+        if spec.world_size > 1 && spec.rank >= spec.world_size {
+            return Err(malformed("rank outside the gang"));
         }
         let init_from = blob_ref(spec.init_from.clone());
         if kind == TrialKind::Classifier && init_from.is_none() {
@@ -234,6 +241,8 @@ impl TryFrom<pb::TaskSpec> for Task {
             resume_from: blob_ref(spec.resume_from.clone()),
             init_from,
             checkpoint_every: spec.checkpoint_every,
+            rank: spec.rank,
+            world: spec.world_size.max(1),
         })
     }
 }

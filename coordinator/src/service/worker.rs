@@ -83,6 +83,17 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn rendezvous(&self, request: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let r = request.into_inner();
+        let wait = Duration::from_millis(u64::from(r.wait_ms)).min(MAX_ACQUIRE_WAIT);
+        let result = self.core.rendezvous(&r.worker_id, &r.task_id, r.attempt, &r.address, r.nccl_id, wait).await.map_err(status)?;
+        let response = match result {
+            Some(done) => pb::RendezvousResponse { ready: true, peers: done.peers, secret: done.secret, nccl_id: done.nccl_id },
+            None => pb::RendezvousResponse::default(),
+        };
+        Ok(Response::new(response))
+    }
+
     async fn complete_task(&self, request: Request<pb::CompleteTaskRequest>) -> Result<Response<pb::Ack>, Status> {
         let r = request.into_inner();
         self.core.complete(&r.worker_id, &r.task_id, r.attempt).map_err(status)?;
