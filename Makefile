@@ -23,7 +23,14 @@ $(TORCH_STAMP):
 	$(VENV)/bin/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
 	touch $@
 
-build: $(TORCH_STAMP)
+# The wheel ships NCCL as libnccl.so.2; cudarc's dynamic loader looks for libnccl.so. The worker's
+# rpath includes this folder, so the link makes the wheel's NCCL loadable (GPU workers only use it).
+NCCL_LINK := $(VENV)/.nccl-link
+$(NCCL_LINK): $(TORCH_STAMP)
+	cd "$$($(VENV)/bin/python -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "..", "nvidia", "nccl", "lib"))')" && ln -sf libnccl.so.2 libnccl.so
+	touch $@
+
+build: $(TORCH_STAMP) $(NCCL_LINK)
 	$(CARGO) build --release --locked --workspace --bins
 
 test: build

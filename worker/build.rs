@@ -8,6 +8,11 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+    // NCCL is loaded at run time (cudarc's dynamic loading) from the wheel's nvidia/nccl/lib.
+    let nccl_dir = std::path::Path::new(&lib_dir).join("../../nvidia/nccl/lib");
+    if nccl_dir.is_dir() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl_dir.display());
+    }
     if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }

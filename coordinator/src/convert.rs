@@ -128,6 +128,7 @@ pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, 
         config_label: spec.config_label.clone(),
         rank: 0,
         world_size: spec.replicas,
+        collective_backend: spec.collective_backend.clone(),
     }
 }
 

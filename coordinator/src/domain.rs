@@ -157,6 +157,9 @@ pub struct TrialSpec {
     /// Workers that train it together (a gang; 1 for a plain trial).
     #[serde(default = "one")]
     pub replicas: u32,
+    /// The gang's collective backend: `auto`, `ring` or `nccl`.
+    #[serde(default)]
+    pub collective_backend: String,
 }
 
 fn one() -> u32 {

@@ -92,6 +92,7 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
                 max_attempts: cv.max_attempts,
                 init_from: None,
                 replicas: 1,
+                collective_backend: String::new(),
             });
         }
     }
@@ -116,6 +117,7 @@ fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: St
         max_attempts: stage.max_attempts,
         init_from: None,
         replicas: 1,
+        collective_backend: String::new(),
     }
 }
 
@@ -144,6 +146,7 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
         max_attempts: stage.max_attempts,
         init_from: Some(pretrained),
         replicas: 1,
+        collective_backend: String::new(),
     }
 }
 
@@ -181,6 +184,7 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         max_attempts: train.max_attempts,
         init_from: None,
         replicas: sweep.distributed.as_ref().map_or(1, |d| d.replicas),
+        collective_backend: sweep.distributed.as_ref().map_or_else(|| "auto".to_string(), |d| d.backend.clone()),
     }
 }
 

@@ -432,6 +432,7 @@ mod tests {
             max_attempts: 3,
             init_from: None,
             replicas: 1,
+            collective_backend: String::new(),
         }
     }
 

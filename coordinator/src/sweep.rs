@@ -285,6 +285,13 @@ pub struct DistributedSection {
     /// Workers training together.
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Collective backend: `auto` (NCCL on CUDA workers, the TCP ring otherwise), `ring`, `nccl`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+}
+
+fn default_backend() -> String {
+    "auto".into()
 }
 
 fn default_lr() -> f64 {
@@ -490,6 +497,11 @@ impl SweepFile {
         check.at_least_one(train.max_attempts, "train.max_attempts")?;
         let replicas = self.distributed.as_ref().map_or(1, |d| d.replicas);
         check.require((1..=64).contains(&replicas), "distributed.replicas", || format!("{replicas} must be 1 to 64"))?;
+        if let Some(distributed) = &self.distributed {
+            check.require(matches!(distributed.backend.as_str(), "auto" | "ring" | "nccl"), "distributed.backend", || {
+                format!("{:?} is not a backend (auto, ring, nccl)", distributed.backend)
+            })?;
+        }
         check.require(train.batch_size % replicas == 0, "train.batch_size", || {
             format!("{} must split evenly over {replicas} replicas", train.batch_size)
         })

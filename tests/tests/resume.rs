@@ -61,6 +61,7 @@ fn task(epochs: u32) -> Task {
         checkpoint_every: 1,
         rank: 0,
         world: 1,
+        collective_backend: String::new(),
     }
 }
 

@@ -19,7 +19,7 @@ use tonic::Code;
 
 use crate::blobs::BlobCache;
 use crate::task::Task;
-use crate::collective::GangSettings;
+use crate::collective::{nccl, Backend, GangSettings};
 use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
 
 /// How the daemon is set up; validated by the binary before it gets here.
@@ -391,6 +391,14 @@ async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, Tra
     let listener = std::net::TcpListener::bind((shared.config.collective_bind, 0)).map_err(|e| collective(format!("bind: {e}")))?;
     let port = listener.local_addr().map_err(|e| collective(e.to_string()))?.port();
     let address = format!("{}:{port}", advertise_host(&shared.config)?);
+    // Rank 0 decides the backend for the whole gang and relays NCCL's id; the others follow.
+    let nccl_id = match task.rank {
+        0 => match Backend::resolve(&task.collective_backend, shared.config.device)? {
+            Backend::Nccl => nccl::unique_id()?,
+            Backend::Ring => vec![],
+        },
+        _ => vec![],
+    };
     let started = tokio::time::Instant::now();
     loop {
         let rendezvous = |mut c: WorkerServiceClient<Channel>, worker_id| {
@@ -401,7 +409,7 @@ async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, Tra
                 rank: task.rank,
                 address: address.clone(),
                 wait_ms: 2_000,
-                nccl_id: vec![],
+                nccl_id: nccl_id.clone(),
             };
             async move { c.rendezvous(request).await }
         };
@@ -409,7 +417,8 @@ async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, Tra
         if response.ready {
             tracing::info!(task = %task.id, rank = task.rank, world = task.world, "gang assembled");
             let settings = GangSettings { rank: task.rank as usize, peers: response.peers, secret: response.secret, timeout: shared.config.collective_timeout };
-            return Ok(GangInputs { listener, settings });
+            let backend = if response.nccl_id.is_empty() { Backend::Ring } else { Backend::Nccl };
+            return Ok(GangInputs { listener, settings, backend, nccl_id: response.nccl_id });
         }
         if started.elapsed() >= RENDEZVOUS_FOR {
             return Err(collective(format!("the gang did not assemble within {RENDEZVOUS_FOR:?}")));

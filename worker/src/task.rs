@@ -138,6 +138,8 @@ pub struct Task {
     pub rank: u32,
     /// Replicas in the gang (1 for a plain task).
     pub world: u32,
+    /// Collective backend: `auto`, `ring` or `nccl`.
+    pub collective_backend: String,
 }
 
 /// A task the coordinator sent that this worker cannot interpret.
@@ -243,6 +245,7 @@ impl TryFrom<pb::TaskSpec> for Task {
             checkpoint_every: spec.checkpoint_every,
             rank: spec.rank,
             world: spec.world_size.max(1),
+            collective_backend: spec.collective_backend.clone(),
         })
     }
 }

@@ -3,9 +3,12 @@
 //! [`Communicator`] is what training code sees; [`ring::RingCommunicator`] implements it over
 //! TCP (the default on CPU workers).
 
+pub mod nccl;
 pub mod ring;
 
 use std::time::Duration;
+
+use tch::Tensor;
 
 /// Why a collective failed. A failed collective ends the gang's attempt (infrastructure error).
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,56 @@ pub trait Communicator: Send {
 
     /// Bytes sent so far (for metrics).
     fn bytes_sent(&self) -> u64;
+
+    /// [`Communicator::all_reduce_sum`] on a contiguous float32 tensor, in place. The default
+    /// goes through host memory; a device backend (NCCL) reduces on the device.
+    fn all_reduce_sum_tensor(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        let mut host = host_copy(tensor);
+        self.all_reduce_sum(&mut host)?;
+        write_back(tensor, &host);
+        Ok(())
+    }
+
+    /// [`Communicator::broadcast`] on a contiguous float32 tensor, in place.
+    fn broadcast_tensor(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let mut host = host_copy(tensor);
+        self.broadcast(&mut host, root)?;
+        write_back(tensor, &host);
+        Ok(())
+    }
+}
+
+fn host_copy(tensor: &Tensor) -> Vec<f32> {
+    let flat = tensor.detach().flatten(0, -1).to_device(tch::Device::Cpu).to_kind(tch::Kind::Float);
+    Vec::<f32>::try_from(&flat).expect("float tensor to host")
+}
+
+fn write_back(tensor: &mut Tensor, values: &[f32]) {
+    let source = Tensor::from_slice(values).view(tensor.size().as_slice()).to_device(tensor.device()).to_kind(tensor.kind());
+    tch::no_grad(|| tensor.copy_(&source));
+}
+
+/// Which collective backend a gang uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Ring all-reduce over TCP (host memory).
+    Ring,
+    /// NCCL on the GPUs.
+    Nccl,
+}
+
+impl Backend {
+    /// Resolves a configured name: `ring`, `nccl`, or `auto` (NCCL on CUDA workers whose NCCL
+    /// library loads, the ring otherwise).
+    pub fn resolve(name: &str, device: tch::Device) -> Result<Backend, CollectiveError> {
+        match name {
+            "ring" => Ok(Backend::Ring),
+            "nccl" => Ok(Backend::Nccl),
+            "" | "auto" if matches!(device, tch::Device::Cuda(_)) && nccl::available() => Ok(Backend::Nccl),
+            "" | "auto" => Ok(Backend::Ring),
+            other => Err(CollectiveError::Setup(format!("unknown collective backend {other:?} (auto, ring or nccl)"))),
+        }
+    }
 }
 
 /// Settings shared by every collective backend.

@@ -43,44 +43,49 @@ fn to_host(tensor: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&flat).expect("float tensor to host")
 }
 
-fn copy_from_host(target: &mut Tensor, values: &[f32]) {
-    let source = Tensor::from_slice(values).view(target.size().as_slice()).to_device(target.device()).to_kind(target.kind());
-    tch::no_grad(|| target.copy_(&source));
+/// Packs `tensors` into one flat float32 tensor on their device.
+fn pack(tensors: &[&Tensor]) -> Tensor {
+    let flats: Vec<Tensor> = tensors.iter().map(|t| t.detach().flatten(0, -1).to_kind(Kind::Float)).collect();
+    Tensor::cat(&flats, 0)
+}
+
+/// Copies a packed bucket back into the tensors it was packed from.
+fn unpack(flat: &Tensor, tensors: &mut [Tensor]) {
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for tensor in tensors {
+            let len = tensor.numel() as i64;
+            let part = flat.narrow(0, offset, len).view(tensor.size().as_slice()).to_kind(tensor.kind());
+            tensor.copy_(&part);
+            offset += len;
+        }
+    });
 }
 
 /// Makes every replica start from rank 0's variables (weights and BatchNorm buffers).
 pub fn broadcast_variables(comm: &mut dyn Communicator, vars: &nn::VarStore) -> Result<(), CollectiveError> {
     let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    for bucket in buckets(named.iter().map(|(_, t)| t.numel())) {
-        let mut flat: Vec<f32> = bucket.clone().flat_map(|i| to_host(&named[i].1)).collect();
-        comm.broadcast(&mut flat, 0)?;
-        let mut offset = 0;
-        for i in bucket {
-            let tensor = &mut named[i].1;
-            let len = tensor.numel();
-            copy_from_host(tensor, &flat[offset..offset + len]);
-            offset += len;
-        }
+    let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+    for bucket in buckets(tensors.iter().map(Tensor::numel)) {
+        let mut flat = pack(&tensors[bucket.clone()].iter().collect::<Vec<_>>());
+        comm.broadcast_tensor(&mut flat, 0)?;
+        let mut targets: Vec<Tensor> = tensors[bucket].iter().map(Tensor::shallow_clone).collect();
+        unpack(&flat, &mut targets);
     }
     Ok(())
 }
 
 /// Replaces every parameter's gradient by its mean over the replicas.
 pub fn average_gradients(comm: &mut dyn Communicator, params: &[Tensor]) -> Result<(), CollectiveError> {
-    let world = comm.world() as f32;
+    let world = comm.world() as f64;
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
     for bucket in buckets(grads.iter().map(Tensor::numel)) {
-        let mut flat: Vec<f32> = bucket.clone().flat_map(|i| to_host(&grads[i])).collect();
-        comm.all_reduce_sum(&mut flat)?;
-        flat.iter_mut().for_each(|v| *v /= world);
-        let mut offset = 0;
-        for i in bucket {
-            let mut grad = grads[i].shallow_clone();
-            let len = grad.numel();
-            copy_from_host(&mut grad, &flat[offset..offset + len]);
-            offset += len;
-        }
+        let mut flat = pack(&grads[bucket.clone()].iter().collect::<Vec<_>>());
+        comm.all_reduce_sum_tensor(&mut flat)?;
+        let flat = flat / world;
+        let mut targets: Vec<Tensor> = grads[bucket].iter().map(Tensor::shallow_clone).collect();
+        unpack(&flat, &mut targets);
     }
     Ok(())
 }

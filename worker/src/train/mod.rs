@@ -137,10 +137,14 @@ pub struct RunInputs<'a> {
 /// What a replica needs to join its gang: its bound collective listener and the rendezvous result.
 #[derive(Debug)]
 pub struct GangInputs {
-    /// Bound to this replica's advertised collective address.
+    /// Bound to this replica's advertised collective address (the ring backend).
     pub listener: std::net::TcpListener,
     /// Rank, peers, secret, timeout.
     pub settings: crate::collective::GangSettings,
+    /// The backend rank 0 chose.
+    pub backend: crate::collective::Backend,
+    /// Rank 0's NCCL unique id (NCCL backend).
+    pub nccl_id: Vec<u8>,
 }
 
 /// Runs `task` to completion, reporting through `events`.

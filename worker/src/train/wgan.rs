@@ -17,8 +17,9 @@ use tch::{Device, Kind, Tensor};
 use super::data_parallel::{self, Shard};
 use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
 use crate::checkpoint;
+use crate::collective::nccl::NcclCommunicator;
 use crate::collective::ring::RingCommunicator;
-use crate::collective::{CollectiveError, Communicator};
+use crate::collective::{Backend, CollectiveError, Communicator};
 use crate::data::split::{derive_seed, permutation};
 use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
@@ -119,13 +120,19 @@ struct Sums {
 }
 
 /// The gang's communicator, when the task runs on several replicas.
-fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<RingCommunicator>), TrainError> {
+fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
     let Some(gang) = inputs.gang else {
         return Ok((Shard::SOLE, None));
     };
-    let listener = gang.listener.try_clone().map_err(|e| TrainError::Collective(format!("listener: {e}")))?;
-    let ring = RingCommunicator::connect(listener, &gang.settings)?;
-    Ok((Shard { rank: ring.rank(), world: ring.world() }, Some(ring)))
+    let settings = &gang.settings;
+    let comm: Box<dyn Communicator> = match gang.backend {
+        Backend::Ring => {
+            let listener = gang.listener.try_clone().map_err(|e| TrainError::Collective(format!("listener: {e}")))?;
+            Box::new(RingCommunicator::connect(listener, settings)?)
+        }
+        Backend::Nccl => Box::new(NcclCommunicator::new(settings.rank, settings.peers.len(), &gang.nccl_id, inputs.device)?),
+    };
+    Ok((Shard { rank: comm.rank(), world: comm.world() }, Some(comm)))
 }
 
 /// `wgan`: trains one WGAN-GP, alone or as one replica of a gang. Reports (rank 0) `critic_loss`,
@@ -141,7 +148,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     if size[2] != IMAGE_SIZE || size[3] != IMAGE_SIZE {
         return Err(TrainError::Invalid(format!("the generator makes {IMAGE_SIZE}×{IMAGE_SIZE} images, the data is {}×{}", size[2], size[3])));
     }
-    let (shard, mut ring) = join_gang(inputs)?;
+    let (shard, mut comm) = join_gang(inputs)?;
     let n = train.len();
     let batch = config.batch_size;
     if batch < 2 || batch > n || recipe.critic_steps == 0 || batch % shard.world != 0 {
@@ -153,8 +160,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     tch::manual_seed(config.seed as i64);
     let mut gan = Gan::new(recipe.widths, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
     let done_epochs = checkpoint::resume(inputs.resume_from, &mut gan.vars, &mut [&mut gan.generator_optimizer, &mut gan.critic_optimizer])?;
-    if let Some(ring) = ring.as_mut() {
-        data_parallel::broadcast_variables(ring, &gan.vars)?;
+    if let Some(comm) = comm.as_deref_mut() {
+        data_parallel::broadcast_variables(comm, &gan.vars)?;
     }
     let leader = shard.rank == 0;
     tch::manual_seed(derive_seed(config.seed, streams::EVALUATION) as i64);
@@ -175,8 +182,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             let real = train.images.index_select(0, &order.narrow(0, (step * batch) as i64, batch as i64));
             let noise = gan.noise(batch as i64);
             let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
-            let comm = ring.as_mut().map(|r| r as &mut dyn Communicator);
-            let (loss, wasserstein, penalty) = gan.critic_gradients(&real, &noise, &epsilon, recipe.gp_lambda, shard, comm)?;
+            let (loss, wasserstein, penalty) = gan.critic_gradients(&real, &noise, &epsilon, recipe.gp_lambda, shard, comm.as_deref_mut())?;
             gan.critic_optimizer.step();
             for (sum, value) in sums.critic.iter_mut().zip([loss, wasserstein, penalty]) {
                 *sum += value;
@@ -184,15 +190,14 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             sums.critic_steps += 1.0;
             if (step + 1) % recipe.critic_steps as usize == 0 {
                 let noise = gan.noise(batch as i64);
-                let comm = ring.as_mut().map(|r| r as &mut dyn Communicator);
-                sums.generator += gan.generator_gradients(&noise, shard, comm)?;
+                sums.generator += gan.generator_gradients(&noise, shard, comm.as_deref_mut())?;
                 gan.generator_optimizer.step();
                 sums.generator_steps += 1.0;
             }
         }
         let mut totals = [sums.critic[0] as f32, sums.critic[1] as f32, sums.critic[2] as f32, sums.generator as f32];
-        if let Some(ring) = ring.as_mut() {
-            ring.all_reduce_sum(&mut totals)?;
+        if let Some(comm) = comm.as_deref_mut() {
+            comm.all_reduce_sum(&mut totals)?;
         }
         let world = shard.world as f64;
         let critic_steps = sums.critic_steps.max(1.0) * world;
@@ -205,8 +210,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             values.push(("generator_loss".into(), finite(f64::from(totals[3]) / (sums.generator_steps * world), epoch, "generator_loss")?));
         }
         if epoch == config.epochs {
-            let checksums = match ring.as_mut() {
-                Some(ring) => data_parallel::gather_scalar(ring, data_parallel::checksum(&gan.vars))?,
+            let checksums = match comm.as_deref_mut() {
+                Some(comm) => data_parallel::gather_scalar(comm, data_parallel::checksum(&gan.vars))?,
                 None => vec![data_parallel::checksum(&gan.vars)],
             };
             for (rank, value) in checksums.into_iter().enumerate() {
