@@ -7,6 +7,7 @@
 //! - [`core`]: the two behind one lock; [`service`]: thin gRPC handlers over it.
 
 
+pub mod auth;
 pub mod blobs;
 pub mod convert;
 pub mod core;

@@ -12,16 +12,25 @@ use clap::{Parser, Subcommand};
 use cli::{connect, local, results, submit, watch, Format};
 use cohort_coordinator::core::CoreConfig;
 use cohort_coordinator::scheduler::Timeouts;
-use cohort_coordinator::server::BoundServer;
+use cohort_coordinator::auth::Tokens;
+use cohort_coordinator::server::{BoundServer, Security};
+use cohort_proto::auth::ConnectOptions;
 use cohort_proto::v1 as pb;
 
 /// Cohort: distributed training sweeps. `serve` runs the coordinator; the other commands talk to it.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version)]
 struct Args {
-    /// Coordinator URL for client commands.
+    /// Coordinator URL for client commands (https:// with --tls-ca).
     #[arg(long, global = true, env = "COHORT_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// File holding the bearer token: the client token for client commands; for `serve`, the
+    /// client token it accepts (full rights).
+    #[arg(long, global = true, env = "COHORT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the coordinator's certificate (client commands, over TLS).
+    #[arg(long, global = true, env = "COHORT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +48,21 @@ enum Command {
         /// Seconds a task lease lasts without a heartbeat.
         #[arg(long, default_value_t = 10)]
         lease_secs: u64,
+        /// File holding the worker token: it opens the worker service only.
+        #[arg(long)]
+        worker_token_file: Option<PathBuf>,
+        /// PEM certificate chain: serve over TLS (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Run without bearer tokens: anyone who reaches the port may submit and run work.
+        #[arg(long, conflicts_with_all = ["worker_token_file"])]
+        insecure_no_auth: bool,
+        /// Largest gRPC message accepted, in MiB (blobs move in 1 MiB chunks).
+        #[arg(long, default_value_t = 16)]
+        max_message_mib: usize,
     },
     /// Upload a sweep file's dataset and submit it; prints the new sweep's id.
     Submit {
@@ -187,17 +211,30 @@ fn print_sweeps(sweeps: Vec<pb::SweepSummary>, format: Format) -> anyhow::Result
     Ok(())
 }
 
+fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let url = args.coordinator;
+    let remote = ConnectOptions { url: args.coordinator.clone(), token_file: args.token_file.clone(), tls_ca: args.tls_ca.clone() };
     match args.command {
-        Command::Serve { listen, data_dir, lease_secs } => {
+        Command::Serve { listen, data_dir, lease_secs, worker_token_file, tls_cert, tls_key, insecure_no_auth, max_message_mib } => {
+            if args.token_file.is_none() && !insecure_no_auth {
+                anyhow::bail!("serve needs --token-file (and usually --worker-token-file), or --insecure-no-auth to run open");
+            }
+            let tokens = Tokens::load(args.token_file.as_deref(), worker_token_file.as_deref())?;
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some((read_file(&cert)?, read_file(&key)?)),
+                _ => None,
+            };
+            let security = Security { tokens, tls, max_message_bytes: max_message_mib.max(2) << 20 };
             let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
-            let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts }).await?;
+            let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts }, security).await?;
             server.serve(shutdown_signal()).await?;
         }
         Command::Submit { file, dry_run, watch, format } => {
             let sweep = submit::read(&file)?;
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let response = submit::submit(&mut client, &sweep, dry_run).await?;
             match (dry_run, format) {
                 (true, Format::Table | Format::Csv) => submit::print_plan(&response),
@@ -220,33 +257,33 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Watch { id } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let state = watch::watch(&mut client, &id).await?;
             if state != "succeeded" {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Retry { id } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{} trials queued again", response.into_inner().requeued);
         }
         Command::Workers { format } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let workers = client.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
             print_workers(workers, format)?;
         }
         Command::Checkpoints { id, format } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             results::print_checkpoints(&mut client, &id, format == Format::Json).await?;
         }
         Command::Status { id: None, format } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let sweeps = client.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps;
             print_sweeps(sweeps, format)?;
         }
         Command::Status { id: Some(id), format } | Command::Results { id, format } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let results = results::fetch(&mut client, &id).await?;
             match format {
                 Format::Table => results::print_table(&results),
@@ -255,7 +292,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Wait { id, timeout } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let state = results::wait(&mut client, &id, timeout.map(Duration::from_secs)).await?;
             println!("{state}");
             if state != "succeeded" {
@@ -263,12 +300,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Cancel { id } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{} trials cancelled", response.into_inner().cancelled);
         }
         Command::Download { checkpoint, output } => {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&remote).await?;
             results::download(&mut client, &checkpoint, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
             eprintln!("wrote {}", output.display());
         }

@@ -8,15 +8,30 @@ use cohort_proto::v1::client_service_server::ClientServiceServer;
 use cohort_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
+use tonic::{Request, Status};
 
+use crate::auth::{Service, Tokens};
 use crate::core::{Core, CoreConfig, CoreError};
 use crate::service::client::ClientApi;
 use crate::service::worker::WorkerApi;
 
 /// How often overdue leases are looked for.
 const EXPIRY_PERIOD: Duration = Duration::from_millis(500);
-/// Largest gRPC message (blobs move in 1 MiB chunks; this bounds everything else).
-const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// How the server admits connections and requests.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Accepted bearer tokens (none: authentication off).
+    pub tokens: Tokens,
+    /// PEM certificate chain and private key: TLS on.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Largest gRPC message accepted, in bytes (blobs move in 1 MiB chunks).
+    pub max_message_bytes: usize,
+}
+
+/// The default message limit: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Why the server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +58,15 @@ pub enum ServeError {
 pub struct BoundServer {
     listener: TcpListener,
     core: Arc<Core>,
+    security: Security,
 }
 
 impl BoundServer {
     /// Opens the data dir and binds `address` (port 0 picks a free port).
-    pub async fn bind(address: SocketAddr, config: &CoreConfig) -> Result<Self, ServeError> {
+    pub async fn bind(address: SocketAddr, config: &CoreConfig, security: Security) -> Result<Self, ServeError> {
         let core = Arc::new(Core::open(config)?);
         let listener = TcpListener::bind(address).await.map_err(|source| ServeError::Bind { address, source })?;
-        Ok(Self { listener, core })
+        Ok(Self { listener, core, security })
     }
 
     /// The address actually bound.
@@ -70,15 +86,28 @@ impl BoundServer {
                 }
             }
         });
-        let client = ClientServiceServer::new(ClientApi::new(self.core.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let worker = WorkerServiceServer::new(WorkerApi::new(self.core.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        tracing::info!(address = %self.local_addr(), "coordinator listening");
-        let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let limit = self.security.max_message_bytes.max(2 << 20);
+        let client = ClientServiceServer::new(ClientApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let worker = WorkerServiceServer::new(WorkerApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let admit = |tokens: Tokens, service: Service| {
+            move |request: Request<()>| -> Result<Request<()>, Status> {
+                tokens.check(&request, service)?;
+                Ok(request)
+            }
+        };
+        let client = InterceptedService::new(client, admit(self.security.tokens.clone(), Service::Client));
+        let worker = InterceptedService::new(worker, admit(self.security.tokens.clone(), Service::Worker));
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some((cert, key)) = &self.security.tls {
+            builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+        }
+        tracing::info!(
+            address = %self.local_addr(),
+            tls = self.security.tls.is_some(),
+            auth = self.security.tokens.enabled(),
+            "coordinator listening"
+        );
+        let result = builder
             .add_service(client)
             .add_service(worker)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)

@@ -12,4 +12,5 @@ pub mod v1 {
 /// The largest chunk a blob stream carries (1 MiB keeps every message far below gRPC's 4 MiB).
 pub const BLOB_CHUNK_BYTES: usize = 1 << 20;
 
+pub mod auth;
 pub mod transfer;

@@ -26,6 +26,11 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A fresh temporary folder for a cluster.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("cohort-cluster-").tempdir().expect("temp dir")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -54,6 +59,8 @@ pub struct Cluster {
     pub processes: Vec<Process>,
     /// The coordinator's `serve` arguments, to restart it alike.
     coordinator_args: Vec<String>,
+    /// `http`, or `https` when the coordinator serves TLS.
+    scheme: &'static str,
 }
 
 impl Cluster {
@@ -64,13 +71,24 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `coordinator serve` arguments.
     pub fn start_with(extra_args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("cohort-cluster-").tempdir().expect("temp dir");
+        Self::start_in(temp_dir(), extra_args)
+    }
+
+    /// Like [`Cluster::start_with`], in a folder the caller prepared (e.g. with certificates).
+    pub fn start_in(dir: tempfile::TempDir, extra_args: &[&str]) -> Self {
         let address = free_address();
-        let mut cluster = Cluster { dir, address, processes: Vec::new(), coordinator_args: Vec::new() };
+        let mut cluster = Cluster { dir, address, processes: Vec::new(), coordinator_args: Vec::new(), scheme: "http" };
+        std::fs::write(cluster.client_token(), "client-token-for-tests\n").expect("token file");
+        std::fs::write(cluster.worker_token(), "worker-token-for-tests\n").expect("token file");
         let data_dir = cluster.dir.path().join("coordinator");
         let listen = address.to_string();
         let data_dir = data_dir.to_string_lossy().into_owned();
-        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir];
+        let client_token = cluster.client_token().to_string_lossy().into_owned();
+        let worker_token = cluster.worker_token().to_string_lossy().into_owned();
+        if extra_args.contains(&"--tls-cert") {
+            cluster.scheme = "https";
+        }
+        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir, "--token-file", &client_token, "--worker-token-file", &worker_token];
         args.extend_from_slice(extra_args);
         cluster.coordinator_args = args.iter().map(|a| a.to_string()).collect();
         cluster.spawn("coordinator", &binary("coordinator"), &args);
@@ -90,7 +108,31 @@ impl Cluster {
 
     /// The coordinator's URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        match self.scheme {
+            // The test certificate is issued for "localhost".
+            "https" => format!("https://localhost:{}", self.address.port()),
+            _ => format!("http://{}", self.address),
+        }
+    }
+
+    /// The client (full rights) token file.
+    pub fn client_token(&self) -> PathBuf {
+        self.dir.path().join("client.token")
+    }
+
+    /// The worker token file.
+    pub fn worker_token(&self) -> PathBuf {
+        self.dir.path().join("worker.token")
+    }
+
+    /// Extra arguments every client and worker passes (the CA certificate over TLS).
+    fn tls_args(&self) -> Vec<String> {
+        let ca = self.dir.path().join("ca.pem");
+        if self.scheme == "https" {
+            vec!["--tls-ca".into(), ca.to_string_lossy().into_owned()]
+        } else {
+            vec![]
+        }
     }
 
     fn spawn(&mut self, label: &str, program: &Path, args: &[&str]) {
@@ -117,9 +159,16 @@ impl Cluster {
 
     /// Starts a worker with one libtorch thread.
     pub fn add_worker(&mut self, name: &str) {
-        let cache = self.dir.path().join(format!("cache-{name}"));
+        let cache = self.dir.path().join(format!("cache-{name}")).to_string_lossy().into_owned();
         let url = self.url();
-        let args = ["--coordinator", &url, "--name", name, "--device", "cpu", "--threads", "1", "--cache-dir", &cache.to_string_lossy()];
+        let token = self.worker_token().to_string_lossy().into_owned();
+        let mut args: Vec<String> = ["--coordinator", &url, "--name", name, "--device", "cpu", "--threads", "1", "--cache-dir", &cache]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(["--token-file".to_string(), token, "--advertise-host".to_string(), "127.0.0.1".to_string()]);
+        args.extend(self.tls_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(name, &binary("worker"), &args);
     }
 
@@ -144,11 +193,19 @@ impl Cluster {
         }
     }
 
-    /// Runs a client command of the coordinator binary against this cluster.
+    /// Runs a client command of the coordinator binary against this cluster, with the client token.
     pub fn client(&self, args: &[&str]) -> Output {
+        self.client_with_token(&self.client_token(), args)
+    }
+
+    /// Runs a client command with the token in `token_file`.
+    pub fn client_with_token(&self, token_file: &Path, args: &[&str]) -> Output {
         Command::new(binary("coordinator"))
             .arg("--coordinator")
             .arg(self.url())
+            .arg("--token-file")
+            .arg(token_file)
+            .args(self.tls_args())
             .args(args)
             .output()
             .expect("run the coordinator client")

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use cohort_proto::transfer::{self, TransferError};
-use cohort_proto::v1::worker_service_client::WorkerServiceClient;
 use cohort_proto::v1::FetchBlobRequest;
-use tonic::transport::Channel;
+
+use crate::daemon::WorkerClient;
 
 use crate::task::BlobRef;
 
@@ -35,7 +35,7 @@ impl BlobCache {
     }
 
     /// Returns the local path of `blob`, downloading and verifying it first if absent.
-    pub async fn ensure(&self, client: &mut WorkerServiceClient<Channel>, blob: &BlobRef) -> Result<PathBuf, TransferError> {
+    pub async fn ensure(&self, client: &mut WorkerClient, blob: &BlobRef) -> Result<PathBuf, TransferError> {
         if !transfer::is_sha256_hex(&blob.sha256) {
             return Err(TransferError::Protocol(format!("not a blob name: {:?}", blob.sha256)));
         }

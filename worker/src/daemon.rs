@@ -14,7 +14,9 @@ use cohort_proto::v1 as pb;
 use cohort_proto::v1::worker_service_client::WorkerServiceClient;
 use tch::Device;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use cohort_proto::auth::{BearerToken, ConnectError, ConnectOptions};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::blobs::BlobCache;
@@ -25,6 +27,8 @@ use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
 /// How the daemon is set up; validated by the binary before it gets here.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// How to reach the coordinator: URL, token, TLS.
+    pub connect: ConnectOptions,
     /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
     pub coordinator: String,
     /// Name shown in `coordinator workers` and the results.
@@ -41,17 +45,15 @@ pub struct WorkerConfig {
     pub collective_timeout: Duration,
 }
 
+/// A client of the coordinator's worker service, sending the worker's token.
+pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The coordinator URL is not a valid endpoint.
-    #[error("invalid coordinator url {url}: {message}")]
-    BadUrl {
-        /// The URL.
-        url: String,
-        /// Why.
-        message: String,
-    },
+    /// The coordinator URL, token or TLS settings are unusable.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
 }
 
 /// How long an acquire call waits on the coordinator for work.
@@ -75,7 +77,7 @@ struct Running {
 
 #[derive(Clone)]
 struct Shared {
-    client: WorkerServiceClient<Channel>,
+    client: WorkerClient,
     config: WorkerConfig,
     worker_id: Arc<Mutex<String>>,
     running: Arc<Mutex<Option<Running>>>,
@@ -101,7 +103,7 @@ fn is_transient(status: &tonic::Status) -> bool {
 /// Any other refusal (a lease lost to another worker, a cancelled task) is returned.
 async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut call: F) -> Result<T, tonic::Status>
 where
-    F: FnMut(WorkerServiceClient<Channel>, String) -> Fut,
+    F: FnMut(WorkerClient, String) -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     let started = tokio::time::Instant::now();
@@ -205,13 +207,8 @@ pub fn device_name(device: Device) -> String {
 
 /// Runs the daemon until `shutdown` resolves; a running task is stopped and handed back.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| DaemonError::BadUrl { url: config.coordinator.clone(), message: e.to_string() })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    let client = WorkerServiceClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+    let (channel, token) = config.connect.lazy_channel()?;
+    let client = WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let shared = Shared { client, config, worker_id: Arc::default(), running: Arc::default() };
     shared.register().await;
     let heartbeat = tokio::spawn(shared.clone().heartbeat_loop(Duration::from_secs(1)));
@@ -277,7 +274,7 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     }
     match outcome {
         Ok(()) => {
-            let complete = |mut c: WorkerServiceClient<Channel>, worker_id| {
+            let complete = |mut c: WorkerClient, worker_id| {
                 let request = pb::CompleteTaskRequest { worker_id, task_id: task_id.clone(), attempt };
                 async move { c.complete_task(request).await }
             };
@@ -296,7 +293,7 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
 async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error: bool, error: String) {
     tracing::warn!(task = %task_id, user_error, %error, "task failed");
     let kind = if user_error { pb::FailureKind::User } else { pb::FailureKind::Infrastructure };
-    let fail = |mut c: WorkerServiceClient<Channel>, worker_id| {
+    let fail = |mut c: WorkerClient, worker_id| {
         let request = pb::FailTaskRequest { worker_id, task_id: task_id.to_string(), attempt, kind: kind as i32, error: error.clone() };
         async move { c.fail_task(request).await }
     };
@@ -401,7 +398,7 @@ async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, Tra
     };
     let started = tokio::time::Instant::now();
     loop {
-        let rendezvous = |mut c: WorkerServiceClient<Channel>, worker_id| {
+        let rendezvous = |mut c: WorkerClient, worker_id| {
             let request = pb::RendezvousRequest {
                 worker_id,
                 task_id: task.id.clone(),
@@ -445,7 +442,7 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
                 samples: report.samples,
                 attempt: task.attempt,
             }];
-            let report_metrics = |mut c: WorkerServiceClient<Channel>, worker_id| {
+            let report_metrics = |mut c: WorkerClient, worker_id| {
                 let request = pb::ReportMetricsRequest { worker_id, task_id: task.id.clone(), attempt: task.attempt, epochs: epochs.clone() };
                 async move { c.report_metrics(request).await }
             };
@@ -476,7 +473,7 @@ async fn upload_file(shared: &Shared, path: &std::path::Path) -> Result<pb::Blob
 
 async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, path).await?;
-    let attach = |mut c: WorkerServiceClient<Channel>, worker_id| {
+    let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachArtifactRequest {
             worker_id,
             task_id: task.id.clone(),
@@ -496,7 +493,7 @@ async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, p
 
 async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, path).await?;
-    let attach = |mut c: WorkerServiceClient<Channel>, worker_id| {
+    let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachCheckpointRequest {
             worker_id,
             task_id: task.id.clone(),

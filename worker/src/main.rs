@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use cohort_proto::auth::ConnectOptions;
 use cohort_worker::daemon::{self, WorkerConfig};
 use tch::Device;
 
@@ -12,9 +13,15 @@ use tch::Device;
 #[derive(Debug, Parser)]
 #[command(name = "worker", version)]
 struct Args {
-    /// Coordinator URL.
+    /// Coordinator URL (https:// with --tls-ca).
     #[arg(long, env = "COHORT_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// File holding the worker token.
+    #[arg(long, env = "COHORT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the coordinator's certificate (TLS).
+    #[arg(long, env = "COHORT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Where to compute: auto (CUDA when libtorch sees a GPU), cpu, or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -87,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let device = parse_device(&args.device)?;
     let config = WorkerConfig {
+        connect: ConnectOptions { url: args.coordinator.clone(), token_file: args.token_file, tls_ca: args.tls_ca },
         coordinator: args.coordinator,
         name: args.name.unwrap_or_else(default_name),
         device,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cohort_coordinator::core::CoreConfig;
 use cohort_coordinator::scheduler::Timeouts;
-use cohort_coordinator::server::BoundServer;
+use cohort_coordinator::auth::Tokens;
+use cohort_coordinator::server::{BoundServer, Security, DEFAULT_MAX_MESSAGE_BYTES};
+use cohort_proto::auth::ConnectOptions;
 use tokio::process::{Child, Command};
 
 use super::{connect, results, submit, Format};
@@ -36,6 +38,18 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     Ok(worker)
 }
 
+/// Writes a fresh random token to `path`, readable by its owner only.
+fn write_token(path: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes);
+    let token = hex::encode(bytes);
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    writeln!(file, "{token}")?;
+    Ok(token)
+}
+
 fn spawn_worker(binary: &Path, url: &str, index: usize, data_dir: &Path, threads: usize) -> anyhow::Result<Child> {
     let log_path = data_dir.join("logs").join(format!("worker-{index}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
@@ -48,6 +62,10 @@ fn spawn_worker(binary: &Path, url: &str, index: usize, data_dir: &Path, threads
         .arg(data_dir.join(format!("worker-{index}")))
         .arg("--threads")
         .arg(threads.to_string())
+        .arg("--token-file")
+        .arg(data_dir.join("worker.token"))
+        .arg("--advertise-host")
+        .arg("127.0.0.1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -73,8 +91,12 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
         }
     };
     std::fs::create_dir_all(data_dir.join("logs"))?;
+    // This cluster's own credentials: a client token for this process, a worker token for the workers.
+    let client_token = write_token(&data_dir.join("client.token"))?;
+    let worker_token = write_token(&data_dir.join("worker.token"))?;
+    let security = Security { tokens: Tokens::new(&client_token, &worker_token), tls: None, max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES };
     let config = CoreConfig { data_dir: data_dir.join("coordinator"), timeouts: Timeouts::default() };
-    let server = BoundServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &config).await?;
+    let server = BoundServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &config, security).await?;
     let url = format!("http://{}", server.local_addr());
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve(async {
@@ -100,7 +122,8 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
 }
 
 async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], data_dir: &Path, format: Format) -> anyhow::Result<bool> {
-    let mut client = connect(url).await?;
+    let options = ConnectOptions { url: url.to_string(), token_file: Some(data_dir.join("client.token")), tls_ca: None };
+    let mut client = connect(&options).await?;
     let response = submit::submit(&mut client, sweep, false).await?;
     let sweep_id = response.sweep_id;
     eprintln!("submitted sweep {sweep_id}: {} trials", response.planned.len());

@@ -5,21 +5,21 @@ pub mod results;
 pub mod submit;
 pub mod watch;
 
-use std::time::Duration;
-
 use anyhow::Context;
+use cohort_proto::auth::{BearerToken, ConnectOptions};
 use cohort_proto::v1::client_service_client::ClientServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
-/// Connects to the coordinator at `url`.
-pub async fn connect(url: &str) -> anyhow::Result<ClientServiceClient<Channel>> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator url {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    Ok(ClientServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+/// A client of the coordinator's client service, sending the user's token.
+pub type Client = ClientServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects to the coordinator.
+pub async fn connect(options: &ConnectOptions) -> anyhow::Result<Client> {
+    let endpoint = options.endpoint()?;
+    let token = BearerToken::from_file(options.token_file.as_deref())?;
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {}", options.url))?;
+    Ok(ClientServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
 
 /// Output format of commands that print data.

@@ -7,9 +7,7 @@ use anyhow::{bail, Context};
 use cohort_coordinator::selection::{self, ConfigSummary, FoldResult};
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
-use cohort_proto::v1::client_service_client::ClientServiceClient;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 /// A trial as the results show it.
 #[derive(Debug, Clone, Serialize)]
@@ -183,7 +181,7 @@ fn trial_row(task: pb::TaskResult) -> TrialRow {
 }
 
 /// Fetches a sweep's results.
-pub async fn fetch(client: &mut ClientServiceClient<Channel>, sweep_id: &str) -> anyhow::Result<Results> {
+pub async fn fetch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<Results> {
     let detail = client
         .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
         .await
@@ -288,7 +286,7 @@ pub fn print_csv(results: &Results) {
 }
 
 /// Prints every checkpoint of a sweep: trial, epoch, blob, whether final.
-pub async fn print_checkpoints(client: &mut ClientServiceClient<Channel>, sweep_id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn print_checkpoints(client: &mut super::Client, sweep_id: &str, json: bool) -> anyhow::Result<()> {
     let detail = client
         .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
         .await
@@ -325,7 +323,7 @@ pub async fn print_checkpoints(client: &mut ClientServiceClient<Channel>, sweep_
 }
 
 /// Waits until the sweep leaves the running state or `timeout` passes; returns its final state.
-pub async fn wait(client: &mut ClientServiceClient<Channel>, sweep_id: &str, timeout: Option<Duration>) -> anyhow::Result<String> {
+pub async fn wait(client: &mut super::Client, sweep_id: &str, timeout: Option<Duration>) -> anyhow::Result<String> {
     let started = Instant::now();
     loop {
         let results = fetch(client, sweep_id).await?;
@@ -340,7 +338,7 @@ pub async fn wait(client: &mut ClientServiceClient<Channel>, sweep_id: &str, tim
 }
 
 /// Downloads a blob named by hash, or a task's final checkpoint named by task id, to `output`.
-pub async fn download(client: &mut ClientServiceClient<Channel>, what: &str, output: &Path) -> anyhow::Result<()> {
+pub async fn download(client: &mut super::Client, what: &str, output: &Path) -> anyhow::Result<()> {
     let sha256 = if transfer::is_sha256_hex(what) {
         what.to_string()
     } else {

@@ -6,8 +6,6 @@ use anyhow::{bail, Context};
 use cohort_coordinator::sweep::SweepFile;
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
-use cohort_proto::v1::client_service_client::ClientServiceClient;
-use tonic::transport::Channel;
 
 /// A sweep file read and checked locally.
 #[derive(Debug)]
@@ -63,7 +61,7 @@ fn list_files(folder: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> 
 }
 
 /// Uploads the files the coordinator lacks; returns every file as a dataset entry.
-async fn upload_dataset(client: &mut ClientServiceClient<Channel>, files: &[(String, PathBuf)]) -> anyhow::Result<Vec<pb::DatasetFile>> {
+async fn upload_dataset(client: &mut super::Client, files: &[(String, PathBuf)]) -> anyhow::Result<Vec<pb::DatasetFile>> {
     let mut entries = Vec::with_capacity(files.len());
     for (name, path) in files {
         let blob = transfer::hash_file(path).await?;
@@ -85,7 +83,7 @@ async fn upload_dataset(client: &mut ClientServiceClient<Channel>, files: &[(Str
 }
 
 /// Submits (or with `dry_run`, plans) the sweep; returns the response.
-pub async fn submit(client: &mut ClientServiceClient<Channel>, sweep: &LocalSweep, dry_run: bool) -> anyhow::Result<pb::SubmitSweepResponse> {
+pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: bool) -> anyhow::Result<pb::SubmitSweepResponse> {
     let dataset_files = upload_dataset(client, &sweep.dataset_files).await?;
     let request = pb::SubmitSweepRequest {
         source: sweep.source.clone(),

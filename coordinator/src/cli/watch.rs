@@ -5,8 +5,6 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use cohort_proto::v1::client_service_client::ClientServiceClient;
-use tonic::transport::Channel;
 
 use super::results::{self, Results, TrialRow};
 
@@ -83,7 +81,7 @@ pub fn render(results: &Results) -> Vec<String> {
 }
 
 /// Follows the sweep until it ends, then prints its results; returns its final state.
-pub async fn watch(client: &mut ClientServiceClient<Channel>, sweep_id: &str) -> anyhow::Result<String> {
+pub async fn watch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<String> {
     let mut stderr = std::io::stderr();
     let redraw = stderr.is_terminal();
     let mut previous: Vec<String> = Vec::new();
