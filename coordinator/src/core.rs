@@ -50,6 +50,23 @@ pub struct CoreConfig {
     pub data_dir: PathBuf,
     /// Lease and worker timeouts.
     pub timeouts: Timeouts,
+    /// Bounds on what clients may ask for.
+    pub limits: Limits,
+}
+
+/// Bounds on hostile or mistaken input, each configurable on `coordinator serve`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Trials one sweep's first stage may expand to.
+    pub max_trials: usize,
+    /// Largest blob (dataset file, checkpoint, artifact) accepted, in bytes.
+    pub max_blob_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_trials: crate::sweep::DEFAULT_MAX_TRIALS, max_blob_bytes: 4 << 30 }
+    }
 }
 
 /// What a submission planned.
@@ -199,6 +216,7 @@ pub struct Rendezvous {
 
 /// The coordinator's state.
 pub struct Core {
+    limits: Limits,
     inner: Mutex<Inner>,
     blobs: BlobStore,
     work_available: Notify,
@@ -249,6 +267,7 @@ impl Core {
             scheduler.insert(task.entry, 0);
         }
         Ok(Self {
+            limits: config.limits,
             inner: Mutex::new(Inner { scheduler, store }),
             blobs: BlobStore::new(config.data_dir.join("blobs")),
             work_available: Notify::new(),
@@ -271,6 +290,11 @@ impl Core {
         &self.blobs
     }
 
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Validates and plans a sweep; unless `dry_run`, stores it and queues its first stage.
     pub fn submit(
         &self,
@@ -280,6 +304,7 @@ impl Core {
         dry_run: bool,
     ) -> Result<Submitted, CoreError> {
         let sweep = SweepFile::parse(source, source_name)?;
+        sweep.check_trial_limit(source_name, self.limits.max_trials)?;
         dataset::check_names(files.iter().map(|(name, _)| name.as_str()))?;
         for (name, blob) in &files {
             if self.blobs.size(&blob.sha256) != Some(blob.size) {

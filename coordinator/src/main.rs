@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cli::{connect, local, results, submit, watch, Format};
-use cohort_coordinator::core::CoreConfig;
+use cohort_coordinator::core::{CoreConfig, Limits};
 use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::auth::Tokens;
 use cohort_coordinator::server::{BoundServer, Security};
@@ -63,6 +63,12 @@ enum Command {
         /// Largest gRPC message accepted, in MiB (blobs move in 1 MiB chunks).
         #[arg(long, default_value_t = 16)]
         max_message_mib: usize,
+        /// Largest blob (dataset file, checkpoint, artifact) accepted, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        max_blob_mib: u64,
+        /// Most trials one sweep's first stage may expand to.
+        #[arg(long, default_value_t = cohort_coordinator::sweep::DEFAULT_MAX_TRIALS)]
+        max_trials: usize,
     },
     /// Upload a sweep file's dataset and submit it; prints the new sweep's id.
     Submit {
@@ -218,7 +224,7 @@ fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let remote = ConnectOptions { url: args.coordinator.clone(), token_file: args.token_file.clone(), tls_ca: args.tls_ca.clone() };
     match args.command {
-        Command::Serve { listen, data_dir, lease_secs, worker_token_file, tls_cert, tls_key, insecure_no_auth, max_message_mib } => {
+        Command::Serve { listen, data_dir, lease_secs, worker_token_file, tls_cert, tls_key, insecure_no_auth, max_message_mib, max_blob_mib, max_trials } => {
             if args.token_file.is_none() && !insecure_no_auth {
                 anyhow::bail!("serve needs --token-file (and usually --worker-token-file), or --insecure-no-auth to run open");
             }
@@ -229,7 +235,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let security = Security { tokens, tls, max_message_bytes: max_message_mib.max(2) << 20 };
             let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
-            let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts }, security).await?;
+            let limits = Limits { max_trials: max_trials.max(1), max_blob_bytes: max_blob_mib.max(1) << 20 };
+            let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts, limits }, security).await?;
             server.serve(shutdown_signal()).await?;
         }
         Command::Submit { file, dry_run, watch, format } => {

@@ -335,8 +335,10 @@ pub struct SweepFile {
     pub distributed: Option<DistributedSection>,
 }
 
-/// Largest number of trials one sweep may expand to.
-pub const MAX_TRIALS: usize = 10_000;
+/// The default largest number of trials one sweep may expand to (`serve --max-trials`).
+pub const DEFAULT_MAX_TRIALS: usize = 10_000;
+/// No configuration lets a sweep expand past this.
+pub const HARD_MAX_TRIALS: usize = 1_000_000;
 
 /// Reports the first failed check as an error naming the key.
 struct Checker<'a> {
@@ -424,7 +426,7 @@ impl SweepFile {
                 check.require(axis != Some(0), key, || "an empty grid axis leaves nothing to train".into())?;
             }
             if let Some(random) = &cv.random {
-                check.require((1..=MAX_TRIALS as u32).contains(&random.samples), "cv.random.samples", || format!("{} must be 1 to {MAX_TRIALS}", random.samples))?;
+                check.require(random.samples >= 1, "cv.random.samples", || "must be at least 1".into())?;
                 for (key, result) in [
                     ("cv.random.lr", random.lr.as_ref().map(search::check_axis)),
                     ("cv.random.weight_decay", random.weight_decay.as_ref().map(search::check_axis)),
@@ -437,9 +439,13 @@ impl SweepFile {
                     }
                 }
             }
+            // Bound the work of planning before expanding anything (the limit proper is checked by
+            // `check_trial_limit`, with the coordinator's configured value).
+            let axes = [grid.lr.as_ref().map(Vec::len), grid.weight_decay.as_ref().map(Vec::len), grid.batch_size.as_ref().map(Vec::len), grid.noise_std.as_ref().map(Vec::len), grid.latent.as_ref().map(Vec::len)];
+            let grid_size = axes.iter().map(|a| a.unwrap_or(1) as u128).product::<u128>();
+            let planned = cv.random.as_ref().map_or(grid_size, |r| u128::from(r.samples)) * u128::from(cv.folds);
+            check.require(planned <= HARD_MAX_TRIALS as u128, "cv.grid", || format!("expands to {planned} trials, more than the limit of {HARD_MAX_TRIALS}"))?;
             let configs = search::configs(self, cv);
-            let trials = configs.len() * cv.folds as usize;
-            check.require(trials <= MAX_TRIALS, "cv.grid", || format!("expands to {trials} trials, more than the limit of {MAX_TRIALS}"))?;
             let axis = if cv.random.is_some() { "cv.random" } else { "cv.grid" };
             for h in &configs {
                 check.positive(h.lr, &format!("{axis}.lr"))?;
@@ -510,6 +516,12 @@ impl SweepFile {
     /// The cross-validation configs (empty without `[cv]`).
     pub fn cv_configs(&self) -> Vec<Hyper> {
         self.cv.as_ref().map(|cv| search::configs(self, cv)).unwrap_or_default()
+    }
+
+    /// Checks the number of trials the sweep's first stage expands to against `max_trials`.
+    pub fn check_trial_limit(&self, file: &str, max_trials: usize) -> Result<(), SweepError> {
+        let trials = self.cv.as_ref().map_or(1, |cv| self.cv_configs().len() * cv.folds as usize);
+        Checker { file }.require(trials <= max_trials, "cv", || format!("expands to {trials} trials, more than the limit of {max_trials}"))
     }
 
     /// Checks what only the dataset can tell: a batch must fit in the training part of a fold.
@@ -598,7 +610,10 @@ batch_size = [256, 512]
         assert!(error_of(&GOOD.replace("[cv.grid]", "[cv.random]\nsamples = 3\n[cv.grid]")).contains("either [cv.grid] or [cv.random]"));
         assert!(error_of(&GOOD.replace("[cv.grid]\n", "[cv.random]\nsamples = 3\nlr = { min = 1.0, max = 0.1 }\n[cv.grid.unused]\n")).contains("unknown field"));
         assert!(error_of(&GOOD.replace("kind = \"dae\"", "kind = \"vae\"")).contains("model.kind"));
-        assert!(error_of(&GOOD.replace("folds = 4", "folds = 4000")).contains("more than the limit"));
+        assert!(error_of(&GOOD.replace("folds = 4", "folds = 400000")).contains("more than the limit of 1000000"));
+        let big = SweepFile::parse(&GOOD.replace("folds = 4", "folds = 4000"), "s.toml").unwrap();
+        assert!(big.check_trial_limit("s.toml", 10_000).unwrap_err().to_string().contains("expands to 32000 trials, more than the limit of 10000"));
+        big.check_trial_limit("s.toml", 50_000).unwrap();
     }
 
     /// The seed's whole first experiment.
@@ -673,6 +688,27 @@ epochs = 80
         assert!(err.contains("train.beta2: 1 must be within [0, 1)"), "{err}");
         let err = SweepFile::parse(&GAN.replace("format = \"nifti\"", "format = \"idx\""), "g").unwrap_err().to_string();
         assert!(err.contains("dataset.format"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// Hostile input: any text parses or fails with an error naming the file; never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            if let Err(error) = SweepFile::parse(&text, "fuzz.toml") {
+                proptest::prop_assert!(error.to_string().starts_with("fuzz.toml: "));
+            }
+        }
+
+        /// Valid files with a line replaced by a random key/value pair: parse or fail cleanly.
+        #[test]
+        fn edited_sweeps_never_panic(line in 0usize..40, key in "[a-z_.]{1,12}", value in "[-0-9a-z.\\[\\], \"]{0,16}") {
+            let mut lines: Vec<String> = SEED.lines().map(str::to_string).collect();
+            let index = line % lines.len();
+            lines[index] = format!("{key} = {value}");
+            let _ = SweepFile::parse(&lines.join("\n"), "fuzz.toml");
+        }
     }
 
     #[test]

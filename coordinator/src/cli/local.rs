@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cohort_coordinator::core::CoreConfig;
+use cohort_coordinator::core::{CoreConfig, Limits};
 use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::auth::Tokens;
 use cohort_coordinator::server::{BoundServer, Security, DEFAULT_MAX_MESSAGE_BYTES};
@@ -95,7 +95,7 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     let client_token = write_token(&data_dir.join("client.token"))?;
     let worker_token = write_token(&data_dir.join("worker.token"))?;
     let security = Security { tokens: Tokens::new(&client_token, &worker_token), tls: None, max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES };
-    let config = CoreConfig { data_dir: data_dir.join("coordinator"), timeouts: Timeouts::default() };
+    let config = CoreConfig { data_dir: data_dir.join("coordinator"), timeouts: Timeouts::default(), limits: Limits::default() };
     let server = BoundServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &config, security).await?;
     let url = format!("http://{}", server.local_addr());
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -17,8 +17,6 @@ use crate::scheduler::Refusal;
 /// A stream of blob chunks sent to a client.
 pub type BlobStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
 
-/// The largest blob accepted (checkpoints and dataset files).
-pub const MAX_BLOB_BYTES: u64 = 4 << 30;
 
 /// Maps a core error to its gRPC status: the one place this mapping is made.
 pub fn status(error: CoreError) -> Status {
@@ -57,7 +55,7 @@ pub async fn receive_blob(core: &Core, stream: tonic::Streaming<pb::BlobChunk>) 
         return Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: true });
     }
     let chunks = tokio_stream::once(Ok(first)).chain(stream);
-    transfer::receive_to_file(chunks, &destination, None, MAX_BLOB_BYTES).await.map_err(transfer_status)?;
+    transfer::receive_to_file(chunks, &destination, None, core.limits().max_blob_bytes).await.map_err(transfer_status)?;
     Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: false })
 }
 

@@ -129,6 +129,26 @@ mod tests {
         IdxImages { count: 3, rows: 2, cols: 2, pixels: (0..12).collect() }
     }
 
+    proptest::proptest! {
+        /// Hostile input: arbitrary bytes, and valid files with arbitrary edits, parse or fail
+        /// cleanly; a header promising more than the file holds is an error before any allocation.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_images(&bytes, Path::new("fuzz"));
+            let _ = parse_labels(&bytes, Path::new("fuzz"));
+        }
+
+        #[test]
+        fn edited_headers_never_panic(edits in proptest::collection::vec((0usize..28, proptest::prelude::any::<u8>()), 1..8)) {
+            let mut bytes = encode_images(&sample());
+            for (offset, value) in edits {
+                let index = offset % bytes.len();
+                bytes[index] = value;
+            }
+            let _ = parse_images(&bytes, Path::new("fuzz"));
+        }
+    }
+
     #[test]
     fn images_round_trip_raw_and_gzip() {
         let dir = tempfile::tempdir().unwrap();

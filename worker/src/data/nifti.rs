@@ -532,6 +532,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+
+        /// Hostile input: a valid volume with bytes overwritten anywhere (header included) loads
+        /// or fails with an error, and never panics or allocates what the file does not hold.
+        #[test]
+        fn corrupted_volumes_never_panic(edits in proptest::collection::vec((0usize..700, proptest::prelude::any::<u8>()), 1..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = block_volume().encode();
+            for (offset, value) in edits {
+                let index = offset % bytes.len();
+                bytes[index] = value;
+            }
+            let path = write(dir.path(), "fuzzed.nii", &bytes);
+            let _ = load_nifti_slices(&[path], 8, 0.05);
+        }
+    }
+
     #[test]
     fn malformed_files_are_format_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
