@@ -179,6 +179,13 @@ impl Cluster {
         process.child.wait().expect("wait");
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the newest process whose label starts with `label`.
+    pub fn signal(&self, label: &str, signal: &str) {
+        let process = self.processes.iter().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(process.child.id().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -{signal} {label}");
+    }
+
     /// Polls `results ID --format json` until `done` holds for it, failing after `limit`.
     pub fn wait_for(&self, sweep_id: &str, limit: Duration, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let started = Instant::now();
