@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo bench-seed clean-runs
+.PHONY: all build test demo bench-seed soak gpu-check clean-runs
 
 all: build
 
@@ -42,6 +42,14 @@ demo: build
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build
 	$(VENV)/bin/python tools/bench/seed_recipe.py
+
+# 320 short trials on 4 workers under a chaos loop (docs/reliability.md).
+soak: build
+	$(CARGO) test --release --locked -p cohort-cluster-tests --test soak -- --ignored --nocapture
+
+# The NCCL and CUDA check, for a machine with a GPU.
+gpu-check:
+	bash tools/gpu-check.sh
 
 clean-runs:
 	rm -rf runs report
