@@ -290,6 +290,11 @@ impl Core {
         &self.blobs
     }
 
+    /// Folds the write-ahead log into the database file (at shutdown).
+    pub fn flush(&self) -> Result<(), CoreError> {
+        Ok(self.lock().store.checkpoint()?)
+    }
+
     /// The configured limits.
     pub fn limits(&self) -> Limits {
         self.limits

@@ -97,6 +97,12 @@ impl BoundServer {
         };
         let client = InterceptedService::new(client, admit(self.security.tokens.clone(), Service::Client));
         let worker = InterceptedService::new(worker, admit(self.security.tokens.clone(), Service::Worker));
+        // grpc.health.v1 for probes (Kubernetes' gRPC probes send no token): SERVING once the
+        // data dir is open and the port bound, NOT_SERVING while draining.
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<ClientServiceServer<ClientApi>>().await;
+        health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+        health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
         if let Some((cert, key)) = &self.security.tls {
             builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
@@ -107,12 +113,21 @@ impl BoundServer {
             auth = self.security.tokens.enabled(),
             "coordinator listening"
         );
+        let core = self.core.clone();
+        let draining = async move {
+            shutdown.await;
+            tracing::info!("draining: finishing in-flight requests");
+            health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        };
         let result = builder
+            .add_service(health)
             .add_service(client)
             .add_service(worker)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), draining)
             .await;
         expiry.abort();
+        core.flush()?;
+        tracing::info!("database flushed, coordinator stopped");
         Ok(result?)
     }
 }

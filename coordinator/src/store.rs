@@ -168,6 +168,12 @@ impl Store {
         Ok(Self { conn })
     }
 
+    /// Folds the write-ahead log into the main database file.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// The next sweep sequence number.
     pub fn next_sweep_seq(&self) -> Result<u64, StoreError> {
         let max: Option<i64> = self.conn.query_row("SELECT MAX(seq) FROM sweeps", [], |r| r.get(0))?;

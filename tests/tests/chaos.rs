@@ -42,3 +42,33 @@ fn a_paused_worker_loses_its_trial_and_its_late_reports_are_refused() {
     let log = std::fs::read_to_string(&cluster.processes.iter().find(|p| p.label == "sleepy").unwrap().log).unwrap();
     assert!(log.contains("abandoned") || log.contains("refused"), "sleepy's log:\n{log}");
 }
+
+/// SIGTERM (a pod being stopped): the worker finishes its epoch, checkpoints it, hands the trial
+/// back and exits cleanly; the next attempt resumes from that checkpoint, losing no epoch even
+/// though the periodic checkpoints are far apart.
+#[test]
+fn a_terminated_worker_checkpoints_and_releases_its_trial() {
+    let mut cluster = Cluster::start();
+    cluster.add_worker("leaving");
+    let text = format!(
+        "name = \"drain\"\n[dataset]\nformat = \"idx\"\npath = \"{}\"\ntrain_limit = 4000\n[model]\nkind = \"dae\"\n[final]\nepochs = 30\nbatch_size = 64\ncheckpoint_every = 100\n",
+        mnist_sample()
+    );
+    let sweep_id = cluster.submit("drain.toml", &text);
+    let progressed = |r: &Value| r["trials"][0]["epochs"].as_array().unwrap().len() >= 2;
+    cluster.wait_for(&sweep_id, Duration::from_secs(120), progressed);
+    cluster.signal("leaving", "TERM");
+    let leaving = cluster.processes.iter_mut().find(|p| p.label == "leaving").unwrap();
+    let status = leaving.child.wait().unwrap();
+    assert!(status.success(), "the worker exits cleanly: {status}");
+    let requeued = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
+    assert_eq!(requeued["trials"][0]["state"], "queued", "released at once, not after a lease lapse");
+    let done_before = requeued["trials"][0]["epochs"].as_array().unwrap().len();
+
+    cluster.add_worker("arriving");
+    assert_eq!(cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]).trim(), "succeeded");
+    let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
+    let epochs = results["trials"][0]["epochs"].as_array().unwrap();
+    let first_of_retry = epochs.iter().find(|e| e["attempt"] == 2).unwrap()["epoch"].as_u64().unwrap();
+    assert_eq!(first_of_retry as usize, done_before + 1, "resumed from the drain checkpoint: no epoch lost or redone");
+}

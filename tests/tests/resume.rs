@@ -79,8 +79,8 @@ fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>, sc
         TrainEvent::Epoch(report) => val.push(report.values.iter().find(|(k, _)| k == "val_mse").unwrap().1),
         TrainEvent::Artifact { .. } => {}
     };
-    let stop = AtomicBool::new(false);
-    train::run(task, &inputs, &mut Events { emit: &mut emit, stop: &stop }).unwrap();
+    let (stop, drain) = (AtomicBool::new(false), AtomicBool::new(false));
+    train::run(task, &inputs, &mut Events { emit: &mut emit, stop: &stop, drain: &drain }).unwrap();
     (checkpoints, val)
 }
 

@@ -43,6 +43,10 @@ pub struct WorkerConfig {
     pub advertise_host: Option<String>,
     /// A silent peer fails a collective after this long.
     pub collective_timeout: Duration,
+    /// A fixed port for the collective listener (0: any free port), for network policies.
+    pub collective_port: u16,
+    /// On shutdown, how long the running task may take to finish its epoch and checkpoint.
+    pub drain_timeout: Duration,
 }
 
 /// A client of the coordinator's worker service, sending the worker's token.
@@ -71,6 +75,8 @@ struct Running {
     /// Its rank in the gang (0 for a plain task).
     rank: u32,
     stop: Arc<AtomicBool>,
+    /// Finish the epoch, checkpoint, stop (shutdown).
+    drain: Arc<AtomicBool>,
     /// Set when the coordinator no longer wants this run (cancelled or moved): report nothing more.
     abandoned: Arc<AtomicBool>,
 }
@@ -218,12 +224,27 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     tokio::select! {
         () = &mut work => {}
         () = shutdown => {
-            tracing::info!("shutting down: stopping the running task");
+            // Drain: the running task finishes its epoch, checkpoints it and is handed back, so
+            // its next attempt resumes there; past the drain deadline it stops at once.
+            let drain_for = shared.config.drain_timeout;
+            tracing::info!(seconds = drain_for.as_secs(), "shutting down: checkpointing and releasing the running task");
             stopping.store(true, Ordering::SeqCst);
-            if let Some(current) = shared.running.lock().unwrap().as_ref() {
-                current.stop.store(true, Ordering::SeqCst);
+            let current = shared.running.lock().unwrap().clone();
+            if let Some(current) = &current {
+                current.drain.store(true, Ordering::SeqCst);
             }
-            work.await;
+            let hard_stop = async {
+                tokio::time::sleep(drain_for).await;
+                if let Some(current) = &current {
+                    tracing::warn!("drain deadline reached: stopping the task now");
+                    current.stop.store(true, Ordering::SeqCst);
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = &mut work => {}
+                () = hard_stop => {}
+            }
         }
     }
     heartbeat.abort();
@@ -264,7 +285,7 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
             return;
         }
     };
-    let current = Running { task_id: task_id.clone(), attempt, rank, stop: Arc::default(), abandoned: Arc::default() };
+    let current = Running { task_id: task_id.clone(), attempt, rank, stop: Arc::default(), drain: Arc::default(), abandoned: Arc::default() };
     *shared.running.lock().unwrap() = Some(current.clone());
     tracing::info!(task = %task_id, trial = %task.trial_name, attempt, "task started");
     let outcome = run_and_relay(shared, task, &current).await;
@@ -331,6 +352,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let device = shared.config.device;
     let stop = current.stop.clone();
+    let drain = current.drain.clone();
     let thread_task = task.clone();
     let trainer = std::thread::Builder::new()
         .name(format!("train-{}", task.id))
@@ -348,7 +370,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
             let mut emit = move |event| {
                 let _ = events_sender.send(FromTrainer::Event(event));
             };
-            let mut events = Events { emit: &mut emit, stop: &stop };
+            let mut events = Events { emit: &mut emit, stop: &stop, drain: &drain };
             let result = train::run(&thread_task, &inputs, &mut events);
             let _ = sender.send(FromTrainer::Done(result));
         })
@@ -385,7 +407,7 @@ fn advertise_host(config: &WorkerConfig) -> Result<String, TrainError> {
 /// Binds this member's collective listener, announces it, and waits for the whole gang.
 async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, TrainError> {
     let collective = |message: String| TrainError::Collective(message);
-    let listener = std::net::TcpListener::bind((shared.config.collective_bind, 0)).map_err(|e| collective(format!("bind: {e}")))?;
+    let listener = std::net::TcpListener::bind((shared.config.collective_bind, shared.config.collective_port)).map_err(|e| collective(format!("bind: {e}")))?;
     let port = listener.local_addr().map_err(|e| collective(e.to_string()))?.port();
     let address = format!("{}:{port}", advertise_host(&shared.config)?);
     // Rank 0 decides the backend for the whole gang and relays NCCL's id; the others follow.

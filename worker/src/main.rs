@@ -44,6 +44,14 @@ struct Args {
     /// Seconds a silent peer may take before a collective fails (so no replica hangs forever).
     #[arg(long, default_value_t = 10)]
     collective_timeout_secs: u64,
+    /// Fixed port of the collective listener (0: a free port per task). Set it where a network
+    /// policy must name the port.
+    #[arg(long, default_value_t = 0)]
+    collective_port: u16,
+    /// On SIGTERM, seconds the running task may take to finish its epoch and checkpoint before it
+    /// is stopped outright (keep it below the pod's termination grace period).
+    #[arg(long, default_value_t = 20)]
+    drain_secs: u64,
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -102,6 +110,8 @@ async fn main() -> anyhow::Result<()> {
         collective_bind: args.collective_bind,
         advertise_host: args.advertise_host,
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_secs.max(1)),
+        collective_port: args.collective_port,
+        drain_timeout: std::time::Duration::from_secs(args.drain_secs),
     };
     tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.coordinator, "worker starting");
     daemon::run(config, shutdown_signal()).await?;

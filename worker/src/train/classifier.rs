@@ -7,7 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
-use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
 use crate::checkpoint::{self, Loaded};
 use crate::data::ImageSet;
 use crate::model::classifier::Classifier;
@@ -77,9 +77,11 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             seconds: started.elapsed().as_secs_f64(),
             samples: train.len() as u64,
         }));
-        if let Some(is_final) = checkpoint_due(task, epoch) {
+        let due = checkpoint_due(task, epoch);
+        if let Some(is_final) = due {
             save_checkpoint(task, inputs, &vars, &[&optimizer], epoch, is_final, events)?;
         }
+        drain_point(task, inputs, &vars, &[&optimizer], epoch, due.is_some(), events)?;
     }
     if done_epochs >= config.epochs {
         save_checkpoint(task, inputs, &vars, &[&optimizer], config.epochs, true, events)?;

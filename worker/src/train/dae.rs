@@ -6,7 +6,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
-use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
 use crate::checkpoint::{self, Loaded};
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
@@ -155,9 +155,11 @@ fn train_loop(
             samples: train.len() as u64,
         }));
         after_epoch(&trainee.model, epoch, events)?;
-        if let Some(is_final) = checkpoint_due(task, epoch) {
+        let due = checkpoint_due(task, epoch);
+        if let Some(is_final) = due {
             save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, is_final, events)?;
         }
+        drain_point(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, due.is_some(), events)?;
     }
     if trainee.done_epochs >= config.epochs {
         // Resumed from the final checkpoint (its completion report was lost): hand it back again.

@@ -104,6 +104,8 @@ pub struct Events<'a> {
     pub emit: &'a mut dyn FnMut(TrainEvent),
     /// Set by the daemon to make the recipe stop at the next batch boundary.
     pub stop: &'a AtomicBool,
+    /// Set by the daemon when it shuts down: finish the epoch, checkpoint it, then stop.
+    pub drain: &'a AtomicBool,
 }
 
 impl Events<'_> {
@@ -113,6 +115,30 @@ impl Events<'_> {
         }
         Ok(())
     }
+
+    fn draining(&self) -> bool {
+        self.drain.load(Ordering::Relaxed)
+    }
+}
+
+/// At the end of an epoch: when the worker is draining (shutting down), checkpoints the epoch
+/// unless `saved` already did, and stops, so the next attempt resumes right here.
+pub fn drain_point(
+    task: &Task,
+    inputs: &RunInputs<'_>,
+    vars: &nn::VarStore,
+    optimizers: &[&Adam],
+    epoch: u32,
+    saved: bool,
+    events: &mut Events<'_>,
+) -> Result<(), TrainError> {
+    if !events.draining() {
+        return Ok(());
+    }
+    if !saved {
+        save_checkpoint(task, inputs, vars, optimizers, epoch, false, events)?;
+    }
+    Err(TrainError::Stopped)
 }
 
 /// The inputs of a run besides the task.

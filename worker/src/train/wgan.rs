@@ -15,7 +15,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use super::data_parallel::{self, Shard};
-use super::{checkpoint_due, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
 use crate::checkpoint;
 use crate::collective::nccl::NcclCommunicator;
 use crate::collective::ring::RingCommunicator;
@@ -219,6 +219,9 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             }
         }
         if !leader {
+            if events.draining() {
+                return Err(TrainError::Stopped);
+            }
             continue;
         }
         (events.emit)(TrainEvent::Epoch(EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 }));
@@ -227,9 +230,11 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             let samples = tch::no_grad(|| gan.generator.forward_t(&fixed_noise, false));
             emit_artifact(task, inputs, &format!("samples-e{epoch}"), epoch, &[("images", samples), ("noise", fixed_noise.shallow_clone())], events)?;
         }
-        if let Some(is_final) = checkpoint_due(task, epoch) {
+        let due = checkpoint_due(task, epoch);
+        if let Some(is_final) = due {
             save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], epoch, is_final, events)?;
         }
+        drain_point(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], epoch, due.is_some(), events)?;
     }
     if done_epochs >= config.epochs && leader {
         save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], config.epochs, true, events)?;
