@@ -30,11 +30,18 @@ $(NCCL_LINK): $(TORCH_STAMP)
 	cd "$$($(VENV)/bin/python -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "..", "nvidia", "nccl", "lib"))')" && ln -sf libnccl.so.2 libnccl.so
 	touch $@
 
+# Test tools: Kubernetes OpenAPI schemas for checking deploy/.
+DEV_TOOLS := $(VENV)/.dev-tools
+$(DEV_TOOLS): $(TORCH_STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet kubernetes-validate==1.37.0
+	touch $@
+
 build: $(TORCH_STAMP) $(NCCL_LINK)
 	$(CARGO) build --release --locked --workspace --bins
 
-test: build
+test: build $(DEV_TOOLS)
 	$(CARGO) test --release --locked --workspace
+	$(VENV)/bin/python deploy/tests/check_manifests.py
 
 demo: build
 	$(BIN)/coordinator local examples/demo.toml --workers 2
