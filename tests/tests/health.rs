@@ -16,3 +16,20 @@ async fn the_coordinator_port_serves_health_without_a_token() {
         assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
     }
 }
+
+/// SIGTERM (a pod being stopped): the coordinator stops accepting, finishes in-flight requests,
+/// folds its write-ahead log into the database file and exits cleanly.
+#[test]
+fn the_coordinator_drains_and_flushes_on_sigterm() {
+    let mut cluster = Cluster::start();
+    assert_eq!(cluster.client_ok(&["status", "--format", "json"]).trim(), "[]");
+    cluster.signal("coordinator", "TERM");
+    let coordinator = cluster.processes.iter_mut().find(|p| p.label == "coordinator").unwrap();
+    let status = coordinator.child.wait().unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    let wal = cluster.dir.path().join("coordinator/state.db-wal");
+    let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_bytes, 0, "the write-ahead log was folded into the database");
+    let log = std::fs::read_to_string(&coordinator.log).unwrap();
+    assert!(log.contains("database flushed"), "{log}");
+}
