@@ -677,7 +677,7 @@ mod tests {
                             held.insert(w, lease);
                         }
                     }
-                    0 | 1 | 2 => {
+                    0..=2 => {
                         if let Some(lease) = held.remove(w) {
                             let before = s.task(&lease.task_id).unwrap().state;
                             let accepted = s.complete(w, &lease.task_id, lease.attempt, now).is_ok();

@@ -44,7 +44,7 @@ lr = [1e-3]
     let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
     let trial = results["trials"].as_array().unwrap().iter().find(|t| t["task_id"] == victim).unwrap().clone();
     assert_eq!(trial["attempts"], 2, "{trial}");
-    assert_eq!(trial["worker"].as_str().unwrap().is_empty(), false);
+    assert!(!trial["worker"].as_str().unwrap().is_empty());
     let epochs = trial["epochs"].as_array().unwrap();
     let numbers: Vec<u64> = epochs.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=12).collect::<Vec<u64>>(), "one record per epoch");

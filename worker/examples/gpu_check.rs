@@ -64,7 +64,7 @@ fn nccl_all_reduce(ranks: usize, floats: i64) -> Result<String, String> {
         let bus = bytes / seconds * 2.0 * (ranks as f64 - 1.0).max(1.0) / ranks as f64 / 1e9;
         figures.push(format!("rank {rank} {:.3} ms, bus {bus:.1} GB/s", seconds * 1e3));
     }
-    Ok(format!("{ranks} rank(s), {} MiB: {}", floats * 4 >> 20, figures.join("; ")))
+    Ok(format!("{ranks} rank(s), {} MiB: {}", (floats * 4) >> 20, figures.join("; ")))
 }
 
 fn wgan_step_on_cuda() -> Result<String, String> {

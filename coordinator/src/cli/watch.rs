@@ -12,7 +12,7 @@ use super::results::{self, Results, TrialRow};
 const BAR: usize = 30;
 
 fn bar(done: usize, total: usize) -> String {
-    let filled = if total == 0 { 0 } else { done * BAR / total };
+    let filled = (done * BAR).checked_div(total).unwrap_or(0);
     format!("[{}{}]", "#".repeat(filled), "-".repeat(BAR - filled))
 }
 

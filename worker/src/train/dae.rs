@@ -118,7 +118,9 @@ fn check_config(config: &TrainingConfig, train_len: usize) -> Result<(), TrainEr
     if config.batch_size == 0 || config.batch_size > train_len {
         return Err(TrainError::Invalid(format!("batch size {} with {train_len} training samples", config.batch_size)));
     }
-    if !(config.lr > 0.0 && config.lr.is_finite()) || !(config.weight_decay >= 0.0) || !(config.noise_std >= 0.0) {
+    // Written so that NaN, which fails every comparison, is out of range too.
+    let in_range = config.lr > 0.0 && config.lr.is_finite() && config.weight_decay >= 0.0 && config.noise_std >= 0.0;
+    if !in_range {
         return Err(TrainError::Invalid(format!(
             "lr {} / weight decay {} / noise std {} out of range",
             config.lr, config.weight_decay, config.noise_std

@@ -211,7 +211,7 @@ pub fn finite(value: f64, epoch: u32, what: &'static str) -> Result<f64, TrainEr
 /// Whether epoch `epoch` ends with a checkpoint, and whether it is the final one.
 pub fn checkpoint_due(task: &Task, epoch: u32) -> Option<bool> {
     let is_final = epoch == task.config.epochs;
-    let periodic = task.checkpoint_every > 0 && epoch % task.checkpoint_every == 0;
+    let periodic = task.checkpoint_every > 0 && epoch.is_multiple_of(task.checkpoint_every);
     (is_final || periodic).then_some(is_final)
 }
 

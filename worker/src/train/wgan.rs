@@ -151,7 +151,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     let (shard, mut comm) = join_gang(inputs)?;
     let n = train.len();
     let batch = config.batch_size;
-    if batch < 2 || batch > n || recipe.critic_steps == 0 || batch % shard.world != 0 {
+    if batch < 2 || batch > n || recipe.critic_steps == 0 || !batch.is_multiple_of(shard.world) {
         return Err(TrainError::Invalid(format!(
             "batch size {batch} with {n} images, {} critic steps, {} replicas (the batch must split evenly)",
             recipe.critic_steps, shard.world
