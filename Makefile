@@ -44,7 +44,7 @@ test: build $(DEV_TOOLS)
 	$(VENV)/bin/python deploy/tests/check_manifests.py
 
 demo: build
-	$(BIN)/coordinator local examples/demo.toml --workers 2
+	$(BIN)/coordinator local examples/demo.toml --workers 2 --report report/demo
 
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build

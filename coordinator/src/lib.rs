@@ -14,6 +14,7 @@ pub mod core;
 pub mod dataset;
 pub mod domain;
 pub mod plan;
+pub mod report;
 pub mod scheduler;
 pub mod search;
 pub mod selection;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cli::{connect, local, results, submit, watch, Format};
+use cli::{connect, local, report, results, submit, watch, Format};
 use cohort_coordinator::core::{CoreConfig, Limits};
 use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::auth::Tokens;
@@ -137,6 +137,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Draw the seed's figures (PNG) and an index.html with the results tables.
+    Report {
+        /// The sweep id.
+        id: String,
+        /// Output folder (default: report/ID).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Download a checkpoint: a blob hash, or a task id (its final checkpoint).
     Download {
         /// Blob SHA-256 or task id.
@@ -158,6 +166,9 @@ enum Command {
         /// Output format of the results.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Also write the report (figures and index.html) into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
 }
 
@@ -311,13 +322,19 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{} trials cancelled", response.into_inner().cancelled);
         }
+        Command::Report { id, out } => {
+            let mut client = connect(&remote).await?;
+            let out = out.unwrap_or_else(|| PathBuf::from("report").join(&id));
+            let index = report::write(&mut client, &id, &out).await?;
+            println!("{}", index.display());
+        }
         Command::Download { checkpoint, output } => {
             let mut client = connect(&remote).await?;
             results::download(&mut client, &checkpoint, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
             eprintln!("wrote {}", output.display());
         }
-        Command::Local { file, workers, data_dir, format } => {
-            let succeeded = local::run(local::LocalOptions { file, workers, data_dir, format }).await?;
+        Command::Local { file, workers, data_dir, format, report } => {
+            let succeeded = local::run(local::LocalOptions { file, workers, data_dir, format, report }).await?;
             if !succeeded {
                 return Ok(ExitCode::FAILURE);
             }

@@ -27,6 +27,8 @@ pub struct LocalOptions {
     pub data_dir: Option<PathBuf>,
     /// Output format of the results.
     pub format: Format,
+    /// Write the report (figures, index.html) here at the end.
+    pub report: Option<PathBuf>,
 }
 
 fn worker_binary() -> anyhow::Result<PathBuf> {
@@ -111,7 +113,7 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     }
     eprintln!("local cluster: coordinator {url}, {} workers ({threads} thread(s) each), logs in {}", options.workers, data_dir.join("logs").display());
 
-    let outcome = drive(&url, &sweep, &mut workers, &data_dir, options.format).await;
+    let outcome = drive(&url, &sweep, &mut workers, &data_dir, options.format, options.report.as_deref()).await;
     for worker in &mut workers {
         let _ = worker.start_kill();
         let _ = worker.wait().await;
@@ -121,7 +123,7 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     outcome
 }
 
-async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], data_dir: &Path, format: Format) -> anyhow::Result<bool> {
+async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], data_dir: &Path, format: Format, report: Option<&Path>) -> anyhow::Result<bool> {
     let options = ConnectOptions { url: url.to_string(), token_file: Some(data_dir.join("client.token")), tls_ca: None };
     let mut client = connect(&options).await?;
     let response = submit::submit(&mut client, sweep, false).await?;
@@ -142,6 +144,10 @@ async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], dat
                 Format::Table => results::print_table(&current),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&current)?),
                 Format::Csv => results::print_csv(&current),
+            }
+            if let Some(out) = report {
+                let index = super::report::write(&mut client, &sweep_id, out).await?;
+                eprintln!("report: {}", index.display());
             }
             return Ok(current.state == "succeeded");
         }

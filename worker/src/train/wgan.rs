@@ -168,7 +168,10 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     let sample_count = i64::from(recipe.sample_count.max(1));
     let fixed_noise = gan.noise(sample_count);
     if done_epochs == 0 && leader {
-        let real = train.images.narrow(0, 0, sample_count.min(n as i64));
+        // Evenly spaced through the training set (a volume's slices run bottom to top).
+        let count = sample_count.min(n as i64);
+        let picks: Vec<i64> = (0..count).map(|i| i * n as i64 / count).collect();
+        let real = train.images.index_select(0, &Tensor::from_slice(&picks).to_device(train.images.device()));
         emit_artifact(task, inputs, "real", 0, &[("images", real)], events)?;
     }
     for epoch in done_epochs + 1..=config.epochs {
@@ -218,6 +221,11 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
                 values.push((format!("param_checksum_rank{rank}"), f64::from(value)));
             }
         }
+        let periodic = recipe.sample_every > 0 && epoch % recipe.sample_every == 0;
+        // Every replica samples (in training mode the forward pass also moves BatchNorm's running
+        // statistics, which must stay identical across replicas); rank 0 keeps the grid.
+        let samples = (epoch == 1 || periodic || epoch == config.epochs)
+            .then(|| tch::no_grad(|| gan.generator.forward_t(&fixed_noise, true)));
         if !leader {
             if events.draining() {
                 return Err(TrainError::Stopped);
@@ -225,9 +233,9 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             continue;
         }
         (events.emit)(TrainEvent::Epoch(EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 }));
-        let periodic = recipe.sample_every > 0 && epoch % recipe.sample_every == 0;
-        if epoch == 1 || periodic || epoch == config.epochs {
-            let samples = tch::no_grad(|| gan.generator.forward_t(&fixed_noise, false));
+        if let Some(samples) = samples {
+            // Batch statistics, as in training: early on the running statistics are still far
+            // from them and would show a blank image instead of the generator's output.
             emit_artifact(task, inputs, &format!("samples-e{epoch}"), epoch, &[("images", samples), ("noise", fixed_noise.shallow_clone())], events)?;
         }
         let due = checkpoint_due(task, epoch);
