@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use crate::blobs::BlobStore;
 use crate::dataset::{self, DatasetError};
 use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
+use crate::metrics::CoordinatorMetrics;
 use crate::plan;
 use crate::scheduler::{Lease, Millis, Refusal, Scheduler, TaskEntry, Timeouts};
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, Store, StoreError, StoredTask, SweepRecord};
@@ -217,6 +218,7 @@ pub struct Rendezvous {
 /// The coordinator's state.
 pub struct Core {
     limits: Limits,
+    metrics: CoordinatorMetrics,
     inner: Mutex<Inner>,
     blobs: BlobStore,
     work_available: Notify,
@@ -268,6 +270,7 @@ impl Core {
         }
         Ok(Self {
             limits: config.limits,
+            metrics: CoordinatorMetrics::new(),
             inner: Mutex::new(Inner { scheduler, store }),
             blobs: BlobStore::new(config.data_dir.join("blobs")),
             work_available: Notify::new(),
@@ -293,6 +296,18 @@ impl Core {
     /// Folds the write-ahead log into the database file (at shutdown).
     pub fn flush(&self) -> Result<(), CoreError> {
         Ok(self.lock().store.checkpoint()?)
+    }
+
+    /// The metrics, refreshed with the current gauges.
+    pub fn metrics(&self) -> &CoordinatorMetrics {
+        let inner = self.lock();
+        let running = inner.scheduler.leases_by_worker().values().collect::<std::collections::HashSet<_>>().len();
+        self.metrics.workers_connected.set(inner.scheduler.workers().len() as i64);
+        self.metrics.tasks_queued.set(inner.scheduler.queued() as i64);
+        self.metrics.tasks_running.set(running as i64);
+        drop(inner);
+        self.metrics.blob_bytes.set(self.blobs.total_bytes() as i64);
+        &self.metrics
     }
 
     /// The configured limits.
@@ -446,9 +461,11 @@ impl Core {
     }
 
     fn try_acquire(&self, worker_id: &str) -> Result<Option<Dispatch>, CoreError> {
+        let timer = self.metrics.dispatch_latency.start_timer();
         let mut inner = self.lock();
         let now = self.now();
         let Some(lease) = inner.scheduler.acquire(worker_id, now)? else {
+            timer.stop_and_discard();
             return Ok(None);
         };
         self.persist(&mut inner, std::slice::from_ref(&lease.task_id))?;
@@ -589,6 +606,7 @@ impl Core {
         if lapsed.is_empty() {
             return Ok(());
         }
+        self.metrics.leases_expired.inc_by(lapsed.len() as u64);
         let changed: Vec<String> = lapsed.iter().map(|(id, _)| id.clone()).collect();
         self.persist_and_advance(&mut inner, &changed)?;
         drop(inner);

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod core;
 pub mod dataset;
 pub mod domain;
+pub mod metrics;
 pub mod plan;
 pub mod report;
 pub mod scheduler;

@@ -69,6 +69,9 @@ enum Command {
         /// Most trials one sweep's first stage may expand to.
         #[arg(long, default_value_t = cohort_coordinator::sweep::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Upload a sweep file's dataset and submit it; prints the new sweep's id.
     Submit {
@@ -235,7 +238,19 @@ fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let remote = ConnectOptions { url: args.coordinator.clone(), token_file: args.token_file.clone(), tls_ca: args.tls_ca.clone() };
     match args.command {
-        Command::Serve { listen, data_dir, lease_secs, worker_token_file, tls_cert, tls_key, insecure_no_auth, max_message_mib, max_blob_mib, max_trials } => {
+        Command::Serve {
+            listen,
+            data_dir,
+            lease_secs,
+            worker_token_file,
+            tls_cert,
+            tls_key,
+            insecure_no_auth,
+            max_message_mib,
+            max_blob_mib,
+            max_trials,
+            metrics_listen,
+        } => {
             if args.token_file.is_none() && !insecure_no_auth {
                 anyhow::bail!("serve needs --token-file (and usually --worker-token-file), or --insecure-no-auth to run open");
             }
@@ -248,6 +263,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
             let limits = Limits { max_trials: max_trials.max(1), max_blob_bytes: max_blob_mib.max(1) << 20 };
             let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts, limits }, security).await?;
+            if let Some(address) = metrics_listen {
+                let bound = server.serve_metrics(address).await?;
+                tracing::info!(address = %bound, "metrics at /metrics");
+            }
             server.serve(shutdown_signal()).await?;
         }
         Command::Submit { file, dry_run, watch, format } => {

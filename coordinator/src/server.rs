@@ -69,6 +69,14 @@ impl BoundServer {
         Ok(Self { listener, core, security })
     }
 
+    /// Serves the Prometheus metrics at `http://ADDRESS/metrics`; returns the bound address.
+    pub async fn serve_metrics(&self, address: SocketAddr) -> Result<SocketAddr, ServeError> {
+        let core = self.core.clone();
+        cohort_proto::metrics_http::spawn(address, move || core.metrics().render())
+            .await
+            .map_err(|source| ServeError::Bind { address, source })
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")

@@ -13,4 +13,5 @@ pub mod v1 {
 pub const BLOB_CHUNK_BYTES: usize = 1 << 20;
 
 pub mod auth;
+pub mod metrics_http;
 pub mod transfer;

@@ -159,6 +159,11 @@ impl Cluster {
 
     /// Starts a worker with one libtorch thread.
     pub fn add_worker(&mut self, name: &str) {
+        self.add_worker_with(name, &[]);
+    }
+
+    /// Starts a worker with one libtorch thread and extra arguments.
+    pub fn add_worker_with(&mut self, name: &str, extra_args: &[&str]) {
         let cache = self.dir.path().join(format!("cache-{name}")).to_string_lossy().into_owned();
         let url = self.url();
         let token = self.worker_token().to_string_lossy().into_owned();
@@ -168,6 +173,7 @@ impl Cluster {
             .collect();
         args.extend(["--token-file".to_string(), token, "--advertise-host".to_string(), "127.0.0.1".to_string()]);
         args.extend(self.tls_args());
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(name, &binary("worker"), &args);
     }

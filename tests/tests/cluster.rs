@@ -34,9 +34,26 @@ batch_size = 32
     path
 }
 
+/// Fetches `http://address/metrics`.
+fn scrape(address: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 #[test]
 fn two_trial_sweep_runs_end_to_end() {
-    let mut cluster = Cluster::start();
+    let coordinator_metrics = cohort_cluster_tests::free_address();
+    let metrics_arg = coordinator_metrics.to_string();
+    let mut cluster = Cluster::start_with(&["--metrics-listen", &metrics_arg]);
     cluster.add_worker("w0");
     cluster.add_worker("w1");
     let sweep = write_sweep(cluster.dir.path());
@@ -78,6 +95,27 @@ fn two_trial_sweep_runs_end_to_end() {
     assert!(table.contains("* lr=1e-3 wd=1e-6 bs=32"), "{table}");
     let status = cluster.client_ok(&["status"]);
     assert!(status.contains(&sweep_id) && status.contains("succeeded"), "{status}");
+
+    // The coordinator's Prometheus endpoint, scraped.
+    let text = scrape(coordinator_metrics);
+    assert_eq!(metric(&text, "cohort_workers_connected"), 2.0, "{text}");
+    assert_eq!(metric(&text, "cohort_tasks_queued"), 0.0);
+    assert_eq!(metric(&text, "cohort_dispatch_latency_seconds_count"), 2.0, "two tasks dispatched");
+    assert!(metric(&text, "cohort_blob_bytes_stored") > 1_000_000.0, "the dataset and checkpoints are stored");
+}
+
+#[test]
+fn a_worker_exports_its_training_metrics() {
+    let mut cluster = Cluster::start();
+    let worker_metrics = cohort_cluster_tests::free_address();
+    cluster.add_worker_with("w0", &["--metrics-listen", &worker_metrics.to_string()]);
+    let sweep = write_sweep(cluster.dir.path());
+    let sweep_id = cluster.client_ok(&["submit", &sweep.to_string_lossy()]).trim().to_string();
+    assert_eq!(cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]).trim(), "succeeded");
+    let text = scrape(worker_metrics);
+    assert_eq!(metric(&text, "cohort_worker_epochs_total"), 4.0, "2 trials x 2 epochs: {text}");
+    assert!(metric(&text, "cohort_worker_step_seconds_count") >= 4.0);
+    assert!(metric(&text, "cohort_worker_samples_per_second") > 0.0);
 }
 
 #[test]

@@ -48,6 +48,9 @@ struct Args {
     /// policy must name the port.
     #[arg(long, default_value_t = 0)]
     collective_port: u16,
+    /// Serve Prometheus metrics (step time, throughput, all-reduce) at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// On SIGTERM, seconds the running task may take to finish its epoch and checkpoint before it
     /// is stopped outright (keep it below the pod's termination grace period).
     #[arg(long, default_value_t = 20)]
@@ -113,6 +116,10 @@ async fn main() -> anyhow::Result<()> {
         collective_port: args.collective_port,
         drain_timeout: std::time::Duration::from_secs(args.drain_secs),
     };
+    if let Some(address) = args.metrics_listen {
+        let bound = cohort_proto::metrics_http::spawn(address, || cohort_worker::metrics::metrics().render()).await?;
+        tracing::info!(address = %bound, "metrics at /metrics");
+    }
     tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.coordinator, "worker starting");
     daemon::run(config, shutdown_signal()).await?;
     Ok(())

@@ -7,7 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint::{self, Loaded};
 use crate::data::ImageSet;
 use crate::model::classifier::Classifier;
@@ -67,7 +67,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         })?;
         let train_loss = finite(weighted_loss / train.len() as f64, epoch, "train_loss")?;
         let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels);
-        (events.emit)(TrainEvent::Epoch(EpochReport {
+        super::report_epoch(events, EpochReport {
             epoch,
             values: vec![
                 ("train_loss".into(), train_loss),
@@ -76,7 +76,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             ],
             seconds: started.elapsed().as_secs_f64(),
             samples: train.len() as u64,
-        }));
+        });
         let due = checkpoint_due(task, epoch);
         if let Some(is_final) = due {
             save_checkpoint(task, inputs, &vars, &[&optimizer], epoch, is_final, events)?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint::{self, Loaded};
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
@@ -70,7 +70,9 @@ pub fn for_each_batch(
     while start < n {
         events.check_stop()?;
         let len = config.batch_size.min(n - start);
+        let timer = crate::metrics::metrics().step_seconds.start_timer();
         step(&order.narrow(0, start as i64, len as i64))?;
+        timer.observe_duration();
         start += len;
     }
     Ok(())
@@ -150,12 +152,12 @@ fn train_loop(
         let started = Instant::now();
         let train_mse = finite(trainee.train_epoch(train, config, epoch, events)?, epoch, "train_mse")?;
         let eval_mse = finite(evaluate_mse(&trainee.model, eval_noisy, eval_clean, 1024), epoch, eval_name)?;
-        (events.emit)(TrainEvent::Epoch(EpochReport {
+        super::report_epoch(events, EpochReport {
             epoch,
             values: vec![("train_mse".into(), train_mse), (eval_name.into(), eval_mse)],
             seconds: started.elapsed().as_secs_f64(),
             samples: train.len() as u64,
-        }));
+        });
         after_epoch(&trainee.model, epoch, events)?;
         let due = checkpoint_due(task, epoch);
         if let Some(is_final) = due {

@@ -82,7 +82,11 @@ pub fn average_gradients(comm: &mut dyn Communicator, params: &[Tensor]) -> Resu
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
     for bucket in buckets(grads.iter().map(Tensor::numel)) {
         let mut flat = pack(&grads[bucket.clone()].iter().collect::<Vec<_>>());
+        let metrics = crate::metrics::metrics();
+        let timer = metrics.all_reduce_seconds.start_timer();
         comm.all_reduce_sum_tensor(&mut flat)?;
+        timer.observe_duration();
+        metrics.all_reduce_bytes.inc_by(flat.numel() as u64 * 4);
         let flat = flat / world;
         let mut targets: Vec<Tensor> = grads[bucket].iter().map(Tensor::shallow_clone).collect();
         unpack(&flat, &mut targets);

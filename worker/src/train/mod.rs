@@ -121,6 +121,12 @@ impl Events<'_> {
     }
 }
 
+/// Reports an epoch: to the daemon, and to the worker's metrics.
+pub fn report_epoch(events: &mut Events<'_>, report: EpochReport) {
+    crate::metrics::metrics().epoch_done(report.samples, report.seconds);
+    (events.emit)(TrainEvent::Epoch(report));
+}
+
 /// At the end of an epoch: when the worker is draining (shutting down), checkpoints the epoch
 /// unless `saved` already did, and stops, so the next attempt resumes right here.
 pub fn drain_point(

@@ -15,7 +15,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use super::data_parallel::{self, Shard};
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError, TrainEvent};
+use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint;
 use crate::collective::nccl::NcclCommunicator;
 use crate::collective::ring::RingCommunicator;
@@ -182,6 +182,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         // Full global batches only, so every replica's share is the same size.
         for step in 0..n / batch {
             events.check_stop()?;
+            let timer = crate::metrics::metrics().step_seconds.start_timer();
             let real = train.images.index_select(0, &order.narrow(0, (step * batch) as i64, batch as i64));
             let noise = gan.noise(batch as i64);
             let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
@@ -197,6 +198,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
                 gan.generator_optimizer.step();
                 sums.generator_steps += 1.0;
             }
+            timer.observe_duration();
         }
         let mut totals = [sums.critic[0] as f32, sums.critic[1] as f32, sums.critic[2] as f32, sums.generator as f32];
         if let Some(comm) = comm.as_deref_mut() {
@@ -232,7 +234,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             }
             continue;
         }
-        (events.emit)(TrainEvent::Epoch(EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 }));
+        super::report_epoch(events, EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 });
         if let Some(samples) = samples {
             // Batch statistics, as in training: early on the running statistics are still far
             // from them and would show a blank image instead of the generator's output.
