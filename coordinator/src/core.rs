@@ -15,7 +15,7 @@ use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
 use crate::metrics::CoordinatorMetrics;
 use crate::plan;
 use crate::scheduler::{Lease, Millis, Refusal, Scheduler, TaskEntry, Timeouts};
-use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, Store, StoreError, StoredTask, SweepRecord};
+use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, LogRecord, Store, StoreError, StoredTask, SweepRecord};
 use crate::sweep::{SweepError, SweepFile};
 
 /// Why the core refused or failed a request. Mapped to gRPC codes once, in the service.
@@ -537,6 +537,39 @@ impl Core {
                 return Ok(None);
             }
         }
+    }
+
+    /// Keeps log lines a lease holder forwarded (each line cut to 4 KiB, at most 1,000 per call).
+    pub fn append_logs(&self, worker_id: &str, task_id: &str, attempt: u32, lines: Vec<(i64, String, String)>) -> Result<(), CoreError> {
+        if lines.len() > 1000 {
+            return Err(CoreError::BadRequest(format!("{} log lines in one call, more than 1000", lines.len())));
+        }
+        let records: Vec<LogRecord> = lines
+            .into_iter()
+            .map(|(unix_ms, level, mut message)| {
+                if message.len() > 4096 {
+                    let mut cut = 4096;
+                    while !message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    message.truncate(cut);
+                }
+                LogRecord { id: 0, task_id: task_id.to_string(), attempt, unix_ms, level, message }
+            })
+            .collect();
+        let mut inner = self.lock();
+        inner.scheduler.check_lease(worker_id, task_id, attempt)?;
+        inner.store.append_logs(&records)?;
+        Ok(())
+    }
+
+    /// Log lines of a sweep, or of one task, after `after_id`.
+    pub fn logs(&self, sweep_id: &str, task_id: Option<&str>, after_id: i64) -> Result<Vec<LogRecord>, CoreError> {
+        let inner = self.lock();
+        if inner.store.sweep(sweep_id)?.is_none() {
+            return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
+        }
+        Ok(inner.store.logs(sweep_id, task_id, after_id, 5000)?)
     }
 
     /// Records epochs reported by the lease holder.

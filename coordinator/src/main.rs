@@ -140,6 +140,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Print the worker log lines kept for a sweep's trials.
+    Logs {
+        /// The sweep id.
+        id: String,
+        /// Only this trial (its name, e.g. cv/c0/f1, or its task id).
+        #[arg(long)]
+        trial: Option<String>,
+        /// Keep printing new lines until the sweep ends.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Draw the seed's figures (PNG) and an index.html with the results tables.
     Report {
         /// The sweep id.
@@ -340,6 +351,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut client = connect(&remote).await?;
             let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{} trials cancelled", response.into_inner().cancelled);
+        }
+        Command::Logs { id, trial, follow } => {
+            let mut client = connect(&remote).await?;
+            cli::logs::print(&mut client, &id, trial.as_deref(), follow).await?;
         }
         Command::Report { id, out } => {
             let mut client = connect(&remote).await?;

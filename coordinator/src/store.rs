@@ -57,6 +57,15 @@ CREATE TABLE IF NOT EXISTS metrics (
     samples INTEGER NOT NULL,
     PRIMARY KEY (task_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    attempt INTEGER NOT NULL,
+    unix_ms INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_task ON logs(task_id, id);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL REFERENCES tasks(id),
     name TEXT NOT NULL,
@@ -134,6 +143,23 @@ pub struct ArtifactRecord {
     pub epoch: u32,
     /// Its blob.
     pub blob: BlobRef,
+}
+
+/// A forwarded log line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    /// Increasing id.
+    pub id: i64,
+    /// Task.
+    pub task_id: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// When, Unix milliseconds.
+    pub unix_ms: i64,
+    /// Level (`INFO`, `WARN`, …).
+    pub level: String,
+    /// The line.
+    pub message: String,
 }
 
 /// A task row with its spec.
@@ -269,6 +295,31 @@ impl Store {
             params![record.task_id, record.epoch, record.attempt, record.blob.sha256, record.blob.size as i64, record.is_final],
         )?;
         Ok(())
+    }
+
+    /// Appends log lines of a task.
+    pub fn append_logs(&mut self, lines: &[LogRecord]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO logs (task_id, attempt, unix_ms, level, message) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for line in lines {
+                insert.execute(params![line.task_id, line.attempt, line.unix_ms, line.level, line.message])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Log lines of a sweep (or one of its tasks) after `after_id`, oldest first, at most `limit`.
+    pub fn logs(&self, sweep_id: &str, task_id: Option<&str>, after_id: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT l.id, l.task_id, l.attempt, l.unix_ms, l.level, l.message FROM logs l JOIN tasks t ON t.id = l.task_id
+             WHERE t.sweep_id = ?1 AND (?2 IS NULL OR l.task_id = ?2) AND l.id > ?3 ORDER BY l.id LIMIT ?4",
+        )?;
+        let rows = query.query_map(params![sweep_id, task_id, after_id, limit as i64], |r| {
+            Ok(LogRecord { id: r.get(0)?, task_id: r.get(1)?, attempt: r.get(2)?, unix_ms: r.get(3)?, level: r.get(4)?, message: r.get(5)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records an artifact (a re-attached name replaces the earlier blob).

@@ -96,6 +96,14 @@ fn two_trial_sweep_runs_end_to_end() {
     let status = cluster.client_ok(&["status"]);
     assert!(status.contains(&sweep_id) && status.contains("succeeded"), "{status}");
 
+    // The workers' log lines for each trial were forwarded to the coordinator.
+    let logs = cluster.client_ok(&["logs", &sweep_id]);
+    for needle in ["task started", "dataset loaded", "epoch done", "checkpoint uploaded", "cv/c0/f0 (attempt 1)", "cv/c0/f1 (attempt 1)"] {
+        assert!(logs.contains(needle), "{needle} missing from the logs:\n{logs}");
+    }
+    let one = cluster.client_ok(&["logs", &sweep_id, "--trial", "cv/c0/f1"]);
+    assert!(one.contains("cv/c0/f1") && !one.contains("cv/c0/f0"), "{one}");
+
     // The coordinator's Prometheus endpoint, scraped.
     let text = scrape(coordinator_metrics);
     assert_eq!(metric(&text, "cohort_workers_connected"), 2.0, "{text}");

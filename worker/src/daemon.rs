@@ -185,9 +185,21 @@ impl Shared {
         }
     }
 
+    /// Ships the log lines collected for the running task.
+    async fn ship_logs(&self) {
+        let Some((task_id, attempt, lines)) = crate::logs::buffer().take() else {
+            return;
+        };
+        let request = pb::AppendLogsRequest { worker_id: self.worker_id(), task_id, attempt, lines };
+        if let Err(status) = self.client.clone().append_logs(request).await {
+            tracing::debug!(error = %status.message(), "log lines not shipped");
+        }
+    }
+
     async fn heartbeat_loop(self, interval: Duration) {
         loop {
             tokio::time::sleep(interval).await;
+            self.ship_logs().await;
             let request = pb::HeartbeatRequest { worker_id: self.worker_id(), running: self.running_tasks() };
             match self.client.clone().heartbeat(request).await {
                 Ok(response) => {
@@ -287,8 +299,15 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     };
     let current = Running { task_id: task_id.clone(), attempt, rank, stop: Arc::default(), drain: Arc::default(), abandoned: Arc::default() };
     *shared.running.lock().unwrap() = Some(current.clone());
-    tracing::info!(task = %task_id, trial = %task.trial_name, attempt, "task started");
+    crate::logs::buffer().start(&task_id, attempt);
+    tracing::info!(task = %task_id, trial = %task.trial_name, attempt, worker = %shared.config.name, "task started");
     let outcome = run_and_relay(shared, task, &current).await;
+    match &outcome {
+        Ok(()) => tracing::info!(task = %task_id, "training finished"),
+        Err(error) => tracing::warn!(task = %task_id, %error, "training ended"),
+    }
+    shared.ship_logs().await;
+    crate::logs::buffer().stop();
     *shared.running.lock().unwrap() = None;
     if current.abandoned.load(Ordering::SeqCst) {
         return;

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod checkpoint;
 pub mod collective;
 pub mod daemon;
+pub mod logs;
 pub mod metrics;
 pub mod data;
 pub mod model;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use tracing_subscriber::Layer;
 use cohort_proto::auth::ConnectOptions;
 use cohort_worker::daemon::{self, WorkerConfig};
 use tch::Device;
@@ -91,9 +92,13 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        // Lines about a running trial also go to the coordinator (`coordinator logs`).
+        .with(cohort_worker::logs::ForwardLayer)
         .init();
     let args = Args::parse();
     if let Some(threads) = args.threads {

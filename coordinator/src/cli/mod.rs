@@ -1,6 +1,7 @@
 //! The user's commands: thin clients of `cohort.v1.ClientService`.
 
 pub mod local;
+pub mod logs;
 pub mod report;
 pub mod results;
 pub mod submit;

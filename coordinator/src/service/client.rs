@@ -75,6 +75,24 @@ impl ClientService for ClientApi {
         Ok(Response::new(pb::RetrySweepResponse { requeued }))
     }
 
+    async fn get_logs(&self, request: Request<pb::GetLogsRequest>) -> Result<Response<pb::GetLogsResponse>, Status> {
+        let r = request.into_inner();
+        let task = Some(r.task_id.as_str()).filter(|t| !t.is_empty());
+        let entries = self
+            .core
+            .logs(&r.sweep_id, task, r.after_id)
+            .map_err(status)?
+            .into_iter()
+            .map(|l| pb::LogEntry {
+                id: l.id,
+                task_id: l.task_id,
+                attempt: l.attempt,
+                line: Some(pb::LogLine { unix_ms: l.unix_ms, level: l.level, message: l.message }),
+            })
+            .collect();
+        Ok(Response::new(pb::GetLogsResponse { entries }))
+    }
+
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self
             .core

@@ -94,6 +94,13 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(response))
     }
 
+    async fn append_logs(&self, request: Request<pb::AppendLogsRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let lines = r.lines.into_iter().map(|l| (l.unix_ms, l.level, l.message)).collect();
+        self.core.append_logs(&r.worker_id, &r.task_id, r.attempt, lines).map_err(status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn complete_task(&self, request: Request<pb::CompleteTaskRequest>) -> Result<Response<pb::Ack>, Status> {
         let r = request.into_inner();
         self.core.complete(&r.worker_id, &r.task_id, r.attempt).map_err(status)?;

@@ -273,10 +273,12 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
         }
         other => return Err(TrainError::Invalid(format!("unknown dataset format {other:?}"))),
     };
-    Ok(TrainTest {
+    let data = TrainTest {
         train: to_device(loaded.train.truncate(spec.train_limit), inputs.device),
         test: to_device(loaded.test.truncate(spec.test_limit), inputs.device),
-    })
+    };
+    tracing::info!(format = %spec.format, train = data.train.len(), test = data.test.len(), device = ?inputs.device, "dataset loaded");
+    Ok(data)
 }
 
 /// Appends the task's augmented copies (seed §1.1) to a training set.
