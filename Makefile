@@ -30,10 +30,10 @@ $(NCCL_LINK): $(TORCH_STAMP)
 	cd "$$($(VENV)/bin/python -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "..", "nvidia", "nccl", "lib"))')" && ln -sf libnccl.so.2 libnccl.so
 	touch $@
 
-# Test tools: Kubernetes OpenAPI schemas for checking deploy/.
-DEV_TOOLS := $(VENV)/.dev-tools
+# Test tools: Kubernetes OpenAPI schemas for checking deploy/, TensorBoard to read event files back.
+DEV_TOOLS := $(VENV)/.dev-tools-2
 $(DEV_TOOLS): $(TORCH_STAMP)
-	$(VENV)/bin/pip install --disable-pip-version-check --quiet kubernetes-validate==1.37.0
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet kubernetes-validate==1.37.0 tensorboard==2.21.0
 	touch $@
 
 build: $(TORCH_STAMP) $(NCCL_LINK)

@@ -140,6 +140,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Export every trial's scalars and sample images as TensorBoard event files.
+    Export {
+        /// The sweep id.
+        id: String,
+        /// Folder for the event files (one run per trial).
+        #[arg(long)]
+        tensorboard: PathBuf,
+    },
     /// Print the worker log lines kept for a sweep's trials.
     Logs {
         /// The sweep id.
@@ -351,6 +359,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut client = connect(&remote).await?;
             let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{} trials cancelled", response.into_inner().cancelled);
+        }
+        Command::Export { id, tensorboard } => {
+            let mut client = connect(&remote).await?;
+            let runs = report::export_tensorboard(&mut client, &id, &tensorboard).await?;
+            println!("{runs} runs written to {}", tensorboard.display());
         }
         Command::Logs { id, trial, follow } => {
             let mut client = connect(&remote).await?;

@@ -17,6 +17,23 @@ fn download_tensors(cluster: &Cluster, sha256: &str) -> BTreeMap<String, Tensor>
     Tensor::read_safetensors(Path::new(&output)).unwrap().into_iter().collect()
 }
 
+/// Width and height of a PNG file, from its IHDR chunk (and proof it is a PNG).
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is a PNG", path.display());
+    let word = |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    (word(16), word(20))
+}
+
+/// Reads TensorBoard event files back with TensorBoard itself (the .venv's `tensorboard`).
+fn read_tensorboard(dir: &Path) -> Value {
+    let python = repo_root().join(".venv/bin/python");
+    let script = repo_root().join("tools/tests/read_tensorboard.py");
+    let output = std::process::Command::new(python).arg(script).arg(dir).output().expect("run the .venv's python (make test installs it)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 fn trials_of<'a>(results: &'a Value, stage: &str) -> Vec<&'a Value> {
     results["trials"].as_array().unwrap().iter().filter(|t| t["stage"] == stage).collect()
 }
@@ -91,6 +108,30 @@ batch_size = 32
     for needle in ["stage cv: 4 trial(s)", "stage final: 1 trial(s)", "stage finetune: 1 trial(s)", "test_accuracy per epoch"] {
         assert!(table.contains(needle), "{needle} missing from:\n{table}");
     }
+
+    // The report: figs. 1-3 and the page.
+    let out = cluster.dir.path().join("report");
+    let index = cluster.client_ok(&["report", &sweep_id, "--out", &out.to_string_lossy()]);
+    assert!(index.trim().ends_with("index.html"));
+    assert_eq!(png_size(&out.join("fig1-test-mse.png")), (900, 560));
+    assert_eq!(png_size(&out.join("fig2-latent-pca.png")), (900, 760));
+    assert_eq!(png_size(&out.join("fig3-latent-pca-finetuned.png")), (900, 760));
+    let (width, height) = png_size(&out.join("fig1-reconstructions.png"));
+    assert!(width > 8 * 84 && height > 6 * 84, "8 digits x 6 rows at 3x: {width}x{height}");
+    let page = std::fs::read_to_string(out.join("index.html")).unwrap();
+    for needle in ["Cross-validation", "winner", "fig1-test-mse.png", "fig3-latent-pca-finetuned.png", "finetune"] {
+        assert!(page.contains(needle), "{needle} missing from index.html");
+    }
+
+    // TensorBoard reads back every trial's scalars and the reconstructions.
+    let tensorboard = cluster.dir.path().join("tb");
+    cluster.client_ok(&["export", &sweep_id, "--tensorboard", &tensorboard.to_string_lossy()]);
+    let found = read_tensorboard(&tensorboard);
+    assert_eq!(found.as_object().unwrap().len(), 6, "one run per trial: {found}");
+    assert_eq!(found["final"]["scalars"]["test_mse"], serde_json::json!([1, 2]), "{found}");
+    assert_eq!(found["finetune"]["scalars"]["test_accuracy"], serde_json::json!([1, 2]));
+    assert_eq!(found["cv/c0/f1"]["scalars"]["val_mse"], serde_json::json!([1, 2]));
+    assert_eq!(found["final"]["images"]["reconstructions/output"].as_array().unwrap().len(), 2);
 }
 
 #[test]
@@ -138,4 +179,23 @@ checkpoint_every = 1
     let max = samples["images"].abs().max().double_value(&[]);
     assert!(max <= 1.0, "tanh output: {max}");
     assert!(train[0]["final_checkpoint"].is_string());
+
+    // The report: figs. 4-7.
+    let out = cluster.dir.path().join("report");
+    cluster.client_ok(&["report", &sweep_id, "--out", &out.to_string_lossy()]);
+    assert_eq!(png_size(&out.join("fig4-losses.png")), (1680, 480));
+    let (width, height) = png_size(&out.join("fig5-samples.png"));
+    assert!(width > 4 * 128 && height > 3 * 128, "real + 2 epochs of 4 slices at 2x: {width}x{height}");
+    assert_eq!(png_size(&out.join("fig6-noise.png")), (1000, 420));
+    let (width, height) = png_size(&out.join("fig7-generated.png"));
+    assert!(width >= 64 * 6 && height >= 64 * 6, "upscaled 6x: {width}x{height}");
+
+    // TensorBoard reads back the losses and the sample grids.
+    let tensorboard = cluster.dir.path().join("tb");
+    cluster.client_ok(&["export", &sweep_id, "--tensorboard", &tensorboard.to_string_lossy()]);
+    let found = read_tensorboard(&tensorboard);
+    assert_eq!(found["train"]["scalars"]["critic_loss"], serde_json::json!([1, 2]), "{found}");
+    let samples = found["train"]["images"]["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2, "{found}");
+    assert_eq!(found["train"]["images"]["real"].as_array().unwrap().len(), 1);
 }

@@ -66,6 +66,44 @@ async fn gather(client: &mut Client, results: &Results) -> anyhow::Result<Report
     Ok(input)
 }
 
+/// Writes TensorBoard event files of every trial of `sweep_id` under `out`; returns how many runs.
+pub async fn export_tensorboard(client: &mut Client, sweep_id: &str, out: &Path) -> anyhow::Result<usize> {
+    let results = results::fetch(client, sweep_id).await?;
+    let mut records = Vec::new();
+    for trial in &results.trials {
+        let mut record = report::TrialRecord { run: trial.trial.clone(), ..Default::default() };
+        for epoch in &trial.epochs {
+            for (key, value) in &epoch.values {
+                record.scalars.push((key.clone(), i64::from(epoch.epoch), *value));
+            }
+        }
+        for (name, sha256) in &trial.artifacts {
+            let (tag, step, parts): (&str, &str, &[&str]) = if let Some(step) = name.strip_prefix("samples-e") {
+                ("samples", step, &["images"])
+            } else if let Some(step) = name.strip_prefix("reconstructions-e") {
+                ("reconstructions", step, &["noisy", "output", "clean"])
+            } else if name == "real" {
+                ("real", "0", &["images"])
+            } else {
+                continue;
+            };
+            let Ok(step) = step.parse::<i64>() else { continue };
+            let bytes = download_bytes(client, sha256).await.with_context(|| format!("downloading artifact {name}"))?;
+            let tensors = report::read_artifact(name, &bytes)?;
+            // Generated and real slices lie in [-1, 1]; digits in [0, 1].
+            let (low, high) = if tag == "reconstructions" { (0.0, 1.0) } else { (-1.0, 1.0) };
+            for part in parts {
+                if let Some(tensor) = tensors.get(*part) {
+                    let full_tag = if parts.len() > 1 { format!("{tag}/{part}") } else { tag.to_string() };
+                    record.images.push((full_tag, step, tensor.images(low, high)));
+                }
+            }
+        }
+        records.push(record);
+    }
+    Ok(report::export_tensorboard(&records, out)?)
+}
+
 /// Writes the report of `sweep_id` into `out`; returns the path of its `index.html`.
 pub async fn write(client: &mut Client, sweep_id: &str, out: &Path) -> anyhow::Result<PathBuf> {
     let results = results::fetch(client, sweep_id).await?;

@@ -12,6 +12,7 @@
 pub mod figures;
 mod html;
 pub mod pca;
+pub mod tensorboard;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,34 @@ fn samples_by_epoch<'a>(input: &'a ReportInput, stage: &str) -> Vec<(u32, &'a BT
 
 /// A drawn figure: its file name and caption.
 pub type Figure = (String, String);
+
+/// A trial's scalars and image artifacts, for TensorBoard.
+#[derive(Debug, Clone, Default)]
+pub struct TrialRecord {
+    /// Run name (the trial's name, with `/` kept: TensorBoard nests runs by folder).
+    pub run: String,
+    /// (metric, epoch, value).
+    pub scalars: Vec<(String, i64, f64)>,
+    /// (tag, epoch, tensors) of image artifacts.
+    pub images: Vec<(String, i64, Vec<GreyImage>)>,
+}
+
+/// Writes TensorBoard event files, one run folder per trial, under `out`.
+pub fn export_tensorboard(trials: &[TrialRecord], out: &Path) -> Result<usize, ReportError> {
+    let mut written = 0;
+    for trial in trials {
+        let mut writer = tensorboard::EventWriter::create(&out.join(&trial.run))?;
+        for (tag, step, value) in &trial.scalars {
+            writer.scalar(tag, *step, *value)?;
+        }
+        for (tag, step, images) in &trial.images {
+            writer.images(tag, *step, images)?;
+        }
+        writer.finish()?;
+        written += 1;
+    }
+    Ok(written)
+}
 
 /// Draws every figure the sweep has data for into `out` and writes `index.html`; returns the figures.
 pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportError> {
