@@ -476,6 +476,9 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
     let result = match event {
         TrainEvent::Epoch(report) => {
             tracing::info!(task = %task.id, epoch = report.epoch, values = ?report.values, "epoch done");
+            if let Device::Cuda(ordinal) = shared.config.device {
+                crate::metrics::metrics().record_gpu_memory(ordinal);
+            }
             let epochs = vec![pb::EpochMetrics {
                 epoch: report.epoch,
                 values: report.values.into_iter().collect(),

@@ -20,6 +20,8 @@ pub struct WorkerMetrics {
     pub all_reduce_bytes: IntCounter,
     /// Epochs finished.
     pub epochs: IntCounter,
+    /// GPU memory in use on the worker's device (CUDA workers).
+    pub gpu_memory_used_bytes: IntGauge,
 }
 
 fn build() -> WorkerMetrics {
@@ -31,16 +33,19 @@ fn build() -> WorkerMetrics {
     let samples_per_second = IntGauge::with_opts(Opts::new("cohort_worker_samples_per_second", "Training samples per second in the last epoch")).expect("valid metric");
     let all_reduce_bytes = IntCounter::new("cohort_worker_all_reduce_bytes_total", "Bytes of gradients all-reduced").expect("valid metric");
     let epochs = IntCounter::new("cohort_worker_epochs_total", "Training epochs finished").expect("valid metric");
+    let gpu_memory_used_bytes =
+        IntGauge::new("cohort_worker_gpu_memory_used_bytes", "GPU memory in use on the worker's CUDA device (whole device, all processes)").expect("valid metric");
     for collector in [
         Box::new(step_seconds.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(all_reduce_seconds.clone()),
         Box::new(samples_per_second.clone()),
         Box::new(all_reduce_bytes.clone()),
         Box::new(epochs.clone()),
+        Box::new(gpu_memory_used_bytes.clone()),
     ] {
         registry.register(collector).expect("unique metric");
     }
-    WorkerMetrics { registry, step_seconds, samples_per_second, all_reduce_seconds, all_reduce_bytes, epochs }
+    WorkerMetrics { registry, step_seconds, samples_per_second, all_reduce_seconds, all_reduce_bytes, epochs, gpu_memory_used_bytes }
 }
 
 /// The process's metrics.
@@ -55,6 +60,20 @@ impl WorkerMetrics {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
         String::from_utf8(buffer).expect("utf-8 exposition")
+    }
+
+    /// Reads the CUDA device's memory in use (through the driver, loaded at run time); does
+    /// nothing when the driver cannot be loaded.
+    pub fn record_gpu_memory(&self, ordinal: usize) {
+        #[allow(unsafe_code)]
+        // SAFETY: only tries to dlopen the driver library under its candidate names.
+        let present = unsafe { cudarc::driver::sys::is_culib_present() };
+        if !present {
+            return;
+        }
+        if let Ok((free, total)) = cudarc::driver::CudaContext::new(ordinal).and_then(|context| context.mem_get_info()) {
+            self.gpu_memory_used_bytes.set(total.saturating_sub(free) as i64);
+        }
     }
 
     /// Records a finished epoch.
