@@ -39,8 +39,9 @@ $(DEV_TOOLS): $(TORCH_STAMP)
 build: $(TORCH_STAMP) $(NCCL_LINK)
 	$(CARGO) build --release --locked --workspace --bins
 
+# Cluster tests start several processes each: one test at a time keeps 2-core machines responsive.
 test: build $(DEV_TOOLS)
-	$(CARGO) test --release --locked --workspace
+	RUST_TEST_THREADS=1 $(CARGO) test --release --locked --workspace
 	$(VENV)/bin/python deploy/tests/check_manifests.py
 
 demo: build
