@@ -62,11 +62,15 @@ pub struct Limits {
     pub max_trials: usize,
     /// Largest blob (dataset file, checkpoint, artifact) accepted, in bytes.
     pub max_blob_bytes: u64,
+    /// Longest name (sweep, dataset file, artifact, worker) accepted, in bytes.
+    pub max_name_bytes: usize,
+    /// Longest forwarded log line kept, in bytes (longer ones are cut).
+    pub max_log_line_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_trials: crate::sweep::DEFAULT_MAX_TRIALS, max_blob_bytes: 4 << 30 }
+        Self { max_trials: crate::sweep::DEFAULT_MAX_TRIALS, max_blob_bytes: 4 << 30, max_name_bytes: 256, max_log_line_bytes: 4096 }
     }
 }
 
@@ -325,7 +329,8 @@ impl Core {
     ) -> Result<Submitted, CoreError> {
         let sweep = SweepFile::parse(source, source_name)?;
         sweep.check_trial_limit(source_name, self.limits.max_trials)?;
-        dataset::check_names(files.iter().map(|(name, _)| name.as_str()))?;
+        sweep.check_name_limit(source_name, self.limits.max_name_bytes)?;
+        dataset::check_names(files.iter().map(|(name, _)| name.as_str()), self.limits.max_name_bytes)?;
         for (name, blob) in &files {
             if self.blobs.size(&blob.sha256) != Some(blob.size) {
                 return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
@@ -431,6 +436,9 @@ impl Core {
 
     /// Registers a worker; re-attaches the tasks it still runs, returns those to abandon.
     pub fn register(&self, name: &str, running: &[Lease]) -> Result<(String, Vec<String>), CoreError> {
+        if name.len() > self.limits.max_name_bytes {
+            return Err(CoreError::BadRequest(format!("a worker name has at most {} bytes", self.limits.max_name_bytes)));
+        }
         let worker_id = format!("w-{}", random_hex(4));
         let mut inner = self.lock();
         let now = self.now();
@@ -539,7 +547,7 @@ impl Core {
         }
     }
 
-    /// Keeps log lines a lease holder forwarded (each line cut to 4 KiB, at most 1,000 per call).
+    /// Keeps log lines a lease holder forwarded (each line cut to the limit, at most 1,000 per call).
     pub fn append_logs(&self, worker_id: &str, task_id: &str, attempt: u32, lines: Vec<(i64, String, String)>) -> Result<(), CoreError> {
         if lines.len() > 1000 {
             return Err(CoreError::BadRequest(format!("{} log lines in one call, more than 1000", lines.len())));
@@ -547,8 +555,8 @@ impl Core {
         let records: Vec<LogRecord> = lines
             .into_iter()
             .map(|(unix_ms, level, mut message)| {
-                if message.len() > 4096 {
-                    let mut cut = 4096;
+                if message.len() > self.limits.max_log_line_bytes {
+                    let mut cut = self.limits.max_log_line_bytes;
                     while !message.is_char_boundary(cut) {
                         cut -= 1;
                     }
@@ -596,8 +604,8 @@ impl Core {
         if self.blobs.size(&record.blob.sha256) != Some(record.blob.size) {
             return Err(CoreError::BadRequest(format!("artifact blob {} was not uploaded", record.blob.sha256)));
         }
-        if record.name.is_empty() || record.name.len() > 200 {
-            return Err(CoreError::BadRequest("an artifact name has 1 to 200 characters".into()));
+        if record.name.is_empty() || record.name.len() > self.limits.max_name_bytes {
+            return Err(CoreError::BadRequest(format!("an artifact name has 1 to {} bytes", self.limits.max_name_bytes)));
         }
         let inner = self.lock();
         inner.scheduler.check_lease(worker_id, &record.task_id, attempt)?;

@@ -13,17 +13,17 @@ pub struct DatasetError(pub String);
 
 /// Checks that every dataset file name is a plain relative path (no root, no `..`), so no name
 /// can place a file outside the dataset's folder on a worker.
-pub fn check_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), DatasetError> {
+pub fn check_names<'a>(names: impl IntoIterator<Item = &'a str>, max_bytes: usize) -> Result<(), DatasetError> {
     let mut count = 0;
     for name in names {
         count += 1;
         let plain = !name.is_empty()
-            && name.len() <= 1024
+            && name.len() <= max_bytes
             && !name.starts_with('/')
             && !name.contains('\\')
             && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !plain {
-            return Err(DatasetError(format!("file name {name:?} is not a plain relative path")));
+            return Err(DatasetError(format!("file name {name:?} is not a plain relative path of at most {max_bytes} bytes")));
         }
     }
     if count == 0 {
@@ -137,11 +137,12 @@ mod tests {
 
     #[test]
     fn names_cannot_escape_the_dataset_folder() {
-        check_names(["a", "train/x/y.png"]).unwrap();
+        check_names(["a", "train/x/y.png"], 64).unwrap();
         for bad in ["../x", "/abs", "a/../b", "", "a//b"] {
-            assert!(check_names([bad]).is_err(), "{bad}");
+            assert!(check_names([bad], 64).is_err(), "{bad}");
         }
-        assert!(check_names([]).unwrap_err().to_string().contains("no files"));
+        assert!(check_names(["x".repeat(65).as_str()], 64).is_err(), "too long");
+        assert!(check_names([], 64).unwrap_err().to_string().contains("no files"));
     }
 
     fn write(dir: &Path, name: &str, bytes: &[u8]) -> (String, PathBuf) {

@@ -69,6 +69,12 @@ enum Command {
         /// Most trials one sweep's first stage may expand to.
         #[arg(long, default_value_t = cohort_coordinator::sweep::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
+        /// Longest name (sweep, dataset file, artifact, worker) accepted, in bytes.
+        #[arg(long, default_value_t = 256)]
+        max_name_bytes: usize,
+        /// Longest forwarded log line kept, in bytes (longer ones are cut).
+        #[arg(long, default_value_t = 4096)]
+        max_log_line_bytes: usize,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
@@ -268,6 +274,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_message_mib,
             max_blob_mib,
             max_trials,
+            max_name_bytes,
+            max_log_line_bytes,
             metrics_listen,
         } => {
             if args.token_file.is_none() && !insecure_no_auth {
@@ -280,7 +288,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let security = Security { tokens, tls, max_message_bytes: max_message_mib.max(2) << 20 };
             let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
-            let limits = Limits { max_trials: max_trials.max(1), max_blob_bytes: max_blob_mib.max(1) << 20 };
+            let limits = Limits {
+                max_trials: max_trials.max(1),
+                max_blob_bytes: max_blob_mib.max(1) << 20,
+                max_name_bytes: max_name_bytes.max(16),
+                max_log_line_bytes: max_log_line_bytes.max(80),
+            };
             let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts, limits }, security).await?;
             if let Some(address) = metrics_listen {
                 let bound = server.serve_metrics(address).await?;

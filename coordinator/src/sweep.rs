@@ -382,7 +382,7 @@ impl SweepFile {
 
     fn validate(&self, file: &str) -> Result<(), SweepError> {
         let check = Checker { file };
-        check.require(!self.name.trim().is_empty() && self.name.len() <= 200, "name", || "must be 1 to 200 characters".into())?;
+        check.require(!self.name.trim().is_empty(), "name", || "must not be empty".into())?;
         check.require(matches!(self.model.kind.as_str(), "dae" | "wgan-gp"), "model.kind", || {
             format!("{:?} is not supported (supported: \"dae\", \"wgan-gp\")", self.model.kind)
         })?;
@@ -516,6 +516,11 @@ impl SweepFile {
     /// The cross-validation configs (empty without `[cv]`).
     pub fn cv_configs(&self) -> Vec<Hyper> {
         self.cv.as_ref().map(|cv| search::configs(self, cv)).unwrap_or_default()
+    }
+
+    /// Checks the sweep's name against the coordinator's limit on names.
+    pub fn check_name_limit(&self, file: &str, max_name_bytes: usize) -> Result<(), SweepError> {
+        Checker { file }.require(self.name.len() <= max_name_bytes, "name", || format!("{} bytes, more than the limit of {max_name_bytes}", self.name.len()))
     }
 
     /// Checks the number of trials the sweep's first stage expands to against `max_trials`.
