@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo bench-seed soak gpu-check clean-runs
+.PHONY: all build test demo bench bench-seed soak gpu-check clean-runs
 
 all: build
 
@@ -46,6 +46,11 @@ test: build $(DEV_TOOLS)
 
 demo: build
 	$(BIN)/coordinator local examples/demo.toml --workers 2 --report report/demo
+
+# Training-step throughput against PyTorch eager, written into docs/performance.md.
+bench: build
+	$(CARGO) build --release --locked -p cohort-worker --example bench_step
+	$(VENV)/bin/python tools/bench/steps.py
 
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build

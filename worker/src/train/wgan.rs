@@ -104,6 +104,16 @@ impl Gan {
         Ok(loss.double_value(&[]))
     }
 
+    /// Applies the critic's optimizer step (after [`Gan::critic_gradients`]).
+    pub fn step_critic(&mut self) {
+        self.critic_optimizer.step();
+    }
+
+    /// Applies the generator's optimizer step (after [`Gan::generator_gradients`]).
+    pub fn step_generator(&mut self) {
+        self.generator_optimizer.step();
+    }
+
     /// The gradients of the critic's or the generator's parameters, by name (for tests).
     pub fn gradients(&self, prefix: &str) -> Vec<(String, Tensor)> {
         trainable(&self.vars).into_iter().filter(|(name, _)| name.starts_with(prefix)).map(|(name, t)| (name, t.grad())).collect()
@@ -187,7 +197,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             let noise = gan.noise(batch as i64);
             let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
             let (loss, wasserstein, penalty) = gan.critic_gradients(&real, &noise, &epsilon, recipe.gp_lambda, shard, comm.as_deref_mut())?;
-            gan.critic_optimizer.step();
+            gan.step_critic();
             for (sum, value) in sums.critic.iter_mut().zip([loss, wasserstein, penalty]) {
                 *sum += value;
             }
@@ -195,7 +205,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             if (step + 1) % recipe.critic_steps as usize == 0 {
                 let noise = gan.noise(batch as i64);
                 sums.generator += gan.generator_gradients(&noise, shard, comm.as_deref_mut())?;
-                gan.generator_optimizer.step();
+                gan.step_generator();
                 sums.generator_steps += 1.0;
             }
             timer.observe_duration();
