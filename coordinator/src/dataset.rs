@@ -6,6 +6,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use cohort_proto::transfer::is_plain_relative_name;
+
 /// Why a dataset was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("dataset: {0}")]
@@ -17,12 +19,7 @@ pub fn check_names<'a>(names: impl IntoIterator<Item = &'a str>, max_bytes: usiz
     let mut count = 0;
     for name in names {
         count += 1;
-        let plain = !name.is_empty()
-            && name.len() <= max_bytes
-            && !name.starts_with('/')
-            && !name.contains('\\')
-            && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
-        if !plain {
+        if name.len() > max_bytes || !is_plain_relative_name(name) {
             return Err(DatasetError(format!("file name {name:?} is not a plain relative path of at most {max_bytes} bytes")));
         }
     }

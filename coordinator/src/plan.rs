@@ -22,11 +22,6 @@ pub mod stages {
     pub const TRAIN: &str = "train";
 }
 
-/// A config's label as shown in tables: `lr=1e-3 wd=1e-6 bs=256`.
-pub fn config_label(lr: f64, weight_decay: f64, batch_size: u32) -> String {
-    format!("lr={lr:e} wd={weight_decay:e} bs={batch_size}")
-}
-
 fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
     sweep.augment.as_ref().map(|a| AugmentSpec {
         copies: a.copies,
@@ -67,7 +62,7 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
             noise_std: sweep.noise.std,
             latent: sweep.model.latent,
         };
-        let label = config_label(hyper.lr, hyper.weight_decay, hyper.batch_size);
+        let label = search::base_label(&hyper);
         return vec![final_trial(sweep, dataset, &hyper, label)];
     };
     let mut trials = Vec::new();

@@ -164,16 +164,20 @@ pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<Hyper> {
     configs
 }
 
+/// The part of a config's label every config has: `lr=1e-3 wd=1e-6 bs=256`.
+pub fn base_label(h: &Hyper) -> String {
+    format!("lr={:e} wd={:e} bs={}", h.lr, h.weight_decay, h.batch_size)
+}
+
 /// A config's label for tables: learning rate, weight decay and batch size always, noise and
 /// latent size when they are searched.
 pub fn label(h: &Hyper, cv: &CvSection) -> String {
-    let mut text = format!("lr={:e} wd={:e} bs={}", h.lr, h.weight_decay, h.batch_size);
-    let searched = |grid: bool, random: bool| grid || random;
+    let mut text = base_label(h);
     let random = cv.random.as_ref();
-    if searched(cv.grid.noise_std.is_some(), random.is_some_and(|r| r.noise_std.is_some())) {
+    if cv.grid.noise_std.is_some() || random.is_some_and(|r| r.noise_std.is_some()) {
         text.push_str(&format!(" noise={}", h.noise_std));
     }
-    if searched(cv.grid.latent.is_some(), random.is_some_and(|r| r.latent.is_some())) {
+    if cv.grid.latent.is_some() || random.is_some_and(|r| r.latent.is_some()) {
         text.push_str(&format!(" latent={}", h.latent));
     }
     text

@@ -12,8 +12,8 @@ pub struct FoldResult {
     pub min_val_mse: Option<f64>,
 }
 
-/// A config's cross-validation figures.
-#[derive(Debug, Clone, PartialEq)]
+/// A config's cross-validation figures (also a row of `results --format json` and the report).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ConfigSummary {
     /// The config's label.
     pub config: String,

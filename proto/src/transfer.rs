@@ -51,6 +51,16 @@ pub fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// True for a dataset file name that is a relative path of plain components (no root, no `..`,
+/// no `.`, no empty part, no backslash), so it cannot place a file outside its dataset's folder.
+/// The coordinator checks it at submission and the worker again before laying a dataset out.
+pub fn is_plain_relative_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 /// Hashes a file: its SHA-256 (lowercase hex) and size.
 pub async fn hash_file(path: &Path) -> Result<BlobRef, TransferError> {
     let mut file = tokio::fs::File::open(path).await.map_err(io_error(path))?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use cohort_proto::transfer::{self, TransferError};
+use cohort_proto::transfer::{self, is_plain_relative_name, TransferError};
 use cohort_proto::v1::FetchBlobRequest;
 
 use crate::daemon::WorkerClient;
@@ -66,14 +66,6 @@ pub enum MaterializeError {
     },
 }
 
-/// True for a relative path of plain components: no root, no `..`, no `.`, nothing empty.
-pub fn is_safe_relative_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('/')
-        && !name.contains('\\')
-        && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
-}
-
 impl BlobCache {
     /// Lays a dataset's cached blobs out under their relative names in a folder of the cache
     /// (hard links, or copies across file systems) and returns it with each file's path there.
@@ -81,7 +73,7 @@ impl BlobCache {
     pub fn materialize(&self, files: &[(String, PathBuf, String)]) -> Result<(PathBuf, BTreeMap<String, PathBuf>), MaterializeError> {
         let mut listing = String::new();
         for (name, _, sha256) in files {
-            if !is_safe_relative_name(name) {
+            if !is_plain_relative_name(name) {
                 return Err(MaterializeError::UnsafeName(name.clone()));
             }
             listing.push_str(&format!("{name}\0{sha256}\n"));
@@ -126,10 +118,10 @@ mod tests {
     #[test]
     fn only_plain_relative_names_are_safe() {
         for good in ["a", "train/NonDemented/x.jpg", "t10k-images-idx3-ubyte.gz"] {
-            assert!(is_safe_relative_name(good), "{good}");
+            assert!(is_plain_relative_name(good), "{good}");
         }
         for bad in ["", "/etc/passwd", "../x", "a/../../b", "a//b", "./a", "a/", "a\\b"] {
-            assert!(!is_safe_relative_name(bad), "{bad}");
+            assert!(!is_plain_relative_name(bad), "{bad}");
         }
     }
 

@@ -27,10 +27,8 @@ use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
 /// How the daemon is set up; validated by the binary before it gets here.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// How to reach the coordinator: URL, token, TLS.
+    /// How to reach the coordinator: URL (e.g. `http://127.0.0.1:50051`), token, TLS.
     pub connect: ConnectOptions,
-    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
-    pub coordinator: String,
     /// Name shown in `coordinator workers` and the results.
     pub name: String,
     /// Where tensors live.
@@ -415,7 +413,7 @@ fn advertise_host(config: &WorkerConfig) -> Result<String, TrainError> {
     if let Some(host) = &config.advertise_host {
         return Ok(host.clone());
     }
-    let uri: tonic::codegen::http::Uri = config.coordinator.parse().map_err(|e| TrainError::Collective(format!("coordinator url: {e}")))?;
+    let uri: tonic::codegen::http::Uri = config.connect.url.parse().map_err(|e| TrainError::Collective(format!("coordinator url: {e}")))?;
     let host = uri.host().unwrap_or("127.0.0.1").trim_matches(|c| c == '[' || c == ']');
     let port = uri.port_u16().unwrap_or(50051);
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| TrainError::Collective(format!("route lookup: {e}")))?;

@@ -110,8 +110,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let device = parse_device(&args.device)?;
     let config = WorkerConfig {
-        connect: ConnectOptions { url: args.coordinator.clone(), token_file: args.token_file, tls_ca: args.tls_ca },
-        coordinator: args.coordinator,
+        connect: ConnectOptions { url: args.coordinator, token_file: args.token_file, tls_ca: args.tls_ca },
         name: args.name.unwrap_or_else(default_name),
         device,
         cache_dir: args.cache_dir,
@@ -125,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
         let bound = cohort_proto::metrics_http::spawn(address, || cohort_worker::metrics::metrics().render()).await?;
         tracing::info!(address = %bound, "metrics at /metrics");
     }
-    tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.coordinator, "worker starting");
+    tracing::info!(name = %config.name, device = %daemon::device_name(device), coordinator = %config.connect.url, "worker starting");
     daemon::run(config, shutdown_signal()).await?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cohort_coordinator::report::{self, CvRow, ReportInput, TrialRow as ReportTrial};
+use cohort_coordinator::report::{self, ReportInput, TrialRow as ReportTrial};
 use cohort_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
@@ -33,11 +33,7 @@ async fn gather(client: &mut Client, results: &Results) -> anyhow::Result<Report
         sweep_id: results.sweep_id.clone(),
         name: results.name.clone(),
         state: results.state.clone(),
-        cv: results
-            .configs
-            .iter()
-            .map(|c| CvRow { config: c.config.clone(), folds: c.folds.clone(), mean: c.mean, std: c.std, winner: c.winner })
-            .collect(),
+        cv: results.configs.clone(),
         ..ReportInput::default()
     };
     for trial in &results.trials {

@@ -71,22 +71,7 @@ pub struct Results {
     /// Trials in plan order.
     pub trials: Vec<TrialRow>,
     /// Cross-validation summary per config.
-    pub configs: Vec<ConfigRow>,
-}
-
-/// A config's CV figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConfigRow {
-    /// Label.
-    pub config: String,
-    /// Per-fold minimum validation MSE.
-    pub folds: Vec<Option<f64>>,
-    /// Mean.
-    pub mean: Option<f64>,
-    /// Standard deviation.
-    pub std: Option<f64>,
-    /// Winner.
-    pub winner: bool,
+    pub configs: Vec<ConfigSummary>,
 }
 
 /// Names a sweep state.
@@ -124,7 +109,7 @@ impl From<pb::SweepDetail> for Results {
                 min_val_mse: t.min_val_mse.filter(|_| t.state == "succeeded"),
             })
             .collect();
-        let configs = selection::summarize(&folds).into_iter().map(config_row).collect();
+        let configs = selection::summarize(&folds);
         Results { sweep_id: summary.sweep_id, name: summary.name, state: sweep_state_name(summary.state).into(), trials, configs }
     }
 }
@@ -145,10 +130,6 @@ impl Results {
     pub fn stage_trials(&self, stage: &str) -> Vec<&TrialRow> {
         self.trials.iter().filter(|t| t.stage == stage).collect()
     }
-}
-
-fn config_row(s: ConfigSummary) -> ConfigRow {
-    ConfigRow { config: s.config, folds: s.folds, mean: s.mean, std: s.std, winner: s.winner }
 }
 
 fn trial_row(task: pb::TaskResult) -> TrialRow {

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 pub use figures::GreyImage;
 
+use crate::selection::ConfigSummary;
+
 /// Why a report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -93,20 +95,6 @@ impl ArtifactTensor {
     }
 }
 
-/// A row of the cross-validation table.
-#[derive(Debug, Clone)]
-pub struct CvRow {
-    /// Config label.
-    pub config: String,
-    /// Per-fold minimum validation MSE.
-    pub folds: Vec<Option<f64>>,
-    /// Mean over folds.
-    pub mean: Option<f64>,
-    /// Standard deviation over folds.
-    pub std: Option<f64>,
-    /// The winner.
-    pub winner: bool,
-}
 
 /// A trial as the report's table shows it.
 #[derive(Debug, Clone)]
@@ -135,7 +123,7 @@ pub struct ReportInput {
     /// Sweep state.
     pub state: String,
     /// Cross-validation table.
-    pub cv: Vec<CvRow>,
+    pub cv: Vec<ConfigSummary>,
     /// Every trial.
     pub trials: Vec<TrialRow>,
     /// Named per-epoch series: `test_mse`, `test_accuracy`, `critic_loss`, … by stage.

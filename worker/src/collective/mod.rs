@@ -45,9 +45,6 @@ pub trait Communicator: Send {
     /// Replaces `data` on every rank by rank `root`'s.
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError>;
 
-    /// Bytes sent so far (for metrics).
-    fn bytes_sent(&self) -> u64;
-
     /// [`Communicator::all_reduce_sum`] on a contiguous float32 tensor, in place. The default
     /// goes through host memory; a device backend (NCCL) reduces on the device.
     fn all_reduce_sum_tensor(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
@@ -66,7 +63,8 @@ pub trait Communicator: Send {
     }
 }
 
-fn host_copy(tensor: &Tensor) -> Vec<f32> {
+/// A tensor's values as host float32, flattened.
+pub(crate) fn host_copy(tensor: &Tensor) -> Vec<f32> {
     let flat = tensor.detach().flatten(0, -1).to_device(tch::Device::Cpu).to_kind(tch::Kind::Float);
     Vec::<f32>::try_from(&flat).expect("float tensor to host")
 }

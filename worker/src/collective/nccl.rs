@@ -52,7 +52,6 @@ pub struct NcclCommunicator {
     rank: usize,
     world: usize,
     device: Device,
-    bytes_sent: u64,
 }
 
 // SAFETY: the communicator handle is used by one thread at a time (the training thread that owns
@@ -77,7 +76,7 @@ impl NcclCommunicator {
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; `id` is a complete unique id; rank < world.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| nccl_error("init", e))?;
-        Ok(Self { comm, rank, world, device, bytes_sent: 0 })
+        Ok(Self { comm, rank, world, device })
     }
 
     fn check_tensor(&self, tensor: &Tensor) -> Result<(), CollectiveError> {
@@ -145,7 +144,6 @@ impl Communicator for NcclCommunicator {
             )
         }
         .map_err(|e| nccl_error("all-reduce", e))?;
-        self.bytes_sent += (count * 4) as u64;
         Ok(())
     }
 
@@ -156,12 +154,7 @@ impl Communicator for NcclCommunicator {
         // SAFETY: as for the all-reduce; root < world is checked by NCCL.
         unsafe { result::broadcast(pointer, pointer, count, sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, std::ptr::null_mut()) }
             .map_err(|e| nccl_error("broadcast", e))?;
-        self.bytes_sent += (count * 4) as u64;
         Ok(())
-    }
-
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
     }
 }
 

@@ -23,7 +23,6 @@ pub struct RingCommunicator {
     next: Option<TcpStream>,
     /// From rank − 1.
     prev: Option<TcpStream>,
-    bytes_sent: u64,
 }
 
 fn peer_error(peer: usize) -> impl FnOnce(std::io::Error) -> CollectiveError {
@@ -77,7 +76,7 @@ impl RingCommunicator {
             return Err(CollectiveError::Setup(format!("rank {rank} of {world}")));
         }
         if world == 1 {
-            return Ok(Self { rank, world, next: None, prev: None, bytes_sent: 0 });
+            return Ok(Self { rank, world, next: None, prev: None });
         }
         let successor = (rank + 1) % world;
         let predecessor = (rank + world - 1) % world;
@@ -108,7 +107,7 @@ impl RingCommunicator {
             stream.set_read_timeout(Some(timeout)).map_err(peer_error(peer))?;
             stream.set_write_timeout(Some(timeout)).map_err(peer_error(peer))?;
         }
-        Ok(Self { rank, world, next: Some(next), prev: Some(prev), bytes_sent: 0 })
+        Ok(Self { rank, world, next: Some(next), prev: Some(prev) })
     }
 
     /// Sends `outgoing` to the successor while receiving `incoming.len()` floats from the predecessor.
@@ -119,14 +118,12 @@ impl RingCommunicator {
         let successor = (self.rank + 1) % self.world;
         let predecessor = (self.rank + self.world - 1) % self.world;
         let send_bytes = as_bytes(outgoing);
-        let result = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let sending = scope.spawn(move || next.write_all(send_bytes).map_err(peer_error(successor)));
             let received = prev.read_exact(as_bytes_mut(incoming)).map_err(peer_error(predecessor));
             let sent = sending.join().expect("send thread");
             sent.and(received)
-        });
-        self.bytes_sent += send_bytes.len() as u64;
-        result
+        })
     }
 }
 
@@ -229,13 +226,8 @@ impl Communicator for RingCommunicator {
             let successor = (self.rank + 1) % self.world;
             let next = self.next.as_mut().expect("world > 1");
             next.write_all(as_bytes(data)).map_err(peer_error(successor))?;
-            self.bytes_sent += (data.len() * 4) as u64;
         }
         Ok(())
-    }
-
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
     }
 }
 

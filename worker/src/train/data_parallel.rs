@@ -1,9 +1,9 @@
 //! What data-parallel training adds to a recipe: each replica's rows of a global batch, the
 //! initial broadcast of rank 0's variables, and gradient averaging in flat buckets.
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
-use crate::collective::{CollectiveError, Communicator};
+use crate::collective::{host_copy, CollectiveError, Communicator};
 
 /// Gradients are averaged in buckets of at most this many floats (8 MiB). One collective per
 /// bucket instead of one per tensor: the seed's WGAN-GP has 24 parameter tensors, many tiny
@@ -36,11 +36,6 @@ impl Shard {
         let (start, len) = self.rows(batch.size()[0]);
         batch.narrow(0, start, len)
     }
-}
-
-fn to_host(tensor: &Tensor) -> Vec<f32> {
-    let flat = tensor.detach().flatten(0, -1).to_device(Device::Cpu).to_kind(Kind::Float);
-    Vec::<f32>::try_from(&flat).expect("float tensor to host")
 }
 
 /// Packs `tensors` into one flat float32 tensor on their device.
@@ -126,12 +121,13 @@ pub fn gather_scalar(comm: &mut dyn Communicator, value: f32) -> Result<Vec<f32>
 pub fn checksum(vars: &nn::VarStore) -> f32 {
     let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    named.iter().map(|(_, t)| to_host(t).iter().enumerate().map(|(i, v)| v * (1.0 + (i % 7) as f32)).sum::<f32>()).sum()
+    named.iter().map(|(_, t)| host_copy(t).iter().enumerate().map(|(i, v)| v * (1.0 + (i % 7) as f32)).sum::<f32>()).sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn buckets_group_small_tensors_and_isolate_large_ones() {
@@ -144,7 +140,7 @@ mod tests {
     #[test]
     fn shards_split_a_global_batch_evenly() {
         let batch = Tensor::arange(8, (Kind::Float, Device::Cpu));
-        let parts: Vec<Vec<f32>> = (0..4).map(|rank| to_host(&Shard { rank, world: 4 }.slice(&batch))).collect();
+        let parts: Vec<Vec<f32>> = (0..4).map(|rank| host_copy(&Shard { rank, world: 4 }.slice(&batch))).collect();
         assert_eq!(parts, vec![vec![0., 1.], vec![2., 3.], vec![4., 5.], vec![6., 7.]]);
         assert_eq!(Shard::SOLE.rows(8), (0, 8));
     }
