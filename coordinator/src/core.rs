@@ -406,9 +406,16 @@ impl Core {
         if record.cancelled {
             return Ok(false);
         }
+        let stored = inner.store.tasks(Some(sweep_id))?;
+        // Most trials end while others of their stage still run: settle that from the task rows
+        // alone, before reading every trial's metrics and checkpoints (plan::next_stage would
+        // answer Wait all the same).
+        let current_stage = stored.last().map(|t| t.spec.stage.as_str()).unwrap_or_default();
+        if stored.iter().any(|t| t.spec.stage == current_stage && !t.entry.state.is_terminal()) {
+            return Ok(false);
+        }
         let sweep = SweepFile::parse(&record.source, &record.name)
             .map_err(|e| CoreError::Io(format!("stored sweep {sweep_id} no longer parses: {e}")))?;
-        let stored = inner.store.tasks(Some(sweep_id))?;
         let mut facts = Vec::with_capacity(stored.len());
         for task in &stored {
             let min_val_mse = inner.store.min_metric(&task.entry.id, "val_mse")?;
