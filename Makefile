@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo bench bench-seed soak gpu-check clean-runs
+.PHONY: all build test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed soak gpu-check clean-runs
 
 all: build
 
@@ -47,10 +47,16 @@ test: build $(DEV_TOOLS)
 demo: build
 	$(BIN)/coordinator local examples/demo.toml --workers 2 --report report/demo
 
-# Training-step throughput against PyTorch eager, written into docs/performance.md.
-bench: build
-	$(CARGO) build --release --locked -p cohort-worker --example bench_step
-	$(VENV)/bin/python tools/bench/steps.py
+# The performance suite (docs/performance.md): each part measures Cohort next to its anchor in one
+# run and rewrites its own section of the document. One part alone: make bench-steps (etc.).
+bench: bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep
+
+bench-examples: build
+	$(CARGO) build --release --locked -p cohort-worker --example bench_step --example bench_allreduce
+	$(CARGO) build --release --locked -p cohort-coordinator --example bench_scheduler --example bench_transfer
+
+bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep: bench-examples
+	$(VENV)/bin/python tools/bench/$(@:bench-%=%).py
 
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build

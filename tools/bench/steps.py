@@ -8,16 +8,12 @@ Run: make bench   (or .venv/bin/python tools/bench/steps.py [--rounds N] [--thre
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BEGIN, END = "<!-- steps:begin -->", "<!-- steps:end -->"
+from perfdoc import ROOT, machine, release_binary, run_json, write_section
+
 LABELS = {
     "dae_b256": "DAE, batch 256",
     "classifier_b256": "classifier, batch 256",
@@ -26,28 +22,21 @@ LABELS = {
 }
 
 
-def run(command):
-    output = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    cohort_cmd = [os.path.join(ROOT, "target", "release", "examples", "bench_step"), "--threads", str(args.threads)]
+    cohort_cmd = [release_binary("examples", "bench_step"), "--threads", str(args.threads)]
     torch_cmd = [sys.executable, os.path.join(ROOT, "tools", "reference", "bench_step.py"), "--threads", str(args.threads)]
     cohort, torch = [], []
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        cohort.append(run(cohort_cmd))
-        torch.append(run(torch_cmd))
+        cohort.append(run_json(cohort_cmd))
+        torch.append(run_json(torch_cmd))
     lines = [
-        BEGIN,
-        "",
-        f"Measured by `make bench` (`tools/bench/steps.py`) on {platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.threads} libtorch threads, {time.strftime('%Y-%m-%d')}: the median of {args.rounds} alternating rounds of each.",
+        f"Measured by `make bench` (`tools/bench/steps.py`) on {machine()}, {args.threads} libtorch threads: "
+        f"the median of {args.rounds} alternating rounds of each.",
         "",
         "| step | Cohort (samples/s) | PyTorch eager (samples/s) | ratio |",
         "|---|---|---|---|",
@@ -56,15 +45,7 @@ def main():
         ours = statistics.median(r[key] for r in cohort)
         theirs = statistics.median(r[key] for r in torch)
         lines.append(f"| {label} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
-    lines += ["", END]
-    section = "\n".join(lines)
-    path = os.path.join(ROOT, "docs", "performance.md")
-    text = open(path).read() if os.path.exists(path) else "# Performance\n\n" + BEGIN + "\n" + END + "\n"
-    before, _, rest = text.partition(BEGIN)
-    _, _, after = rest.partition(END)
-    with open(path, "w") as out:
-        out.write(before + section + after)
-    print(section)
+    write_section("steps", lines)
 
 
 if __name__ == "__main__":
