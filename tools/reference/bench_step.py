@@ -83,12 +83,15 @@ def main():
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    print(json.dumps({
-        "dae_b256": dae(256),
-        "classifier_b256": classifier(256),
-        "wgan_reduced_b64": wgan([128, 64, 32, 16], 64, 10),
-        "wgan_full_b16": wgan([1024, 512, 256, 128], 16, 3),
-    }))
+    # `--only NAME` runs one step (for profiling it alone).
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    steps = {
+        "dae_b256": lambda: dae(256),
+        "classifier_b256": lambda: classifier(256),
+        "wgan_reduced_b64": lambda: wgan([128, 64, 32, 16], 64, 10),
+        "wgan_full_b16": lambda: wgan([1024, 512, 256, 128], 16, 3),
+    }
+    print(json.dumps({name: run() for name, run in steps.items() if only in (None, name)}))
 
 
 if __name__ == "__main__":

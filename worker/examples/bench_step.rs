@@ -2,10 +2,11 @@
 //! DAE, the classifier and the WGAN-GP step (full and reduced width) — on the CPU. Run by
 //! `tools/bench/steps.py` next to the same steps in PyTorch eager; prints one JSON object.
 //!
-//! cargo run --release -p cohort-worker --example bench_step -- [--threads N]
+//! cargo run --release -p cohort-worker --example bench_step -- [--threads N] [--only NAME] [--default-malloc]
 
 use std::time::Instant;
 
+use cohort_worker::allocator;
 use cohort_worker::model::classifier::Classifier;
 use cohort_worker::model::dae::Dae;
 use cohort_worker::optim::{Adam, ParamGroup};
@@ -74,17 +75,29 @@ fn wgan(widths: [i64; 4], batch: i64, steps: usize) -> f64 {
 }
 
 fn main() {
-    let threads = std::env::args().skip_while(|a| a != "--threads").nth(1).and_then(|t| t.parse().ok()).unwrap_or(2);
+    let args: Vec<String> = std::env::args().collect();
+    let value_of = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+    // As the worker's `main` does, unless `--default-malloc` asks for glibc's defaults (to show
+    // what the settings are worth).
+    if !args.iter().any(|a| a == "--default-malloc") {
+        assert!(allocator::tune_for_training(), "malloc settings refused");
+    }
+    let threads = value_of("--threads").and_then(|t| t.parse().ok()).unwrap_or(2);
     tch::set_num_threads(threads);
     tch::set_num_interop_threads(1);
     tch::manual_seed(0);
-    let results = serde_json_like(&[
-        ("dae_b256", dae(256)),
-        ("classifier_b256", classifier(256)),
-        ("wgan_reduced_b64", wgan([128, 64, 32, 16], 64, 10)),
-        ("wgan_full_b16", wgan([1024, 512, 256, 128], 16, 3)),
-    ]);
-    println!("{results}");
+    // `--only NAME` runs one step (for profiling it alone).
+    let only = value_of("--only");
+    let steps: [(&str, fn() -> f64); 4] = [
+        ("dae_b256", || dae(256)),
+        ("classifier_b256", || classifier(256)),
+        ("wgan_reduced_b64", || wgan([128, 64, 32, 16], 64, 10)),
+        ("wgan_full_b16", || wgan([1024, 512, 256, 128], 16, 3)),
+    ];
+    let selected: Vec<(&'static str, fn() -> f64)> = steps.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name)).collect();
+    // On a dedicated thread, as the worker trains (its own malloc arena, not the main heap).
+    let results = std::thread::spawn(move || selected.into_iter().map(|(name, run)| (name, run())).collect::<Vec<_>>()).join().expect("bench thread");
+    println!("{}", serde_json_like(&results));
 }
 
 /// `{"name": value, …}` without a JSON dependency.

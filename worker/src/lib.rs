@@ -5,6 +5,7 @@
 //! - [`train`]: the recipes, run on a dedicated thread.
 //! - [`model`], [`optim`], [`data`], [`checkpoint`]: what the recipes are built from.
 
+pub mod allocator;
 pub mod blobs;
 pub mod checkpoint;
 pub mod collective;

@@ -92,6 +92,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let allocator_tuned = cohort_worker::allocator::tune_for_training();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -100,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
         // Lines about a running trial also go to the coordinator (`coordinator logs`).
         .with(cohort_worker::logs::ForwardLayer)
         .init();
+    if !allocator_tuned {
+        tracing::warn!("malloc settings for training not applied: training steps may page-fault more");
+    }
     let args = Args::parse();
     if let Some(threads) = args.threads {
         if threads == 0 {

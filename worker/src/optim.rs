@@ -81,6 +81,10 @@ impl Adam {
     }
 
     /// Applies one update from the gradients currently held by the parameters.
+    ///
+    /// In place where PyTorch's single-tensor Adam is, so a step allocates two parameter-sized
+    /// temporaries (three with weight decay) instead of one per operation: on large layers each
+    /// temporary is fresh memory, faulted in page by page (docs/performance.md).
     pub fn step(&mut self) {
         self.step += 1;
         let bias_correction1 = 1.0 - self.beta1.powi(self.step as i32);
@@ -92,13 +96,25 @@ impl Adam {
                 if !grad.defined() {
                     continue;
                 }
-                let grad = if slot.weight_decay != 0.0 { &grad + &slot.param * slot.weight_decay } else { grad };
+                // grad + weight_decay·param, without touching the parameter's own gradient.
+                let grad = if slot.weight_decay != 0.0 {
+                    let mut decayed = &slot.param * slot.weight_decay;
+                    let _ = decayed.g_add_(&grad);
+                    decayed
+                } else {
+                    grad
+                };
                 let _ = slot.exp_avg.lerp_(&grad, 1.0 - beta1);
                 let _ = slot.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = slot.exp_avg_sq.g_add_(&(&grad * &grad * (1.0 - beta2)));
-                let denom = slot.exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
+                let _ = slot.exp_avg_sq.addcmul_(&grad, &(&grad * (1.0 - beta2)));
+                let mut denom = slot.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bias_correction2_sqrt);
+                let _ = denom.g_add_scalar_(eps);
+                // param −= step_size · exp_avg / denom, as one addcdiv_ (tch's has no `value`, so
+                // the step size goes into the denominator).
                 let step_size = slot.lr / bias_correction1;
-                let _ = slot.param.g_sub_(&(&slot.exp_avg / denom * step_size));
+                let _ = denom.g_div_scalar_(-step_size);
+                let _ = slot.param.addcdiv_(&slot.exp_avg, &denom);
             }
         });
     }

@@ -97,25 +97,23 @@ impl Critic {
         let norms = (1..4).map(|i| InstanceNorm::new(path / format!("in{}", i + 1), channels[i + 1])).collect();
         Self { convs, norms }
     }
+
+    /// LeakyReLU with the seed's slope, as `lerp(x, relu(x), 1 − slope)` = slope·x + (1 − slope)·relu(x).
+    /// tch's `leaky_relu` takes no slope. Of the compositions that do, this one costs least in the
+    /// gradient penalty's double backward (docs/performance.md): `maximum(x, slope·x)` takes
+    /// comparison masks in each backward, and PReLU's backward kernel is not vectorised.
+    fn leaky_relu(xs: &Tensor) -> Tensor {
+        xs.lerp(&xs.relu(), 1.0 - LEAKY_SLOPE)
+    }
 }
 
 impl ModuleT for Critic {
     fn forward_t(&self, xs: &Tensor, _train: bool) -> Tensor {
-        let mut xs = xs.apply(&self.convs[0]).leaky_relu_with_slope(LEAKY_SLOPE);
+        let mut xs = Self::leaky_relu(&xs.apply(&self.convs[0]));
         for (conv, norm) in self.convs[1..4].iter().zip(&self.norms) {
-            xs = norm.forward(&xs.apply(conv)).leaky_relu_with_slope(LEAKY_SLOPE);
+            xs = Self::leaky_relu(&norm.forward(&xs.apply(conv)));
         }
         xs.apply(&self.convs[4]).view([-1])
-    }
-}
-
-trait LeakyRelu {
-    fn leaky_relu_with_slope(&self, slope: f64) -> Tensor;
-}
-
-impl LeakyRelu for Tensor {
-    fn leaky_relu_with_slope(&self, slope: f64) -> Tensor {
-        self.maximum(&(self * slope))
     }
 }
 
@@ -146,6 +144,22 @@ pub fn generator_loss(critic: &Critic, fake: &Tensor) -> Tensor {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The critic's LeakyReLU is x for x > 0 and 0.2·x otherwise, with derivative 1 or 0.2 (also at
+    /// 0, as PyTorch's), and its gradient is differentiable again (the penalty's double backward).
+    #[test]
+    fn leaky_relu_is_the_seeds() {
+        let xs = Tensor::from_slice(&[-3.0f32, -0.5, 0.0, 0.25, 2.0]).set_requires_grad(true);
+        let ys = Critic::leaky_relu(&xs);
+        let expected = Tensor::from_slice(&[-0.6f32, -0.1, 0.0, 0.25, 2.0]);
+        assert!(ys.allclose(&expected, 1e-6, 1e-7, false), "{ys}");
+        let grads = Tensor::run_backward(&[(&ys * &xs).sum(Kind::Float)], &[&xs], true, true).remove(0);
+        // d/dx (x·f(x)) = f(x) + x·f'(x) = 2·f(x) for this piecewise-linear f.
+        assert!(grads.allclose(&(&expected * 2.0), 1e-6, 1e-6, false), "{grads}");
+        let second = Tensor::run_backward(&[grads.sum(Kind::Float)], &[&xs], false, false).remove(0);
+        let slopes = Tensor::from_slice(&[0.4f32, 0.4, 0.4, 2.0, 2.0]);
+        assert!(second.allclose(&slopes, 1e-6, 1e-6, false), "{second}");
+    }
 
     #[test]
     fn shapes_follow_the_seed() {
