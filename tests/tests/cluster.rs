@@ -124,6 +124,12 @@ fn a_worker_exports_its_training_metrics() {
     assert_eq!(metric(&text, "cohort_worker_epochs_total"), 4.0, "2 trials x 2 epochs: {text}");
     assert!(metric(&text, "cohort_worker_step_seconds_count") >= 4.0);
     assert!(metric(&text, "cohort_worker_samples_per_second") > 0.0);
+    // Where its time went: every phase is exported; training and loading data took some.
+    let phase = |name: &str| metric(&text, &format!("cohort_worker_seconds_total{{phase=\"{name}\"}}"));
+    for name in ["checkpoint", "coordinator", "idle"] {
+        assert!(phase(name) >= 0.0, "{name}: {text}");
+    }
+    assert!(phase("train") > 0.0 && phase("data") > 0.0, "{text}");
 }
 
 #[test]

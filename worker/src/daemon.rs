@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::blobs::BlobCache;
+use crate::metrics::Phase;
 use crate::task::Task;
 use crate::collective::{nccl, Backend, GangSettings};
 use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
@@ -226,6 +227,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     let (channel, token) = config.connect.lazy_channel()?;
     let client = WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let shared = Shared { client, config, worker_id: Arc::default(), running: Arc::default() };
+    // Starts the phase clock (if serving metrics has not already): the worker's uptime from here.
+    crate::metrics::metrics().phases.switch(Phase::Idle);
     shared.register().await;
     let heartbeat = tokio::spawn(shared.clone().heartbeat_loop(Duration::from_secs(1)));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -262,9 +265,16 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 }
 
 async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
+    let phases = &crate::metrics::metrics().phases;
     let mut backoff = Duration::from_millis(100);
+    // Right after a task more work is usually queued: one immediate acquire (the coordinator's
+    // dispatch, counted as such) before long-polls, whose waits are the worker's idle time.
+    let mut just_finished = false;
     while !stopping.load(Ordering::SeqCst) {
-        let request = pb::AcquireTaskRequest { worker_id: shared.worker_id(), wait_ms: ACQUIRE_WAIT_MS };
+        let (phase, wait_ms) = if just_finished { (Phase::Coordinator, 0) } else { (Phase::Idle, ACQUIRE_WAIT_MS) };
+        phases.switch(phase);
+        just_finished = false;
+        let request = pb::AcquireTaskRequest { worker_id: shared.worker_id(), wait_ms };
         let response = match shared.client.clone().acquire_task(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == Code::NotFound => {
@@ -281,12 +291,15 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
         backoff = Duration::from_millis(100);
         if let Some(spec) = response.task {
             execute(&shared, spec, &stopping).await;
+            just_finished = true;
         }
     }
 }
 
 /// Runs one leased task to its end and reports the outcome.
 async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
+    let phases = &crate::metrics::metrics().phases;
+    phases.switch(Phase::Coordinator);
     let (task_id, attempt, rank) = (spec.task_id.clone(), spec.attempt, spec.rank);
     let task = match Task::try_from(spec) {
         Ok(task) => task,
@@ -300,6 +313,8 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     crate::logs::buffer().start(&task_id, attempt);
     tracing::info!(task = %task_id, trial = %task.trial_name, attempt, worker = %shared.config.name, "task started");
     let outcome = run_and_relay(shared, task, &current).await;
+    // What is left (uploads the end of training waits for, the report) waits on the coordinator.
+    phases.switch(Phase::Coordinator);
     match &outcome {
         Ok(()) => tracing::info!(task = %task_id, "training finished"),
         Err(error) => tracing::warn!(task = %task_id, %error, "training ended"),
@@ -342,8 +357,10 @@ async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error
 
 /// Fetches the task's inputs, trains on a dedicated thread, and relays its events as they come.
 async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result<(), TrainError> {
+    let phases = &crate::metrics::metrics().phases;
     let cache = BlobCache::new(&shared.config.cache_dir);
     let mut client = shared.client.clone();
+    phases.switch(Phase::Data);
     let mut fetched = Vec::with_capacity(task.dataset.files.len());
     for (name, blob) in &task.dataset.files {
         let path = cache.ensure(&mut client, blob).await.map_err(|e| fetch_error(name, e))?;
@@ -351,6 +368,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     }
     let (dataset_root, dataset_files) =
         cache.materialize(&fetched).map_err(|e| TrainError::Invalid(format!("cannot lay out the dataset: {e}")))?;
+    phases.switch(Phase::Checkpoint);
     let resume_from = match &task.resume_from {
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("checkpoint", e))?),
         None => None,
@@ -359,6 +377,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("pretrained checkpoint", e))?),
         None => None,
     };
+    phases.switch(Phase::Coordinator);
     let gang = if task.world > 1 { Some(join_rendezvous(shared, &task).await?) } else { None };
     let scratch_dir = cache.scratch_dir();
     std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
@@ -388,7 +407,12 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
                 let _ = events_sender.send(FromTrainer::Event(event));
             };
             let mut events = Events { emit: &mut emit, stop: &stop, drain: &drain };
+            // The training thread owns the phase clock while it runs; the recipes mark their
+            // data and checkpoint work, the rest is training.
+            let phases = &crate::metrics::metrics().phases;
+            phases.switch(Phase::Train);
             let result = train::run(&thread_task, &inputs, &mut events);
+            phases.switch(Phase::Coordinator);
             let _ = sender.send(FromTrainer::Done(result));
         })
         .map_err(|e| TrainError::Invalid(format!("cannot start the training thread: {e}")))?;

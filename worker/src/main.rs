@@ -56,6 +56,10 @@ struct Args {
     /// is stopped outright (keep it below the pod's termination grace period).
     #[arg(long, default_value_t = 20)]
     drain_secs: u64,
+    /// MiB of host memory for datasets kept decoded and augmented between tasks, so the trials
+    /// of a sweep on the same data skip that work (0: decode and augment for every task).
+    #[arg(long, default_value_t = cohort_worker::data::cache::DEFAULT_BUDGET_BYTES >> 20)]
+    dataset_cache_mib: u64,
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         tch::set_num_interop_threads(1);
     }
     let device = parse_device(&args.device)?;
+    cohort_worker::data::cache::TensorCache::global().set_budget(args.dataset_cache_mib.saturating_mul(1 << 20));
     let config = WorkerConfig {
         connect: ConnectOptions { url: args.coordinator, token_file: args.token_file, tls_ca: args.tls_ca },
         name: args.name.unwrap_or_else(default_name),

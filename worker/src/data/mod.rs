@@ -1,6 +1,7 @@
 //! Datasets as the worker sees them: files fetched from the coordinator, decoded into tensors.
 
 pub mod augment;
+pub mod cache;
 pub mod idx;
 pub mod image_folder;
 pub mod nifti;

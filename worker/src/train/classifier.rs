@@ -10,6 +10,7 @@ use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS}
 use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint::{self, Loaded};
 use crate::data::ImageSet;
+use crate::metrics::Phase;
 use crate::model::classifier::Classifier;
 use crate::optim::{Adam, ParamGroup};
 use crate::task::Task;
@@ -29,11 +30,13 @@ fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor) -> (f64, f64) {
 /// encoder's `latents` of the clean test set at the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let config = &task.config;
+    let data_phase = super::phase(Phase::Data);
     let data = super::load_dataset(task, inputs)?;
     if data.test.is_empty() {
         return Err(TrainError::Invalid("the classifier needs a test set".into()));
     }
-    let train: ImageSet = super::augment(task, data.train);
+    let train: ImageSet = super::augment(task, inputs, data.train, None);
+    drop(data_phase);
     if config.batch_size == 0 || config.batch_size > train.len() {
         return Err(TrainError::Invalid(format!("batch size {} with {} training samples", config.batch_size, train.len())));
     }
@@ -46,11 +49,13 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         ParamGroup { params: head, lr: config.lr, weight_decay: config.weight_decay },
     ];
     let mut optimizer = Adam::new(groups, BETAS, EPS);
+    let checkpoint_phase = super::phase(Phase::Checkpoint);
     let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
     if inputs.resume_from.is_none() {
         let pretrained = inputs.init_from.ok_or_else(|| TrainError::Invalid("no pretrained autoencoder".into()))?;
         Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
     }
+    drop(checkpoint_phase);
 
     let test_noisy = fixed_noisy(&data.test.images, config);
     for epoch in done_epochs + 1..=config.epochs {

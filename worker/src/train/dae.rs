@@ -10,6 +10,7 @@ use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint,
 use crate::checkpoint::{self, Loaded};
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
+use crate::metrics::Phase;
 use crate::model::dae::Dae;
 use crate::optim::{Adam, ParamGroup};
 use crate::task::{Task, TrainingConfig};
@@ -94,7 +95,10 @@ impl Trainee {
         let model = Dae::new(&vars.root(), config.latent);
         let group = ParamGroup { params: trainable(&vars), lr: config.lr, weight_decay: config.weight_decay };
         let mut optimizer = Adam::new(vec![group], BETAS, EPS);
-        let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
+        let done_epochs = {
+            let _checkpoint = super::phase(Phase::Checkpoint);
+            checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?
+        };
         Ok(Self { vars, model, optimizer, done_epochs })
     }
 
@@ -177,15 +181,17 @@ fn train_loop(
 /// Reports `train_mse` and `val_mse` per epoch; the coordinator takes the minimum of `val_mse`.
 pub fn run_fold(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let fold = task.fold.ok_or_else(|| TrainError::Invalid("dae-fold without a fold".into()))?;
+    let data_phase = super::phase(Phase::Data);
     let all = super::load_dataset(task, inputs)?.train;
     if fold.folds < 2 || fold.index >= fold.folds || all.len() < fold.folds {
         return Err(TrainError::Invalid(format!("fold {} of {} over {} samples", fold.index, fold.folds, all.len())));
     }
     let (train_idx, val_idx) = kfold(all.len(), fold.folds, fold.index, fold.shuffle_seed);
     let device = all.images.device();
-    let train = super::augment(task, all.select(&Tensor::from_slice(&train_idx).to_device(device)));
+    let train = super::augment(task, inputs, all.select(&Tensor::from_slice(&train_idx).to_device(device)), Some(fold));
     let val = all.select(&Tensor::from_slice(&val_idx).to_device(device));
     let val_noisy = fixed_noisy(&val.images, &task.config);
+    drop(data_phase);
     train_loop(task, inputs, events, &train, (&val_noisy, &val.images, "val_mse"), |_, _, _| Ok(()))?;
     Ok(())
 }
@@ -204,12 +210,14 @@ pub fn latent_codes(encoder: &impl ModuleT, images: &Tensor) -> Tensor {
 /// digits) after the first and last epoch, and `latents` (the clean test set's latent codes with
 /// labels) at the end.
 pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
+    let data_phase = super::phase(Phase::Data);
     let data = super::load_dataset(task, inputs)?;
     if data.test.is_empty() {
         return Err(TrainError::Invalid("dae-final needs a test set".into()));
     }
-    let train = super::augment(task, data.train);
+    let train = super::augment(task, inputs, data.train, None);
     let test_noisy = fixed_noisy(&data.test.images, &task.config);
+    drop(data_phase);
     let shown = RECONSTRUCTIONS.min(data.test.len() as i64);
     let last_epoch = task.config.epochs;
     let trainee = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, events| {

@@ -9,16 +9,21 @@ pub mod data_parallel;
 pub mod wgan;
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::{Digest, Sha256};
 
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::data::augment::{augmented_copy, AugmentRanges};
+use crate::data::cache::TensorCache;
 use crate::data::{self, DataError, ImageSet, TrainTest};
+use crate::metrics::{Phase, PhaseGuard};
 use crate::optim::Adam;
-use crate::task::{Task, TrialKind};
+use crate::task::{Augment, DatasetSpec, Fold, Task, TrialKind};
 
 /// One epoch's figures, as the recipe reports them.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +124,12 @@ impl Events<'_> {
     fn draining(&self) -> bool {
         self.drain.load(Ordering::Relaxed)
     }
+}
+
+/// Counts the time until the guard drops to `phase` (the worker's `cohort_worker_seconds_total`);
+/// a recipe's time is training but for what it marks so.
+pub fn phase(phase: Phase) -> PhaseGuard<'static> {
+    crate::metrics::metrics().phases.enter(phase)
 }
 
 /// Reports an epoch: to the daemon, and to the worker's metrics.
@@ -231,6 +242,7 @@ pub fn save_checkpoint(
     is_final: bool,
     events: &mut Events<'_>,
 ) -> Result<(), TrainError> {
+    let _checkpoint = phase(Phase::Checkpoint);
     let path = inputs.scratch_dir.join(format!("{}-a{}-e{epoch}.safetensors", task.id, task.attempt));
     checkpoint::save(&path, vars, optimizers, epoch)?;
     (events.emit)(TrainEvent::Checkpoint { epoch, path, is_final });
@@ -246,6 +258,7 @@ pub fn emit_artifact(
     tensors: &[(&str, Tensor)],
     events: &mut Events<'_>,
 ) -> Result<(), TrainError> {
+    let _checkpoint = phase(Phase::Checkpoint);
     let path = inputs.scratch_dir.join(format!("{}-a{}-{name}.safetensors", task.id, task.attempt));
     let on_cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (*n, t.to_device(Device::Cpu))).collect();
     Tensor::write_safetensors(&on_cpu, &path)
@@ -254,8 +267,26 @@ pub fn emit_artifact(
     Ok(())
 }
 
-/// Loads the task's dataset by its format, applies the sample limits, and moves it to the device.
-pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
+/// Names a dataset's decoded content: its format and decoding options, the blobs the task names,
+/// and the local files it reads (path, size, modification time: the daemon lays blobs out under
+/// content-addressed folders, but a caller of [`run`] may pass any files).
+fn dataset_key(spec: &DatasetSpec, inputs: &RunInputs<'_>) -> String {
+    let mut files = Sha256::new();
+    for (name, blob) in &spec.files {
+        files.update(format!("blob {name}\0{}\n", blob.sha256).as_bytes());
+    }
+    files.update(format!("root {}\n", inputs.dataset_root.display()).as_bytes());
+    for (name, path) in inputs.dataset_files {
+        let metadata = std::fs::metadata(path).ok();
+        let size = metadata.as_ref().map(std::fs::Metadata::len);
+        let modified = metadata.and_then(|m| m.modified().ok());
+        files.update(format!("file {name}\0{}\0{size:?}\0{modified:?}\n", path.display()).as_bytes());
+    }
+    format!("{} size {} foreground {} files {}", spec.format, spec.image_size, spec.min_foreground, hex::encode(files.finalize()))
+}
+
+/// Decodes the task's dataset files by their format.
+fn decode_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
     let spec = &task.dataset;
     let loaded = match spec.format.as_str() {
         "idx" => data::load_idx(inputs.dataset_files)?,
@@ -273,6 +304,25 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
         }
         other => return Err(TrainError::Invalid(format!("unknown dataset format {other:?}"))),
     };
+    Ok(loaded)
+}
+
+/// Loads the task's dataset by its format, applies the sample limits, and moves it to the device.
+/// The decoded dataset stays in the worker's [`TensorCache`], so the next task on the same data
+/// skips decoding.
+pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
+    let _data = phase(Phase::Data);
+    let spec = &task.dataset;
+    let key = format!("decoded {}", dataset_key(spec, inputs));
+    let tensors = TensorCache::global().get_or_make(&key, || {
+        let loaded = decode_dataset(task, inputs)?;
+        Ok::<_, TrainError>(vec![loaded.train.images, loaded.train.labels, loaded.test.images, loaded.test.labels])
+    })?;
+    let [train_images, train_labels, test_images, test_labels]: [Tensor; 4] = tensors.try_into().expect("a decoded dataset is four tensors");
+    let loaded = TrainTest {
+        train: ImageSet { images: train_images, labels: train_labels },
+        test: ImageSet { images: test_images, labels: test_labels },
+    };
     let data = TrainTest {
         train: to_device(loaded.train.truncate(spec.train_limit), inputs.device),
         test: to_device(loaded.test.truncate(spec.test_limit), inputs.device),
@@ -281,11 +331,31 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
     Ok(data)
 }
 
-/// Appends the task's augmented copies (seed §1.1) to a training set.
-pub fn augment(task: &Task, train: ImageSet) -> ImageSet {
+/// Appends the task's augmented copies (seed §1.1) to a training set: `train`, the rows of the
+/// (limited) training part of the task's dataset that `fold` trains on, or all of them without a
+/// fold. The result stays in the worker's [`TensorCache`]: every config of a cross-validation
+/// augments the same folds.
+pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Option<Fold>) -> ImageSet {
     let Some(augment) = &task.config.augment else {
         return train;
     };
+    let _data = phase(Phase::Data);
+    let rows = match fold {
+        Some(fold) => format!("fold {} of {} shuffled by {}", fold.index, fold.folds, fold.shuffle_seed),
+        None => "all".to_string(),
+    };
+    let key = format!("augmented {} limit {} rows {rows} {augment:?}", dataset_key(&task.dataset, inputs), task.dataset.train_limit);
+    let device = train.images.device();
+    let tensors = TensorCache::global().get_or_make(&key, || {
+        let augmented = augmented_set(augment, train);
+        Ok::<_, Infallible>(vec![augmented.images, augmented.labels])
+    });
+    let [images, labels]: [Tensor; 2] = tensors.unwrap_or_else(|never| match never {}).try_into().expect("an image set is two tensors");
+    to_device(ImageSet { images, labels }, device)
+}
+
+/// `train` followed by its augmented copies.
+fn augmented_set(augment: &Augment, train: ImageSet) -> ImageSet {
     let ranges = AugmentRanges { rotate_deg: augment.rotate_deg, translate: augment.translate, shear_deg: augment.shear_deg };
     let mut images = vec![train.images.shallow_clone()];
     let mut labels = vec![train.labels.shallow_clone()];
