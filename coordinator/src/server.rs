@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cohort_proto::transfer::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 use cohort_proto::v1::client_service_server::ClientServiceServer;
 use cohort_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -111,7 +112,12 @@ impl BoundServer {
         health_reporter.set_serving::<ClientServiceServer<ClientApi>>().await;
         health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
         health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        // No `tcp_nodelay` here: the builder applies it only to listeners it binds itself;
+        // [`incoming`] sets it on this one's connections.
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(HTTP2_MAX_FRAME_BYTES);
         if let Some((cert, key)) = &self.security.tls {
             builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
         }
@@ -131,11 +137,35 @@ impl BoundServer {
             .add_service(health)
             .add_service(client)
             .add_service(worker)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), draining)
+            .serve_with_incoming_shutdown(incoming(self.listener), draining)
             .await;
         expiry.abort();
         core.flush()?;
         tracing::info!("database flushed, coordinator stopped");
         Ok(result?)
+    }
+}
+
+/// The connections `listener` accepts, each with `TCP_NODELAY` set. Without it, Nagle's algorithm
+/// holds back the small last segment of a response until the client's delayed ACK (tens of
+/// milliseconds), which every download and reply would wait for.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let connection = accepted.next().await.unwrap().unwrap();
+        assert!(connection.nodelay().unwrap(), "accepted connections must have TCP_NODELAY set");
     }
 }

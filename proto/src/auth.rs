@@ -9,6 +9,8 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::transfer::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES};
+
 /// The metadata key carrying the token.
 pub const AUTHORIZATION: &str = "authorization";
 
@@ -99,7 +101,10 @@ impl ConnectOptions {
         let mut endpoint = Endpoint::from_shared(self.url.clone())
             .map_err(|e| endpoint_error(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(HTTP2_MAX_FRAME_BYTES);
         if let Some(ca) = &self.tls_ca {
             let pem = std::fs::read(ca).map_err(|source| ConnectError::File { path: ca.clone(), source })?;
             let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));

@@ -5,14 +5,28 @@
 //! hashing as it goes, and renames it into place only once the hash and size check out, so an
 //! interrupted or corrupted transfer never leaves a partial blob visible.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::v1::{BlobChunk, BlobRef};
 use crate::BLOB_CHUNK_BYTES;
+
+/// HTTP/2 flow-control window of one stream, set on both ends of every connection to the
+/// coordinator. The defaults (1 MiB on a server, 2 MiB on a client) hold at most one
+/// [`BLOB_CHUNK_BYTES`] message, so a sender stalls while the receiver hashes and writes each
+/// chunk; 8 MiB keeps several chunks in flight. It also bounds what one stream may buffer.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
+
+/// HTTP/2 flow-control window of one connection (all its streams), twice a stream's so a blob
+/// transfer leaves room for the connection's other calls.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 * HTTP2_STREAM_WINDOW_BYTES;
+
+/// Largest HTTP/2 frame either end accepts. The default, 16 KiB, splits every chunk into 64
+/// frames and the receiver reads the socket 8 KiB at a time; 1 MiB frames cut those system calls.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Why a blob could not be sent or received.
 #[derive(Debug, thiserror::Error)]
@@ -62,56 +76,71 @@ pub fn is_plain_relative_name(name: &str) -> bool {
 }
 
 /// Hashes a file: its SHA-256 (lowercase hex) and size.
+///
+/// The file is read with blocking calls on tokio's blocking pool, not through `tokio::fs` (which
+/// copies every read through a buffer of its own and hops threads once per read).
 pub async fn hash_file(path: &Path) -> Result<BlobRef, TransferError> {
-    let mut file = tokio::fs::File::open(path).await.map_err(io_error(path))?;
+    let owned = path.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || hash_file_blocking(&owned)).await;
+    hashed.unwrap_or_else(|join| Err(TransferError::Io { path: path.to_path_buf(), source: std::io::Error::other(join) }))
+}
+
+fn hash_file_blocking(path: &Path) -> Result<BlobRef, TransferError> {
+    let mut file = std::fs::File::open(path).map_err(io_error(path))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; BLOB_CHUNK_BYTES];
     let mut size = 0u64;
     loop {
-        let read = file.read(&mut buffer).await.map_err(io_error(path))?;
-        if read == 0 {
-            break;
-        }
+        let read = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(io_error(path)(error)),
+        };
         hasher.update(&buffer[..read]);
         size += read as u64;
     }
     Ok(BlobRef { sha256: hex::encode(hasher.finalize()), size })
 }
 
+/// Chunks read ahead of the gRPC stream that sends them, and chunks received ahead of the disk.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
 /// Streams a file whose hash is already known as chunks; the first chunk carries `blob`.
 ///
-/// Reading happens on a spawned task, so the stream can be handed straight to a gRPC call.
+/// A blocking task reads the file ahead of the consumer (each chunk into a buffer of its own that
+/// the message then owns), so the stream can be handed straight to a gRPC call. A read error ends
+/// the stream early; the receiver then sees fewer bytes than announced and rejects the blob.
 pub fn file_chunks(path: PathBuf, blob: BlobRef) -> impl Stream<Item = BlobChunk> + Send + 'static {
-    let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        let Ok(mut file) = tokio::fs::File::open(&path).await else {
+    let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        let Ok(mut file) = std::fs::File::open(&path) else {
             return;
         };
-        let mut first = true;
+        let mut header = Some(blob);
         loop {
-            let mut data = vec![0u8; BLOB_CHUNK_BYTES];
-            let mut filled = 0;
-            while filled < data.len() {
-                match file.read(&mut data[filled..]).await {
-                    Ok(0) => break,
-                    Ok(read) => filled += read,
-                    Err(_) => return,
-                }
-            }
-            data.truncate(filled);
-            let last = filled < BLOB_CHUNK_BYTES;
-            if filled == 0 && !first {
+            let Ok(data) = read_chunk(&mut file) else {
                 return;
-            }
-            let header = if first { blob.clone() } else { BlobRef::default() };
-            first = false;
-            let chunk = BlobChunk { sha256: header.sha256, size: header.size, data };
-            if sender.send(chunk).await.is_err() || last {
+            };
+            let last = data.len() < BLOB_CHUNK_BYTES;
+            let chunk = match header.take() {
+                Some(blob) => BlobChunk { sha256: blob.sha256, size: blob.size, data: data.into() },
+                None if data.is_empty() => return,
+                None => BlobChunk { data: data.into(), ..BlobChunk::default() },
+            };
+            if sender.blocking_send(chunk).is_err() || last {
                 return;
             }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// Reads up to [`BLOB_CHUNK_BYTES`] (fewer only at the end of the file) into a new buffer.
+fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(BLOB_CHUNK_BYTES);
+    file.take(BLOB_CHUNK_BYTES as u64).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 /// Receives a chunk stream into `destination`, verifying hash and size before it appears there.
@@ -167,28 +196,85 @@ where
     if announced.size > max_size {
         return Err(TransferError::Protocol(format!("blob of {} bytes exceeds the limit of {max_size}", announced.size)));
     }
-    let mut file = tokio::fs::File::create(temp).await.map_err(io_error(temp))?;
-    let mut hasher = Sha256::new();
+    // Hashing and writing run on a blocking thread while this task takes in the next chunks.
+    let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let writer_path = temp.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || hash_and_write(&writer_path, receiver));
+    let received = forward_chunks(stream, first, announced.size, &sender).await;
+    if matches!(received, Ok(size) if size == announced.size) {
+        // The writer may have stopped on an error of its own; that error is reported below.
+        let _ = sender.send(ToWriter::Finish).await;
+    }
+    drop(sender);
+    // The writer is always awaited, so the file is closed before the caller may remove it.
+    let written = writer.await.unwrap_or_else(|join| Err(io_error(temp)(std::io::Error::other(join))));
+    // A disk error comes first: it is why the writer stopped taking chunks.
+    let written = written?;
+    let received = received?;
+    if received != announced.size {
+        return Err(TransferError::Protocol(format!("received {received} of {} announced bytes", announced.size)));
+    }
+    let actual = written.ok_or_else(|| TransferError::Protocol("the blob writer stopped early".into()))?;
+    if actual != announced.sha256 {
+        return Err(TransferError::HashMismatch { expected: announced.sha256, actual });
+    }
+    Ok(announced)
+}
+
+/// What the receiving task hands the blocking writer.
+enum ToWriter {
+    /// The next bytes of the blob.
+    Data(prost::bytes::Bytes),
+    /// Every byte arrived: sync the file and report its hash.
+    Finish,
+}
+
+/// Hands each chunk's bytes to the writer until the stream ends; returns the bytes received.
+/// Stops at the first stream error, at more bytes than `announced_size`, or when the writer
+/// has stopped (the caller then reports the writer's own error).
+async fn forward_chunks<S>(
+    stream: &mut S,
+    first: BlobChunk,
+    announced_size: u64,
+    writer: &tokio::sync::mpsc::Sender<ToWriter>,
+) -> Result<u64, TransferError>
+where
+    S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
+{
     let mut received = 0u64;
     let mut chunk = Some(first);
     while let Some(current) = chunk {
         received += current.data.len() as u64;
-        if received > announced.size {
-            return Err(TransferError::Protocol(format!("more than the announced {} bytes", announced.size)));
+        if received > announced_size {
+            return Err(TransferError::Protocol(format!("more than the announced {announced_size} bytes")));
         }
-        hasher.update(&current.data);
-        file.write_all(&current.data).await.map_err(io_error(temp))?;
+        if !current.data.is_empty() && writer.send(ToWriter::Data(current.data)).await.is_err() {
+            return Ok(received);
+        }
         chunk = stream.next().await.transpose()?;
     }
-    if received != announced.size {
-        return Err(TransferError::Protocol(format!("received {received} of {} announced bytes", announced.size)));
+    Ok(received)
+}
+
+/// Creates `path`, then hashes and writes every buffer received until told to finish, when it
+/// fsyncs the file and returns the hash (lowercase hex). Returns `None`, without syncing, when
+/// the receiving task gives up first.
+fn hash_and_write(path: &Path, mut chunks: tokio::sync::mpsc::Receiver<ToWriter>) -> Result<Option<String>, TransferError> {
+    let mut file = std::fs::File::create(path).map_err(io_error(path))?;
+    let mut hasher = Sha256::new();
+    while let Some(message) = chunks.blocking_recv() {
+        match message {
+            ToWriter::Data(data) => {
+                hasher.update(&data);
+                file.write_all(&data).map_err(io_error(path))?;
+            }
+            ToWriter::Finish => {
+                file.sync_all().map_err(io_error(path))?;
+                return Ok(Some(hex::encode(hasher.finalize())));
+            }
+        }
     }
-    let actual = hex::encode(hasher.finalize());
-    if actual != announced.sha256 {
-        return Err(TransferError::HashMismatch { expected: announced.sha256, actual });
-    }
-    file.sync_all().await.map_err(io_error(temp))?;
-    Ok(announced)
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -226,7 +312,9 @@ mod tests {
         let (blob, chunks) = chunks_of(&source).await;
 
         let mut corrupted = chunks.iter().map(|c| c.as_ref().unwrap().clone()).collect::<Vec<_>>();
-        corrupted[0].data[10] ^= 1;
+        let mut flipped = corrupted[0].data.to_vec();
+        flipped[10] ^= 1;
+        corrupted[0].data = flipped.into();
         let dest = dir.path().join("dst");
         let err = receive_to_file(tokio_stream::iter(corrupted.into_iter().map(Ok)), &dest, None, u64::MAX).await.unwrap_err();
         assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");

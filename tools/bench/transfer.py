@@ -1,0 +1,83 @@
+"""Benchmark: checkpoint and dataset transfer through the coordinator (coordinator/examples/
+bench_transfer.rs) against copying the same file on the same disk. The example starts the real
+`coordinator serve` (bearer tokens on, plain HTTP on loopback) on a temporary data dir, then for a
+checkpoint-sized and a dataset-sized file of random bytes alternates: a read+write copy loop and
+`std::fs::copy`, each fsynced; an upload (the client's hash pass, then UploadBlob, which the
+coordinator verifies and fsyncs); a download (FetchBlob/DownloadBlob into a verified, fsynced file).
+Each figure is the median over the repetitions, after one untimed round. Writes the section
+between the transfer markers of docs/performance.md.
+
+Run: make bench-transfer   (or .venv/bin/python tools/bench/transfer.py [--repetitions N]
+[--sizes-mib 64,256] [--print-only]; --print-only prints the table and leaves docs/performance.md alone)
+"""
+
+import argparse
+
+from perfdoc import machine, release_binary, run_json, write_section
+
+TARGET_RATIO = 0.5
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--sizes-mib", default="64,256", help="comma-separated; the first is the checkpoint-like file")
+    parser.add_argument("--print-only", action="store_true")
+    args = parser.parse_args()
+    command = [
+        release_binary("examples", "bench_transfer"),
+        "--coordinator-binary",
+        release_binary("coordinator"),
+        "--repetitions",
+        str(args.repetitions),
+        "--sizes-mib",
+        args.sizes_mib,
+    ]
+    result = run_json(command, timeout=900)
+    lines = [
+        f"Measured by `make bench-transfer` (`tools/bench/transfer.py`) on {machine()}: `coordinator serve` "
+        "as its own process with bearer tokens on, plain HTTP on loopback, data dir on the same file system "
+        f"as the files; the median of {result['repetitions']} alternating repetitions of each, after one untimed round. MB/s = 10^6 B/s. "
+        "Upload = the client's hash pass + UploadBlob (the coordinator verifies the hash and fsyncs); "
+        "download = FetchBlob into a verified, fsynced file; the copies are fsynced too, and every read "
+        "comes from the page cache.",
+        "",
+        "| file | size | upload | download | read+write copy | upload / copy | download / copy | `std::fs::copy` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    missed = []
+    for file in result["files"]:
+        copy = file["copy_loop_mb_s"]
+        upload_ratio = file["upload_mb_s"] / copy
+        download_ratio = file["download_mb_s"] / copy
+        label = f"{file['kind']} ({'worker up, `coordinator download` down' if file['kind'] == 'checkpoint' else '`coordinator submit` up, worker down'})"
+        lines.append(
+            f"| {label} | {file['mib']} MiB | {file['upload_mb_s']:,.0f} | {file['download_mb_s']:,.0f} | {copy:,.0f} "
+            f"| {upload_ratio:.0%} | {download_ratio:.0%} | {file['fs_copy_mb_s']:,.0f} |"
+        )
+        missed += [f"{direction} of the {file['mib']} MiB {file['kind']}" for direction, ratio in (("upload", upload_ratio), ("download", download_ratio)) if ratio < TARGET_RATIO]
+    lines += [
+        "",
+        "Where the upload's time goes, and CPU seconds per GB moved (client and coordinator together; the copy loop's own):",
+        "",
+        "| file | hash pass alone | UploadBlob call alone | CPU s/GB upload | CPU s/GB download | CPU s/GB copy loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for file in result["files"]:
+        lines.append(
+            f"| {file['kind']}, {file['mib']} MiB | {file['hash_mb_s']:,.0f} MB/s | {file['upload_call_mb_s']:,.0f} MB/s "
+            f"| {file['upload_cpu_s_per_gb']:.2f} | {file['download_cpu_s_per_gb']:.2f} | {file['copy_loop_cpu_s_per_gb']:.2f} |"
+        )
+    lines.append("")
+    if missed:
+        lines.append(f"Target (≥ {TARGET_RATIO:.0%} of the read+write copy) missed at: {'; '.join(missed)}.")
+    else:
+        lines.append(f"Target (≥ {TARGET_RATIO:.0%} of the read+write copy) met by every upload and download.")
+    if args.print_only:
+        print("\n".join(lines))
+        return
+    write_section("transfer", lines)
+
+
+if __name__ == "__main__":
+    main()
