@@ -1,6 +1,12 @@
 //! Ring all-reduce over TCP: reduce-scatter, then all-gather, each in `world − 1` steps where
-//! every rank sends one chunk to its successor while it receives one from its predecessor (the
-//! send runs on a scoped thread, so both directions of the link are busy at once).
+//! every rank passes one chunk to its successor while it receives one from its predecessor.
+//!
+//! The steps are pipelined segment by segment ([`SEGMENT_FLOATS`] floats): a send thread, one per
+//! call, streams this rank's own chunk and then forwards every segment the calling thread has
+//! received and reduced, as soon as it is ready, so the link never waits for a whole step to end
+//! and receiving, adding and sending overlap. Segments go out straight from the caller's buffer,
+//! and the all-gather receives straight into it; the reduce-scatter receives each segment into a
+//! scratch buffer kept across calls (small enough to stay in cache) and adds it in place.
 //!
 //! Each rank accepts exactly one connection, from its predecessor, and opens one to its
 //! successor. A connection starts with a handshake (the gang's secret and the sender's rank);
@@ -8,11 +14,16 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use super::{CollectiveError, Communicator, GangSettings};
 
 const MAGIC: &[u8; 8] = b"COHORT01";
+
+/// Floats per pipelined segment (256 KiB): the unit the send thread forwards, and the scratch
+/// buffer the reduce-scatter receives into (small enough to stay in cache).
+pub const SEGMENT_FLOATS: usize = 64 * 1024;
 
 /// A rank's two ring links.
 #[derive(Debug)]
@@ -23,6 +34,8 @@ pub struct RingCommunicator {
     next: Option<TcpStream>,
     /// From rank − 1.
     prev: Option<TcpStream>,
+    /// Where reduce-scatter segments land before they are added; reused by every call.
+    scratch: Vec<f32>,
 }
 
 fn peer_error(peer: usize) -> impl FnOnce(std::io::Error) -> CollectiveError {
@@ -76,7 +89,7 @@ impl RingCommunicator {
             return Err(CollectiveError::Setup(format!("rank {rank} of {world}")));
         }
         if world == 1 {
-            return Ok(Self { rank, world, next: None, prev: None });
+            return Ok(Self { rank, world, next: None, prev: None, scratch: Vec::new() });
         }
         let successor = (rank + 1) % world;
         let predecessor = (rank + world - 1) % world;
@@ -107,23 +120,37 @@ impl RingCommunicator {
             stream.set_read_timeout(Some(timeout)).map_err(peer_error(peer))?;
             stream.set_write_timeout(Some(timeout)).map_err(peer_error(peer))?;
         }
-        Ok(Self { rank, world, next: Some(next), prev: Some(prev) })
+        Ok(Self { rank, world, next: Some(next), prev: Some(prev), scratch: Vec::new() })
     }
+}
 
-    /// Sends `outgoing` to the successor while receiving `incoming.len()` floats from the predecessor.
-    fn exchange(&mut self, outgoing: &[f32], incoming: &mut [f32]) -> Result<(), CollectiveError> {
-        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
-            return Ok(());
-        };
-        let successor = (self.rank + 1) % self.world;
-        let predecessor = (self.rank + self.world - 1) % self.world;
-        let send_bytes = as_bytes(outgoing);
-        std::thread::scope(|scope| {
-            let sending = scope.spawn(move || next.write_all(send_bytes).map_err(peer_error(successor)));
-            let received = prev.read_exact(as_bytes_mut(incoming)).map_err(peer_error(predecessor));
-            let sent = sending.join().expect("send thread");
-            sent.and(received)
+/// A segment of the caller's buffer on its way to the send thread and back: (chunk, segment
+/// within the chunk, the floats).
+type Segment<'a> = (usize, usize, &'a mut [f32]);
+
+/// The caller's buffer cut into `world` chunks ([`chunk`]) and each chunk into segments of at
+/// most [`SEGMENT_FLOATS`]; a slot is empty while its segment is with the send thread.
+fn segments(data: &mut [f32], world: usize) -> Vec<Vec<Option<&mut [f32]>>> {
+    let len = data.len();
+    let mut rest = data;
+    (0..world)
+        .map(|index| {
+            let (this, tail) = std::mem::take(&mut rest).split_at_mut(chunk(len, world, index).len());
+            rest = tail;
+            this.chunks_mut(SEGMENT_FLOATS).map(Some).collect()
         })
+        .collect()
+}
+
+/// Takes segment `index` of chunk `chunk_index` back into the caller's hands, waiting for the send
+/// thread to return it if it is still out. `None` when the send thread has stopped (it failed).
+fn reclaim<'a>(slots: &mut [Vec<Option<&'a mut [f32]>>], chunk_index: usize, index: usize, returned: &Receiver<Segment<'a>>) -> Option<&'a mut [f32]> {
+    loop {
+        if let Some(segment) = slots[chunk_index][index].take() {
+            return Some(segment);
+        }
+        let (back_chunk, back_index, segment) = returned.recv().ok()?;
+        slots[back_chunk][back_index] = Some(segment);
     }
 }
 
@@ -185,28 +212,69 @@ impl Communicator for RingCommunicator {
         if world == 1 || data.is_empty() {
             return Ok(());
         }
-        let len = data.len();
-        let largest = chunk(len, world, 0).len();
-        let mut incoming = vec![0f32; largest];
-        // Reduce-scatter: after step s, chunk (rank − s − 1) holds the sum over s + 2 ranks.
-        for step in 0..world - 1 {
-            let send = chunk(len, world, (self.rank + world - step) % world);
-            let receive = chunk(len, world, (self.rank + world - step - 1) % world);
-            let outgoing = data[send].to_vec();
-            self.exchange(&outgoing, &mut incoming[..receive.len()])?;
-            for (value, add) in data[receive.clone()].iter_mut().zip(&incoming[..receive.len()]) {
-                *value += add;
-            }
+        let (rank, successor, predecessor) = (self.rank, (self.rank + 1) % world, (self.rank + world - 1) % world);
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Ok(());
+        };
+        let scratch = &mut self.scratch;
+        let wanted = data.len().div_ceil(world).min(SEGMENT_FLOATS);
+        if scratch.len() < wanted {
+            scratch.resize(wanted, 0.0);
         }
-        // All-gather: each rank now owns the full sum of chunk (rank + 1); pass the sums around.
-        for step in 0..world - 1 {
-            let send = chunk(len, world, (self.rank + 1 + world - step) % world);
-            let receive = chunk(len, world, (self.rank + world - step) % world);
-            let outgoing = data[send].to_vec();
-            self.exchange(&outgoing, &mut incoming[..receive.len()])?;
-            data[receive.clone()].copy_from_slice(&incoming[..receive.len()]);
-        }
-        Ok(())
+        let mut slots = segments(data, world);
+        let (to_send, outbox) = mpsc::channel::<Segment>();
+        let (give_back, returned) = mpsc::channel::<Segment>();
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(move || -> Result<(), CollectiveError> {
+                for (chunk_index, index, segment) in outbox {
+                    next.write_all(as_bytes(segment)).map_err(peer_error(successor))?;
+                    // The caller may have finished with its buffer already (the last step's segments).
+                    let _ = give_back.send((chunk_index, index, segment));
+                }
+                Ok(())
+            });
+            let receiving = (|| -> Result<(), CollectiveError> {
+                let stopped = || CollectiveError::Peer { peer: successor, source: std::io::Error::other("the send thread stopped") };
+                // Reduce-scatter step 0 sends this rank's own chunk as it is.
+                for (index, slot) in slots[rank].iter_mut().enumerate() {
+                    to_send.send((rank, index, slot.take().expect("own segment"))).map_err(|_| stopped())?;
+                }
+                // Reduce-scatter: step s receives chunk (rank − s − 1), adds this rank's values and
+                // forwards the partial sum; the last step's chunk (rank + 1) is then the full sum,
+                // and forwarding it starts the all-gather.
+                for step in 0..world - 1 {
+                    let chunk_index = (rank + world - step - 1) % world;
+                    for index in 0..slots[chunk_index].len() {
+                        let segment = slots[chunk_index][index].take().expect("not yet sent");
+                        let incoming = &mut scratch[..segment.len()];
+                        prev.read_exact(as_bytes_mut(incoming)).map_err(peer_error(predecessor))?;
+                        for (value, add) in segment.iter_mut().zip(incoming.iter()) {
+                            *value += add;
+                        }
+                        to_send.send((chunk_index, index, segment)).map_err(|_| stopped())?;
+                    }
+                }
+                // All-gather: step t receives the full sum of chunk (rank − t) in place, once the
+                // send thread is done with that chunk's partial sum, and forwards it except at the
+                // last step. The wait is short and cannot deadlock: a segment's full sum reaches
+                // this rank only after its partial sum from this rank went on round the ring, so
+                // the send thread has written it by then.
+                for step in 0..world - 1 {
+                    let chunk_index = (rank + world - step) % world;
+                    for index in 0..slots[chunk_index].len() {
+                        let segment = reclaim(&mut slots, chunk_index, index, &returned).ok_or_else(stopped)?;
+                        prev.read_exact(as_bytes_mut(segment)).map_err(peer_error(predecessor))?;
+                        if step < world - 2 {
+                            to_send.send((chunk_index, index, segment)).map_err(|_| stopped())?;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_send);
+            let sent = sending.join().expect("send thread");
+            sent.and(receiving)
+        })
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
@@ -287,6 +355,52 @@ mod tests {
             }
         }
         run_all_reduce(4, (3 << 20) + 5); // several MiB, not divisible by the world
+    }
+
+    #[test]
+    fn one_ring_stays_exact_across_calls_of_changing_size() {
+        // Chunks of several segments with a partial last one, then smaller and larger again: the
+        // scratch buffer kept between calls must never leak values from an earlier call.
+        let world = 3;
+        let lengths = [world * SEGMENT_FLOATS * 2 + 5, 4, SEGMENT_FLOATS + 1, 1, world * SEGMENT_FLOATS * 3 - 1];
+        let ring = local_ring(world, "again", Duration::from_secs(10)).unwrap();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ring
+                .into_iter()
+                .map(|mut member| {
+                    scope.spawn(move || {
+                        for (call, &len) in lengths.iter().enumerate() {
+                            let value = |rank: usize, i: usize| ((i * 3 + rank * 5 + call) % 61) as f32 - 30.0;
+                            let mut data: Vec<f32> = (0..len).map(|i| value(member.rank(), i)).collect();
+                            member.all_reduce_sum(&mut data).unwrap();
+                            let expected: Vec<f32> = (0..len).map(|i| (0..world).map(|rank| value(rank, i)).sum()).collect();
+                            assert_eq!(data, expected, "call {call}, len {len}, rank {}", member.rank());
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+        });
+    }
+
+    #[test]
+    fn segments_cut_every_chunk_the_same_way_on_every_rank() {
+        let world = 3;
+        let len = world * 2 * SEGMENT_FLOATS + 7; // three segments per chunk, the last one short
+        let mut data: Vec<f32> = (0..len).map(|v| v as f32).collect();
+        let slots = segments(&mut data, world);
+        for (index, chunk_slots) in slots.iter().enumerate() {
+            let range = chunk(len, world, index);
+            let lengths: Vec<usize> = chunk_slots.iter().map(|s| s.as_ref().unwrap().len()).collect();
+            assert_eq!(lengths.len(), 3, "chunk {index}");
+            assert_eq!(lengths.iter().sum::<usize>(), range.len(), "chunk {index}");
+            assert!(lengths.iter().rev().skip(1).all(|&l| l == SEGMENT_FLOATS), "only the last segment is short: {lengths:?}");
+            assert_eq!(chunk_slots[0].as_ref().unwrap()[0], range.start as f32, "chunk {index} starts at its range");
+        }
+        // Fewer elements than ranks: the empty chunks have no segments.
+        let mut small = vec![1.0f32; 2];
+        let counts: Vec<usize> = segments(&mut small, 4).iter().map(Vec::len).collect();
+        assert_eq!(counts, [1, 1, 0, 0]);
     }
 
     #[test]
