@@ -3,6 +3,7 @@
 //! only convert messages and call in here.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -197,6 +198,28 @@ pub struct SweepView {
 struct Inner {
     scheduler: Scheduler,
     store: Store,
+    /// Each sweep's latest planned stage, so that a task's end is checked against its stage
+    /// without reading the sweep's task rows.
+    stages: HashMap<String, LatestStage>,
+}
+
+/// A sweep's latest planned stage.
+#[derive(Debug, Clone, PartialEq)]
+struct LatestStage {
+    /// Its name.
+    name: String,
+    /// The orders of its tasks: a stage's tasks are planned together and numbered on
+    /// contiguously.
+    orders: Range<u64>,
+}
+
+impl LatestStage {
+    /// The stage `tasks` (planned together, in order) make up.
+    fn of(tasks: &[StoredTask]) -> Option<Self> {
+        let first = tasks.first()?;
+        let last = tasks.last()?;
+        Some(Self { name: first.spec.stage.clone(), orders: first.entry.order..last.entry.order + 1 })
+    }
 }
 
 /// The members of one gang attempt announcing their collective addresses.
@@ -237,6 +260,22 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// Each sweep's latest stage from every stored task (in scheduling order): the tasks that
+/// share the last task's stage.
+fn latest_stages(tasks: &[StoredTask]) -> HashMap<String, LatestStage> {
+    let mut latest: HashMap<String, LatestStage> = HashMap::new();
+    for task in tasks {
+        let order = task.entry.order;
+        match latest.get_mut(&task.entry.sweep_id) {
+            Some(stage) if stage.name == task.spec.stage => stage.orders.end = order + 1,
+            _ => {
+                latest.insert(task.entry.sweep_id.clone(), LatestStage { name: task.spec.stage.clone(), orders: order..order + 1 });
+            }
+        }
+    }
+    latest
+}
+
 /// Task rows for newly planned trials, numbered on from `first_index` within the sweep.
 fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<TrialSpec>) -> Vec<StoredTask> {
     trials
@@ -269,13 +308,15 @@ impl Core {
             .map_err(|e| CoreError::Io(format!("{}: {e}", config.data_dir.display())))?;
         let store = Store::open(&config.data_dir.join("state.db"))?;
         let mut scheduler = Scheduler::new(config.timeouts);
-        for task in store.tasks(None)? {
+        let tasks = store.tasks(None)?;
+        let stages = latest_stages(&tasks);
+        for task in tasks {
             scheduler.insert(task.entry, 0);
         }
         Ok(Self {
             limits: config.limits,
             metrics: CoordinatorMetrics::new(),
-            inner: Mutex::new(Inner { scheduler, store }),
+            inner: Mutex::new(Inner { scheduler, store, stages }),
             blobs: BlobStore::new(config.data_dir.join("blobs")),
             work_available: Notify::new(),
             gatherings: Mutex::new(HashMap::new()),
@@ -357,15 +398,21 @@ impl Core {
         let seq = inner.store.next_sweep_seq()?;
         let sweep_id = format!("s{seq}-{}", random_hex(3));
         let tasks = new_tasks(&sweep_id, seq, 0, trials);
-        let planned = tasks.iter().map(|t| (t.entry.id.clone(), t.spec.clone())).collect();
         let stages = plan::describe_stages(&sweep);
         if dry_run {
+            let planned = tasks.into_iter().map(|t| (t.entry.id, t.spec)).collect();
             return Ok(Submitted { sweep_id: None, planned, stages });
         }
         let record = SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
         inner.store.insert_sweep(&record, &tasks)?;
+        if let Some(stage) = LatestStage::of(&tasks) {
+            inner.stages.insert(sweep_id.clone(), stage);
+        }
         let now = self.now();
+        // The specs move into the answer rather than being copied: a sweep may hold 100,000.
+        let mut planned = Vec::with_capacity(tasks.len());
         for task in tasks {
+            planned.push((task.entry.id.clone(), task.spec));
             inner.scheduler.insert(task.entry, now);
         }
         drop(inner);
@@ -375,7 +422,7 @@ impl Core {
     }
 
     fn persist(&self, inner: &mut Inner, changed: &[String]) -> Result<(), CoreError> {
-        let Inner { scheduler, store } = inner;
+        let Inner { scheduler, store, .. } = inner;
         store.save_tasks(changed.iter().filter_map(|id| scheduler.task(id)))?;
         Ok(())
     }
@@ -400,32 +447,37 @@ impl Core {
 
     /// Plans and queues the sweep's next stage if its current one has ended.
     fn advance(&self, inner: &mut Inner, sweep_id: &str) -> Result<bool, CoreError> {
+        // Most trials end while others of their stage still run: settle that in memory, before
+        // reading the sweep's rows (plan::next_stage would answer Wait all the same).
+        let latest = inner.stages.get(sweep_id).cloned();
+        if latest.as_ref().is_some_and(|stage| inner.scheduler.any_unfinished(stage.orders.clone())) {
+            return Ok(false);
+        }
         let Some(record) = inner.store.sweep(sweep_id)? else {
             return Ok(false);
         };
         if record.cancelled {
             return Ok(false);
         }
-        let stored = inner.store.tasks(Some(sweep_id))?;
-        // Most trials end while others of their stage still run: settle that from the task rows
-        // alone, before reading every trial's metrics and checkpoints (plan::next_stage would
-        // answer Wait all the same).
-        let current_stage = stored.last().map(|t| t.spec.stage.as_str()).unwrap_or_default();
-        if stored.iter().any(|t| t.spec.stage == current_stage && !t.entry.state.is_terminal()) {
-            return Ok(false);
-        }
         let sweep = SweepFile::parse(&record.source, &record.name)
             .map_err(|e| CoreError::Io(format!("stored sweep {sweep_id} no longer parses: {e}")))?;
-        let mut facts = Vec::with_capacity(stored.len());
-        for task in &stored {
-            let min_val_mse = inner.store.min_metric(&task.entry.id, "val_mse")?;
-            let final_checkpoint = inner.store.checkpoints(&task.entry.id)?.into_iter().rev().find(|c| c.is_final).map(|c| c.blob);
-            facts.push((task.entry.state, min_val_mse, final_checkpoint));
+        // The sweep ends with a stage that has no successor, whatever its outcomes: no need to
+        // read them (a stage may hold 100,000 trials).
+        if latest.is_some_and(|stage| !plan::has_next_stage(&sweep, &stage.name)) {
+            return Ok(false);
         }
+        let stored = inner.store.tasks(Some(sweep_id))?;
+        // Two queries for the whole sweep, not two per trial.
+        let mut min_val_mse = inner.store.min_metric_by_task(sweep_id, "val_mse")?;
+        let mut final_checkpoints = inner.store.final_checkpoints(sweep_id)?;
         let outcomes: Vec<plan::Outcome<'_>> = stored
             .iter()
-            .zip(facts)
-            .map(|(task, (state, min_val_mse, final_checkpoint))| plan::Outcome { spec: &task.spec, state, min_val_mse, final_checkpoint })
+            .map(|task| plan::Outcome {
+                spec: &task.spec,
+                state: task.entry.state,
+                min_val_mse: min_val_mse.remove(&task.entry.id),
+                final_checkpoint: final_checkpoints.remove(&task.entry.id),
+            })
             .collect();
         let plan::Next::Start(trials) = plan::next_stage(&sweep, &outcomes) else {
             return Ok(false);
@@ -433,6 +485,9 @@ impl Core {
         let stage = trials.first().map(|t| t.stage.clone()).unwrap_or_default();
         let tasks = new_tasks(sweep_id, record.seq, stored.len(), trials);
         inner.store.insert_tasks(&tasks)?;
+        if let Some(stage) = LatestStage::of(&tasks) {
+            inner.stages.insert(sweep_id.to_string(), stage);
+        }
         let now = self.now();
         for task in tasks {
             inner.scheduler.insert(task.entry, now);
@@ -484,21 +539,17 @@ impl Core {
             return Ok(None);
         };
         self.persist(&mut inner, std::slice::from_ref(&lease.task_id))?;
-        let stored = inner.store.task(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
+        let sweep_id = inner.scheduler.task(&lease.task_id).map(|t| t.sweep_id.clone()).expect("a leased task exists");
+        let spec = inner.store.spec_json(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
         let resume_from = match lease.attempt {
             1 => None,
             _ => inner.store.latest_checkpoint(&lease.task_id)?.map(|c| c.blob),
         };
+        // The lease is committed: parsing the spec needs no lock.
+        drop(inner);
+        let spec = Store::parse_spec(&spec)?;
         tracing::info!(task = %lease.task_id, worker = %worker_id, attempt = lease.attempt, resume = resume_from.is_some(), "task leased");
-        Ok(Some(Dispatch {
-            task_id: lease.task_id,
-            sweep_id: stored.entry.sweep_id,
-            attempt: lease.attempt,
-            rank: lease.rank,
-            world: lease.world,
-            spec: stored.spec,
-            resume_from,
-        }))
+        Ok(Some(Dispatch { task_id: lease.task_id, sweep_id, attempt: lease.attempt, rank: lease.rank, world: lease.world, spec, resume_from }))
     }
 
     /// Records a gang member's collective address and waits up to `wait` for the others; returns
@@ -748,5 +799,93 @@ impl Core {
             tasks.push(TaskView { task, epochs, checkpoints, artifacts });
         }
         Ok(SweepView { summary, tasks })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const SWEEP: &str = r#"
+name = "stages"
+[dataset]
+format = "idx"
+path = "data"
+[model]
+kind = "dae"
+[cv]
+folds = 2
+epochs = 1
+batch_size = 16
+[cv.grid]
+lr = [1e-3, 1e-4]
+[final]
+epochs = 1
+"#;
+
+    pub(crate) fn idx_file(magic: u32, dims: &[u32]) -> Vec<u8> {
+        let items: u32 = dims.iter().product();
+        let mut bytes: Vec<u8> = std::iter::once(magic).chain(dims.iter().copied()).flat_map(u32::to_be_bytes).collect();
+        bytes.resize(bytes.len() + items as usize, 0);
+        bytes
+    }
+
+    /// Opens a core on `dir`, storing a 64-image IDX dataset in its blob store.
+    pub(crate) fn open_with_dataset(dir: &std::path::Path) -> (Core, Vec<(String, BlobRef)>) {
+        let config = CoreConfig { data_dir: dir.to_path_buf(), timeouts: Timeouts::default(), limits: Limits::default() };
+        let core = Core::open(&config).unwrap();
+        let mut files = Vec::new();
+        for (name, bytes) in [
+            ("train-images-idx3-ubyte", idx_file(0x803, &[64, 28, 28])),
+            ("train-labels-idx1-ubyte", idx_file(0x801, &[64])),
+            ("t10k-images-idx3-ubyte", idx_file(0x803, &[16, 28, 28])),
+            ("t10k-labels-idx1-ubyte", idx_file(0x801, &[16])),
+        ] {
+            let sha256 = format!("{:064x}", files.len() + 1);
+            let path = core.blobs().path(&sha256).unwrap();
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+            files.push((name.to_string(), BlobRef { sha256, size: bytes.len() as u64 }));
+        }
+        (core, files)
+    }
+
+    /// Leases the next task to `worker`, reports a validation error, and completes it.
+    async fn run_one(core: &Core, worker: &str, val_mse: f64) -> String {
+        let dispatch = core.acquire(worker, Duration::ZERO).await.unwrap().expect("a task is queued");
+        let epoch = EpochRecord { epoch: 1, attempt: dispatch.attempt, values: vec![("val_mse".into(), val_mse)], seconds: 0.1, samples: 48 };
+        core.report_metrics(worker, &dispatch.task_id, dispatch.attempt, &[epoch]).unwrap();
+        core.complete(worker, &dispatch.task_id, dispatch.attempt).unwrap();
+        dispatch.spec.name
+    }
+
+    fn stages_of(core: &Core, sweep_id: &str) -> Vec<String> {
+        core.sweep(sweep_id).unwrap().tasks.into_iter().map(|t| t.task.spec.stage).collect()
+    }
+
+    /// The next stage is planned once, when the last trial of the current one ends, also when
+    /// the coordinator restarted in the middle of the stage.
+    #[tokio::test]
+    async fn the_next_stage_starts_once_after_the_last_trial_of_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let sweep_id = core.submit(SWEEP, "stages.toml", files, false).unwrap().sweep_id.unwrap();
+        let (worker, _) = core.register("w", &[]).unwrap();
+        for val_mse in [0.5, 0.4, 0.3] {
+            run_one(&core, &worker, val_mse).await;
+            assert_eq!(stages_of(&core, &sweep_id), ["cv"; 4], "final waits for every cv trial");
+        }
+        drop(core);
+
+        let (core, _) = open_with_dataset(dir.path());
+        let (worker, _) = core.register("w", &[]).unwrap();
+        assert_eq!(run_one(&core, &worker, 0.2).await, "cv/c1/f1");
+        assert_eq!(stages_of(&core, &sweep_id), ["cv", "cv", "cv", "cv", "final"]);
+        let view = core.sweep(&sweep_id).unwrap();
+        assert_eq!(view.tasks[4].task.spec.config.lr, 1e-4, "the config with the lower mean wins");
+        assert_eq!(run_one(&core, &worker, 0.1).await, "final");
+        let view = core.sweep(&sweep_id).unwrap();
+        assert_eq!(view.tasks.len(), 5, "no stage after final");
+        assert_eq!(view.summary.state, SweepState::Succeeded);
     }
 }

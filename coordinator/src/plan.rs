@@ -94,12 +94,22 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
     trials
 }
 
+/// The gang of the stages `[distributed]` applies to (the WGAN-GP's training, the autoencoder's
+/// `final` and `finetune`): replicas and collective backend; one replica without it.
+fn gang(sweep: &SweepFile) -> (u32, String) {
+    match &sweep.distributed {
+        Some(distributed) => (distributed.replicas, distributed.backend.clone()),
+        None => (1, "auto".to_string()),
+    }
+}
+
 fn hyper_of(config: &TrainingConfig) -> Hyper {
     Hyper { lr: config.lr, weight_decay: config.weight_decay, batch_size: config.batch_size, noise_std: config.noise_std, latent: config.latent }
 }
 
 fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: String) -> TrialSpec {
     let stage = sweep.final_stage.as_ref().expect("caller checked");
+    let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
         stage: stages::FINAL.into(),
         name: "final".into(),
@@ -111,8 +121,8 @@ fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: St
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
         init_from: None,
-        replicas: 1,
-        collective_backend: String::new(),
+        replicas,
+        collective_backend,
     }
 }
 
@@ -129,6 +139,7 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
     };
     let mut config = dae_config(sweep, &hyper, stage.epochs);
     config.lr_encoder = stage.lr_encoder;
+    let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
         stage: stages::FINETUNE.into(),
         name: "finetune".into(),
@@ -140,8 +151,8 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
         init_from: Some(pretrained),
-        replicas: 1,
-        collective_backend: String::new(),
+        replicas,
+        collective_backend,
     }
 }
 
@@ -156,6 +167,7 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         sample_every: train.sample_every,
         sample_count: train.sample_count,
     };
+    let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
         stage: stages::TRAIN.into(),
         name: "train".into(),
@@ -178,15 +190,15 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         checkpoint_every: train.checkpoint_every,
         max_attempts: train.max_attempts,
         init_from: None,
-        replicas: sweep.distributed.as_ref().map_or(1, |d| d.replicas),
-        collective_backend: sweep.distributed.as_ref().map_or_else(|| "auto".to_string(), |d| d.backend.clone()),
+        replicas,
+        collective_backend,
     }
 }
 
 /// A stage as `submit --dry-run` describes it: name, trial count, what it does.
 pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
+    let (replicas, _) = gang(sweep);
     if let Some(train) = &sweep.train {
-        let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas);
         let what = format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
         return vec![(stages::TRAIN.into(), 1, what)];
     }
@@ -199,10 +211,10 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     }
     if let Some(stage) = &sweep.final_stage {
         let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the given hyperparameters" };
-        described.push((stages::FINAL.into(), 1, format!("autoencoder on the whole training set with {source}, {} epochs", stage.epochs)));
+        described.push((stages::FINAL.into(), 1, format!("autoencoder on the whole training set with {source}, {} epochs, {replicas} replica(s)", stage.epochs)));
     }
     if let Some(stage) = &sweep.finetune {
-        described.push((stages::FINETUNE.into(), 1, format!("classifier from the final autoencoder's encoder, {} epochs", stage.epochs)));
+        described.push((stages::FINETUNE.into(), 1, format!("classifier from the final autoencoder's encoder, {} epochs, {replicas} replica(s)", stage.epochs)));
     }
     described
 }
@@ -231,6 +243,16 @@ pub enum Next {
     Done,
 }
 
+/// Whether `stage` is followed by another stage in this sweep (`final` after `cv`, `finetune`
+/// after `final`). When it is not, the sweep ends with it whatever its trials' outcomes.
+pub fn has_next_stage(sweep: &SweepFile, stage: &str) -> bool {
+    match stage {
+        stages::CV => sweep.final_stage.is_some(),
+        stages::FINAL => sweep.finetune.is_some(),
+        _ => false,
+    }
+}
+
 /// Decides the next stage from the sweep's trials so far (in plan order).
 pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
     let Some(last) = outcomes.last() else {
@@ -241,9 +263,12 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
     if in_stage.iter().any(|o| !o.state.is_terminal()) {
         return Next::Wait;
     }
+    if !has_next_stage(sweep, current) {
+        return Next::Done;
+    }
     let dataset = last.spec.dataset.clone();
     match current {
-        stages::CV if sweep.final_stage.is_some() => {
+        stages::CV => {
             let folds: Vec<FoldResult> = in_stage
                 .iter()
                 .filter_map(|o| {
@@ -259,7 +284,7 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
             let config = &in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec.config;
             Next::Start(vec![final_trial(sweep, dataset, &hyper_of(config), winner.config.clone())])
         }
-        stages::FINAL if sweep.finetune.is_some() => match (&last.state, &last.final_checkpoint) {
+        stages::FINAL => match (&last.state, &last.final_checkpoint) {
             (TaskState::Succeeded, Some(checkpoint)) => Next::Start(vec![finetune_trial(sweep, dataset, last.spec, checkpoint.clone())]),
             _ => Next::Done,
         },
@@ -323,6 +348,38 @@ mod tests {
         assert_eq!((finetune[0].config.lr, finetune[0].config.lr_encoder, finetune[0].config.weight_decay), (1e-3, 1e-4, 1e-5));
         outcomes.push(outcome(&finetune[0], TaskState::Succeeded, None, None));
         assert_eq!(next_stage(&sweep, &outcomes), Next::Done);
+    }
+
+    #[test]
+    fn distributed_makes_final_and_finetune_gangs_and_leaves_cv_alone() {
+        let sweep = SweepFile::parse(&format!("{SEED}[distributed]\nreplicas = 2\nbackend = \"ring\"\n"), "s").unwrap();
+        let cv = initial(&sweep, dataset());
+        assert!(cv.iter().all(|t| t.replicas == 1), "cross-validation trials stay single-replica");
+        let outcomes: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Succeeded, Some(0.01), None)).collect();
+        let Next::Start(finals) = next_stage(&sweep, &outcomes) else { panic!("final expected") };
+        assert_eq!((finals[0].replicas, finals[0].collective_backend.as_str()), (2, "ring"));
+        let blob = BlobRef { sha256: "cd".repeat(32), size: 10 };
+        let finetune = finetune_trial(&sweep, dataset(), &finals[0], blob);
+        assert_eq!((finetune.replicas, finetune.collective_backend.as_str()), (2, "ring"));
+        let described = describe_stages(&sweep);
+        assert!(described[0].2.ends_with("epochs each; winner: lowest mean of per-fold minimum validation MSE"), "{described:?}");
+        assert!(described[1].2.ends_with("40 epochs, 2 replica(s)") && described[2].2.ends_with("10 epochs, 2 replica(s)"), "{described:?}");
+
+        let plain = SweepFile::parse(SEED, "s").unwrap();
+        let final_spec = final_trial(&plain, dataset(), &hyper_of(&finals[0].config), "x".into());
+        assert_eq!((final_spec.replicas, final_spec.collective_backend.as_str()), (1, "auto"));
+        assert!(describe_stages(&plain)[1].2.ends_with("40 epochs, 1 replica(s)"));
+    }
+
+    #[test]
+    fn only_a_configured_stage_follows_another() {
+        let seed = SweepFile::parse(SEED, "s").unwrap();
+        assert!(has_next_stage(&seed, stages::CV) && has_next_stage(&seed, stages::FINAL));
+        assert!(!has_next_stage(&seed, stages::FINETUNE));
+        let cv_only = SweepFile::parse(GOOD, "g").unwrap();
+        assert!(cv_only.final_stage.is_none(), "GOOD has [cv] alone");
+        assert!(!has_next_stage(&cv_only, stages::CV));
+        assert!(!has_next_stage(&SweepFile::parse(GAN, "w").unwrap(), stages::TRAIN));
     }
 
     #[test]

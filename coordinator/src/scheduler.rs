@@ -11,6 +11,7 @@
 //! passed over until enough workers exist, so it blocks nobody meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
 
 use crate::domain::{FailureKind, TaskState};
 
@@ -135,7 +136,11 @@ struct Collecting {
 #[derive(Debug)]
 pub struct Scheduler {
     tasks: HashMap<String, TaskEntry>,
+    /// Queued tasks by order: the FIFO.
     queue: BTreeSet<(u64, String)>,
+    /// Running tasks by order, so that lease expiry and stage checks visit only these, never
+    /// every task ever planned.
+    running: BTreeSet<(u64, String)>,
     workers: BTreeMap<String, WorkerEntry>,
     collecting: Option<Collecting>,
     /// Leases of a started gang waiting for their workers' next acquire call.
@@ -149,6 +154,7 @@ impl Scheduler {
         Self {
             tasks: HashMap::new(),
             queue: BTreeSet::new(),
+            running: BTreeSet::new(),
             workers: BTreeMap::new(),
             collecting: None,
             pending: HashMap::new(),
@@ -165,6 +171,7 @@ impl Scheduler {
         }
         if task.state == TaskState::Running {
             task.leases = vec![now + self.timeouts.lease_ms; task.members.len()];
+            self.running.insert((task.order, task.id.clone()));
         }
         self.tasks.insert(task.id.clone(), task);
     }
@@ -177,6 +184,13 @@ impl Scheduler {
     /// Number of queued tasks.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether a task whose order lies in `orders` is still queued or running (a sweep's stage
+    /// is a contiguous range of orders). Looks at no other task.
+    pub fn any_unfinished(&self, orders: Range<u64>) -> bool {
+        let range = (orders.start, String::new())..(orders.end, String::new());
+        self.queue.range(range.clone()).next().is_some() || self.running.range(range).next().is_some()
     }
 
     /// Registered workers: (id, name, last seen).
@@ -194,9 +208,10 @@ impl Scheduler {
         let mut changed = Vec::new();
         // Leases this id holds but no longer claims were lost with the worker's old process.
         let lost: Vec<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running && t.active_rank_of(worker_id).is_some())
+            .running
+            .iter()
+            .map(|(_, id)| &self.tasks[id])
+            .filter(|t| t.active_rank_of(worker_id).is_some())
             .filter(|t| !running.iter().any(|l| l.task_id == t.id && l.attempt == t.attempt))
             .map(|t| t.id.clone())
             .collect();
@@ -283,6 +298,7 @@ impl Scheduler {
     fn start(&mut self, task_id: &str, members: Vec<String>, caller: &str, now: Millis) -> Lease {
         let task = self.tasks.get_mut(task_id).expect("queued task exists");
         self.queue.remove(&(task.order, task.id.clone()));
+        self.running.insert((task.order, task.id.clone()));
         task.state = TaskState::Running;
         task.attempt += 1;
         task.leases = vec![now + self.timeouts.lease_ms; members.len()];
@@ -330,6 +346,7 @@ impl Scheduler {
         task.state = TaskState::Succeeded;
         task.leases.clear();
         task.error = None;
+        self.running.remove(&(task.order, task.id.clone()));
         self.drop_pending(task_id);
         Ok(())
     }
@@ -350,6 +367,7 @@ impl Scheduler {
         let task = self.tasks.get_mut(task_id).expect("caller checked");
         task.leases.clear();
         task.error = Some(error.to_string());
+        self.running.remove(&(task.order, task.id.clone()));
         if kind == FailureKind::User || task.attempt >= task.max_attempts {
             task.state = TaskState::Failed;
             return Retry::GaveUp;
@@ -375,9 +393,9 @@ impl Scheduler {
             }
         }
         let lapsed: Vec<(String, String)> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running)
+            .running
+            .iter()
+            .map(|(_, id)| &self.tasks[id])
             .filter_map(|t| t.leases.iter().position(|&e| e <= now).map(|rank| (t.id.clone(), t.members[rank].clone())))
             .collect();
         lapsed
@@ -408,9 +426,9 @@ impl Scheduler {
 
     /// The task each worker still works on.
     pub fn leases_by_worker(&self) -> HashMap<String, String> {
-        self.tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running)
+        self.running
+            .iter()
+            .map(|(_, id)| &self.tasks[id])
             .flat_map(|t| t.members.iter().filter(|w| t.active_rank_of(w).is_some()).map(|w| (w.clone(), t.id.clone())))
             .collect()
     }
@@ -420,6 +438,7 @@ impl Scheduler {
         let mut changed = Vec::new();
         for task in self.tasks.values_mut().filter(|t| t.sweep_id == sweep_id && !t.state.is_terminal()) {
             self.queue.remove(&(task.order, task.id.clone()));
+            self.running.remove(&(task.order, task.id.clone()));
             task.state = TaskState::Cancelled;
             task.leases.clear();
             changed.push(task.id.clone());
@@ -439,6 +458,17 @@ fn holds(task: &TaskEntry, worker_id: &str, attempt: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Scheduler {
+        /// The queue and the running index hold exactly the queued and the running tasks.
+        fn assert_indexes_agree(&self) {
+            let with_state = |state: TaskState| -> BTreeSet<(u64, String)> {
+                self.tasks.values().filter(|t| t.state == state).map(|t| (t.order, t.id.clone())).collect()
+            };
+            assert_eq!(self.queue, with_state(TaskState::Queued), "the queue holds exactly the queued tasks");
+            assert_eq!(self.running, with_state(TaskState::Running), "the running index holds exactly the running tasks");
+        }
+    }
 
     fn task(id: &str, order: u64) -> TaskEntry {
         TaskEntry::queued(id.into(), "s".into(), order, 3, 1)
@@ -530,7 +560,34 @@ mod tests {
         let (abandon, changed) = restarted.register("new-id", "one", 10, &[lease, stale]);
         assert_eq!(abandon, vec!["gone".to_string()]);
         assert_eq!(changed, vec!["a".to_string()]);
+        restarted.assert_indexes_agree();
         restarted.complete("new-id", "a", 1, 20).unwrap();
+        restarted.assert_indexes_agree();
+    }
+
+    #[test]
+    fn a_range_is_unfinished_while_one_of_its_tasks_is_queued_or_running() {
+        let mut s = scheduler(&["a", "b", "c"]);
+        assert!(s.any_unfinished(0..2));
+        assert_eq!(s.acquire("w1", 0).unwrap().unwrap().task_id, "a");
+        assert_eq!(s.acquire("w2", 0).unwrap().unwrap().task_id, "b");
+        s.complete("w1", "a", 1, 1).unwrap();
+        assert!(s.any_unfinished(0..2), "b still runs");
+        s.complete("w2", "b", 1, 1).unwrap();
+        assert!(!s.any_unfinished(0..2));
+        assert!(s.any_unfinished(2..3), "c is queued");
+        s.acquire("w1", 2).unwrap();
+        assert_eq!(s.fail("w1", "c", 1, FailureKind::Infrastructure, "x", 2).unwrap(), Retry::Requeued);
+        assert!(s.any_unfinished(2..3), "c is queued again");
+        s.assert_indexes_agree();
+        s.acquire("w1", 3).unwrap();
+        s.cancel_sweep("s");
+        assert!(!s.any_unfinished(0..3));
+        s.assert_indexes_agree();
+        s.retry_sweep("s", |_| 1);
+        assert!(s.any_unfinished(2..3));
+        assert!(!s.any_unfinished(0..2));
+        s.assert_indexes_agree();
     }
 
     #[test]
@@ -719,6 +776,7 @@ mod tests {
                     }
                 }
                 assert!(by_worker.values().all(|&n| n <= 1), "seed {seed}: a worker holds two leases");
+                s.assert_indexes_agree();
             }
             assert!(successes.values().all(|&n| n == 1), "seed {seed}: {successes:?}");
             let queued_count = s.tasks.values().filter(|t| t.state == TaskState::Queued).count();

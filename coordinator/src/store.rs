@@ -3,6 +3,7 @@
 //! Every call commits before it returns, so whatever the coordinator acknowledged survives a
 //! `kill -9`. Trial specs are stored as JSON of the domain types.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -185,12 +186,19 @@ impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
+        // One process owns the file: an exclusive lock, taken before WAL mode is entered, spares
+        // every transaction the shared-memory and file locks that coordinate other processes
+        // (a tenth of a dispatch's CPU), and makes a second coordinator on the same data dir
+        // fail at start ("database is locked") instead of scheduling the same tasks twice.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives the process being killed; FULL would also
         // survive power loss at the cost of an fsync per commit.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // Room for every statement this file prepares, so none is parsed again per call.
+        conn.set_prepared_statement_cache_capacity(32);
         Ok(Self { conn })
     }
 
@@ -228,7 +236,7 @@ impl Store {
 
     fn insert_task_rows(tx: &rusqlite::Transaction<'_>, tasks: &[StoredTask]) -> Result<(), StoreError> {
         {
-            let mut insert = tx.prepare(
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
@@ -257,7 +265,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut update =
-                tx.prepare("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6 WHERE id = ?1")?;
+                tx.prepare_cached("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6 WHERE id = ?1")?;
             for e in entries {
                 update.execute(params![e.id, e.state.as_str(), e.attempt, members_json(&e.members)?, e.error, e.max_attempts])?;
             }
@@ -276,7 +284,7 @@ impl Store {
     pub fn record_metrics(&mut self, task_id: &str, epochs: &[EpochRecord]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut upsert = tx.prepare(
+            let mut upsert = tx.prepare_cached(
                 "INSERT OR REPLACE INTO metrics (task_id, epoch, attempt, vals, seconds, samples) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for e in epochs {
@@ -345,9 +353,37 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The smallest value of metric `name` over a task's epochs.
-    pub fn min_metric(&self, task_id: &str, name: &str) -> Result<Option<f64>, StoreError> {
-        Ok(self.metrics(task_id)?.iter().filter_map(|e| e.values.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).reduce(f64::min))
+    /// The smallest value of metric `name` over each task's epochs, for every task of a sweep
+    /// that reported it.
+    pub fn min_metric_by_task(&self, sweep_id: &str, name: &str) -> Result<HashMap<String, f64>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT m.task_id, m.vals FROM metrics m JOIN tasks t ON t.id = m.task_id WHERE t.sweep_id = ?1",
+        )?;
+        let rows = query.query_map(params![sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut minima: HashMap<String, f64> = HashMap::new();
+        for row in rows {
+            let (task_id, values) = row?;
+            let values: Vec<(String, f64)> = serde_json::from_str(&values).map_err(|e| corrupt("metrics", e))?;
+            let Some(value) = values.into_iter().find(|(key, _)| key == name).map(|(_, value)| value) else {
+                continue;
+            };
+            minima.entry(task_id).and_modify(|least| *least = least.min(value)).or_insert(value);
+        }
+        Ok(minima)
+    }
+
+    /// Each task's final checkpoint (the highest epoch marked final), for every task of a sweep
+    /// that has one.
+    pub fn final_checkpoints(&self, sweep_id: &str) -> Result<HashMap<String, BlobRef>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT c.task_id, c.sha256, c.size FROM checkpoints c JOIN tasks t ON t.id = c.task_id
+             WHERE t.sweep_id = ?1 AND c.is_final ORDER BY c.task_id, c.epoch",
+        )?;
+        let rows = query.query_map(params![sweep_id], |r| {
+            Ok((r.get::<_, String>(0)?, BlobRef { sha256: r.get(1)?, size: r.get::<_, i64>(2)? as u64 }))
+        })?;
+        // In epoch order, so the last row of each task wins.
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The newest checkpoint of a task (highest epoch), to resume from.
@@ -357,7 +393,7 @@ impl Store {
 
     /// A task's checkpoints, oldest first.
     pub fn checkpoints(&self, task_id: &str) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let mut query = self.conn.prepare(
+        let mut query = self.conn.prepare_cached(
             "SELECT epoch, attempt, sha256, size, is_final FROM checkpoints WHERE task_id = ?1 ORDER BY epoch",
         )?;
         let rows = query.query_map(params![task_id], |r| {
@@ -375,7 +411,7 @@ impl Store {
     /// A task's epochs, in order.
     pub fn metrics(&self, task_id: &str) -> Result<Vec<EpochRecord>, StoreError> {
         let mut query =
-            self.conn.prepare("SELECT epoch, attempt, vals, seconds, samples FROM metrics WHERE task_id = ?1 ORDER BY epoch")?;
+            self.conn.prepare_cached("SELECT epoch, attempt, vals, seconds, samples FROM metrics WHERE task_id = ?1 ORDER BY epoch")?;
         let rows = query.query_map(params![task_id], |r| {
             Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, f64>(3)?, r.get::<_, i64>(4)?))
         })?;
@@ -390,7 +426,7 @@ impl Store {
 
     /// All sweeps, oldest first.
     pub fn sweeps(&self) -> Result<Vec<SweepRecord>, StoreError> {
-        let mut query = self.conn.prepare("SELECT id, seq, name, source, created_ms, cancelled FROM sweeps ORDER BY seq")?;
+        let mut query = self.conn.prepare_cached("SELECT id, seq, name, source, created_ms, cancelled FROM sweeps ORDER BY seq")?;
         let rows = query.query_map([], sweep_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -405,12 +441,24 @@ impl Store {
 
     /// Tasks with their specs: all of them, or one sweep's, in scheduling order.
     pub fn tasks(&self, sweep_id: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
-        self.select_tasks("?1 IS NULL OR sweep_id = ?1", sweep_id)
+        match sweep_id {
+            // Two statements: `?1 IS NULL OR sweep_id = ?1` would keep SQLite off the index and
+            // sort the whole table for one sweep.
+            Some(sweep_id) => self.select_tasks("sweep_id = ?1", Some(sweep_id)),
+            None => self.select_tasks("?1 IS NULL", None),
+        }
     }
 
-    /// One task with its spec.
-    pub fn task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError> {
-        Ok(self.select_tasks("id = ?1", Some(task_id))?.pop())
+    /// One task's spec as stored (JSON), without its scheduling fields: what a dispatch reads,
+    /// so that it can be parsed by [`Store::parse_spec`] once the caller released its lock.
+    pub fn spec_json(&self, task_id: &str) -> Result<Option<String>, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT spec FROM tasks WHERE id = ?1")?;
+        Ok(query.query_row(params![task_id], |r| r.get(0)).optional()?)
+    }
+
+    /// Parses a spec read by [`Store::spec_json`].
+    pub fn parse_spec(json: &str) -> Result<TrialSpec, StoreError> {
+        serde_json::from_str(json).map_err(|e| corrupt("trial spec", e))
     }
 
     fn select_tasks(&self, condition: &str, param: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
@@ -434,7 +482,7 @@ impl Store {
         let mut tasks = Vec::new();
         for row in rows {
             let (id, sweep_id, order, spec, state, attempt, max_attempts, gang_size, members, error) = row?;
-            let spec: TrialSpec = serde_json::from_str(&spec).map_err(|e| corrupt("trial spec", e))?;
+            let spec = Self::parse_spec(&spec)?;
             let state = TaskState::parse(&state).ok_or_else(|| corrupt("task state", &state))?;
             let members: Vec<String> = serde_json::from_str(&members).map_err(|e| corrupt("task members", e))?;
             let entry =
@@ -494,6 +542,19 @@ mod tests {
     }
 
     #[test]
+    fn the_file_is_locked_while_a_store_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let refused = other.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get::<_, i64>(0));
+        assert!(refused.is_err(), "a second connection reads nothing while the store is open");
+        drop(store);
+        assert_eq!(other.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+    }
+
+    #[test]
     fn state_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
@@ -523,6 +584,14 @@ mod tests {
         assert_eq!(metrics.len(), 1, "a re-reported epoch replaces the earlier one");
         assert_eq!(metrics[0].values, vec![("val_mse".to_string(), 0.25)]);
         assert_eq!(store.latest_checkpoint("s.t0").unwrap().unwrap().epoch, 1);
+        assert_eq!(store.min_metric_by_task("s", "val_mse").unwrap(), HashMap::from([("s.t0".to_string(), 0.25)]));
+        assert!(store.min_metric_by_task("s", "train_mse").unwrap().is_empty());
+        assert!(store.final_checkpoints("s").unwrap().is_empty(), "epoch 1's checkpoint is not final");
+        for (epoch, byte) in [(3, "cd"), (2, "ef")] {
+            let blob = BlobRef { sha256: byte.repeat(32), size: 3 };
+            store.record_checkpoint(&CheckpointRecord { task_id: "s.t0".into(), epoch, attempt: 1, blob, is_final: true }).unwrap();
+        }
+        assert_eq!(store.final_checkpoints("s").unwrap()["s.t0"].sha256, "cd".repeat(32), "the highest final epoch");
         assert_eq!(store.sweeps().unwrap()[0].source, "src");
     }
 }

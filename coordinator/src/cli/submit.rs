@@ -128,5 +128,9 @@ pub fn print_plan(response: &pb::SubmitSweepResponse) {
             fold
         );
     }
-    println!("{} trials in the first stage; each later stage is planned when the one before it ends", planned.len());
+    let first_stage_trials = response.stages.first().map_or(planned.len(), |stage| stage.trials as usize);
+    if first_stage_trials > planned.len() {
+        println!("… and {} more", first_stage_trials - planned.len());
+    }
+    println!("{first_stage_trials} trials in the first stage; each later stage is planned when the one before it ends");
 }

@@ -10,6 +10,11 @@ use super::{receive_blob, send_blob, status, BlobStream};
 use crate::convert;
 use crate::core::Core;
 
+/// Most trial specs a submission's reply lists (the stage's count covers them all): a
+/// 100,000-trial plan listed in full is 50 MB, beyond any sensible message limit, and the sweep
+/// would be stored while the client reads a failure.
+pub const MAX_LISTED_TRIALS: usize = 1000;
+
 /// The client service over a shared core.
 #[derive(Debug, Clone)]
 pub struct ClientApi {
@@ -35,7 +40,12 @@ impl ClientService for ClientApi {
             .map_err(|e| Status::internal(format!("submit task failed: {e}")))?
             .map_err(status)?;
         let sweep_id = submitted.sweep_id.unwrap_or_default();
-        let planned = submitted.planned.iter().map(|(id, spec)| convert::task_spec(id, &sweep_id, 0, spec, None)).collect();
+        let planned = submitted
+            .planned
+            .into_iter()
+            .take(MAX_LISTED_TRIALS)
+            .map(|(id, spec)| convert::task_spec(&id, &sweep_id, 0, &spec, None))
+            .collect();
         let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
         Ok(Response::new(pb::SubmitSweepResponse { sweep_id, planned, stages }))
     }
@@ -101,5 +111,34 @@ impl ClientService for ClientApi {
             .map(|(worker_id, name, last_seen_secs, task)| pb::WorkerInfo { worker_id, name, last_seen_secs, task_id: task.unwrap_or_default() })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::tests::open_with_dataset;
+
+    /// A plan larger than the listing limit is stored and acknowledged in full: the reply lists
+    /// its first trials and counts them all (it used to list every one and exceed the message
+    /// limit after the sweep was stored).
+    #[tokio::test]
+    async fn large_plans_are_counted_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let configs = MAX_LISTED_TRIALS / 2 + 100;
+        let source = format!(
+            "name = \"large\"\n[dataset]\nformat = \"idx\"\npath = \"data\"\n[model]\nkind = \"dae\"\n\
+             [cv]\nfolds = 2\nepochs = 1\nbatch_size = 16\n[cv.random]\nsamples = {configs}\nlr = {{ min = 1e-4, max = 1e-2, log = true }}\n"
+        );
+        let dataset_files = files.into_iter().map(|(name, blob)| pb::DatasetFile { name, blob: Some(blob.into()) }).collect();
+        let request = pb::SubmitSweepRequest { source, source_name: "large.toml".into(), dataset_files, dry_run: false };
+        let api = ClientApi::new(Arc::new(core));
+        let response = api.submit_sweep(Request::new(request)).await.unwrap().into_inner();
+        assert!(!response.sweep_id.is_empty());
+        assert_eq!(response.planned.len(), MAX_LISTED_TRIALS);
+        assert_eq!(response.stages[0].trials as usize, configs * 2);
+        let stored = api.core.sweep(&response.sweep_id).unwrap().tasks.len();
+        assert_eq!(stored, configs * 2);
     }
 }
