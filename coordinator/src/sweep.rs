@@ -406,7 +406,6 @@ impl SweepFile {
         check.at_least_one(self.model.latent, "model.latent")?;
         check.non_negative(self.noise.std, "noise.std")?;
         check.require(self.train.is_none(), "train", || "[train] belongs to model.kind = \"wgan-gp\"; the autoencoder uses [cv] and [final]".into())?;
-        check.require(self.distributed.is_none(), "distributed", || "data-parallel training is for model.kind = \"wgan-gp\"".into())?;
         check.require(self.cv.is_some() || self.final_stage.is_some(), "cv", || "an autoencoder sweep needs [cv], [final] or both".into())?;
         check.require(self.finetune.is_none() || self.final_stage.is_some(), "finetune", || "[finetune] starts from [final]'s autoencoder: add [final]".into())?;
         if let Some(cv) = &self.cv {
@@ -476,7 +475,45 @@ impl SweepFile {
             check.at_least_one(finetune.batch_size, "finetune.batch_size")?;
             check.at_least_one(finetune.max_attempts, "finetune.max_attempts")?;
         }
+        self.validate_dae_distributed(check)
+    }
+
+    /// `[distributed]` of an autoencoder sweep: it applies to `final` and `finetune` (the
+    /// cross-validation trials run side by side already), so it needs `[final]`, and every batch
+    /// size those stages can get must split evenly over the replicas.
+    fn validate_dae_distributed(&self, check: &Checker<'_>) -> Result<(), SweepError> {
+        let Some(replicas) = self.validate_distributed(check)? else {
+            return Ok(());
+        };
+        check.require(self.final_stage.is_some(), "distributed", || "data-parallel training applies to [final] and [finetune]: add [final]".into())?;
+        // The final training gets the cross-validation winner's batch size: any config's.
+        let (key, final_batches): (&str, Vec<u32>) = match &self.cv {
+            Some(cv) if cv.random.is_some() => ("cv.random.batch_size", self.cv_configs().iter().map(|h| h.batch_size).collect()),
+            Some(_) => ("cv.grid.batch_size", self.cv_configs().iter().map(|h| h.batch_size).collect()),
+            None => ("final.batch_size", vec![self.final_stage.as_ref().and_then(|f| f.batch_size).unwrap_or_else(default_batch_size)]),
+        };
+        for batch in final_batches {
+            check.require(batch % replicas == 0, key, || format!("batch size {batch} of the final training must split evenly over {replicas} replicas"))?;
+        }
+        if let Some(finetune) = &self.finetune {
+            check.require(finetune.batch_size % replicas == 0, "finetune.batch_size", || {
+                format!("{} must split evenly over {replicas} replicas", finetune.batch_size)
+            })?;
+        }
         Ok(())
+    }
+
+    /// Checks `[distributed]` when present; returns its replica count.
+    fn validate_distributed(&self, check: &Checker<'_>) -> Result<Option<u32>, SweepError> {
+        let Some(distributed) = &self.distributed else {
+            return Ok(None);
+        };
+        let replicas = distributed.replicas;
+        check.require((1..=64).contains(&replicas), "distributed.replicas", || format!("{replicas} must be 1 to 64"))?;
+        check.require(matches!(distributed.backend.as_str(), "auto" | "ring" | "nccl"), "distributed.backend", || {
+            format!("{:?} is not a backend (auto, ring, nccl)", distributed.backend)
+        })?;
+        Ok(Some(replicas))
     }
 
     fn validate_gan(&self, check: &Checker<'_>) -> Result<(), SweepError> {
@@ -501,13 +538,7 @@ impl SweepFile {
         check.non_negative(train.gp_lambda, "train.gp_lambda")?;
         check.at_least_one(train.sample_count, "train.sample_count")?;
         check.at_least_one(train.max_attempts, "train.max_attempts")?;
-        let replicas = self.distributed.as_ref().map_or(1, |d| d.replicas);
-        check.require((1..=64).contains(&replicas), "distributed.replicas", || format!("{replicas} must be 1 to 64"))?;
-        if let Some(distributed) = &self.distributed {
-            check.require(matches!(distributed.backend.as_str(), "auto" | "ring" | "nccl"), "distributed.backend", || {
-                format!("{:?} is not a backend (auto, ring, nccl)", distributed.backend)
-            })?;
-        }
+        let replicas = self.validate_distributed(check)?.unwrap_or(1);
         check.require(train.batch_size % replicas == 0, "train.batch_size", || {
             format!("{} must split evenly over {replicas} replicas", train.batch_size)
         })
@@ -689,10 +720,32 @@ epochs = 80
         assert!(err.contains("distributed.replicas: 100 must be 1 to 64"), "{err}");
         let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 3\n", GAN.replace("epochs = 80", "epochs = 80\nbatch_size = 64")), "g").unwrap_err().to_string();
         assert!(err.contains("train.batch_size: 64 must split evenly over 3 replicas"), "{err}");
+        let err = SweepFile::parse(&format!("{GAN}[distributed]\nbackend = \"mpi\"\n"), "g").unwrap_err().to_string();
+        assert!(err.contains("distributed.backend: \"mpi\" is not a backend"), "{err}");
         let err = SweepFile::parse(&GAN.replace("[train]", "[train]\nbeta2 = 1.0"), "g").unwrap_err().to_string();
         assert!(err.contains("train.beta2: 1 must be within [0, 1)"), "{err}");
         let err = SweepFile::parse(&GAN.replace("format = \"nifti\"", "format = \"idx\""), "g").unwrap_err().to_string();
         assert!(err.contains("dataset.format"), "{err}");
+    }
+
+    #[test]
+    fn an_autoencoder_trains_final_and_finetune_data_parallel() {
+        let sweep = SweepFile::parse(&format!("{SEED}[distributed]\nreplicas = 2\n"), "s").unwrap();
+        assert_eq!(sweep.distributed.map(|d| (d.replicas, d.backend)), Some((2, "auto".to_string())));
+        let without_final = SEED.replace("[final]\nepochs = 40\n[finetune]\nepochs = 10\n", "");
+        let err = SweepFile::parse(&format!("{without_final}[distributed]\nreplicas = 2\n"), "s").unwrap_err().to_string();
+        assert!(err.contains("distributed: data-parallel training applies to [final] and [finetune]: add [final]"), "{err}");
+        let err = SweepFile::parse(&format!("{SEED}[distributed]\nreplicas = 3\n"), "s").unwrap_err().to_string();
+        assert!(err.contains("cv.grid.batch_size: batch size 256 of the final training must split evenly over 3 replicas"), "{err}");
+        let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 2\n", SEED.replace("[finetune]\n", "[finetune]\nbatch_size = 33\n")), "s").unwrap_err().to_string();
+        assert!(err.contains("finetune.batch_size: 33 must split evenly over 2 replicas"), "{err}");
+        let random = SEED.replace("[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]", "[cv.random]\nsamples = 8\nbatch_size = { values = [64, 96] }");
+        let err = SweepFile::parse(&format!("{random}[distributed]\nreplicas = 64\n"), "s").unwrap_err().to_string();
+        assert!(err.contains("cv.random.batch_size: batch size 96 of the final training must split evenly over 64 replicas"), "{err}");
+        let final_only = SEED.replace("[cv]\nfolds = 4\nepochs = 20\n[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]\n", "");
+        assert!(SweepFile::parse(&format!("{final_only}[distributed]\nreplicas = 4\n"), "s").is_ok(), "the default batch size 256 splits over 4");
+        let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 4\n", final_only.replace("epochs = 40", "epochs = 40\nbatch_size = 30")), "s").unwrap_err().to_string();
+        assert!(err.contains("final.batch_size: batch size 30 of the final training must split evenly over 4 replicas"), "{err}");
     }
 
     proptest::proptest! {

@@ -82,14 +82,17 @@ def tail(path, lines=20):
 def stage_bound(results, workers):
     """The best training share the sweep's stages allow `workers` workers, and each stage's
     training seconds: every stage's tasks packed perfectly, no overhead at all. A stage with
-    fewer tasks than workers leaves the rest idle; a task is one worker's work."""
+    fewer tasks than workers leaves the rest idle; a task is its members' work (one worker's, or
+    every replica's of a data-parallel gang, for the epoch seconds its leader reports)."""
     by_stage = {}
     for trial in results["trials"]:
         seconds = sum(epoch["seconds"] for epoch in trial["epochs"])
-        by_stage.setdefault(trial["stage"], []).append(seconds)
-    busy = sum(sum(tasks) for tasks in by_stage.values())
-    span = sum(max(sum(tasks) / workers, max(tasks)) for tasks in by_stage.values())
-    return busy / (workers * span), {stage: sum(tasks) for stage, tasks in by_stage.items()}
+        members = len((trial.get("worker") or "-").split(","))
+        by_stage.setdefault(trial["stage"], []).append((seconds, members))
+    busy = sum(seconds * members for tasks in by_stage.values() for seconds, members in tasks)
+    span = sum(max(sum(seconds * members for seconds, members in tasks) / workers, max(seconds for seconds, _ in tasks)) for tasks in by_stage.values())
+    totals = {stage: sum(seconds * members for seconds, members in tasks) for stage, tasks in by_stage.items()}
+    return busy / (workers * span), totals
 
 
 def run_sweep(args, work_dir):
@@ -194,7 +197,7 @@ def main():
     lines += [
         "",
         f"Sweep efficiency (train share of all worker time): **{percent(everything['train'], sum(everything.values()))}** "
-        f"(target ≥ 95 %). Training seconds per stage from the trials' epoch times: {stages}; with those stages packed "
+        f"(target ≥ 95 %). Training worker-seconds per stage from the trials' epoch times (a gang's times its replicas): {stages}; with those stages packed "
         f"perfectly on {args.workers} workers and no overhead at all, the share could reach at most {100 * bound:.1f} %.",
     ]
     if args.worker_arg:

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cohort_coordinator::core::{CoreConfig, Limits};
+use cohort_coordinator::sweep::SweepFile;
 use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::auth::Tokens;
 use cohort_coordinator::server::{BoundServer, Security, DEFAULT_MAX_MESSAGE_BYTES};
@@ -83,6 +84,11 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
         bail!("--workers must be at least 1");
     }
     let sweep = submit::read(&options.file)?;
+    let replicas = SweepFile::parse(&sweep.source, &sweep.source_name)?.distributed.map_or(1, |d| d.replicas) as usize;
+    if replicas > options.workers {
+        // The scheduler would wait for enough workers to gather the gang, for ever.
+        bail!("{}: [distributed] replicas = {replicas} trains on {replicas} workers at once: run with --workers {replicas} or more", sweep.source_name);
+    }
     let worker_bin = worker_binary()?;
     let temp;
     let data_dir = match &options.data_dir {
@@ -128,7 +134,8 @@ async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], dat
     let mut client = connect(&options).await?;
     let response = submit::submit(&mut client, sweep, false).await?;
     let sweep_id = response.sweep_id;
-    eprintln!("submitted sweep {sweep_id}: {} trials", response.planned.len());
+    let first_stage_trials = response.stages.first().map_or(response.planned.len(), |stage| stage.trials as usize);
+    eprintln!("submitted sweep {sweep_id}: {first_stage_trials} trials");
     let mut last_line = String::new();
     loop {
         let current = results::fetch(&mut client, &sweep_id).await?;

@@ -1,33 +1,50 @@
 //! The classifier fine-tune (report §1.5): the final autoencoder's encoder plus a new head,
 //! trained on noisy inputs with a smaller learning rate for the encoder.
+//!
+//! Data parallel when the task comes with a gang, as `dae-final` is (see [`super::dae`]): the
+//! same order and noise on every replica, each training on its rows of the global batch with
+//! share-scaled losses and averaged gradients, evaluation split by rows and summed, rank 0 alone
+//! reporting, checkpointing and emitting.
 
 use std::time::Instant;
 
 use tch::nn::{self, ModuleT};
-use tch::{Kind, Tensor};
+use tch::{Kind, Reduction, Tensor};
 
 use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
+use super::data_parallel::{self, Shard};
 use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint::{self, Loaded};
+use crate::collective::Communicator;
 use crate::data::ImageSet;
 use crate::metrics::Phase;
 use crate::model::classifier::Classifier;
 use crate::optim::{Adam, ParamGroup};
 use crate::task::Task;
 
-/// Test loss and accuracy of the classifier on `noisy` inputs.
-fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor) -> (f64, f64) {
-    tch::no_grad(|| {
-        let log_probs = Tensor::cat(&noisy.split(1024, 0).iter().map(|c| model.forward_t(c, false)).collect::<Vec<_>>(), 0);
-        let loss = log_probs.nll_loss(labels).double_value(&[]);
-        let correct = log_probs.argmax(-1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        (loss, correct)
-    })
+/// Test loss and accuracy of the classifier on `noisy` inputs; with a gang, each replica
+/// evaluates its shard's rows and the sums are taken over the gang.
+fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<(f64, f64), TrainError> {
+    let n = noisy.size()[0];
+    let (start, rows) = shard.rows(n);
+    let (loss_sum, correct) = if rows == 0 {
+        (0.0, 0.0)
+    } else {
+        let (noisy, labels) = (noisy.narrow(0, start, rows), labels.narrow(0, start, rows));
+        tch::no_grad(|| {
+            let log_probs = Tensor::cat(&noisy.split(1024, 0).iter().map(|c| model.forward_t(c, false)).collect::<Vec<_>>(), 0);
+            let loss_sum = log_probs.nll_loss_nd(&labels, None::<Tensor>, Reduction::Sum, -100).double_value(&[]);
+            let correct = log_probs.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+            (loss_sum, correct)
+        })
+    };
+    let totals = data_parallel::sum_over_gang(comm, &[loss_sum, correct])?;
+    Ok((totals[0] / n as f64, totals[1] / n as f64))
 }
 
-/// `classifier`: fine-tune from the `init_from` autoencoder checkpoint; reports `train_loss`,
-/// `test_loss` and `test_accuracy` (noisy test inputs) per epoch, and exports the fine-tuned
-/// encoder's `latents` of the clean test set at the end.
+/// `classifier`: fine-tune from the `init_from` autoencoder checkpoint, alone or as one replica
+/// of a gang; reports (rank 0) `train_loss`, `test_loss` and `test_accuracy` (noisy test inputs)
+/// per epoch, and exports the fine-tuned encoder's `latents` of the clean test set at the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let config = &task.config;
     let data_phase = super::phase(Phase::Data);
@@ -48,6 +65,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         ParamGroup { params: encoder, lr: config.lr_encoder, weight_decay: config.weight_decay },
         ParamGroup { params: head, lr: config.lr, weight_decay: config.weight_decay },
     ];
+    let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.iter().map(|(_, t)| t.shallow_clone())).collect();
     let mut optimizer = Adam::new(groups, BETAS, EPS);
     let checkpoint_phase = super::phase(Phase::Checkpoint);
     let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
@@ -56,27 +74,49 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
     }
     drop(checkpoint_phase);
+    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
+    if let Some(comm) = comm.as_deref_mut() {
+        data_parallel::broadcast_variables(comm, &vars)?;
+    }
+    let leader = shard.rank == 0;
 
     let test_noisy = fixed_noisy(&data.test.images, config);
     for epoch in done_epochs + 1..=config.epochs {
         let started = Instant::now();
         let mut weighted_loss = 0.0;
         for_each_batch(train.len(), config, epoch, train.images.device(), events, |batch| {
+            let global = batch.size()[0];
+            // The whole global batch, so that every replica draws the same noise for every row.
             let noisy = corrupt(&train.images.index_select(0, batch), config.noise_std);
-            let loss = model.forward_t(&noisy, true).nll_loss(&train.labels.index_select(0, batch));
+            let (start, rows) = shard.rows(global);
+            let output = model.forward_t(&noisy.narrow(0, start, rows), true);
+            let mean = output.nll_loss(&train.labels.index_select(0, &batch.narrow(0, start, rows)));
             optimizer.zero_grad();
-            loss.backward();
+            shard.share_of_loss(&mean, &output, rows, global).backward();
+            if let Some(comm) = comm.as_deref_mut() {
+                data_parallel::average_gradients(comm, &params)?;
+            }
             optimizer.step();
-            weighted_loss += loss.double_value(&[]) * batch.size()[0] as f64;
+            if rows > 0 {
+                weighted_loss += mean.double_value(&[]) * rows as f64;
+            }
             Ok(())
         })?;
+        let weighted_loss = data_parallel::sum_over_gang(comm.as_deref_mut(), &[weighted_loss])?[0];
         let train_loss = finite(weighted_loss / train.len() as f64, epoch, "train_loss")?;
-        let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels);
+        let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels, shard, comm.as_deref_mut())?;
+        let test_loss = finite(test_loss, epoch, "test_loss")?;
+        if !leader {
+            if events.draining() {
+                return Err(TrainError::Stopped);
+            }
+            continue;
+        }
         super::report_epoch(events, EpochReport {
             epoch,
             values: vec![
                 ("train_loss".into(), train_loss),
-                ("test_loss".into(), finite(test_loss, epoch, "test_loss")?),
+                ("test_loss".into(), test_loss),
                 ("test_accuracy".into(), test_accuracy),
             ],
             seconds: started.elapsed().as_secs_f64(),
@@ -87,6 +127,9 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             save_checkpoint(task, inputs, &vars, &[&optimizer], epoch, is_final, events)?;
         }
         drain_point(task, inputs, &vars, &[&optimizer], epoch, due.is_some(), events)?;
+    }
+    if !leader {
+        return Ok(());
     }
     if done_epochs >= config.epochs {
         save_checkpoint(task, inputs, &vars, &[&optimizer], config.epochs, true, events)?;

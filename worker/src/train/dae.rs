@@ -1,13 +1,22 @@
 //! The denoising autoencoder recipes (report §1.3–1.4): `dae-fold` for cross-validation and
 //! `dae-final` on the whole training set.
+//!
+//! `dae-final` runs data parallel when the task comes with a gang, computing what one process
+//! would on the global batch: every replica walks the same shuffled order and corrupts the whole
+//! global batch with the same noise (shared seeds), then trains on its rows of it; gradients are
+//! averaged after each backward pass (each replica's mean loss scaled by its share, so an uneven
+//! last batch is exact too); evaluation is split by rows and summed over the gang; only rank 0
+//! reports, checkpoints and emits artifacts.
 
 use std::time::Instant;
 
 use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
+use super::data_parallel::{self, Shard};
 use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint::{self, Loaded};
+use crate::collective::Communicator;
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
 use crate::metrics::Phase;
@@ -42,6 +51,35 @@ pub fn evaluate_mse(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, batch_
     if n == 0 {
         return f64::NAN;
     }
+    squared_error(model, noisy, clean, batch_size) / clean.numel() as f64
+}
+
+/// [`evaluate_mse`] split over a gang: each replica reconstructs its shard's rows, and the
+/// squared errors are summed over the gang.
+pub fn evaluate_mse_sharded(
+    model: &impl ModuleT,
+    noisy: &Tensor,
+    clean: &Tensor,
+    batch_size: usize,
+    shard: Shard,
+    comm: Option<&mut (dyn Communicator + 'static)>,
+) -> Result<f64, TrainError> {
+    let Some(comm) = comm else {
+        return Ok(evaluate_mse(model, noisy, clean, batch_size));
+    };
+    let n = noisy.size()[0];
+    if n == 0 {
+        return Ok(f64::NAN);
+    }
+    let (start, rows) = shard.rows(n);
+    let mine = squared_error(model, &noisy.narrow(0, start, rows), &clean.narrow(0, start, rows), batch_size);
+    let total = data_parallel::sum_over_gang(Some(comm), &[mine])?[0];
+    Ok(total / clean.numel() as f64)
+}
+
+/// Sum of squared errors of the model's reconstruction of `noisy` against `clean`, in batches.
+fn squared_error(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, batch_size: usize) -> f64 {
+    let n = noisy.size()[0];
     let mut total = 0.0;
     tch::no_grad(|| {
         let mut start = 0;
@@ -52,7 +90,7 @@ pub fn evaluate_mse(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, batch_
             start += len;
         }
     });
-    total / clean.numel() as f64
+    total
 }
 
 /// Calls `step(batch_indices)` for each mini-batch of a fresh permutation of `0..n` for `epoch`,
@@ -84,6 +122,8 @@ struct Trainee {
     vars: nn::VarStore,
     model: Dae,
     optimizer: Adam,
+    /// The trainable variables, in the optimizer's (name) order: what the gang averages.
+    params: Vec<Tensor>,
     /// The last epoch already done (0 for a fresh start).
     done_epochs: u32,
 }
@@ -93,30 +133,60 @@ impl Trainee {
         tch::manual_seed(config.seed as i64);
         let mut vars = nn::VarStore::new(inputs.device);
         let model = Dae::new(&vars.root(), config.latent);
-        let group = ParamGroup { params: trainable(&vars), lr: config.lr, weight_decay: config.weight_decay };
+        let named = trainable(&vars);
+        let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let group = ParamGroup { params: named, lr: config.lr, weight_decay: config.weight_decay };
         let mut optimizer = Adam::new(vec![group], BETAS, EPS);
         let done_epochs = {
             let _checkpoint = super::phase(Phase::Checkpoint);
             checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?
         };
-        Ok(Self { vars, model, optimizer, done_epochs })
+        Ok(Self { vars, model, optimizer, params, done_epochs })
     }
 
-    /// One pass over `train` in a fresh order, with fresh noise; returns the mean training MSE.
-    fn train_epoch(&mut self, train: &ImageSet, config: &TrainingConfig, epoch: u32, events: &Events<'_>) -> Result<f64, TrainError> {
+    /// One optimizer step on a global batch (`clean` images and their `noisy` copies), of which
+    /// this replica trains on its shard's rows, with the gang's averaged gradients. Returns this
+    /// replica's sum over its rows of the per-image MSE (its part of the epoch's training loss).
+    fn train_step(&mut self, clean: &Tensor, noisy: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<f64, TrainError> {
+        let global = clean.size()[0];
+        let (start, rows) = shard.rows(global);
+        let clean = clean.narrow(0, start, rows);
+        let output = self.model.forward_t(&noisy.narrow(0, start, rows), true);
+        let mean = output.mse_loss(&clean, Reduction::Mean);
+        self.optimizer.zero_grad();
+        shard.share_of_loss(&mean, &output, rows, global).backward();
+        if let Some(comm) = comm {
+            data_parallel::average_gradients(comm, &self.params)?;
+        }
+        self.optimizer.step();
+        if rows == 0 {
+            return Ok(0.0);
+        }
+        Ok(mean.double_value(&[]) * rows as f64)
+    }
+
+    /// One pass over `train` in a fresh order, with fresh noise; returns the mean training MSE
+    /// (over the whole training set: every replica's rows).
+    fn train_epoch(
+        &mut self,
+        train: &ImageSet,
+        config: &TrainingConfig,
+        epoch: u32,
+        events: &Events<'_>,
+        shard: Shard,
+        mut comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<f64, TrainError> {
         let n = train.len();
         let mut weighted_loss = 0.0;
         for_each_batch(n, config, epoch, train.images.device(), events, |batch| {
             let clean = train.images.index_select(0, batch);
+            // The whole global batch, so that every replica draws the same noise for every row.
             let noisy = corrupt(&clean, config.noise_std);
-            let loss = self.model.forward_t(&noisy, true).mse_loss(&clean, Reduction::Mean);
-            self.optimizer.zero_grad();
-            loss.backward();
-            self.optimizer.step();
-            weighted_loss += loss.double_value(&[]) * clean.size()[0] as f64;
+            weighted_loss += self.train_step(&clean, &noisy, shard, comm.as_deref_mut())?;
             Ok(())
         })?;
-        Ok(weighted_loss / n as f64)
+        let total = data_parallel::sum_over_gang(comm, &[weighted_loss])?[0];
+        Ok(total / n as f64)
     }
 }
 
@@ -139,7 +209,10 @@ fn check_config(config: &TrainingConfig, train_len: usize) -> Result<(), TrainEr
 }
 
 /// Shared loop of both recipes: train each remaining epoch, evaluate on `eval` (noisy, clean)
-/// under `eval_name`, report, checkpoint; `after_epoch` may emit artifacts.
+/// under `eval_name`, report, checkpoint; `after_epoch` may emit artifacts. With a gang
+/// (`inputs.gang`), every replica trains and evaluates its share and rank 0 alone reports,
+/// checkpoints and calls `after_epoch`. Returns the trained autoencoder on rank 0, `None` on
+/// the other replicas.
 fn train_loop(
     task: &Task,
     inputs: &RunInputs<'_>,
@@ -147,15 +220,27 @@ fn train_loop(
     train: &ImageSet,
     eval: (&Tensor, &Tensor, &'static str),
     mut after_epoch: impl FnMut(&Dae, u32, &mut Events<'_>) -> Result<(), TrainError>,
-) -> Result<Trainee, TrainError> {
+) -> Result<Option<Trainee>, TrainError> {
     let config = &task.config;
     check_config(config, train.len())?;
+    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
     let mut trainee = Trainee::new(config, inputs)?;
+    if let Some(comm) = comm.as_deref_mut() {
+        data_parallel::broadcast_variables(comm, &trainee.vars)?;
+    }
+    let leader = shard.rank == 0;
     let (eval_noisy, eval_clean, eval_name) = eval;
     for epoch in trainee.done_epochs + 1..=config.epochs {
         let started = Instant::now();
-        let train_mse = finite(trainee.train_epoch(train, config, epoch, events)?, epoch, "train_mse")?;
-        let eval_mse = finite(evaluate_mse(&trainee.model, eval_noisy, eval_clean, 1024), epoch, eval_name)?;
+        let train_mse = finite(trainee.train_epoch(train, config, epoch, events, shard, comm.as_deref_mut())?, epoch, "train_mse")?;
+        let eval_mse = evaluate_mse_sharded(&trainee.model, eval_noisy, eval_clean, 1024, shard, comm.as_deref_mut())?;
+        let eval_mse = finite(eval_mse, epoch, eval_name)?;
+        if !leader {
+            if events.draining() {
+                return Err(TrainError::Stopped);
+            }
+            continue;
+        }
         super::report_epoch(events, EpochReport {
             epoch,
             values: vec![("train_mse".into(), train_mse), (eval_name.into(), eval_mse)],
@@ -169,11 +254,14 @@ fn train_loop(
         }
         drain_point(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, due.is_some(), events)?;
     }
+    if !leader {
+        return Ok(None);
+    }
     if trainee.done_epochs >= config.epochs {
         // Resumed from the final checkpoint (its completion report was lost): hand it back again.
         save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], config.epochs, true, events)?;
     }
-    Ok(trainee)
+    Ok(Some(trainee))
 }
 
 /// `dae-fold`: train on k−1 folds, validate on the held-out fold each epoch.
@@ -204,7 +292,8 @@ pub fn latent_codes(encoder: &impl ModuleT, images: &Tensor) -> Tensor {
     })
 }
 
-/// `dae-final`: train on the whole (augmented) training set, report `test_mse` each epoch.
+/// `dae-final`: train on the whole (augmented) training set, report `test_mse` each epoch;
+/// alone or as one replica of a gang (rank 0 reports and emits).
 ///
 /// Artifacts: `reconstructions-e{epoch}` (noisy input, output and clean image of a few test
 /// digits) after the first and last epoch, and `latents` (the clean test set's latent codes with
@@ -220,7 +309,7 @@ pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -
     drop(data_phase);
     let shown = RECONSTRUCTIONS.min(data.test.len() as i64);
     let last_epoch = task.config.epochs;
-    let trainee = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, events| {
+    let trained = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, events| {
         if epoch != 1 && epoch != last_epoch {
             return Ok(());
         }
@@ -230,6 +319,9 @@ pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -
         let tensors = [("noisy", noisy), ("output", output), ("clean", clean)];
         emit_artifact(task, inputs, &format!("reconstructions-e{epoch}"), epoch, &tensors, events)
     })?;
+    let Some(trainee) = trained else {
+        return Ok(());
+    };
     let latents = latent_codes(&trainee.model.encoder, &data.test.images);
     emit_artifact(task, inputs, "latents", last_epoch, &[("latents", latents), ("labels", data.test.labels.shallow_clone())], events)
 }
@@ -240,4 +332,114 @@ pub fn load_model(path: &std::path::Path, latent: i64, device: Device) -> Result
     let model = Dae::new(&vars.root(), latent);
     Loaded::read(path)?.restore_model(&mut vars)?;
     Ok((vars, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tch::{Device, Kind};
+
+    use super::*;
+    use crate::collective::ring::local_ring;
+
+    fn config() -> TrainingConfig {
+        TrainingConfig { lr: 1e-2, weight_decay: 1e-4, batch_size: 4, epochs: 1, noise_std: 0.3, latent: 3, seed: 5, lr_encoder: 0.0, augment: None, wgan: None }
+    }
+
+    /// Adam's epsilon in these tests: large, so that an update is smooth in the gradient. With
+    /// the recipe's 1e-8, the first steps move every weight by about ±lr whatever its gradient's
+    /// size, so a gradient component within rounding of zero could flip a weight by 2 × lr.
+    const SMOOTH_EPS: f64 = 1.0;
+
+    /// Fixed, varied values of `shape` (no random generator: other tests share libtorch's).
+    fn pattern(shape: &[i64], phase: f64, scale: f64) -> Tensor {
+        let count: i64 = shape.iter().product();
+        ((Tensor::arange(count, (Kind::Float, Device::Cpu)) * 0.7311 + phase).sin() * scale).view(shape)
+    }
+
+    /// A trainee holding `weights` (so the global generator, which other tests share, plays no part).
+    fn trainee_with(weights: &[(String, Tensor)]) -> Trainee {
+        let config = config();
+        let vars = nn::VarStore::new(Device::Cpu);
+        let model = Dae::new(&vars.root(), config.latent);
+        let named = trainable(&vars);
+        tch::no_grad(|| {
+            for ((name, mut variable), (weight_name, weight)) in named.iter().map(|(n, t)| (n, t.shallow_clone())).zip(weights) {
+                assert_eq!(name, weight_name);
+                variable.copy_(weight);
+            }
+        });
+        let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = Adam::new(vec![ParamGroup { params: named, lr: config.lr, weight_decay: config.weight_decay }], BETAS, SMOOTH_EPS);
+        Trainee { vars, model, optimizer, params, done_epochs: 0 }
+    }
+
+    /// Tensors by variable name.
+    type Weights = Vec<(String, Tensor)>;
+
+    /// Weights for every variable of the autoencoder, by name.
+    fn fresh_weights() -> Weights {
+        let vars = nn::VarStore::new(Device::Cpu);
+        let _model = Dae::new(&vars.root(), config().latent);
+        trainable(&vars).into_iter().enumerate().map(|(index, (name, t))| (name, pattern(&t.size(), index as f64, 0.2))).collect()
+    }
+
+    fn weights_of(trainee: &Trainee) -> Weights {
+        trainable(&trainee.vars).into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
+    }
+
+    #[test]
+    fn replicas_train_the_weights_one_process_would_even_on_uneven_batches() {
+        let initial = fresh_weights();
+        // Global batches of 4 (even shares), 3 (2 + 1), 1 (1 + nothing), 4 rows.
+        let batches: Vec<(Tensor, Tensor)> = [4, 3, 1, 4]
+            .iter()
+            .enumerate()
+            .map(|(step, &rows)| {
+                let clean = pattern(&[rows, 1, 28, 28], step as f64, 1.0).abs();
+                let noisy = &clean + pattern(&[rows, 1, 28, 28], step as f64 + 0.5, 0.3);
+                (clean, noisy)
+            })
+            .collect();
+
+        let mut single = trainee_with(&initial);
+        let single_losses: Vec<f64> = batches.iter().map(|(clean, noisy)| single.train_step(clean, noisy, Shard::SOLE, None).unwrap()).collect();
+        let expected = weights_of(&single);
+
+        let ring = local_ring(2, "dae-equivalence", Duration::from_secs(30)).unwrap();
+        let replicas: Vec<(Vec<f64>, Weights)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ring
+                .into_iter()
+                .map(|mut member| {
+                    let mut trainee = trainee_with(&initial);
+                    let batches: Vec<(Tensor, Tensor)> = batches.iter().map(|(c, n)| (c.copy(), n.copy())).collect();
+                    scope.spawn(move || {
+                        let shard = Shard { rank: member.rank(), world: 2 };
+                        let losses = batches.iter().map(|(clean, noisy)| trainee.train_step(clean, noisy, shard, Some(&mut member)).unwrap()).collect();
+                        (losses, weights_of(&trainee))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+
+        for (rank, (_, weights)) in replicas.iter().enumerate() {
+            for (((name, ours), (_, theirs)), (_, start)) in weights.iter().zip(&expected).zip(&initial) {
+                let error = (ours - theirs).abs().max().double_value(&[]);
+                let moved = (theirs - start).abs().max().double_value(&[]);
+                // A few float32 rounding steps, against how far training moved the tensor.
+                assert!(error <= 1e-7 + 1e-3 * moved, "rank {rank}: {name} differs from one process by {error:e} (moved {moved:e})");
+            }
+        }
+        for ((name, a), (_, b)) in replicas[0].1.iter().zip(&replicas[1].1) {
+            assert!(a.equal(b), "{name}: the replicas hold identical weights");
+        }
+        for (step, single_loss) in single_losses.iter().enumerate() {
+            let gang_loss = replicas[0].0[step] + replicas[1].0[step];
+            assert!((gang_loss - single_loss).abs() < 1e-5 * single_loss.abs().max(1.0), "step {step}: {gang_loss} vs {single_loss}");
+        }
+        assert_eq!(replicas[1].0[2], 0.0, "the empty share adds nothing to the training loss");
+        assert!(initial.iter().zip(&expected).any(|((_, a), (_, b))| !a.equal(b)), "training moved the weights");
+    }
 }

@@ -17,9 +17,7 @@ use tch::{Device, Kind, Tensor};
 use super::data_parallel::{self, Shard};
 use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint;
-use crate::collective::nccl::NcclCommunicator;
-use crate::collective::ring::RingCommunicator;
-use crate::collective::{Backend, CollectiveError, Communicator};
+use crate::collective::{CollectiveError, Communicator};
 use crate::data::split::{derive_seed, permutation};
 use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
@@ -27,12 +25,6 @@ use crate::task::{Task, WganConfig};
 
 /// The side of the images the generator makes.
 pub const IMAGE_SIZE: i64 = 64;
-
-impl From<CollectiveError> for TrainError {
-    fn from(error: CollectiveError) -> Self {
-        TrainError::Collective(error.to_string())
-    }
-}
 
 /// Generator and critic with their optimizers.
 pub struct Gan {
@@ -129,22 +121,6 @@ struct Sums {
     generator_steps: f64,
 }
 
-/// The gang's communicator, when the task runs on several replicas.
-fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
-    let Some(gang) = inputs.gang else {
-        return Ok((Shard::SOLE, None));
-    };
-    let settings = &gang.settings;
-    let comm: Box<dyn Communicator> = match gang.backend {
-        Backend::Ring => {
-            let listener = gang.listener.try_clone().map_err(|e| TrainError::Collective(format!("listener: {e}")))?;
-            Box::new(RingCommunicator::connect(listener, settings)?)
-        }
-        Backend::Nccl => Box::new(NcclCommunicator::new(settings.rank, settings.peers.len(), &gang.nccl_id, inputs.device)?),
-    };
-    Ok((Shard { rank: comm.rank(), world: comm.world() }, Some(comm)))
-}
-
 /// `wgan`: trains one WGAN-GP, alone or as one replica of a gang. Reports (rank 0) `critic_loss`,
 /// `generator_loss`, `wasserstein` and `gradient_penalty` (epoch means over the gang) per epoch,
 /// and at the end each replica's `param_checksum_rank{r}`. Artifacts (rank 0): `real` (a grid's
@@ -158,7 +134,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     if size[2] != IMAGE_SIZE || size[3] != IMAGE_SIZE {
         return Err(TrainError::Invalid(format!("the generator makes {IMAGE_SIZE}×{IMAGE_SIZE} images, the data is {}×{}", size[2], size[3])));
     }
-    let (shard, mut comm) = join_gang(inputs)?;
+    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
     let n = train.len();
     let batch = config.batch_size;
     if batch < 2 || batch > n || recipe.critic_steps == 0 || !batch.is_multiple_of(shard.world) {
