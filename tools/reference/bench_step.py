@@ -34,7 +34,7 @@ def dae(batch):
         loss.backward()
         optimizer.step()
 
-    return measure(batch, 5, 40, step)
+    return measure(batch, 10, 150, step)
 
 
 def classifier(batch):
@@ -50,7 +50,7 @@ def classifier(batch):
         loss.backward()
         optimizer.step()
 
-    return measure(batch, 5, 40, step)
+    return measure(batch, 10, 300, step)
 
 
 def wgan(widths, batch, steps):
@@ -88,8 +88,8 @@ def main():
     steps = {
         "dae_b256": lambda: dae(256),
         "classifier_b256": lambda: classifier(256),
-        "wgan_reduced_b64": lambda: wgan([128, 64, 32, 16], 64, 10),
-        "wgan_full_b16": lambda: wgan([1024, 512, 256, 128], 16, 3),
+        "wgan_reduced_b64": lambda: wgan([128, 64, 32, 16], 64, 30),
+        "wgan_full_b16": lambda: wgan([1024, 512, 256, 128], 16, 6),
     }
     print(json.dumps({name: run() for name, run in steps.items() if only in (None, name)}))
 

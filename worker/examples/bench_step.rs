@@ -33,7 +33,7 @@ fn dae(batch: i64) -> f64 {
     let model = Dae::new(&vars.root(), 4);
     let mut adam = Adam::new(vec![ParamGroup { params: trainable(&vars), lr: 1e-3, weight_decay: 1e-6 }], (0.9, 0.999), 1e-8);
     let clean = Tensor::rand([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
-    measure(batch, 5, 40, || {
+    measure(batch, 10, 150, || {
         let noisy = &clean + clean.randn_like() * 0.3;
         let loss = model.forward_t(&noisy, true).mse_loss(&clean, Reduction::Mean);
         adam.zero_grad();
@@ -50,7 +50,7 @@ fn classifier(batch: i64) -> f64 {
     let mut adam = Adam::new(groups, (0.9, 0.999), 1e-8);
     let images = Tensor::rand([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu));
-    measure(batch, 5, 40, || {
+    measure(batch, 10, 300, || {
         let noisy = &images + images.randn_like() * 0.3;
         let loss = model.forward_t(&noisy, true).nll_loss(&labels);
         adam.zero_grad();
@@ -91,8 +91,8 @@ fn main() {
     let steps: [(&str, fn() -> f64); 4] = [
         ("dae_b256", || dae(256)),
         ("classifier_b256", || classifier(256)),
-        ("wgan_reduced_b64", || wgan([128, 64, 32, 16], 64, 10)),
-        ("wgan_full_b16", || wgan([1024, 512, 256, 128], 16, 3)),
+        ("wgan_reduced_b64", || wgan([128, 64, 32, 16], 64, 30)),
+        ("wgan_full_b16", || wgan([1024, 512, 256, 128], 16, 6)),
     ];
     let selected: Vec<(&'static str, fn() -> f64)> = steps.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name)).collect();
     // On a dedicated thread, as the worker trains (its own malloc arena, not the main heap).
