@@ -539,6 +539,12 @@ impl Core {
             return Ok(None);
         };
         self.persist(&mut inner, std::slice::from_ref(&lease.task_id))?;
+        if lease.world > 1 {
+            // This acquire completed a gang: the members reserved before it hold pending leases
+            // and are waiting in their long-polls. Wake them now, or each would sit out the rest
+            // of its wait while the others wait for it at the rendezvous.
+            self.work_available.notify_waiters();
+        }
         let sweep_id = inner.scheduler.task(&lease.task_id).map(|t| t.sweep_id.clone()).expect("a leased task exists");
         let spec = inner.store.spec_json(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
         let resume_from = match lease.attempt {
@@ -861,6 +867,36 @@ epochs = 1
 
     fn stages_of(core: &Core, sweep_id: &str) -> Vec<String> {
         core.sweep(sweep_id).unwrap().tasks.into_iter().map(|t| t.task.spec.stage).collect()
+    }
+
+    /// A member reserved for a gang while it long-polls gets its lease as soon as the last
+    /// member's acquire completes the gang, not when its own wait runs out. (Time is paused: a
+    /// member left waiting would sleep through to its deadline and come back empty.)
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_gang_member_wakes_when_the_gang_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let source = format!("{SWEEP}[distributed]\nreplicas = 2\n");
+        let sweep_id = core.submit(&source, "gang.toml", files, false).unwrap().sweep_id.unwrap();
+        let core = std::sync::Arc::new(core);
+        let (first, _) = core.register("w1", &[]).unwrap();
+        let (second, _) = core.register("w2", &[]).unwrap();
+        for val_mse in [0.5, 0.4, 0.3, 0.2] {
+            run_one(&core, &first, val_mse).await;
+        }
+        assert_eq!(stages_of(&core, &sweep_id).last().map(String::as_str), Some("final"));
+        let waiting = tokio::spawn({
+            let core = core.clone();
+            async move { core.acquire(&first, Duration::from_secs(30)).await }
+        });
+        // Let the first member reserve its place and start waiting.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let completing = core.acquire(&second, Duration::ZERO).await.unwrap().expect("the gang is complete");
+        let waited = waiting.await.unwrap().unwrap().expect("the waiting member gets its lease");
+        assert_eq!((completing.world, waited.world), (2, 2));
+        assert_eq!(completing.task_id, waited.task_id);
     }
 
     /// The next stage is planned once, when the last trial of the current one ends, also when
