@@ -3,87 +3,28 @@
 //! figures and ends with the same weights; another fold of the same dataset gets its own rows.
 //! Its own test binary: the cache, the phase clock and libtorch's generator are process-wide.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use cohort_worker::data::cache::{TensorCache, DEFAULT_BUDGET_BYTES};
-use cohort_worker::data::idx::{encode_images, encode_labels, IdxImages};
 use cohort_worker::metrics::{metrics, Phase};
-use cohort_worker::task::{Augment, BlobRef, DatasetSpec, Fold, Task, TrainingConfig, TrialKind};
-use cohort_worker::train::{self, Events, RunInputs, TrainEvent};
-use tch::{Device, Tensor};
+use cohort_worker::task::{Augment, Task};
+use tch::Tensor;
 
-fn write_dataset(dir: &Path) -> BTreeMap<String, PathBuf> {
-    let mut files = BTreeMap::new();
-    for (prefix, count) in [("train", 96usize), ("t10k", 16)] {
-        let pixels = (0..count * 784).map(|i| ((i * 7919) % 256) as u8).collect();
-        let images = IdxImages { count, rows: 28, cols: 28, pixels };
-        let labels: Vec<u8> = (0..count).map(|i| (i % 10) as u8).collect();
-        for (name, bytes) in [
-            (format!("{prefix}-images-idx3-ubyte"), encode_images(&images)),
-            (format!("{prefix}-labels-idx1-ubyte"), encode_labels(&labels)),
-        ] {
-            let path = dir.join(&name);
-            std::fs::write(&path, bytes).unwrap();
-            files.insert(name, path);
-        }
-    }
-    files
-}
-
+/// A fold of the cross-validation, augmented, with only a final checkpoint.
 fn fold_task(index: usize) -> Task {
-    Task {
-        id: format!("fold{index}"),
-        attempt: 1,
-        trial_name: format!("cv/c0/f{index}"),
-        kind: TrialKind::DaeFold,
-        config: TrainingConfig {
-            lr: 1e-3,
-            weight_decay: 1e-5,
-            batch_size: 16,
-            epochs: 2,
-            noise_std: 0.3,
-            latent: 4,
-            seed: 9,
-            lr_encoder: 0.0,
-            augment: Some(Augment { copies: 1, rotate_deg: 15.0, translate: 0.1, shear_deg: 10.0, seed: 5 }),
-            wgan: None,
-        },
-        dataset: DatasetSpec {
-            format: "idx".into(),
-            files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
-            train_limit: 0,
-            test_limit: 0,
-            image_size: 0,
-            min_foreground: 0.0,
-        },
-        fold: Some(Fold { folds: 4, index, shuffle_seed: 3 }),
-        resume_from: None,
-        init_from: None,
-        checkpoint_every: 0,
-        rank: 0,
-        world: 1,
-        collective_backend: String::new(),
-    }
+    let augment = Augment { copies: 1, rotate_deg: 15.0, translate: 0.1, shear_deg: 10.0, seed: 5 };
+    common::fold_task(index, 2, 0, Some(augment))
 }
 
 /// Runs a task; returns its validation MSEs and its final checkpoint's tensors.
 fn run(task: &Task, files: &BTreeMap<String, PathBuf>, scratch: &Path) -> (Vec<f64>, BTreeMap<String, Tensor>) {
-    std::fs::create_dir_all(scratch).unwrap();
-    let root = files.values().next().and_then(|p| p.parent()).unwrap();
-    let inputs = RunInputs { dataset_files: files, dataset_root: root, resume_from: None, init_from: None, scratch_dir: scratch, device: Device::Cpu, gang: None };
-    let mut checkpoint = None;
-    let mut val = Vec::new();
-    let mut emit = |event| match event {
-        TrainEvent::Checkpoint { path, .. } => checkpoint = Some(path),
-        TrainEvent::Epoch(report) => val.push(report.values.iter().find(|(k, _)| k == "val_mse").unwrap().1),
-        TrainEvent::Artifact { .. } => {}
-    };
-    let (stop, drain) = (AtomicBool::new(false), AtomicBool::new(false));
-    train::run(task, &inputs, &mut Events { emit: &mut emit, stop: &stop, drain: &drain }).unwrap();
-    let weights = Tensor::read_safetensors(checkpoint.expect("a final checkpoint")).unwrap().into_iter().collect();
-    (val, weights)
+    let output = common::run(task, files, None, scratch);
+    let (_, last) = output.checkpoints.last_key_value().expect("a final checkpoint");
+    let weights = Tensor::read_safetensors(last).unwrap().into_iter().collect();
+    (output.val_mse, weights)
 }
 
 fn assert_same_run(a: &(Vec<f64>, BTreeMap<String, Tensor>), b: &(Vec<f64>, BTreeMap<String, Tensor>), what: &str) {
@@ -97,7 +38,7 @@ fn assert_same_run(a: &(Vec<f64>, BTreeMap<String, Tensor>), b: &(Vec<f64>, BTre
 #[test]
 fn cached_data_trains_exactly_like_fresh_data() {
     let dir = tempfile::tempdir().unwrap();
-    let files = write_dataset(dir.path());
+    let files = common::write_dataset(dir.path());
     let cache = TensorCache::global();
     // As the daemon's training thread does: what the recipe does not mark is training.
     metrics().phases.switch(Phase::Train);
