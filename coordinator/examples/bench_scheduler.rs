@@ -29,9 +29,10 @@
 //!                 [--threads 2] [--coordinator PATH] [--no-anchors]
 //! ```
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,14 +46,12 @@ use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
 use cohort_proto::v1::client_service_client::ClientServiceClient;
 use cohort_proto::v1::worker_service_client::WorkerServiceClient;
+use common::{cpu_seconds, CoordinatorProcess};
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long one acquire call may wait for work before answering empty.
 const ACQUIRE_WAIT_MS: u32 = 250;
-/// Largest gRPC message either side accepts: a 100,000-trial submission answers with every
-/// planned trial.
-const MAX_MESSAGE_MIB: usize = 512;
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -198,16 +197,6 @@ fn memory_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// CPU time (user and system, every thread) a process has used, from `/proc/PID/stat`.
-fn cpu_seconds(pid: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc stat")?;
-    // The fields after the command name (which may hold spaces) close with ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').context("malformed /proc stat")?.1.split_whitespace().collect();
-    let ticks = |index: usize| -> Result<f64> { Ok(fields.get(index).context("short /proc stat")?.parse::<f64>()?) };
-    // utime and stime are fields 14 and 15 of the line, in USER_HZ (100 per second on Linux).
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 /// CPU seconds of the coordinator and of this client, to subtract around a run.
 fn cpu_pair(coordinator: u32) -> Result<(f64, f64)> {
     Ok((cpu_seconds(&coordinator.to_string())?, cpu_seconds("self")?))
@@ -220,60 +209,25 @@ fn add_cpu(summary: &mut serde_json::Value, tasks: usize, before: (f64, f64), af
     summary["client_cpu_us_per_task"] = json!(per_task(after.1 - before.1));
 }
 
-fn free_address() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// A channel to the coordinator process, as a worker opens one.
+async fn channel(process: &CoordinatorProcess) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(process.url())?.tcp_nodelay(true);
+    Ok(endpoint.connect().await?)
 }
 
-/// The coordinator process, killed when dropped.
-struct CoordinatorProcess {
-    child: Child,
-    url: String,
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl CoordinatorProcess {
-    /// Starts `coordinator serve` on a free loopback port, its log in `dir/coordinator.log`.
-    async fn start(binary: &Path, dir: &Path, max_trials: usize) -> Result<Self> {
-        let address = free_address()?;
-        let log = std::fs::File::create(dir.join("coordinator.log"))?;
-        let child = Command::new(binary)
-            .args(["serve", "--insecure-no-auth", "--listen", &address.to_string()])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--max-trials", &max_trials.to_string(), "--max-message-mib", &MAX_MESSAGE_MIB.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let process = Self { child, url: format!("http://{address}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(address).await.is_err() {
-            ensure!(Instant::now() < deadline, "the coordinator did not listen on {address} within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(process)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    async fn channel(&self) -> Result<Channel> {
-        let endpoint = Endpoint::from_shared(self.url.clone())?.tcp_nodelay(true);
-        Ok(endpoint.connect().await?)
-    }
+/// Starts `coordinator serve` without authentication on `dir/data`, its log in
+/// `dir/coordinator.log`, allowing `max_trials` trials in a sweep.
+async fn start_coordinator(binary: &Path, dir: &Path, max_trials: usize) -> Result<CoordinatorProcess> {
+    let mut args: Vec<OsString> = vec!["--insecure-no-auth".into(), "--data-dir".into(), dir.join("data").into()];
+    args.extend(["--max-trials".into(), max_trials.to_string().into()]);
+    let (binary, log) = (binary.to_path_buf(), dir.join("coordinator.log"));
+    // It waits for the port with blocking sleeps: off the runtime.
+    tokio::task::spawn_blocking(move || CoordinatorProcess::start(&binary, &args, &log)).await?
 }
 
 /// Uploads the dataset and submits the sweep through the client service; returns the sweep id.
 async fn submit_over_grpc(channel: Channel, source: &str, dataset: &[(String, PathBuf)]) -> Result<String> {
-    let limit = MAX_MESSAGE_MIB << 20;
-    let mut client = ClientServiceClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
+    let mut client = ClientServiceClient::new(channel);
     let mut dataset_files = Vec::new();
     for (name, path) in dataset {
         let blob = transfer::hash_file(path).await?;
@@ -293,7 +247,7 @@ struct SimulatedWorker {
 
 impl SimulatedWorker {
     async fn register(process: &CoordinatorProcess, index: usize) -> Result<Self> {
-        let mut client = WorkerServiceClient::new(process.channel().await?);
+        let mut client = WorkerServiceClient::new(channel(process).await?);
         let request = pb::RegisterRequest { name: format!("bench-{index}"), device: "cpu".into(), running: vec![] };
         let worker_id = client.register(request).await?.into_inner().worker_id;
         Ok(Self { client, worker_id })
@@ -375,12 +329,12 @@ async fn run_workers(workers: Vec<SimulatedWorker>, tasks: usize, rate: Option<f
 /// The measurements over gRPC against the coordinator process.
 async fn bench_grpc(options: &Options, binary: &Path, dir: &Path, dataset: &[(String, PathBuf)]) -> Result<serde_json::Value> {
     let largest = options.tasks.max(options.paced_tasks);
-    let process = CoordinatorProcess::start(binary, dir, largest).await?;
+    let process = start_coordinator(binary, dir, largest).await?;
     let (idle_rss, _) = memory_mib(process.pid())?;
 
     let submit_started = Instant::now();
     let source = sweep_source("bench-saturated", configs_for(options.tasks, options.folds)?, options.folds);
-    submit_over_grpc(process.channel().await?, &source, dataset).await?;
+    submit_over_grpc(channel(&process).await?, &source, dataset).await?;
     let submit_seconds = submit_started.elapsed().as_secs_f64();
     let (submitted_rss, submitted_hwm) = memory_mib(process.pid())?;
 
@@ -407,7 +361,7 @@ async fn bench_grpc(options: &Options, binary: &Path, dir: &Path, dataset: &[(St
     });
     if options.paced_tasks > 0 {
         let source = sweep_source("bench-paced", configs_for(options.paced_tasks, options.folds)?, options.folds);
-        submit_over_grpc(process.channel().await?, &source, dataset).await?;
+        submit_over_grpc(channel(&process).await?, &source, dataset).await?;
         eprintln!("paced: {} tasks at {} tasks/s", options.paced_tasks, options.rate);
         let cpu_before = cpu_pair(process.pid())?;
         let (_, paced) = run_workers(workers, options.paced_tasks, Some(options.rate)).await?;
@@ -511,19 +465,8 @@ fn bench_state_machine(options: &Options) -> Result<serde_json::Value> {
     Ok(json!({"tasks": options.tasks, "wall_s": round(seconds, 3), "tasks_per_s": round(options.tasks as f64 / seconds, 1)}))
 }
 
-fn coordinator_binary(options: &Options) -> Result<PathBuf> {
-    if let Some(path) = &options.coordinator {
-        return Ok(path.clone());
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("the example lives in target/<profile>/examples")?;
-    let path = profile_dir.join("coordinator");
-    ensure!(path.is_file(), "{} is missing: build it first (cargo build --release -p cohort-coordinator)", path.display());
-    Ok(path)
-}
-
 async fn bench(options: Options) -> Result<serde_json::Value> {
-    let binary = coordinator_binary(&options)?;
+    let binary = common::coordinator_binary(options.coordinator.as_deref())?;
     let dir = tempfile::Builder::new().prefix("cohort-bench-scheduler-").tempdir()?;
     let dataset = write_dataset(&dir.path().join("dataset"))?;
     let mut result = json!({

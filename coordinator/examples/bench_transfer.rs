@@ -25,10 +25,11 @@
 //! Run: `make bench-transfer`, or
 //! `target/release/examples/bench_transfer [--sizes-mib 64,256] [--repetitions 5]`.
 
+mod common;
+
+use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -38,6 +39,7 @@ use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
 use cohort_proto::v1::client_service_client::ClientServiceClient;
 use cohort_proto::v1::worker_service_client::WorkerServiceClient;
+use common::{cpu_seconds, CoordinatorProcess};
 use rand::RngCore;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -66,18 +68,10 @@ struct Args {
     temp_root: Option<PathBuf>,
 }
 
-/// A `coordinator serve` process, killed when dropped.
+/// The coordinator under test and its data dir.
 struct Coordinator {
-    process: Child,
-    address: SocketAddr,
+    process: CoordinatorProcess,
     data_dir: PathBuf,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
 }
 
 impl Coordinator {
@@ -85,40 +79,21 @@ impl Coordinator {
     fn start(binary: &Path, dir: &Path) -> anyhow::Result<Self> {
         std::fs::write(dir.join("client.token"), "bench-client-token\n")?;
         std::fs::write(dir.join("worker.token"), "bench-worker-token\n")?;
-        let address = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let data_dir = dir.join("coordinator");
-        let log = std::fs::File::create(dir.join("coordinator.log"))?;
-        let process = Command::new(binary)
-            .arg("serve")
-            .arg("--listen")
-            .arg(address.to_string())
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--token-file")
-            .arg(dir.join("client.token"))
-            .arg("--worker-token-file")
-            .arg(dir.join("worker.token"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut coordinator = Self { process, address, data_dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(address).is_err() {
-            if let Some(status) = coordinator.process.try_wait()? {
-                bail!("the coordinator exited with {status}; see {}", dir.join("coordinator.log").display());
-            }
-            if Instant::now() > deadline {
-                bail!("the coordinator did not listen on {address} within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(coordinator)
+        let args: Vec<OsString> = vec![
+            "--data-dir".into(),
+            data_dir.clone().into(),
+            "--token-file".into(),
+            dir.join("client.token").into(),
+            "--worker-token-file".into(),
+            dir.join("worker.token").into(),
+        ];
+        let process = CoordinatorProcess::start(binary, &args, &dir.join("coordinator.log"))?;
+        Ok(Self { process, data_dir })
     }
 
     fn connect_options(&self, token_file: PathBuf) -> ConnectOptions {
-        ConnectOptions { url: format!("http://{}", self.address), token_file: Some(token_file), tls_ca: None }
+        ConnectOptions { url: self.process.url(), token_file: Some(token_file), tls_ca: None }
     }
 
     /// Where the coordinator stores blob `sha256` (`DATA_DIR/blobs/ab/abcdef…`).
@@ -234,21 +209,9 @@ fn write_random_file(path: &Path, bytes: u64) -> std::io::Result<()> {
     output.sync_all()
 }
 
-/// CPU seconds (user and system, every thread) process `pid` has used so far, from
-/// `/proc/PID/stat` (in clock ticks, which Linux fixes at 100 a second for this file).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("unreadable /proc stat")?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |index: usize| -> anyhow::Result<f64> { Ok(fields.get(index).context("short /proc stat")?.parse::<f64>()?) };
-    // utime and stime are the 14th and 15th fields; `fields` starts at the 3rd.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 /// CPU seconds used by this process and the coordinator together.
 fn cpu_both(coordinator: &Coordinator) -> anyhow::Result<f64> {
-    Ok(cpu_seconds(std::process::id())? + cpu_seconds(coordinator.process.id())?)
+    Ok(cpu_seconds("self")? + cpu_seconds(&coordinator.process.pid().to_string())?)
 }
 
 fn megabytes_per_second(bytes: u64, elapsed: Duration) -> f64 {
@@ -285,11 +248,11 @@ impl Bench<'_> {
         let downloaded = self.folder.join(format!("{}.downloaded", route.label()));
         let mut round = Round::default();
 
-        let cpu_before = cpu_seconds(std::process::id())?;
+        let cpu_before = cpu_seconds("self")?;
         let started = Instant::now();
         copy_loop(source, &copy)?;
         round.copy_loop = megabytes_per_second(bytes, started.elapsed());
-        round.copy_loop_cpu_seconds = cpu_seconds(std::process::id())? - cpu_before;
+        round.copy_loop_cpu_seconds = cpu_seconds("self")? - cpu_before;
         std::fs::remove_file(&copy)?;
 
         let started = Instant::now();
@@ -360,22 +323,13 @@ fn cpu_per_gigabyte(rounds: &[Round], bytes: u64, figure: impl Fn(&Round) -> f64
     rounds.iter().map(figure).sum::<f64>() / (bytes as f64 * rounds.len() as f64 / 1e9)
 }
 
-fn default_coordinator_binary() -> anyhow::Result<PathBuf> {
-    let example = std::env::current_exe()?;
-    let release = example.parent().and_then(Path::parent).context("no folder above this example's")?;
-    Ok(release.join("coordinator"))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.sizes_mib.is_empty() || args.repetitions == 0 {
         bail!("need at least one size and one repetition");
     }
-    let binary = match args.coordinator_binary {
-        Some(binary) => binary,
-        None => default_coordinator_binary()?,
-    };
+    let binary = common::coordinator_binary(args.coordinator_binary.as_deref())?;
     let temp_root = args.temp_root.unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::Builder::new().prefix("cohort-bench-transfer-").tempdir_in(&temp_root)?;
     let coordinator = Coordinator::start(&binary, dir.path())?;

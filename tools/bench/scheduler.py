@@ -59,7 +59,7 @@ def main():
         f"Measured by `make bench-scheduler` (`tools/bench/scheduler.py`) on {machine()}, load average "
         f"{load:.1f} at the start (other work on the machine slows the wall-clock figures; the CPU "
         f"figures are per task and less affected). The real `coordinator serve` process on loopback "
-        f"(default flags but `--insecure-no-auth`, `--max-trials`, `--max-message-mib`), "
+        f"(default flags but `--insecure-no-auth` and `--max-trials`), "
         f"{result['workers']} simulated workers with one gRPC connection each, on a "
         f"{result['client_threads']}-thread client runtime that shares the {cpus} cores with the "
         f"coordinator. Each worker loops AcquireTask → CompleteTask (a no-op trial); the tasks are "
