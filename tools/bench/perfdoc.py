@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts in tools/bench: the machine line and the rewrite of one marked
 section of docs/performance.md (`<!-- NAME:begin -->` … `<!-- NAME:end -->`), leaving the rest."""
 
+import json
 import os
 import platform
 import subprocess
@@ -34,8 +35,6 @@ def release_binary(*parts):
 
 def run_json(command, **kwargs):
     """Runs `command` and parses the last line of its stdout as JSON."""
-    import json
-
     output = subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
