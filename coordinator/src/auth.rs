@@ -30,14 +30,6 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-/// Compares without an early exit, so the time taken does not reveal how much of a guess matched.
-fn constant_time_equal(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Tokens {
     /// Loads the client (full rights) and worker (worker service only) token files.
     pub fn load(client: Option<&Path>, worker: Option<&Path>) -> Result<Self, ConnectError> {
@@ -66,7 +58,7 @@ impl Tokens {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let matches = |token: &Option<Arc<str>>| token.as_deref().is_some_and(|t| constant_time_equal(t.as_bytes(), presented.as_bytes()));
+        let matches = |token: &Option<Arc<str>>| token.as_deref().is_some_and(|t| cohort_proto::auth::tokens_match(t, presented));
         if matches(&self.client) {
             return Ok(());
         }

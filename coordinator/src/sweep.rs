@@ -335,6 +335,18 @@ pub struct SweepFile {
     pub distributed: Option<DistributedSection>,
 }
 
+/// The most augmented copies `[augment] copies` may append: each is a whole training set more
+/// for every trial's worker to hold.
+pub const MAX_AUGMENT_COPIES: u32 = 16;
+
+/// The largest latent code (`[model] latent`, and `latent` in `[cv.grid]` or `[cv.random]`).
+pub const MAX_LATENT: u32 = 4096;
+
+/// The most characters of one line of the sweep file (or of one line of a message) that an
+/// error echoes; past it the line is cut, around the error's column, and the cut marked "…".
+/// Errors travel back in a gRPC status, whose header one long line would overflow.
+pub const MAX_ECHOED_LINE_CHARS: usize = 200;
+
 /// The default largest number of trials one sweep may expand to (`serve --max-trials`).
 pub const DEFAULT_MAX_TRIALS: usize = 10_000;
 /// No configuration lets a sweep expand past this.
@@ -350,7 +362,11 @@ impl Checker<'_> {
         if ok {
             return Ok(());
         }
-        Err(SweepError::Invalid { file: self.file.to_string(), key: key.to_string(), message: message() })
+        Err(SweepError::Invalid { file: self.file.to_string(), key: key.to_string(), message: cut_long_lines(&message()) })
+    }
+
+    fn at_most(&self, value: u32, max: u32, key: &str) -> Result<(), SweepError> {
+        self.require(value <= max, key, || format!("{value} must be at most {max}"))
     }
 
     fn positive(&self, value: f64, key: &str) -> Result<(), SweepError> {
@@ -369,8 +385,7 @@ impl Checker<'_> {
 impl SweepFile {
     /// Parses and validates a sweep file's text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, SweepError> {
-        let sweep: SweepFile =
-            toml::from_str(text).map_err(|e| SweepError::Syntax { file: file.to_string(), message: e.to_string().trim_end().to_string() })?;
+        let sweep: SweepFile = toml::from_str(text).map_err(|e| SweepError::Syntax { file: file.to_string(), message: syntax_message(&e, text) })?;
         sweep.validate(file)?;
         Ok(sweep)
     }
@@ -393,6 +408,7 @@ impl SweepFile {
             check.non_negative(augment.rotate_deg, "augment.rotate_deg")?;
             check.require((0.0..=0.5).contains(&augment.translate), "augment.translate", || format!("{} must be within [0, 0.5]", augment.translate))?;
             check.non_negative(augment.shear_deg, "augment.shear_deg")?;
+            check.at_most(augment.copies, MAX_AUGMENT_COPIES, "augment.copies")?;
         }
         if self.is_gan() {
             self.validate_gan(&check)
@@ -404,6 +420,7 @@ impl SweepFile {
     fn validate_dae(&self, check: &Checker<'_>) -> Result<(), SweepError> {
         check.require(self.dataset.format == "idx", "dataset.format", || "the autoencoder trains on \"idx\" (28×28) data".into())?;
         check.at_least_one(self.model.latent, "model.latent")?;
+        check.at_most(self.model.latent, MAX_LATENT, "model.latent")?;
         check.non_negative(self.noise.std, "noise.std")?;
         check.require(self.train.is_none(), "train", || "[train] belongs to model.kind = \"wgan-gp\"; the autoencoder uses [cv] and [final]".into())?;
         check.require(self.cv.is_some() || self.final_stage.is_some(), "cv", || "an autoencoder sweep needs [cv], [final] or both".into())?;
@@ -452,6 +469,7 @@ impl SweepFile {
                 check.non_negative(h.noise_std, &format!("{axis}.noise_std"))?;
                 check.at_least_one(h.batch_size, &format!("{axis}.batch_size"))?;
                 check.at_least_one(h.latent, &format!("{axis}.latent"))?;
+                check.at_most(h.latent, MAX_LATENT, &format!("{axis}.latent"))?;
             }
         }
         if let Some(stage) = &self.final_stage {
@@ -586,6 +604,61 @@ impl SweepFile {
         }
         Ok(())
     }
+}
+
+/// toml's message for a parse error, with the offending line of `text` and every line of the
+/// message cut to [`MAX_ECHOED_LINE_CHARS`]. The line keeps the part around the error's column,
+/// so the caret still points at it.
+fn syntax_message(error: &toml::de::Error, text: &str) -> String {
+    let full = error.to_string();
+    if full.lines().all(|line| line.chars().count() <= MAX_ECHOED_LINE_CHARS) {
+        return full.trim_end().to_string();
+    }
+    let Some(start) = error.span().map(|span| span.start.min(text.len())).filter(|&start| text.is_char_boundary(start)) else {
+        return cut_long_lines(full.trim_end());
+    };
+    let line_start = text[..start].rfind('\n').map_or(0, |newline| newline + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |newline| start + newline);
+    let line_number = text[..line_start].matches('\n').count() + 1;
+    let content: Vec<char> = text[line_start..line_end].trim_end_matches('\r').chars().collect();
+    let column = text[line_start..start].chars().count();
+
+    // A window of the line around the column, marked "…" where it was cut.
+    let window_start = column.saturating_sub(MAX_ECHOED_LINE_CHARS / 2).min(content.len().saturating_sub(MAX_ECHOED_LINE_CHARS));
+    let window_end = (window_start + MAX_ECHOED_LINE_CHARS).min(content.len());
+    let mut shown = String::new();
+    if window_start > 0 {
+        shown.push('…');
+    }
+    shown.extend(&content[window_start..window_end]);
+    if window_end < content.len() {
+        shown.push('…');
+    }
+    let caret = column - window_start + usize::from(window_start > 0);
+
+    let gutter = " ".repeat(line_number.to_string().len() + 1);
+    let mut message = format!(
+        "TOML parse error at line {line_number}, column {}\n{gutter}|\n{line_number} | {shown}\n{gutter}|{}^\n",
+        column + 1,
+        " ".repeat(caret + 1)
+    );
+    message.push_str(&cut_long_lines(error.message().trim_end()));
+    message
+}
+
+/// `text` with every line longer than [`MAX_ECHOED_LINE_CHARS`] cut there and marked "…".
+fn cut_long_lines(text: &str) -> String {
+    if text.lines().all(|line| line.chars().count() <= MAX_ECHOED_LINE_CHARS) {
+        return text.to_string();
+    }
+    let cut: Vec<String> = text
+        .lines()
+        .map(|line| match line.char_indices().nth(MAX_ECHOED_LINE_CHARS) {
+            Some((end, _)) => format!("{}…", &line[..end]),
+            None => line.to_string(),
+        })
+        .collect();
+    cut.join("\n")
 }
 
 #[cfg(test)]
@@ -767,6 +840,49 @@ epochs = 80
             lines[index] = format!("{key} = {value}");
             let _ = SweepFile::parse(&lines.join("\n"), "fuzz.toml");
         }
+    }
+
+    #[test]
+    fn a_long_offending_line_is_cut_around_the_error() {
+        // 200 KB on the line of the error: the message keeps 200 characters of it, about the column.
+        let padding = "x".repeat(100_000);
+        let text = GOOD.replace("epochs = 2", &format!("epochs = 2\nnote = \"{padding}\" oops {padding}"));
+        let err = error_of(&text);
+        assert!(err.len() < 1000, "{} bytes: {}", err.len(), &err[..1000.min(err.len())]);
+        assert!(err.starts_with("s.toml: TOML parse error at line 11, column 100011"), "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 5, "{err}");
+        let shown = lines[2].strip_prefix("11 | ").unwrap();
+        assert!(shown.starts_with('…') && shown.ends_with('…'), "{err}");
+        assert_eq!(shown.chars().count(), MAX_ECHOED_LINE_CHARS + 2, "{err}");
+        let caret = lines[3].chars().position(|c| c == '^').unwrap();
+        assert_eq!(lines[2].chars().nth(caret), Some('o'), "the caret still points at the error: {err}");
+
+        // A long value echoed in the message itself is cut too.
+        let err = error_of(&GOOD.replace("folds = 4", &format!("folds = \"{padding}\"")));
+        assert!(err.len() < 1000, "{} bytes", err.len());
+        assert!(err.contains("line 9") && err.contains('…'), "{err}");
+
+        // Short lines are echoed as toml writes them.
+        let err = error_of(&GOOD.replace("epochs = 2", "epochs = 2 oops"));
+        assert!(!err.contains('…') && err.contains("10 | epochs = 2 oops"), "{err}");
+        let err = error_of(&GOOD.replace("kind = \"dae\"", &format!("kind = \"{padding}\"")));
+        assert!(err.len() < 1000 && err.contains("model.kind: \"xxx"), "{} bytes", err.len());
+    }
+
+    #[test]
+    fn augmented_copies_and_latent_sizes_are_bounded() {
+        SweepFile::parse(&SEED.replace("copies = 1", "copies = 16"), "s").unwrap();
+        let err = SweepFile::parse(&SEED.replace("copies = 1", "copies = 17"), "s").unwrap_err().to_string();
+        assert!(err.contains("s: augment.copies: 17 must be at most 16"), "{err}");
+        SweepFile::parse(&SEED.replace("kind = \"dae\"", "kind = \"dae\"\nlatent = 4096"), "s").unwrap();
+        let err = SweepFile::parse(&SEED.replace("kind = \"dae\"", "kind = \"dae\"\nlatent = 4097"), "s").unwrap_err().to_string();
+        assert!(err.contains("s: model.latent: 4097 must be at most 4096"), "{err}");
+        let err = error_of(&GOOD.replace("batch_size = [256, 512]", "batch_size = [256, 512]\nlatent = [8, 100000]"));
+        assert!(err.contains("cv.grid.latent: 100000 must be at most 4096"), "{err}");
+        let random = GOOD.replace("[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]", "[cv.random]\nsamples = 4\nlatent = { min = 5000, max = 6000 }");
+        let err = error_of(&random);
+        assert!(err.contains("cv.random.latent: ") && err.contains("must be at most 4096"), "{err}");
     }
 
     #[test]

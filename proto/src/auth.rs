@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -47,6 +49,17 @@ pub fn read_token_file(path: &Path) -> Result<String, ConnectError> {
         return Err(ConnectError::BadToken(path.to_path_buf()));
     }
     Ok(token)
+}
+
+/// True when `presented` is the token `expected`.
+///
+/// Both are hashed with SHA-256 first and the digests compared in constant time, so neither
+/// how much of a guess matched nor whether its length was right shows in the time taken (a
+/// plain compare of the tokens themselves has to stop at a length mismatch).
+pub fn tokens_match(expected: &str, presented: &str) -> bool {
+    let expected = Sha256::digest(expected.as_bytes());
+    let presented = Sha256::digest(presented.as_bytes());
+    expected.as_slice().ct_eq(presented.as_slice()).into()
 }
 
 /// Adds `authorization: Bearer <token>` to every request (nothing when there is no token).
@@ -138,5 +151,15 @@ mod tests {
         assert!(matches!(read_token_file(&empty), Err(ConnectError::BadToken(_))));
         let missing = read_token_file(&dir.path().join("none")).unwrap_err().to_string();
         assert!(missing.contains("none"), "{missing}");
+    }
+
+    #[test]
+    fn tokens_match_only_the_same_token_whatever_the_lengths() {
+        assert!(tokens_match("worker-secret", "worker-secret"));
+        assert!(tokens_match("", ""));
+        for guess in ["", "w", "worker-secre", "worker-secret ", "worker-secreT", "worker-secret-and-more", "x".repeat(4096).as_str()] {
+            assert!(!tokens_match("worker-secret", guess), "{guess:?}");
+            assert!(!tokens_match(guess, "worker-secret"), "{guess:?}");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! The 348-byte header is parsed here: its byte order is the one in which `sizeof_hdr` reads
 //! 348, and the voxels follow at `vox_offset`, x fastest, then y, then z (voxel (x, y, z) at
-//! index `x + X * (y + Y * z)`). Gzip is detected by magic bytes, not by name. Each volume is
+//! index `x + X * (y + Y * z)`). Gzip is detected by magic bytes, not by name, and a file is read
+//! (inflated) no further than the end of the voxels its header declares. Each volume is
 //! scaled to [0, 1] by its own minimum and maximum, near-empty slices are dropped, and the rest
 //! are resized to a square and scaled to [-1, 1].
 
@@ -225,13 +226,28 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
     Ok(Header { little_endian: fields.little_endian, dims, datatype, vox_offset: vox_offset as usize, scaling })
 }
 
-/// The voxel bytes the header promises, checked against what the file holds.
-fn voxel_bytes<'a>(bytes: &'a [u8], header: &Header, path: &Path) -> Result<&'a [u8], DataError> {
-    let needed = header
+/// How many bytes of voxels the header promises.
+fn voxel_len(header: &Header, path: &Path) -> Result<usize, DataError> {
+    header
         .dims
         .iter()
         .try_fold(header.datatype.bytes(), |total, &extent| total.checked_mul(extent))
-        .ok_or_else(|| format_error(path, format!("dimensions {:?} overflow", header.dims)))?;
+        .ok_or_else(|| format_error(path, format!("dimensions {:?} overflow", header.dims)))
+}
+
+/// The size of the file its header declares: where its voxels end. `header_bytes` is the start
+/// of the file (the header, or less when the file is shorter).
+fn declared_len(header_bytes: &[u8], path: &Path) -> Result<u64, DataError> {
+    let header = parse_header(header_bytes, path)?;
+    let end = header.vox_offset.checked_add(voxel_len(&header, path)?).ok_or_else(|| {
+        format_error(path, format!("vox_offset {} and the voxels of dimensions {:?} overflow", header.vox_offset, header.dims))
+    })?;
+    Ok(end as u64)
+}
+
+/// The voxel bytes the header promises, checked against what the file holds.
+fn voxel_bytes<'a>(bytes: &'a [u8], header: &Header, path: &Path) -> Result<&'a [u8], DataError> {
+    let needed = voxel_len(header, path)?;
     let available = bytes.len().saturating_sub(header.vox_offset);
     if available < needed {
         return Err(format_error(
@@ -299,7 +315,7 @@ fn no_slices(size: i64) -> Tensor {
 
 /// The kept slices of one volume file as `[K, 1, size, size]` in [-1, 1].
 fn load_volume_slices(path: &Path, size: i64, min_foreground: f64) -> Result<Tensor, DataError> {
-    let bytes = super::idx::read_maybe_gzip(path)?;
+    let bytes = super::idx::read_declared(path, HEADER_LEN, |header| declared_len(header, path))?;
     let header = parse_header(&bytes, path)?;
     let mut values =
         decode_voxels(voxel_bytes(&bytes, &header, path)?, header.datatype, header.little_endian, header.scaling);
@@ -328,7 +344,9 @@ fn load_volume_slices(path: &Path, size: i64, min_foreground: f64) -> Result<Ten
 /// all 0. No file, or no slice with enough foreground, gives an empty set.
 ///
 /// Errors: a file shorter than the header, with the wrong magic, fewer than 3 dimensions, an
-/// unsupported datatype, or less data than its header promises is [`DataError::Format`] naming it.
+/// unsupported datatype, less data than its header promises, a header declaring more than
+/// `cohort_proto::transfer::MAX_DATASET_FILE_BYTES`, or more data than declared (beyond a little
+/// slack: a gzip bomb stops there, uninflated) is [`DataError::Format`] naming it.
 ///
 /// # Panics
 ///
@@ -590,6 +608,21 @@ mod tests {
         let flat = write(dir.path(), "flat.nii", &flat.encode());
         let message = format_message(load_nifti_slices(&[flat.clone()], 8, 0.2), &flat);
         assert!(message.contains("dim[0] is 2: need 3 to 7 dimensions"), "{message}");
+
+        let mut bomb = good.clone();
+        bomb.resize(good.len() + (4 << 20), 0);
+        let bomb = write(dir.path(), "bomb.nii.gz", &gzip(&bomb));
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&bomb), 8, 0.2), &bomb);
+        assert!(message.contains("inflates past the 472 bytes its header declares (more than 65536 bytes beyond)"), "{message}");
+
+        let mut huge = good.clone();
+        huge[OFFSET_DIM..OFFSET_DIM + 2].copy_from_slice(&4i16.to_le_bytes());
+        for axis in 1..=4 {
+            huge[OFFSET_DIM + 2 * axis..OFFSET_DIM + 2 * axis + 2].copy_from_slice(&i16::MAX.to_le_bytes());
+        }
+        let huge = write(dir.path(), "huge.nii.gz", &gzip(&huge));
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&huge), 8, 0.2), &huge);
+        assert!(message.contains("the header declares 1152780773560811873 bytes, more than the limit of 8589934592"), "{message}");
 
         let truncated = write(dir.path(), "truncated.nii.gz", &gzip(&good[..good.len() - 1]));
         let message = format_message(load_nifti_slices(&[truncated.clone()], 8, 0.2), &truncated);
