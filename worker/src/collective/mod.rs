@@ -28,6 +28,9 @@ pub enum CollectiveError {
     /// The gang cannot be set up as described.
     #[error("bad gang: {0}")]
     Setup(String),
+    /// The caller's stop flag was set before the gang formed (cancel, lease lost, shutdown).
+    #[error("stopped on request")]
+    Stopped,
 }
 
 /// How replicas exchange tensors. Every rank calls the same collectives in the same order.

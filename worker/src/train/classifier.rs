@@ -74,7 +74,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
     }
     drop(checkpoint_phase);
-    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
+    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
     if let Some(comm) = comm.as_deref_mut() {
         data_parallel::broadcast_variables(comm, &vars)?;
     }

@@ -223,7 +223,7 @@ fn train_loop(
 ) -> Result<Option<Trainee>, TrainError> {
     let config = &task.config;
     check_config(config, train.len())?;
-    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
+    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
     let mut trainee = Trainee::new(config, inputs)?;
     if let Some(comm) = comm.as_deref_mut() {
         data_parallel::broadcast_variables(comm, &trainee.vars)?;

@@ -11,13 +11,17 @@ use crate::collective::{host_copy, Backend, CollectiveError, Communicator};
 
 impl From<CollectiveError> for TrainError {
     fn from(error: CollectiveError) -> Self {
-        TrainError::Collective(error.to_string())
+        match error {
+            CollectiveError::Stopped => TrainError::Stopped,
+            error => TrainError::Collective(error.to_string()),
+        }
     }
 }
 
 /// This replica's place in the gang and the gang's communicator, when the task runs on several
 /// replicas (`inputs.gang`); [`Shard::SOLE`] and no communicator otherwise.
-pub fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
+/// Setting `stop` while the ring forms (the task was cancelled or its lease lost) ends the wait.
+pub fn join_gang(inputs: &RunInputs<'_>, stop: &std::sync::atomic::AtomicBool) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
     let Some(gang) = inputs.gang else {
         return Ok((Shard::SOLE, None));
     };
@@ -25,7 +29,7 @@ pub fn join_gang(inputs: &RunInputs<'_>) -> Result<(Shard, Option<Box<dyn Commun
     let comm: Box<dyn Communicator> = match gang.backend {
         Backend::Ring => {
             let listener = gang.listener.try_clone().map_err(|e| TrainError::Collective(format!("listener: {e}")))?;
-            Box::new(RingCommunicator::connect(listener, settings)?)
+            Box::new(RingCommunicator::connect_with_stop(listener, settings, stop)?)
         }
         Backend::Nccl => Box::new(NcclCommunicator::new(settings.rank, settings.peers.len(), &gang.nccl_id, inputs.device)?),
     };
