@@ -219,6 +219,111 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     described
 }
 
+/// What can be known, before any training, of how many samples an epoch draws from: the dataset's
+/// training samples (before `dataset.train_limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainSamples {
+    /// Exactly this many (an IDX file's count, an image folder's training images).
+    Exact(u64),
+    /// At most this many (NIfTI volumes' axial slices: the workers drop the near-empty ones).
+    AtMost(u64),
+}
+
+impl TrainSamples {
+    /// The same bound with `dataset.train_limit` (0: none) applied.
+    fn limited(self, train_limit: u64) -> Self {
+        if train_limit == 0 {
+            return self;
+        }
+        match self {
+            Self::Exact(count) => Self::Exact(count.min(train_limit)),
+            Self::AtMost(count) => Self::AtMost(count.min(train_limit)),
+        }
+    }
+
+    fn count(self) -> u64 {
+        match self {
+            Self::Exact(count) | Self::AtMost(count) => count,
+        }
+    }
+
+    /// "" for an exact count, "at most " for a bound: the prefix of every figure derived from it.
+    fn qualifier(self) -> &'static str {
+        match self {
+            Self::Exact(_) => "",
+            Self::AtMost(_) => "at most ",
+        }
+    }
+}
+
+fn greatest_common_divisor(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn plural(count: u64, one: &str, many: &str) -> String {
+    if count == 1 {
+        format!("{count} {one}")
+    } else {
+        format!("{count} {many}")
+    }
+}
+
+/// Warnings about a sweep that is valid but will not train as its author most likely expects,
+/// for `coordinator submit` (and its dry run) to print; `train_samples` is what the dataset's
+/// files tell of its training-sample count, `None` when they tell nothing (then nothing is
+/// warned).
+///
+/// A WGAN-GP's generator steps once every `train.critic_steps` critic steps, and the critic
+/// steps once per full batch. When an epoch has fewer full batches than that, the generator
+/// steps in only some epochs (the others report no `generator_loss`), or, with no full batch at
+/// all, the trial fails. A bound on the sample count (NIfTI) warns only when even the bound is
+/// too small.
+pub fn schedule_warnings(sweep: &SweepFile, train_samples: Option<TrainSamples>) -> Vec<String> {
+    let (Some(train), Some(samples)) = (sweep.train.as_ref().filter(|_| sweep.is_gan()), train_samples) else {
+        return Vec::new();
+    };
+    let samples = samples.limited(sweep.dataset.train_limit);
+    let at_most = samples.qualifier();
+    let batch = u64::from(train.batch_size);
+    let critic_steps = u64::from(train.critic_steps);
+    // Full batches only: the worker drops an epoch's last, partial batch.
+    let batches = samples.count() / batch.max(1);
+    if batches >= critic_steps {
+        return Vec::new();
+    }
+    let split = format!("{at_most}{} / batch {batch}", plural(samples.count(), "training sample", "training samples"));
+    if batches == 0 {
+        return vec![format!("train.batch_size: an epoch has no full batch ({split}): the trial will fail")];
+    }
+    // Counted over the trial, the generator steps in `batches` of every `critic_steps` epochs.
+    let common = greatest_common_divisor(batches, critic_steps);
+    let (stepping, period) = (batches / common, critic_steps / common);
+    let remedy = match samples {
+        TrainSamples::Exact(count) => {
+            // The largest batch size that still gives `critic_steps` batches, splits over the
+            // replicas and is at least 2 (the worker's minimum).
+            let replicas = u64::from(sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1)));
+            let largest_batch = count / critic_steps / replicas * replicas;
+            let mut remedies = Vec::new();
+            if largest_batch >= 2 {
+                remedies.push(format!("train.batch_size to {largest_batch} or less"));
+            }
+            remedies.push(format!("train.critic_steps to {batches} or less"));
+            format!("for a generator step every epoch, lower {}", remedies.join(" or "))
+        }
+        TrainSamples::AtMost(_) => "for a generator step every epoch, lower train.batch_size or train.critic_steps until an epoch has at least train.critic_steps batches".to_string(),
+    };
+    vec![format!(
+        "train.batch_size: an epoch has {at_most}{} ({split}), fewer than the {critic_steps} critic steps per generator step (train.critic_steps): \
+         the generator steps in {at_most}{stepping} of every {}, and the other epochs report no generator_loss; {remedy}",
+        plural(batches, "batch", "batches"),
+        plural(period, "epoch", "epochs"),
+    )]
+}
+
 /// What the coordinator knows of a trial when deciding on the next stage.
 #[derive(Debug, Clone)]
 pub struct Outcome<'a> {
@@ -391,6 +496,71 @@ mod tests {
         let hyper = Hyper { lr: 1e-3, weight_decay: 0.0, batch_size: 256, noise_std: 0.3, latent: 4 };
         let final_spec = final_trial(&sweep, dataset(), &hyper, "x".into());
         assert_eq!(next_stage(&sweep, &[outcome(&final_spec, TaskState::Failed, None, None)]), Next::Done);
+    }
+
+    /// A WGAN-GP sweep on NIfTI data with the given `[train]` batch size and critic steps, and
+    /// `extra` appended (e.g. `[distributed]`); `train_limit` 0 means all.
+    fn gan_sweep(batch_size: u32, critic_steps: u32, train_limit: u64, extra: &str) -> SweepFile {
+        let text = format!(
+            "name = \"g\"\n[dataset]\nformat = \"nifti\"\npath = \"mri\"\ntrain_limit = {train_limit}\n[model]\nkind = \"wgan-gp\"\n\
+             [train]\nepochs = 80\nbatch_size = {batch_size}\ncritic_steps = {critic_steps}\n{extra}"
+        );
+        SweepFile::parse(&text, "g.toml").unwrap()
+    }
+
+    #[test]
+    fn an_epoch_shorter_than_the_critic_steps_is_warned_with_its_figures_and_a_remedy() {
+        // The committed volume's 134 slices at the seed's batch 64: 2 batches against 5 critic steps.
+        let warnings = schedule_warnings(&gan_sweep(64, 5, 0, ""), Some(TrainSamples::Exact(134)));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let warning = &warnings[0];
+        for expected in [
+            "an epoch has 2 batches (134 training samples / batch 64)",
+            "fewer than the 5 critic steps per generator step",
+            "the generator steps in 2 of every 5 epochs",
+            "report no generator_loss",
+            "lower train.batch_size to 26 or less or train.critic_steps to 2 or less",
+        ] {
+            assert!(warning.contains(expected), "{expected:?} in {warning:?}");
+        }
+        // 3 batches against 6 critic steps: every other epoch.
+        let warning = &schedule_warnings(&gan_sweep(8, 6, 0, ""), Some(TrainSamples::Exact(24)))[0];
+        assert!(warning.contains("an epoch has 3 batches") && warning.contains("in 1 of every 2 epochs"), "{warning}");
+    }
+
+    #[test]
+    fn the_remedy_batch_splits_over_the_replicas_and_is_left_out_below_two() {
+        let replicated = &schedule_warnings(&gan_sweep(64, 5, 0, "[distributed]\nreplicas = 4\n"), Some(TrainSamples::Exact(134)))[0];
+        assert!(replicated.contains("train.batch_size to 24 or less"), "26 does not split over 4 replicas: {replicated}");
+        let tiny = &schedule_warnings(&gan_sweep(4, 5, 0, ""), Some(TrainSamples::Exact(9)))[0];
+        assert!(tiny.contains("an epoch has 2 batches") && tiny.ends_with("lower train.critic_steps to 2 or less"), "{tiny}");
+    }
+
+    #[test]
+    fn enough_batches_or_an_unknown_dataset_size_warn_nothing() {
+        // The shipped example: batch 16 on the committed volume is 8 batches an epoch.
+        assert_eq!(schedule_warnings(&gan_sweep(16, 5, 0, ""), Some(TrainSamples::Exact(134))), Vec::<String>::new());
+        assert!(schedule_warnings(&gan_sweep(16, 5, 0, ""), Some(TrainSamples::AtMost(181))).is_empty());
+        assert!(schedule_warnings(&gan_sweep(26, 5, 0, ""), Some(TrainSamples::Exact(134))).is_empty(), "exactly 5 batches");
+        assert!(schedule_warnings(&gan_sweep(64, 5, 0, ""), None).is_empty(), "nothing known, nothing warned");
+        // An upper bound that leaves enough batches says nothing of the real count.
+        assert!(schedule_warnings(&gan_sweep(32, 5, 0, ""), Some(TrainSamples::AtMost(181))).is_empty());
+        // Not a GAN: no critic.
+        assert!(schedule_warnings(&SweepFile::parse(GOOD, "s").unwrap(), Some(TrainSamples::Exact(10))).is_empty());
+    }
+
+    #[test]
+    fn a_bound_on_the_samples_warns_when_even_the_bound_is_short_and_the_limit_applies() {
+        // The committed volume's header: 181 axial slices, before near-empty ones are dropped.
+        let warning = &schedule_warnings(&gan_sweep(64, 5, 0, ""), Some(TrainSamples::AtMost(181)))[0];
+        assert!(warning.contains("an epoch has at most 2 batches (at most 181 training samples / batch 64)"), "{warning}");
+        assert!(warning.contains("in at most 2 of every 5 epochs"), "{warning}");
+        assert!(warning.contains("until an epoch has at least train.critic_steps batches"), "{warning}");
+        // dataset.train_limit cuts the samples: 40 of them at batch 16 is 2 batches.
+        let limited = &schedule_warnings(&gan_sweep(16, 5, 40, ""), Some(TrainSamples::Exact(134)))[0];
+        assert!(limited.contains("an epoch has 2 batches (40 training samples / batch 16)"), "{limited}");
+        let no_batch = schedule_warnings(&gan_sweep(64, 5, 0, ""), Some(TrainSamples::Exact(50)));
+        assert_eq!(no_batch, vec!["train.batch_size: an epoch has no full batch (50 training samples / batch 64): the trial will fail".to_string()]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `coordinator submit`: validate a sweep file, upload its dataset, register it.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use cohort_coordinator::plan::{self, TrainSamples};
 use cohort_coordinator::sweep::SweepFile;
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
@@ -16,6 +18,9 @@ pub struct LocalSweep {
     pub source_name: String,
     /// The dataset's files: name and local path.
     pub dataset_files: Vec<(String, PathBuf)>,
+    /// What will train but not as the file most likely means (each naming the file), printed
+    /// when the coordinator accepts the sweep.
+    pub warnings: Vec<String>,
 }
 
 /// Reads and validates a sweep file, and lists its dataset folder.
@@ -34,7 +39,81 @@ pub fn read(path: &Path) -> anyhow::Result<LocalSweep> {
     if dataset_files.is_empty() {
         bail!("{source_name}: dataset.path: the folder {} holds no file", folder.display());
     }
-    Ok(LocalSweep { source, source_name, dataset_files })
+    let warnings = plan::schedule_warnings(&sweep, train_samples(&sweep, &dataset_files))
+        .into_iter()
+        .map(|warning| format!("{source_name}: {warning}"))
+        .collect();
+    Ok(LocalSweep { source, source_name, dataset_files, warnings })
+}
+
+/// What the local dataset files tell of the training-sample count (before `train_limit`), for the
+/// sweep's warnings; `None` when they tell nothing. Only a WGAN-GP's warnings need it, so other
+/// sweeps read nothing here. Files that do not parse tell nothing: the coordinator refuses them,
+/// naming the problem.
+fn train_samples(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<TrainSamples> {
+    if !sweep.is_gan() {
+        return None;
+    }
+    match sweep.dataset.format.as_str() {
+        "nifti" => {
+            let slices = nifti_slices(files)?;
+            // Every slice has at least no foreground: with 0 the workers keep them all.
+            Some(if sweep.dataset.min_foreground <= 0.0 { TrainSamples::Exact(slices) } else { TrainSamples::AtMost(slices) })
+        }
+        "image-folder" => Some(TrainSamples::Exact(image_folder_images(files))),
+        // A WGAN-GP does not train on IDX data (the sweep's validation refuses it).
+        _ => None,
+    }
+}
+
+/// The axial slices of the dataset's NIfTI-1 volumes (every X×Y plane, as the workers cut them),
+/// from their headers alone; `None` when a volume's header cannot be read. The workers keep only
+/// the slices with enough foreground, so this bounds the training samples from above.
+fn nifti_slices(files: &[(String, PathBuf)]) -> Option<u64> {
+    const HEADER_LEN: usize = 348;
+    const OFFSET_DIM: usize = 40;
+    let mut slices = 0u64;
+    for (name, path) in files.iter().filter(|(name, _)| name.ends_with(".nii") || name.ends_with(".nii.gz")) {
+        let mut raw = std::fs::File::open(path).ok()?;
+        let mut magic = [0u8; 2];
+        raw.read_exact(&mut magic).ok()?;
+        let chained = std::io::Cursor::new(magic).chain(raw);
+        // Gzip is told by its magic bytes, as the workers do, not by the name.
+        let mut reader: Box<dyn Read> = if magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(chained)) } else { Box::new(chained) };
+        let mut header = [0u8; HEADER_LEN];
+        reader.read_exact(&mut header).ok()?;
+        let sizeof_hdr = [header[0], header[1], header[2], header[3]];
+        let little_endian = match (i32::from_le_bytes(sizeof_hdr), i32::from_be_bytes(sizeof_hdr)) {
+            (348, _) => true,
+            (_, 348) => false,
+            _ => return None,
+        };
+        let field = |index: usize| {
+            let bytes = [header[OFFSET_DIM + 2 * index], header[OFFSET_DIM + 2 * index + 1]];
+            if little_endian { i16::from_le_bytes(bytes) } else { i16::from_be_bytes(bytes) }
+        };
+        let used = usize::try_from(field(0)).ok().filter(|used| (3..=7).contains(used))?;
+        let mut planes = 1u64;
+        for index in 3..=used {
+            planes *= u64::try_from(field(index)).ok().filter(|&size| size > 0)?;
+        }
+        tracing::debug!(file = %name, planes, "volume header read");
+        slices += planes;
+    }
+    Some(slices)
+}
+
+/// The training images of an image-folder dataset as the workers load them: the .png/.jpg/.jpeg
+/// files of each class folder, under `train/` when there is one.
+fn image_folder_images(files: &[(String, PathBuf)]) -> u64 {
+    let has_train = files.iter().any(|(name, _)| name.starts_with("train/"));
+    let depth = if has_train { 3 } else { 2 };
+    let is_image = |name: &str| {
+        let extension = name.rsplit_once('.').map(|(_, extension)| extension.to_ascii_lowercase());
+        matches!(extension.as_deref(), Some("png" | "jpg" | "jpeg"))
+    };
+    let training = |name: &str| name.split('/').count() == depth && (!has_train || name.starts_with("train/"));
+    files.iter().filter(|(name, _)| training(name) && is_image(name)).count() as u64
 }
 
 /// Lists regular files under `folder` recursively as (relative name with `/`, path), skipping
@@ -92,6 +171,11 @@ pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: boo
         dry_run,
     };
     let response = client.submit_sweep(request).await.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    // Once accepted, so that a refused sweep shows its error alone; on stderr, so that the dry
+    // run's JSON and the printed sweep id stay machine-readable.
+    for warning in &sweep.warnings {
+        eprintln!("warning: {warning}");
+    }
     Ok(response.into_inner())
 }
 
@@ -133,4 +217,65 @@ pub fn print_plan(response: &pb::SubmitSweepResponse) {
         println!("… and {} more", first_stage_trials - planned.len());
     }
     println!("{first_stage_trials} trials in the first stage; each later stage is planned when the one before it ends");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the coordinator crate lies in the workspace").to_path_buf()
+    }
+
+    /// Writes `text` as a sweep file in `dir` whose dataset is the committed MRI volume.
+    fn sweep_on_the_committed_volume(dir: &Path, train: &str, min_foreground: f64) -> PathBuf {
+        let data = repo_root().join("data/mri-sample");
+        let text = format!(
+            "name = \"g\"\n[dataset]\nformat = \"nifti\"\npath = \"{}\"\nmin_foreground = {min_foreground}\n[model]\nkind = \"wgan-gp\"\n[train]\nepochs = 2\n{train}",
+            data.display()
+        );
+        let path = dir.join("gan.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_shipped_wgan_example_reads_without_a_warning() {
+        let sweep = read(&repo_root().join("examples/seed-wgan.toml")).unwrap();
+        assert_eq!(sweep.warnings, Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_seeds_batch_on_the_committed_volume_is_warned_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sweep_on_the_committed_volume(dir.path(), "batch_size = 64\ncritic_steps = 5\n", 0.05);
+        let sweep = read(&path).unwrap();
+        assert_eq!(sweep.warnings.len(), 1, "{:?}", sweep.warnings);
+        let warning = &sweep.warnings[0];
+        assert!(warning.starts_with(&format!("{}: train.batch_size: ", path.display())), "{warning}");
+        // The header's 181 axial slices bound the 134 the workers keep.
+        assert!(warning.contains("an epoch has at most 2 batches (at most 181 training samples / batch 64)"), "{warning}");
+    }
+
+    #[test]
+    fn volume_headers_count_slices_exactly_when_every_slice_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = vec![("ch2bet.nii.gz".to_string(), repo_root().join("data/mri-sample/ch2bet.nii.gz"))];
+        assert_eq!(nifti_slices(&volume), Some(181), "181×217×181 voxels");
+        let path = sweep_on_the_committed_volume(dir.path(), "batch_size = 64\n", 0.0);
+        let sweep = SweepFile::parse(&std::fs::read_to_string(&path).unwrap(), "gan.toml").unwrap();
+        assert_eq!(train_samples(&sweep, &volume), Some(TrainSamples::Exact(181)));
+        let not_a_volume = dir.path().join("broken.nii");
+        std::fs::write(&not_a_volume, b"not a header").unwrap();
+        assert_eq!(nifti_slices(&[("broken.nii".into(), not_a_volume)]), None, "an unreadable header tells nothing");
+    }
+
+    #[test]
+    fn an_image_folder_counts_the_training_images_of_its_class_folders() {
+        let file = |name: &str| (name.to_string(), PathBuf::from(name));
+        let with_train = [file("train/AD/a.jpg"), file("train/AD/b.PNG"), file("train/CN/c.jpeg"), file("test/AD/d.jpg"), file("train/notes.txt"), file("train/CN/e.txt")];
+        assert_eq!(image_folder_images(&with_train), 3);
+        let flat = [file("AD/a.jpg"), file("CN/b.png"), file("README.md"), file("CN/deeper/c.png")];
+        assert_eq!(image_folder_images(&flat), 2);
+    }
 }

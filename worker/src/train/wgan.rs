@@ -1,6 +1,12 @@
 //! The WGAN-GP recipe (report §2): `critic_steps` critic updates, each on a fresh real batch,
 //! per generator update; both with Adam(lr, betas (β1, β2)); gradient penalty λ.
 //!
+//! Critic steps are counted over the whole trial, not per epoch: the generator steps after every
+//! `critic_steps`-th critic step of the trial, whatever the epoch length. On a small dataset an
+//! epoch may hold fewer batches than `critic_steps`; a count restarted every epoch would then
+//! never reach it and the generator would never train. The count is the critic optimizer's step
+//! count, which checkpoints save and resumes restore, so a resumed trial keeps the schedule.
+//!
 //! Data parallel over a gang of `world` replicas, it computes what one process would on the
 //! global batch: every replica walks the same shuffled order and draws the same global noise
 //! (shared seeds), takes its rows of each global batch for the critic, and averages gradients
@@ -106,10 +112,25 @@ impl Gan {
         self.generator_optimizer.step();
     }
 
+    /// Critic updates taken since the trial began. This is the critic optimizer's step count:
+    /// it is part of every checkpoint and restored on resume, and it advances once per global
+    /// batch on every replica of a gang, so all replicas agree on it. (Checkpoints written while
+    /// the generator's schedule restarted every epoch carry the same count: the critic stepped
+    /// once per batch then too.)
+    pub fn critic_steps_taken(&self) -> u64 {
+        u64::try_from(self.critic_optimizer.steps()).unwrap_or(0)
+    }
+
     /// The gradients of the critic's or the generator's parameters, by name (for tests).
     pub fn gradients(&self, prefix: &str) -> Vec<(String, Tensor)> {
         trainable(&self.vars).into_iter().filter(|(name, _)| name.starts_with(prefix)).map(|(name, t)| (name, t.grad())).collect()
     }
+}
+
+/// Whether a generator update follows the critic update that brought the trial's count of critic
+/// updates to `critic_steps_taken`: one after every `critic_steps`-th critic update of the trial.
+pub fn generator_step_due(critic_steps_taken: u64, critic_steps: u32) -> bool {
+    critic_steps > 0 && critic_steps_taken > 0 && critic_steps_taken.is_multiple_of(u64::from(critic_steps))
 }
 
 /// Running sums of an epoch's figures: critic loss, Wasserstein estimate, penalty, generator loss.
@@ -122,10 +143,12 @@ struct Sums {
 }
 
 /// `wgan`: trains one WGAN-GP, alone or as one replica of a gang. Reports (rank 0) `critic_loss`,
-/// `generator_loss`, `wasserstein` and `gradient_penalty` (epoch means over the gang) per epoch,
-/// and at the end each replica's `param_checksum_rank{r}`. Artifacts (rank 0): `real` (a grid's
-/// worth of training images) at the start, `samples-e{epoch}` (the fixed noise through the
-/// generator) after the first epoch, every `sample_every` epochs and at the end.
+/// `wasserstein` and `gradient_penalty` (epoch means over the gang) per epoch, `generator_loss`
+/// for every epoch in which the generator stepped (every epoch when an epoch has at least
+/// `critic_steps` batches), and at the end each replica's `param_checksum_rank{r}`. Artifacts
+/// (rank 0): `real` (a grid's worth of training images) at the start, `samples-e{epoch}` (the
+/// fixed noise through the generator) after the first epoch, every `sample_every` epochs and at
+/// the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let config = &task.config;
     let recipe: &WganConfig = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
@@ -134,7 +157,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     if size[2] != IMAGE_SIZE || size[3] != IMAGE_SIZE {
         return Err(TrainError::Invalid(format!("the generator makes {IMAGE_SIZE}×{IMAGE_SIZE} images, the data is {}×{}", size[2], size[3])));
     }
-    let (shard, mut comm) = data_parallel::join_gang(inputs)?;
+    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
     let n = train.len();
     let batch = config.batch_size;
     if batch < 2 || batch > n || recipe.critic_steps == 0 || !batch.is_multiple_of(shard.world) {
@@ -178,7 +201,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
                 *sum += value;
             }
             sums.critic_steps += 1.0;
-            if (step + 1) % recipe.critic_steps as usize == 0 {
+            // The trial's count, not the epoch's (see the module's documentation).
+            if generator_step_due(gan.critic_steps_taken(), recipe.critic_steps) {
                 let noise = gan.noise(batch as i64);
                 sums.generator += gan.generator_gradients(&noise, shard, comm.as_deref_mut())?;
                 gan.step_generator();
@@ -197,6 +221,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             ("wasserstein".to_string(), f64::from(totals[1]) / critic_steps),
             ("gradient_penalty".to_string(), f64::from(totals[2]) / critic_steps),
         ];
+        // An epoch without a generator step has no generator loss to report: rather than a
+        // made-up figure, the key is left out (the submit warning names such configurations).
         if sums.generator_steps > 0.0 {
             values.push(("generator_loss".into(), finite(f64::from(totals[3]) / (sums.generator_steps * world), epoch, "generator_loss")?));
         }
