@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use cohort_coordinator::core::{Core, CoreConfig, Limits};
+use cohort_coordinator::core::{Core, CoreConfig, LeaseProof, Limits};
 use cohort_coordinator::domain::BlobRef;
-use cohort_coordinator::scheduler::{Scheduler, TaskEntry, Timeouts};
+use cohort_coordinator::scheduler::{Scheduler, SecretSource, TaskEntry, Timeouts};
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
 use cohort_proto::v1::client_service_client::ClientServiceClient;
@@ -243,14 +243,15 @@ async fn submit_over_grpc(channel: Channel, source: &str, dataset: &[(String, Pa
 struct SimulatedWorker {
     client: WorkerServiceClient<Channel>,
     worker_id: String,
+    session: String,
 }
 
 impl SimulatedWorker {
     async fn register(process: &CoordinatorProcess, index: usize) -> Result<Self> {
         let mut client = WorkerServiceClient::new(channel(process).await?);
         let request = pb::RegisterRequest { name: format!("bench-{index}"), device: "cpu".into(), running: vec![] };
-        let worker_id = client.register(request).await?.into_inner().worker_id;
-        Ok(Self { client, worker_id })
+        let registered = client.register(request).await?.into_inner();
+        Ok(Self { client, worker_id: registered.worker_id, session: registered.session })
     }
 
     /// Acquires and completes tasks until `completed` reaches `target`, waiting for each tick
@@ -273,12 +274,17 @@ impl SimulatedWorker {
                 ticker.tick().await;
             }
             let asked = Instant::now();
-            let request = pb::AcquireTaskRequest { worker_id: self.worker_id.clone(), wait_ms: ACQUIRE_WAIT_MS };
+            let request = pb::AcquireTaskRequest { worker_id: self.worker_id.clone(), wait_ms: ACQUIRE_WAIT_MS, session: self.session.clone() };
             let Some(task) = self.client.acquire_task(request).await?.into_inner().task else {
                 continue;
             };
             let acquired = Instant::now();
-            let request = pb::CompleteTaskRequest { worker_id: self.worker_id.clone(), task_id: task.task_id, attempt: task.attempt };
+            let request = pb::CompleteTaskRequest {
+                worker_id: self.worker_id.clone(),
+                task_id: task.task_id,
+                attempt: task.attempt,
+                lease_secret: task.lease_secret,
+            };
             self.client.complete_task(request).await?;
             latencies.record(acquired - asked, acquired.elapsed());
             if completed.fetch_add(1, Ordering::AcqRel) + 1 == target {
@@ -393,7 +399,8 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
     core.submit(&source, "bench.toml", files, false)?;
     let mut worker_ids = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
-        worker_ids.push(core.register(&format!("bench-{index}"), &[])?.0);
+        let (worker_id, session, _) = core.register(&format!("bench-{index}"), &[])?;
+        worker_ids.push((worker_id, session));
     }
     eprintln!("core anchor: {} tasks on {} in-process workers", options.tasks, options.workers);
     let completed = Arc::new(AtomicUsize::new(0));
@@ -403,7 +410,7 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
     let started = Instant::now();
     let handles: Vec<_> = worker_ids
         .into_iter()
-        .map(|worker_id| {
+        .map(|(worker_id, session)| {
             let (core, completed, done) = (core.clone(), completed.clone(), done.clone());
             tokio::spawn(async move {
                 let wait = Duration::from_millis(u64::from(ACQUIRE_WAIT_MS));
@@ -411,11 +418,13 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
                 let result: Result<()> = async {
                     while completed.load(Ordering::Acquire) < target {
                         let asked = Instant::now();
-                        let Some(dispatch) = core.acquire(&worker_id, wait).await? else {
+                        let Some(dispatch) = core.acquire(&worker_id, &session, wait).await? else {
                             continue;
                         };
                         let acquired = Instant::now();
-                        core.complete(&worker_id, &dispatch.task_id, dispatch.attempt)?;
+                        let lease =
+                            LeaseProof { worker_id: &worker_id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret };
+                        core.complete(&lease)?;
                         latencies.record(acquired - asked, acquired.elapsed());
                         if completed.fetch_add(1, Ordering::AcqRel) + 1 == target {
                             done.notify_one();
@@ -444,22 +453,27 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
 
 /// The anchor of the state machine alone: acquire and complete, round robin over the workers.
 fn bench_state_machine(options: &Options) -> Result<serde_json::Value> {
-    let mut scheduler = Scheduler::new(Timeouts::default());
+    let mut minted = 0u64;
+    let secrets = SecretSource::new(move || {
+        minted += 1;
+        format!("{minted:032x}")
+    });
+    let mut scheduler = Scheduler::new(Timeouts::default(), secrets);
     for index in 0..options.tasks {
         scheduler.insert(TaskEntry::queued(format!("s1.t{index}"), "s1".into(), index as u64, 3, 1), 0);
     }
     let workers: Vec<String> = (0..options.workers).map(|index| format!("w-{index}")).collect();
     for worker in &workers {
-        scheduler.register(worker, worker, 0, &[]);
+        scheduler.register(worker, worker, worker, 0, &[]);
     }
     let started = Instant::now();
     for index in 0..options.tasks {
         let worker = &workers[index % workers.len()];
         let now = started.elapsed().as_millis() as u64;
-        let Some(lease) = scheduler.acquire(worker, now)? else {
+        let Some(lease) = scheduler.acquire(worker, worker, now)? else {
             bail!("the scheduler ran dry after {index} tasks");
         };
-        scheduler.complete(worker, &lease.task_id, lease.attempt, now)?;
+        scheduler.complete(worker, &lease.task_id, lease.attempt, &lease.secret, now)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(json!({"tasks": options.tasks, "wall_s": round(seconds, 3), "tasks_per_s": round(options.tasks as f64 / seconds, 1)}))

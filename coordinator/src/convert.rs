@@ -32,7 +32,7 @@ pub fn dataset_files(files: Vec<pb::DatasetFile>) -> Result<Vec<(String, BlobRef
 
 /// Leases a worker says it holds.
 pub fn leases(running: Vec<pb::RunningTask>) -> Vec<Lease> {
-    running.into_iter().map(|r| Lease { task_id: r.task_id, attempt: r.attempt, rank: r.rank, world: 0 }).collect()
+    running.into_iter().map(|r| Lease { task_id: r.task_id, attempt: r.attempt, rank: r.rank, world: 0, secret: r.lease_secret }).collect()
 }
 
 /// A failure kind from the wire (unspecified counts as infrastructure: retrying is the safe side).
@@ -129,6 +129,7 @@ pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, 
         rank: 0,
         world_size: spec.replicas,
         collective_backend: spec.collective_backend.clone(),
+        lease_secret: String::new(),
     }
 }
 
@@ -137,6 +138,7 @@ impl From<Dispatch> for pb::TaskSpec {
         let mut spec = task_spec(&d.task_id, &d.sweep_id, d.attempt, &d.spec, d.resume_from);
         spec.rank = d.rank;
         spec.world_size = d.world;
+        spec.lease_secret = d.lease_secret;
         spec
     }
 }

@@ -1,6 +1,11 @@
 //! The coordinator's core: the scheduler and the store behind one lock, with every change
 //! committed to SQLite before the caller is answered. The gRPC handlers in [`crate::service`]
 //! only convert messages and call in here.
+//!
+//! Commit or nothing: every change runs through [`Core::change`]. When the store fails to
+//! write (a full disk, an I/O error), the scheduler's memory is rebuilt from what the database
+//! holds, so nothing is served from a state the database does not have, and the core refuses
+//! all further changes (UNAVAILABLE, saying why) until a probe write succeeds again.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -15,7 +20,7 @@ use crate::dataset::{self, DatasetError};
 use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
 use crate::metrics::CoordinatorMetrics;
 use crate::plan;
-use crate::scheduler::{Lease, Millis, Refusal, Scheduler, TaskEntry, Timeouts};
+use crate::scheduler::{Lease, Millis, Refusal, Scheduler, SecretSource, TaskEntry, Timeouts};
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, LogRecord, Store, StoreError, StoredTask, SweepRecord};
 use crate::sweep::{SweepError, SweepFile};
 
@@ -43,6 +48,12 @@ pub enum CoreError {
     /// Local I/O failed.
     #[error("{0}")]
     Io(String),
+    /// A bound on what a caller may send or store was exceeded.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The database cannot be written: the coordinator accepts no changes until it can.
+    #[error("the coordinator cannot write its database ({0}); it accepts no work until it can (free disk space on its data dir)")]
+    Unwritable(String),
 }
 
 /// How the core is set up.
@@ -67,11 +78,40 @@ pub struct Limits {
     pub max_name_bytes: usize,
     /// Longest forwarded log line kept, in bytes (longer ones are cut).
     pub max_log_line_bytes: usize,
+    /// Longest log level kept, in bytes (longer ones are cut).
+    pub max_log_level_bytes: usize,
+    /// Log lines kept per trial (all attempts); later ones are refused.
+    pub max_log_lines_per_trial: u64,
+    /// Named values one reported epoch may hold.
+    pub max_values_per_epoch: usize,
+    /// Worker registrations accepted per minute (a token bucket of this size, refilled evenly).
+    pub registrations_per_minute: u32,
+    /// An upload waiting longer than this for its next chunk is dropped.
+    pub upload_idle: Duration,
+    /// An upload taking longer than this in all is dropped.
+    pub upload_total: Duration,
+    /// Most bytes the blob store may hold (none: no quota).
+    pub blob_quota_bytes: Option<u64>,
+    /// Free disk space an upload must leave on the data dir's filesystem.
+    pub blob_reserve_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_trials: crate::sweep::DEFAULT_MAX_TRIALS, max_blob_bytes: 4 << 30, max_name_bytes: 256, max_log_line_bytes: 4096 }
+        Self {
+            max_trials: crate::sweep::DEFAULT_MAX_TRIALS,
+            max_blob_bytes: 4 << 30,
+            max_name_bytes: 256,
+            max_log_line_bytes: 4096,
+            max_log_level_bytes: 16,
+            max_log_lines_per_trial: 100_000,
+            max_values_per_epoch: 64,
+            registrations_per_minute: 600,
+            upload_idle: cohort_proto::transfer::DEFAULT_IDLE_TIMEOUT,
+            upload_total: cohort_proto::transfer::DEFAULT_TOTAL_TIMEOUT,
+            blob_quota_bytes: None,
+            blob_reserve_bytes: 1 << 30,
+        }
     }
 }
 
@@ -103,6 +143,34 @@ pub struct Dispatch {
     pub spec: TrialSpec,
     /// The checkpoint to resume from (a retried attempt).
     pub resume_from: Option<BlobRef>,
+    /// Proof of the lease, for every call about the task.
+    pub lease_secret: String,
+}
+
+/// What a worker's call about a task presents: who it is, the task and attempt, and the lease's
+/// secret proving it holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseProof<'a> {
+    /// The calling worker.
+    pub worker_id: &'a str,
+    /// The task.
+    pub task_id: &'a str,
+    /// The attempt.
+    pub attempt: u32,
+    /// The lease's secret.
+    pub secret: &'a str,
+}
+
+/// Cuts `text` to at most `limit` bytes, at a character boundary.
+fn cut_at_char(text: &mut String, limit: usize) {
+    if text.len() <= limit {
+        return;
+    }
+    let mut cut = limit;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
 }
 
 /// Counts of a sweep's tasks by state, and the sweep's overall state.
@@ -201,6 +269,33 @@ struct Inner {
     /// Each sweep's latest planned stage, so that a task's end is checked against its stage
     /// without reading the sweep's task rows.
     stages: HashMap<String, LatestStage>,
+    /// Why the store cannot be written, while it cannot: every change is refused meanwhile.
+    unwritable: Option<String>,
+    /// Log lines stored per task (counted from the database the first time a task logs).
+    log_lines: HashMap<String, u64>,
+    /// Registrations left in the current bucket, and when it was last refilled.
+    registrations: (f64, Instant),
+}
+
+impl Inner {
+    /// Rebuilds the scheduler and the stage index from the database: after a failed write, so
+    /// that memory holds exactly what was committed. Running tasks keep their (renewed) leases
+    /// and secrets, so their workers re-attach as after a restart.
+    fn reload(&mut self, timeouts: Timeouts, now: Millis) -> Result<(), StoreError> {
+        let tasks = self.store.tasks(None)?;
+        let mut scheduler = Scheduler::new(timeouts, lease_secrets());
+        self.stages = latest_stages(&tasks);
+        for task in tasks {
+            scheduler.insert(task.entry, now);
+        }
+        self.scheduler = scheduler;
+        Ok(())
+    }
+}
+
+/// Lease secrets: 128 random bits each.
+fn lease_secrets() -> SecretSource {
+    SecretSource::new(|| random_hex(16))
 }
 
 /// A sweep's latest planned stage.
@@ -245,6 +340,7 @@ pub struct Rendezvous {
 /// The coordinator's state.
 pub struct Core {
     limits: Limits,
+    timeouts: Timeouts,
     metrics: CoordinatorMetrics,
     inner: Mutex<Inner>,
     blobs: BlobStore,
@@ -284,7 +380,8 @@ fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<Tri
         .map(|(offset, spec)| {
             let index = first_index + offset;
             let entry =
-                TaskEntry::queued(format!("{sweep_id}.t{index}"), sweep_id.to_string(), (sweep_seq << 20) | index as u64, spec.max_attempts, spec.replicas);
+                TaskEntry::queued(format!("{sweep_id}.t{index}"), sweep_id.to_string(), (sweep_seq << 20) | index as u64, spec.max_attempts, spec.replicas)
+                    .with_epochs(spec.config.epochs);
             StoredTask { entry, spec }
         })
         .collect()
@@ -306,18 +403,28 @@ impl Core {
     pub fn open(config: &CoreConfig) -> Result<Self, CoreError> {
         std::fs::create_dir_all(config.data_dir.join("blobs"))
             .map_err(|e| CoreError::Io(format!("{}: {e}", config.data_dir.display())))?;
-        let store = Store::open(&config.data_dir.join("state.db"))?;
-        let mut scheduler = Scheduler::new(config.timeouts);
-        let tasks = store.tasks(None)?;
-        let stages = latest_stages(&tasks);
-        for task in tasks {
-            scheduler.insert(task.entry, 0);
+        // Uploads cut off by a crash left their partial files behind; no upload is live yet.
+        let blobs = BlobStore::new(config.data_dir.join("blobs"));
+        let removed = blobs.remove_partials().map_err(|e| CoreError::Io(format!("removing partial uploads: {e}")))?;
+        if removed > 0 {
+            tracing::info!(removed, "partial uploads from before the restart removed");
         }
+        let store = Store::open(&config.data_dir.join("state.db"))?;
+        let mut inner = Inner {
+            scheduler: Scheduler::new(config.timeouts, lease_secrets()),
+            store,
+            stages: HashMap::new(),
+            unwritable: None,
+            log_lines: HashMap::new(),
+            registrations: (f64::from(config.limits.registrations_per_minute), Instant::now()),
+        };
+        inner.reload(config.timeouts, 0)?;
         Ok(Self {
             limits: config.limits,
+            timeouts: config.timeouts,
             metrics: CoordinatorMetrics::new(),
-            inner: Mutex::new(Inner { scheduler, store, stages }),
-            blobs: BlobStore::new(config.data_dir.join("blobs")),
+            inner: Mutex::new(inner),
+            blobs,
             work_available: Notify::new(),
             gatherings: Mutex::new(HashMap::new()),
             gathered: Notify::new(),
@@ -331,6 +438,55 @@ impl Core {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs a change under the lock, all or nothing. Refused while the store cannot be written.
+    /// When the change fails in the database, memory is rolled back to what the database holds
+    /// and further changes are refused until [`Core::expire_leases`]'s probe write succeeds.
+    fn change<T>(&self, change: impl FnOnce(&mut Inner) -> Result<T, CoreError>) -> Result<T, CoreError> {
+        let mut inner = self.lock();
+        if let Some(reason) = &inner.unwritable {
+            return Err(CoreError::Unwritable(reason.clone()));
+        }
+        match change(&mut inner) {
+            Err(CoreError::Store(StoreError::Sqlite(error))) => {
+                let reason = error.to_string();
+                tracing::error!(error = %reason, "database write failed: rolling memory back to the database and refusing work until it can be written");
+                inner.unwritable = Some(reason.clone());
+                inner.log_lines.clear();
+                let now = self.now();
+                if let Err(error) = inner.reload(self.timeouts, now) {
+                    tracing::error!(%error, "reloading the database failed too");
+                }
+                Err(CoreError::Unwritable(reason))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the store can be written (false after a failed write, until a probe succeeds).
+    pub fn writable(&self) -> bool {
+        self.lock().unwritable.is_none()
+    }
+
+    /// While the store is unwritable, tries a write; on success reloads memory from the
+    /// database (leases renewed from now) and accepts work again.
+    fn probe_store(&self, inner: &mut Inner) {
+        if inner.unwritable.is_none() {
+            return;
+        }
+        if let Err(error) = inner.store.probe() {
+            inner.unwritable = Some(error.to_string());
+            return;
+        }
+        let now = self.now();
+        match inner.reload(self.timeouts, now) {
+            Ok(()) => {
+                inner.unwritable = None;
+                tracing::info!("database writable again: accepting work");
+            }
+            Err(error) => inner.unwritable = Some(error.to_string()),
+        }
     }
 
     /// The blob store.
@@ -358,6 +514,12 @@ impl Core {
     /// The configured limits.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// How often workers should heartbeat: a quarter of a lease, so that a lease survives
+    /// three lost or late beats.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis((self.timeouts.lease_ms / 4).clamp(100, 5_000))
     }
 
     /// Validates and plans a sweep; unless `dry_run`, stores it and queues its first stage.
@@ -394,34 +556,37 @@ impl Core {
             min_foreground: sweep.dataset.min_foreground,
         };
         let trials = plan::initial(&sweep, dataset);
-        let mut inner = self.lock();
-        let seq = inner.store.next_sweep_seq()?;
-        let sweep_id = format!("s{seq}-{}", random_hex(3));
-        let tasks = new_tasks(&sweep_id, seq, 0, trials);
         let stages = plan::describe_stages(&sweep);
         if dry_run {
+            let tasks = new_tasks("dry-run", 0, 0, trials);
             let planned = tasks.into_iter().map(|t| (t.entry.id, t.spec)).collect();
             return Ok(Submitted { sweep_id: None, planned, stages });
         }
-        let record = SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
-        inner.store.insert_sweep(&record, &tasks)?;
-        if let Some(stage) = LatestStage::of(&tasks) {
-            inner.stages.insert(sweep_id.clone(), stage);
-        }
-        let now = self.now();
-        // The specs move into the answer rather than being copied: a sweep may hold 100,000.
-        let mut planned = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            planned.push((task.entry.id.clone(), task.spec));
-            inner.scheduler.insert(task.entry, now);
-        }
-        drop(inner);
+        let (sweep_id, planned) = self.change(|inner| {
+            let seq = inner.store.next_sweep_seq()?;
+            let sweep_id = format!("s{seq}-{}", random_hex(3));
+            let tasks = new_tasks(&sweep_id, seq, 0, trials);
+            let record =
+                SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
+            inner.store.insert_sweep(&record, &tasks)?;
+            if let Some(stage) = LatestStage::of(&tasks) {
+                inner.stages.insert(sweep_id.clone(), stage);
+            }
+            let now = self.now();
+            // The specs move into the answer rather than being copied: a sweep may hold 100,000.
+            let mut planned = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                planned.push((task.entry.id.clone(), task.spec));
+                inner.scheduler.insert(task.entry, now);
+            }
+            Ok((sweep_id, planned))
+        })?;
         self.work_available.notify_waiters();
         tracing::info!(sweep = %sweep_id, "sweep submitted");
         Ok(Submitted { sweep_id: Some(sweep_id), planned, stages })
     }
 
-    fn persist(&self, inner: &mut Inner, changed: &[String]) -> Result<(), CoreError> {
+    fn persist(inner: &mut Inner, changed: &[String]) -> Result<(), CoreError> {
         let Inner { scheduler, store, .. } = inner;
         store.save_tasks(changed.iter().filter_map(|id| scheduler.task(id)))?;
         Ok(())
@@ -430,7 +595,7 @@ impl Core {
     /// Persists the changed tasks, then plans the next stage of every sweep in which one of
     /// them ended. Returns whether new tasks were queued.
     fn persist_and_advance(&self, inner: &mut Inner, changed: &[String]) -> Result<bool, CoreError> {
-        self.persist(inner, changed)?;
+        Self::persist(inner, changed)?;
         let mut sweeps: Vec<String> = changed
             .iter()
             .filter_map(|id| inner.scheduler.task(id))
@@ -496,32 +661,47 @@ impl Core {
         Ok(true)
     }
 
-    /// Registers a worker; re-attaches the tasks it still runs, returns those to abandon.
-    pub fn register(&self, name: &str, running: &[Lease]) -> Result<(String, Vec<String>), CoreError> {
+    /// Registers a worker: mints its id and session, re-attaches the tasks whose leases it
+    /// proves, and returns (worker id, session, tasks to abandon). Registrations are rate
+    /// limited: a flood of fake workers is refused, not remembered.
+    pub fn register(&self, name: &str, running: &[Lease]) -> Result<(String, String, Vec<String>), CoreError> {
         if name.len() > self.limits.max_name_bytes {
             return Err(CoreError::BadRequest(format!("a worker name has at most {} bytes", self.limits.max_name_bytes)));
         }
         let worker_id = format!("w-{}", random_hex(4));
-        let mut inner = self.lock();
-        let now = self.now();
-        let (abandon, changed) = inner.scheduler.register(&worker_id, name, now, running);
-        self.persist(&mut inner, &changed)?;
-        tracing::info!(worker = %worker_id, name, reattached = changed.len(), "worker registered");
-        Ok((worker_id, abandon))
+        let session = random_hex(16);
+        let per_minute = f64::from(self.limits.registrations_per_minute.max(1));
+        let abandon = self.change(|inner| {
+            let (tokens, refilled) = &mut inner.registrations;
+            *tokens = (*tokens + refilled.elapsed().as_secs_f64() * per_minute / 60.0).min(per_minute);
+            *refilled = Instant::now();
+            if *tokens < 1.0 {
+                return Err(CoreError::LimitExceeded(format!(
+                    "more than {per_minute} worker registrations a minute (--registrations-per-minute); try again shortly"
+                )));
+            }
+            *tokens -= 1.0;
+            let now = self.now();
+            let (abandon, changed) = inner.scheduler.register(&worker_id, name, &session, now, running);
+            Self::persist(inner, &changed)?;
+            tracing::info!(worker = %worker_id, name, reattached = changed.len(), refused = abandon.len(), "worker registered");
+            Ok(abandon)
+        })?;
+        Ok((worker_id, session, abandon))
     }
 
     /// Renews the worker's leases; returns the tasks it must abandon.
-    pub fn heartbeat(&self, worker_id: &str, running: &[Lease]) -> Result<Vec<String>, CoreError> {
+    pub fn heartbeat(&self, worker_id: &str, session: &str, running: &[Lease]) -> Result<Vec<String>, CoreError> {
         let now = self.now();
-        Ok(self.lock().scheduler.heartbeat(worker_id, now, running)?)
+        Ok(self.lock().scheduler.heartbeat(worker_id, session, now, running)?)
     }
 
     /// Leases the next task to the worker, waiting up to `wait` for one to appear.
-    pub async fn acquire(&self, worker_id: &str, wait: Duration) -> Result<Option<Dispatch>, CoreError> {
+    pub async fn acquire(&self, worker_id: &str, session: &str, wait: Duration) -> Result<Option<Dispatch>, CoreError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.work_available.notified();
-            if let Some(dispatch) = self.try_acquire(worker_id)? {
+            if let Some(dispatch) = self.try_acquire(worker_id, session)? {
                 return Ok(Some(dispatch));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -530,41 +710,61 @@ impl Core {
         }
     }
 
-    fn try_acquire(&self, worker_id: &str) -> Result<Option<Dispatch>, CoreError> {
+    fn try_acquire(&self, worker_id: &str, session: &str) -> Result<Option<Dispatch>, CoreError> {
         let timer = self.metrics.dispatch_latency.start_timer();
-        let mut inner = self.lock();
-        let now = self.now();
-        let Some(lease) = inner.scheduler.acquire(worker_id, now)? else {
+        let leased = self.change(|inner| {
+            let now = self.now();
+            let before: Vec<String> = inner.scheduler.leases_by_worker().get(worker_id).cloned().into_iter().collect();
+            let Some(lease) = inner.scheduler.acquire(worker_id, session, now)? else {
+                // Asking for work may still have ended a lease the worker held (its run was lost).
+                Self::persist_and_advance(self, inner, &before)?;
+                return Ok(None);
+            };
+            let mut changed = before;
+            changed.push(lease.task_id.clone());
+            Self::persist_and_advance(self, inner, &changed)?;
+            let sweep_id = inner.scheduler.task(&lease.task_id).map(|t| t.sweep_id.clone()).expect("a leased task exists");
+            let spec = inner.store.spec_json(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
+            let resume_from = match lease.attempt {
+                1 => None,
+                _ => inner.store.latest_checkpoint(&lease.task_id)?.map(|c| c.blob),
+            };
+            Ok(Some((lease, sweep_id, spec, resume_from)))
+        })?;
+        let Some((lease, sweep_id, spec, resume_from)) = leased else {
             timer.stop_and_discard();
             return Ok(None);
         };
-        self.persist(&mut inner, std::slice::from_ref(&lease.task_id))?;
         if lease.world > 1 {
             // This acquire completed a gang: the members reserved before it hold pending leases
             // and are waiting in their long-polls. Wake them now, or each would sit out the rest
             // of its wait while the others wait for it at the rendezvous.
             self.work_available.notify_waiters();
         }
-        let sweep_id = inner.scheduler.task(&lease.task_id).map(|t| t.sweep_id.clone()).expect("a leased task exists");
-        let spec = inner.store.spec_json(&lease.task_id)?.ok_or_else(|| CoreError::NotFound(format!("task {}", lease.task_id)))?;
-        let resume_from = match lease.attempt {
-            1 => None,
-            _ => inner.store.latest_checkpoint(&lease.task_id)?.map(|c| c.blob),
-        };
         // The lease is committed: parsing the spec needs no lock.
-        drop(inner);
         let spec = Store::parse_spec(&spec)?;
         tracing::info!(task = %lease.task_id, worker = %worker_id, attempt = lease.attempt, resume = resume_from.is_some(), "task leased");
-        Ok(Some(Dispatch { task_id: lease.task_id, sweep_id, attempt: lease.attempt, rank: lease.rank, world: lease.world, spec, resume_from }))
+        Ok(Some(Dispatch {
+            task_id: lease.task_id,
+            sweep_id,
+            attempt: lease.attempt,
+            rank: lease.rank,
+            world: lease.world,
+            spec,
+            resume_from,
+            lease_secret: lease.secret,
+        }))
     }
 
     /// Records a gang member's collective address and waits up to `wait` for the others; returns
     /// the rendezvous once every rank of the attempt has announced itself.
+    #[allow(clippy::too_many_arguments)]
     pub async fn rendezvous(
         &self,
         worker_id: &str,
         task_id: &str,
         attempt: u32,
+        lease_secret: &str,
         address: &str,
         nccl_id: Vec<u8>,
         wait: Duration,
@@ -572,9 +772,12 @@ impl Core {
         if address.is_empty() || address.len() > 256 {
             return Err(CoreError::BadRequest("a collective address is host:port".into()));
         }
+        if nccl_id.len() > 1024 {
+            return Err(CoreError::BadRequest("an NCCL unique id has 128 bytes".into()));
+        }
         let (rank, world) = {
             let inner = self.lock();
-            let rank = inner.scheduler.member_rank(worker_id, task_id, attempt)?;
+            let rank = inner.scheduler.member_rank(worker_id, task_id, attempt, lease_secret)?;
             (rank, inner.scheduler.task(task_id).map_or(1, |t| t.gang_size as usize))
         };
         {
@@ -611,80 +814,178 @@ impl Core {
         }
     }
 
-    /// Keeps log lines a lease holder forwarded (each line cut to the limit, at most 1,000 per call).
-    pub fn append_logs(&self, worker_id: &str, task_id: &str, attempt: u32, lines: Vec<(i64, String, String)>) -> Result<(), CoreError> {
+    /// Forgets a finished task's rendezvous.
+    fn forget_gathering(&self, task_id: &str) {
+        self.gatherings.lock().unwrap_or_else(|p| p.into_inner()).remove(task_id);
+    }
+
+    /// Keeps log lines a lease holder forwarded: at most 1,000 per call, each line and level
+    /// cut to their limits, and at most `max_log_lines_per_trial` per trial.
+    pub fn append_logs(&self, lease: &LeaseProof<'_>, lines: Vec<(i64, String, String)>) -> Result<(), CoreError> {
         if lines.len() > 1000 {
             return Err(CoreError::BadRequest(format!("{} log lines in one call, more than 1000", lines.len())));
         }
+        let count = lines.len() as u64;
         let records: Vec<LogRecord> = lines
             .into_iter()
-            .map(|(unix_ms, level, mut message)| {
-                if message.len() > self.limits.max_log_line_bytes {
-                    let mut cut = self.limits.max_log_line_bytes;
-                    while !message.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    message.truncate(cut);
-                }
-                LogRecord { id: 0, task_id: task_id.to_string(), attempt, unix_ms, level, message }
+            .map(|(unix_ms, mut level, mut message)| {
+                cut_at_char(&mut message, self.limits.max_log_line_bytes);
+                cut_at_char(&mut level, self.limits.max_log_level_bytes);
+                LogRecord { id: 0, task_id: lease.task_id.to_string(), attempt: lease.attempt, unix_ms, level, message }
             })
             .collect();
-        let mut inner = self.lock();
-        inner.scheduler.check_lease(worker_id, task_id, attempt)?;
-        inner.store.append_logs(&records)?;
-        Ok(())
+        let most = self.limits.max_log_lines_per_trial;
+        self.change(|inner| {
+            inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
+            let stored = match inner.log_lines.get(lease.task_id) {
+                Some(&stored) => stored,
+                None => inner.store.log_count(lease.task_id)?,
+            };
+            if stored + count > most {
+                return Err(CoreError::LimitExceeded(format!(
+                    "trial {} already has {stored} log lines; at most {most} are kept (--max-log-lines-per-trial)",
+                    lease.task_id
+                )));
+            }
+            inner.store.append_logs(&records)?;
+            inner.log_lines.insert(lease.task_id.to_string(), stored + count);
+            Ok(())
+        })
     }
 
-    /// Log lines of a sweep, or of one task, after `after_id`.
-    pub fn logs(&self, sweep_id: &str, task_id: Option<&str>, after_id: i64) -> Result<Vec<LogRecord>, CoreError> {
+    /// Log lines of a sweep, or of one task, after `after_id`: at most `max_lines`, and no more
+    /// than about `max_bytes` of text (the reply stays under the message limit; ask again after
+    /// the last id for more).
+    pub fn logs(&self, sweep_id: &str, task_id: Option<&str>, after_id: i64, max_lines: usize, max_bytes: usize) -> Result<Vec<LogRecord>, CoreError> {
         let inner = self.lock();
         if inner.store.sweep(sweep_id)?.is_none() {
             return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
         }
-        Ok(inner.store.logs(sweep_id, task_id, after_id, 5000)?)
+        let mut lines = inner.store.logs(sweep_id, task_id, after_id, max_lines)?;
+        let mut total = 0;
+        let keep = lines
+            .iter()
+            .position(|line| {
+                total += line.message.len() + line.level.len() + line.task_id.len() + 32;
+                total > max_bytes
+            })
+            .unwrap_or(lines.len())
+            .max(1);
+        lines.truncate(keep);
+        Ok(lines)
     }
 
-    /// Records epochs reported by the lease holder.
-    pub fn report_metrics(&self, worker_id: &str, task_id: &str, attempt: u32, epochs: &[EpochRecord]) -> Result<(), CoreError> {
-        let mut inner = self.lock();
-        inner.scheduler.check_lease(worker_id, task_id, attempt)?;
-        inner.store.record_metrics(task_id, epochs)?;
+    /// Records epochs reported by the lease holder. Every value must be finite, named within the
+    /// name limit, at most `max_values_per_epoch` of them, for an epoch of the trial's plan.
+    pub fn report_metrics(&self, lease: &LeaseProof<'_>, epochs: &[EpochRecord]) -> Result<(), CoreError> {
+        if epochs.len() > 1000 {
+            return Err(CoreError::BadRequest(format!("{} epochs in one report, more than 1000", epochs.len())));
+        }
+        for epoch in epochs {
+            self.check_epoch(epoch)?;
+        }
+        self.change(|inner| {
+            inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
+            let planned = inner.scheduler.planned_epochs(lease.task_id).unwrap_or(u32::MAX);
+            if let Some(epoch) = epochs.iter().find(|e| e.epoch == 0 || e.epoch > planned) {
+                return Err(CoreError::BadRequest(format!("epoch {} is outside the trial's plan of epochs 1 to {planned}", epoch.epoch)));
+            }
+            inner.store.record_metrics(lease.task_id, epochs)?;
+            Ok(())
+        })
+    }
+
+    /// Checks one reported epoch against the limits, naming what is wrong.
+    fn check_epoch(&self, epoch: &EpochRecord) -> Result<(), CoreError> {
+        let most = self.limits.max_values_per_epoch;
+        if epoch.values.len() > most {
+            return Err(CoreError::LimitExceeded(format!("epoch {} reports {} values, more than {most} (--max-values-per-epoch)", epoch.epoch, epoch.values.len())));
+        }
+        for (name, value) in &epoch.values {
+            if name.is_empty() || name.len() > self.limits.max_name_bytes {
+                return Err(CoreError::BadRequest(format!("a metric name has 1 to {} bytes", self.limits.max_name_bytes)));
+            }
+            if !value.is_finite() {
+                return Err(CoreError::BadRequest(format!("metric {name} of epoch {} is {value}: only finite values are recorded", epoch.epoch)));
+            }
+        }
+        if !epoch.seconds.is_finite() || epoch.seconds < 0.0 {
+            return Err(CoreError::BadRequest(format!("epoch {} took {} seconds: a duration is finite and not negative", epoch.epoch, epoch.seconds)));
+        }
         Ok(())
     }
 
-    /// Records a checkpoint (already uploaded as a blob) of the lease holder.
-    pub fn attach_checkpoint(&self, worker_id: &str, record: CheckpointRecord) -> Result<(), CoreError> {
-        if self.blobs.size(&record.blob.sha256) != Some(record.blob.size) {
-            return Err(CoreError::BadRequest(format!("checkpoint blob {} was not uploaded", record.blob.sha256)));
+    /// Notes that the lease holder uploaded `blob` under its lease: only such blobs can become
+    /// its checkpoints and artifacts.
+    pub fn record_lease_upload(&self, lease: &LeaseProof<'_>, blob: &BlobRef) -> Result<(), CoreError> {
+        self.change(|inner| {
+            inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
+            inner.store.record_lease_upload(lease.task_id, lease.attempt, &blob.sha256)?;
+            Ok(())
+        })
+    }
+
+    /// Checks, before an upload's bytes are received, that its lease is live and proven.
+    pub fn check_upload_lease(&self, lease: &LeaseProof<'_>) -> Result<(), CoreError> {
+        Ok(self.lock().scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?)
+    }
+
+    /// Checks that `blob` was uploaded under this lease and is stored whole.
+    fn check_own_blob(&self, inner: &Inner, task_id: &str, attempt: u32, blob: &BlobRef, what: &str) -> Result<(), CoreError> {
+        if self.blobs.size(&blob.sha256) != Some(blob.size) {
+            return Err(CoreError::BadRequest(format!("{what} blob {} was not uploaded", blob.sha256)));
         }
-        let inner = self.lock();
-        inner.scheduler.check_lease(worker_id, &record.task_id, record.attempt)?;
-        inner.store.record_checkpoint(&record)?;
+        if !inner.store.uploaded_under(task_id, attempt, &blob.sha256)? {
+            return Err(CoreError::BadRequest(format!("{what} blob {} was not uploaded under this lease", blob.sha256)));
+        }
         Ok(())
     }
 
-    /// Records an artifact (already uploaded as a blob) of the lease holder.
-    pub fn attach_artifact(&self, worker_id: &str, attempt: u32, record: ArtifactRecord) -> Result<(), CoreError> {
-        if self.blobs.size(&record.blob.sha256) != Some(record.blob.size) {
-            return Err(CoreError::BadRequest(format!("artifact blob {} was not uploaded", record.blob.sha256)));
-        }
+    /// Records a checkpoint of the lease holder: a blob it uploaded under the same lease, for an
+    /// epoch the trial has reported.
+    pub fn attach_checkpoint(&self, lease: &LeaseProof<'_>, record: CheckpointRecord) -> Result<(), CoreError> {
+        self.change(|inner| {
+            inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
+            self.check_own_blob(inner, &record.task_id, record.attempt, &record.blob, "checkpoint")?;
+            let reached = inner.store.last_epoch(&record.task_id)?;
+            if record.epoch == 0 || reached.is_none_or(|reached| record.epoch > reached) {
+                return Err(CoreError::BadRequest(format!(
+                    "a checkpoint of epoch {} is attached before that epoch was reported (last reported: {})",
+                    record.epoch,
+                    reached.map_or("none".to_string(), |e| e.to_string())
+                )));
+            }
+            inner.store.record_checkpoint(&record)?;
+            Ok(())
+        })
+    }
+
+    /// Records an artifact of the lease holder: a blob it uploaded under the same lease.
+    pub fn attach_artifact(&self, lease: &LeaseProof<'_>, record: ArtifactRecord) -> Result<(), CoreError> {
         if record.name.is_empty() || record.name.len() > self.limits.max_name_bytes {
             return Err(CoreError::BadRequest(format!("an artifact name has 1 to {} bytes", self.limits.max_name_bytes)));
         }
-        let inner = self.lock();
-        inner.scheduler.check_lease(worker_id, &record.task_id, attempt)?;
-        inner.store.record_artifact(&record)?;
-        Ok(())
+        self.change(|inner| {
+            inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
+            self.check_own_blob(inner, &record.task_id, lease.attempt, &record.blob, "artifact")?;
+            inner.store.record_artifact(&record)?;
+            Ok(())
+        })
     }
 
     /// The lease holder finished the task.
-    pub fn complete(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<(), CoreError> {
-        let mut inner = self.lock();
-        let now = self.now();
-        inner.scheduler.complete(worker_id, task_id, attempt, now)?;
-        let queued = self.persist_and_advance(&mut inner, &[task_id.to_string()])?;
-        drop(inner);
-        tracing::info!(task = %task_id, worker = %worker_id, "task succeeded");
+    pub fn complete(&self, lease: &LeaseProof<'_>) -> Result<(), CoreError> {
+        let (queued, ended) = self.change(|inner| {
+            let now = self.now();
+            inner.scheduler.complete(lease.worker_id, lease.task_id, lease.attempt, lease.secret, now)?;
+            let queued = Self::persist_and_advance(self, inner, &[lease.task_id.to_string()])?;
+            let ended = inner.scheduler.task(lease.task_id).is_some_and(|t| t.state != TaskState::Running);
+            Ok((queued, ended))
+        })?;
+        if ended {
+            self.forget_gathering(lease.task_id);
+        }
+        tracing::info!(task = %lease.task_id, worker = %lease.worker_id, "task succeeded");
         if queued {
             self.work_available.notify_waiters();
         }
@@ -692,67 +993,100 @@ impl Core {
     }
 
     /// The lease holder reports a failure.
-    pub fn fail(&self, worker_id: &str, task_id: &str, attempt: u32, kind: FailureKind, error: &str) -> Result<(), CoreError> {
-        let mut inner = self.lock();
-        let now = self.now();
-        let retry = inner.scheduler.fail(worker_id, task_id, attempt, kind, error, now)?;
-        self.persist_and_advance(&mut inner, &[task_id.to_string()])?;
-        drop(inner);
-        tracing::warn!(task = %task_id, worker = %worker_id, ?kind, ?retry, error, "task failed");
+    pub fn fail(&self, lease: &LeaseProof<'_>, kind: FailureKind, error: &str) -> Result<(), CoreError> {
+        let mut error = error.to_string();
+        cut_at_char(&mut error, self.limits.max_log_line_bytes);
+        let retry = self.change(|inner| {
+            let now = self.now();
+            let retry = inner.scheduler.fail(lease.worker_id, lease.task_id, lease.attempt, lease.secret, kind, &error, now)?;
+            Self::persist_and_advance(self, inner, &[lease.task_id.to_string()])?;
+            Ok(retry)
+        })?;
+        self.forget_gathering(lease.task_id);
+        tracing::warn!(task = %lease.task_id, worker = %lease.worker_id, ?kind, ?retry, error, "task failed");
         self.work_available.notify_waiters();
         Ok(())
     }
 
-    /// Lapses overdue leases (requeueing or failing their tasks); call periodically.
+    /// Lapses overdue leases (requeueing or failing their tasks); call periodically. While the
+    /// store cannot be written, probes it instead and changes nothing.
     pub fn expire_leases(&self) -> Result<(), CoreError> {
-        let mut inner = self.lock();
-        let now = self.now();
-        let lapsed = inner.scheduler.expire(now);
+        {
+            let mut inner = self.lock();
+            if inner.unwritable.is_some() {
+                self.probe_store(&mut inner);
+                if inner.unwritable.is_some() {
+                    return Ok(());
+                }
+                drop(inner);
+                self.work_available.notify_waiters();
+            }
+        }
+        let lapsed = self.change(|inner| {
+            let now = self.now();
+            let lapsed = inner.scheduler.expire(now);
+            if lapsed.is_empty() {
+                return Ok(Vec::new());
+            }
+            let changed: Vec<String> = lapsed.iter().map(|(id, _)| id.clone()).collect();
+            Self::persist_and_advance(self, inner, &changed)?;
+            let errors = lapsed.into_iter().map(|(id, retry)| {
+                let error = inner.scheduler.task(&id).and_then(|t| t.error.clone());
+                (id, retry, error)
+            });
+            Ok(errors.collect::<Vec<_>>())
+        })?;
         if lapsed.is_empty() {
             return Ok(());
         }
         self.metrics.leases_expired.inc_by(lapsed.len() as u64);
-        let changed: Vec<String> = lapsed.iter().map(|(id, _)| id.clone()).collect();
-        self.persist_and_advance(&mut inner, &changed)?;
-        drop(inner);
-        for (task, retry) in lapsed {
-            tracing::warn!(%task, ?retry, "lease lapsed");
+        for (task, retry, error) in lapsed {
+            tracing::warn!(%task, ?retry, error = error.as_deref().unwrap_or(""), "lease lapsed");
         }
         self.work_available.notify_waiters();
         Ok(())
     }
 
-    /// Cancels a sweep's unfinished tasks; returns how many.
+    /// Cancels a sweep's unfinished tasks; returns how many. A sweep that has already ended
+    /// keeps its outcome: cancelling it changes nothing.
     pub fn cancel(&self, sweep_id: &str) -> Result<u32, CoreError> {
-        let mut inner = self.lock();
-        if inner.store.sweep(sweep_id)?.is_none() {
-            return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
-        }
-        let changed = inner.scheduler.cancel_sweep(sweep_id);
-        self.persist(&mut inner, &changed)?;
-        inner.store.set_cancelled(sweep_id, true)?;
-        Ok(changed.len() as u32)
+        self.change(|inner| {
+            let Some(record) = inner.store.sweep(sweep_id)? else {
+                return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
+            };
+            if record.cancelled {
+                return Ok(0);
+            }
+            let changed = inner.scheduler.cancel_sweep(sweep_id);
+            if changed.is_empty() {
+                return Ok(0);
+            }
+            Self::persist(inner, &changed)?;
+            inner.store.set_cancelled(sweep_id, true)?;
+            Ok(changed.len() as u32)
+        })
     }
 
     /// Queues a sweep's failed and cancelled trials again (each with its full attempt budget);
     /// returns how many. When none is left to retry but a stage is missing, plans it.
     pub fn retry(&self, sweep_id: &str) -> Result<u32, CoreError> {
-        let mut inner = self.lock();
-        if inner.store.sweep(sweep_id)?.is_none() {
-            return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
-        }
-        let budgets: std::collections::HashMap<String, u32> =
-            inner.store.tasks(Some(sweep_id))?.into_iter().map(|t| (t.entry.id, t.spec.max_attempts)).collect();
-        let changed = inner.scheduler.retry_sweep(sweep_id, |id| budgets.get(id).copied().unwrap_or(1));
-        inner.store.set_cancelled(sweep_id, false)?;
-        self.persist(&mut inner, &changed)?;
-        if changed.is_empty() {
-            self.advance(&mut inner, sweep_id)?;
-        }
-        drop(inner);
-        tracing::info!(sweep = %sweep_id, requeued = changed.len(), "sweep retried");
+        let requeued = self.change(|inner| {
+            if inner.store.sweep(sweep_id)?.is_none() {
+                return Err(CoreError::NotFound(format!("sweep {sweep_id}")));
+            }
+            let budgets: std::collections::HashMap<String, u32> =
+                inner.store.tasks(Some(sweep_id))?.into_iter().map(|t| (t.entry.id, t.spec.max_attempts)).collect();
+            let changed = inner.scheduler.retry_sweep(sweep_id, |id| budgets.get(id).copied().unwrap_or(1));
+            inner.store.set_cancelled(sweep_id, false)?;
+            Self::persist(inner, &changed)?;
+            if changed.is_empty() {
+                self.advance(inner, sweep_id)?;
+            }
+            Ok(changed.len() as u32)
+        })?;
+        tracing::info!(sweep = %sweep_id, requeued, "sweep retried");
         self.work_available.notify_waiters();
-        Ok(changed.len() as u32)
+        Ok(requeued)
     }
 
     /// Registered workers: (id, name, seconds since last heard of, leased task).
@@ -856,13 +1190,124 @@ epochs = 1
         (core, files)
     }
 
+    /// A registered worker: its id and session.
+    #[derive(Debug, Clone)]
+    pub(crate) struct TestWorker {
+        pub(crate) id: String,
+        pub(crate) session: String,
+    }
+
+    pub(crate) fn register(core: &Core, name: &str) -> TestWorker {
+        let (id, session, _) = core.register(name, &[]).unwrap();
+        TestWorker { id, session }
+    }
+
+    fn proof<'a>(worker: &'a TestWorker, dispatch: &'a Dispatch) -> LeaseProof<'a> {
+        LeaseProof { worker_id: &worker.id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret }
+    }
+
+    fn epoch(number: u32, values: &[(&str, f64)]) -> EpochRecord {
+        EpochRecord { epoch: number, attempt: 1, values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(), seconds: 0.1, samples: 48 }
+    }
+
     /// Leases the next task to `worker`, reports a validation error, and completes it.
-    async fn run_one(core: &Core, worker: &str, val_mse: f64) -> String {
-        let dispatch = core.acquire(worker, Duration::ZERO).await.unwrap().expect("a task is queued");
+    async fn run_one(core: &Core, worker: &TestWorker, val_mse: f64) -> String {
+        let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("a task is queued");
         let epoch = EpochRecord { epoch: 1, attempt: dispatch.attempt, values: vec![("val_mse".into(), val_mse)], seconds: 0.1, samples: 48 };
-        core.report_metrics(worker, &dispatch.task_id, dispatch.attempt, &[epoch]).unwrap();
-        core.complete(worker, &dispatch.task_id, dispatch.attempt).unwrap();
+        core.report_metrics(&proof(worker, &dispatch), &[epoch]).unwrap();
+        core.complete(&proof(worker, &dispatch)).unwrap();
         dispatch.spec.name
+    }
+
+    /// Non-finite values and epochs outside the plan are refused, naming the problem, and
+    /// change nothing; a report under a wrong secret is refused as not the lease holder's.
+    #[tokio::test]
+    async fn reports_are_checked_at_the_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let sweep_id = core.submit(SWEEP, "edge.toml", files, false).unwrap().sweep_id.unwrap();
+        let worker = register(&core, "w");
+        let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().unwrap();
+        let lease = proof(&worker, &dispatch);
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = core.report_metrics(&lease, &[epoch(1, &[("val_mse", bad)])]).unwrap_err();
+            assert!(matches!(error, CoreError::BadRequest(_)) && error.to_string().contains("val_mse"), "{error}");
+        }
+        let error = core.report_metrics(&lease, &[epoch(2, &[("val_mse", 0.5)])]).unwrap_err();
+        assert!(error.to_string().contains("outside the trial's plan of epochs 1 to 1"), "{error}");
+        let many: Vec<(String, f64)> = (0..65).map(|i| (format!("m{i}"), 1.0)).collect();
+        let wide = EpochRecord { values: many, ..epoch(1, &[]) };
+        assert!(matches!(core.report_metrics(&lease, &[wide]), Err(CoreError::LimitExceeded(_))));
+        let forged = LeaseProof { secret: "guessed", ..lease };
+        assert!(matches!(core.report_metrics(&forged, &[epoch(1, &[("val_mse", 1e-6)])]), Err(CoreError::Refused(Refusal::NotLeaseHolder { .. }))));
+        assert!(matches!(core.complete(&forged), Err(CoreError::Refused(Refusal::NotLeaseHolder { .. }))));
+        let view = core.sweep(&sweep_id).unwrap();
+        assert!(view.tasks.iter().all(|t| t.epochs.is_empty()), "nothing refused was stored");
+        core.report_metrics(&lease, &[epoch(1, &[("val_mse", 0.5)])]).unwrap();
+        core.complete(&lease).unwrap();
+    }
+
+    /// A checkpoint is attached only from a blob uploaded under the same lease, for an epoch the
+    /// trial has reported.
+    #[tokio::test]
+    async fn checkpoints_come_only_from_the_lease_holders_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let foreign = files[0].1.clone();
+        core.submit(SWEEP, "attach.toml", files, false).unwrap();
+        let worker = register(&core, "w");
+        let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().unwrap();
+        let lease = proof(&worker, &dispatch);
+        let record = |blob: &BlobRef, epoch: u32| CheckpointRecord { task_id: dispatch.task_id.clone(), epoch, attempt: 1, blob: blob.clone(), is_final: true };
+        let error = core.attach_checkpoint(&lease, record(&foreign, 1)).unwrap_err();
+        assert!(error.to_string().contains("not uploaded under this lease"), "{error}");
+        core.record_lease_upload(&lease, &foreign).unwrap();
+        let error = core.attach_checkpoint(&lease, record(&foreign, 1)).unwrap_err();
+        assert!(error.to_string().contains("before that epoch was reported"), "{error}");
+        core.report_metrics(&lease, &[epoch(1, &[("val_mse", 0.5)])]).unwrap();
+        core.attach_checkpoint(&lease, record(&foreign, 1)).unwrap();
+    }
+
+    /// When the database cannot be written, the failed change leaves memory as the database
+    /// has it, every further change is refused as UNAVAILABLE, and once writes work again the
+    /// coordinator resumes, its leases intact.
+    #[tokio::test]
+    async fn a_full_store_changes_nothing_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let sweep_id = core.submit(SWEEP, "full.toml", files, false).unwrap().sweep_id.unwrap();
+        let worker = register(&core, "w");
+        let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().unwrap();
+        let lease = proof(&worker, &dispatch);
+        core.report_metrics(&lease, &[epoch(1, &[("val_mse", 0.5)])]).unwrap();
+        let pages: u64 = core.lock().store.page_count().unwrap();
+        core.lock().store.set_max_pages(pages).unwrap();
+        // Filling the last pages: log lines until the database is full.
+        let line = "x".repeat(4000);
+        let mut refused = None;
+        for _ in 0..1000 {
+            if let Err(error) = core.append_logs(&lease, vec![(0, "INFO".into(), line.clone()); 50]) {
+                refused = Some(error);
+                break;
+            }
+        }
+        assert!(matches!(refused, Some(CoreError::Unwritable(_))), "{refused:?}");
+        assert!(!core.writable());
+        assert!(matches!(core.complete(&lease), Err(CoreError::Unwritable(_))), "no change while unwritable");
+        assert!(matches!(core.acquire(&worker.id, &worker.session, Duration::ZERO).await, Err(CoreError::Unwritable(_))));
+        assert_eq!(core.sweep(&sweep_id).unwrap().tasks.iter().filter(|t| t.task.entry.state == TaskState::Running).count(), 1, "reads still work");
+        core.expire_leases().unwrap();
+        assert!(!core.writable(), "the probe fails while the store is full");
+
+        core.lock().store.set_max_pages(1 << 30).unwrap();
+        core.expire_leases().unwrap();
+        assert!(core.writable(), "the probe succeeded");
+        // Memory was rebuilt from the database: the worker registers again and re-attaches.
+        let (id, session, abandon) = core.register("w", &[Lease { task_id: dispatch.task_id.clone(), attempt: 1, rank: 0, world: 1, secret: dispatch.lease_secret.clone() }]).unwrap();
+        assert!(abandon.is_empty(), "the lease survived the failure");
+        let worker = TestWorker { id, session };
+        core.complete(&proof(&worker, &dispatch)).unwrap();
+        assert_eq!(core.sweep(&sweep_id).unwrap().tasks[0].task.entry.state, TaskState::Succeeded);
     }
 
     fn stages_of(core: &Core, sweep_id: &str) -> Vec<String> {
@@ -879,21 +1324,21 @@ epochs = 1
         let source = format!("{SWEEP}[distributed]\nreplicas = 2\n");
         let sweep_id = core.submit(&source, "gang.toml", files, false).unwrap().sweep_id.unwrap();
         let core = std::sync::Arc::new(core);
-        let (first, _) = core.register("w1", &[]).unwrap();
-        let (second, _) = core.register("w2", &[]).unwrap();
+        let first = register(&core, "w1");
+        let second = register(&core, "w2");
         for val_mse in [0.5, 0.4, 0.3, 0.2] {
             run_one(&core, &first, val_mse).await;
         }
         assert_eq!(stages_of(&core, &sweep_id).last().map(String::as_str), Some("final"));
         let waiting = tokio::spawn({
             let core = core.clone();
-            async move { core.acquire(&first, Duration::from_secs(30)).await }
+            async move { core.acquire(&first.id, &first.session, Duration::from_secs(30)).await }
         });
         // Let the first member reserve its place and start waiting.
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        let completing = core.acquire(&second, Duration::ZERO).await.unwrap().expect("the gang is complete");
+        let completing = core.acquire(&second.id, &second.session, Duration::ZERO).await.unwrap().expect("the gang is complete");
         let waited = waiting.await.unwrap().unwrap().expect("the waiting member gets its lease");
         assert_eq!((completing.world, waited.world), (2, 2));
         assert_eq!(completing.task_id, waited.task_id);
@@ -906,7 +1351,7 @@ epochs = 1
         let dir = tempfile::tempdir().unwrap();
         let (core, files) = open_with_dataset(dir.path());
         let sweep_id = core.submit(SWEEP, "stages.toml", files, false).unwrap().sweep_id.unwrap();
-        let (worker, _) = core.register("w", &[]).unwrap();
+        let worker = register(&core, "w");
         for val_mse in [0.5, 0.4, 0.3] {
             run_one(&core, &worker, val_mse).await;
             assert_eq!(stages_of(&core, &sweep_id), ["cv"; 4], "final waits for every cv trial");
@@ -914,7 +1359,7 @@ epochs = 1
         drop(core);
 
         let (core, _) = open_with_dataset(dir.path());
-        let (worker, _) = core.register("w", &[]).unwrap();
+        let worker = register(&core, "w");
         assert_eq!(run_one(&core, &worker, 0.2).await, "cv/c1/f1");
         assert_eq!(stages_of(&core, &sweep_id), ["cv", "cv", "cv", "cv", "final"]);
         let view = core.sweep(&sweep_id).unwrap();

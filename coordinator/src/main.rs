@@ -75,6 +75,34 @@ enum Command {
         /// Longest forwarded log line kept, in bytes (longer ones are cut).
         #[arg(long, default_value_t = 4096)]
         max_log_line_bytes: usize,
+        /// Longest log level kept, in bytes (longer ones are cut).
+        #[arg(long, default_value_t = 16)]
+        max_log_level_bytes: usize,
+        /// Log lines kept per trial; a worker's further lines are refused.
+        #[arg(long, default_value_t = 100_000)]
+        max_log_lines_per_trial: u64,
+        /// Named values one reported epoch may hold.
+        #[arg(long, default_value_t = 64)]
+        max_values_per_epoch: usize,
+        /// Worker registrations accepted per minute (a burst of this many, refilled evenly).
+        #[arg(long, default_value_t = 600)]
+        registrations_per_minute: u32,
+        /// Times a trial's lease may lapse (its worker went silent) before it fails for good;
+        /// counted apart from the sweep's max_attempts, which count failed attempts.
+        #[arg(long, default_value_t = 10)]
+        max_lapses: u32,
+        /// Seconds an upload may wait for its next chunk before it is dropped.
+        #[arg(long, default_value_t = 30)]
+        upload_idle_secs: u64,
+        /// Minutes one upload may take in all.
+        #[arg(long, default_value_t = 60)]
+        upload_max_minutes: u64,
+        /// Most GiB the blob store may hold (0: no quota).
+        #[arg(long, default_value_t = 0)]
+        blob_quota_gib: u64,
+        /// MiB of free disk an upload must leave on the data dir's filesystem.
+        #[arg(long, default_value_t = 1024)]
+        min_free_mib: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
@@ -276,6 +304,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_trials,
             max_name_bytes,
             max_log_line_bytes,
+            max_log_level_bytes,
+            max_log_lines_per_trial,
+            max_values_per_epoch,
+            registrations_per_minute,
+            max_lapses,
+            upload_idle_secs,
+            upload_max_minutes,
+            blob_quota_gib,
+            min_free_mib,
             metrics_listen,
         } => {
             if args.token_file.is_none() && !insecure_no_auth {
@@ -287,12 +324,20 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 _ => None,
             };
             let security = Security { tokens, tls, max_message_bytes: max_message_mib.max(2) << 20 };
-            let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, ..Timeouts::default() };
+            let timeouts = Timeouts { lease_ms: lease_secs.max(1) * 1000, max_lapses, ..Timeouts::default() };
             let limits = Limits {
                 max_trials: max_trials.max(1),
                 max_blob_bytes: max_blob_mib.max(1) << 20,
                 max_name_bytes: max_name_bytes.max(16),
                 max_log_line_bytes: max_log_line_bytes.max(80),
+                max_log_level_bytes: max_log_level_bytes.max(5),
+                max_log_lines_per_trial: max_log_lines_per_trial.max(1),
+                max_values_per_epoch: max_values_per_epoch.max(1),
+                registrations_per_minute: registrations_per_minute.max(1),
+                upload_idle: std::time::Duration::from_secs(upload_idle_secs.max(1)),
+                upload_total: std::time::Duration::from_secs(upload_max_minutes.max(1) * 60),
+                blob_quota_bytes: (blob_quota_gib > 0).then_some(blob_quota_gib << 30),
+                blob_reserve_bytes: min_free_mib << 20,
             };
             let server = BoundServer::bind(listen, &CoreConfig { data_dir, timeouts, limits }, security).await?;
             if let Some(address) = metrics_listen {
@@ -334,8 +379,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Retry { id } => {
             let mut client = connect(&remote).await?;
-            let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            println!("{} trials queued again", response.into_inner().requeued);
+            let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id.clone() }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            match response.into_inner().requeued {
+                0 => println!("nothing to retry: sweep {id} has no failed or cancelled trials"),
+                requeued => println!("{requeued} trials queued again"),
+            }
         }
         Command::Workers { format } => {
             let mut client = connect(&remote).await?;
@@ -370,8 +418,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { id } => {
             let mut client = connect(&remote).await?;
-            let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            println!("{} trials cancelled", response.into_inner().cancelled);
+            let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id.clone() }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            match response.into_inner().cancelled {
+                0 => println!("nothing to cancel: sweep {id} has no queued or running trials (its outcome stays)"),
+                cancelled => println!("{cancelled} trials cancelled"),
+            }
         }
         Command::Export { id, tensorboard } => {
             let mut client = connect(&remote).await?;

@@ -9,6 +9,17 @@
 //! cannot starve it; only one gang collects at a time, so two gangs never hold partial
 //! reservations against each other. A gang larger than the number of registered workers is
 //! passed over until enough workers exist, so it blocks nobody meanwhile.
+//!
+//! Trust: every worker holds the same worker token, so the token proves nothing about which
+//! worker calls. Two secrets do: a worker's *session* (minted at registration) guards what it
+//! does as itself (heartbeat, acquire), and each lease's *secret* (minted per attempt and rank,
+//! persisted with the task) guards what it does to a task (reports, completion, re-attach after
+//! a coordinator restart). Task ids are guessable; secrets are not.
+//!
+//! Lapses and failures have separate budgets: a lapsed lease (the worker went silent: killed,
+//! partitioned, or too slow to heartbeat) does not use up one of `max_attempts`, which count
+//! the attempts that failed; lapses have their own budget, `max_lapses`, so a trial that keeps
+//! losing its workers still ends.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
@@ -44,12 +55,43 @@ pub struct TaskEntry {
     pub leases: Vec<Millis>,
     /// The last error.
     pub error: Option<String>,
+    /// Each rank's lease secret for the current attempt (the last one's, after it ended).
+    pub secrets: Vec<String>,
+    /// Attempts that ended because their lease lapsed (not charged to `max_attempts`).
+    pub lapses: u32,
+    /// Epochs the trial is planned for: reports of later epochs are refused.
+    pub epochs: u32,
 }
 
 impl TaskEntry {
     /// A queued task that has never run.
     pub fn queued(id: String, sweep_id: String, order: u64, max_attempts: u32, gang_size: u32) -> Self {
-        Self { id, sweep_id, order, state: TaskState::Queued, attempt: 0, max_attempts, gang_size: gang_size.max(1), members: vec![], leases: vec![], error: None }
+        Self {
+            id,
+            sweep_id,
+            order,
+            state: TaskState::Queued,
+            attempt: 0,
+            max_attempts,
+            gang_size: gang_size.max(1),
+            members: vec![],
+            leases: vec![],
+            error: None,
+            secrets: vec![],
+            lapses: 0,
+            epochs: u32::MAX,
+        }
+    }
+
+    /// Sets the planned epoch count (reports beyond it are refused).
+    pub fn with_epochs(mut self, epochs: u32) -> Self {
+        self.epochs = epochs;
+        self
+    }
+
+    /// Attempts charged to `max_attempts`: those that did not end by a lapse.
+    fn charged_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(self.lapses)
     }
 
     /// The rank `worker_id` runs, if it is a member.
@@ -67,6 +109,8 @@ impl TaskEntry {
 struct WorkerEntry {
     name: String,
     last_seen: Millis,
+    /// The credential minted at registration; heartbeat and acquire must present it.
+    session: String,
 }
 
 /// A task (or one rank of a gang) handed to a worker.
@@ -80,6 +124,8 @@ pub struct Lease {
     pub rank: u32,
     /// The gang's size (1 for a plain task).
     pub world: u32,
+    /// Proof of this lease, minted for this attempt and rank.
+    pub secret: String,
 }
 
 /// Why the scheduler refused a worker's call.
@@ -99,6 +145,18 @@ pub enum Refusal {
         /// The attempt the caller named.
         attempt: u32,
     },
+    /// The attempt is live but the caller did not prove it holds the lease (wrong secret, or
+    /// another worker's).
+    #[error("task {task_id} attempt {attempt}: the lease secret does not match; only the lease holder may act on a task")]
+    NotLeaseHolder {
+        /// The task.
+        task_id: String,
+        /// The attempt the caller named.
+        attempt: u32,
+    },
+    /// The caller named a registered worker but not its session.
+    #[error("worker {0}: wrong session; a worker acts only as itself (register to get a session)")]
+    WrongSession(String),
 }
 
 /// What became of a failed or expired task.
@@ -117,12 +175,44 @@ pub struct Timeouts {
     pub lease_ms: Millis,
     /// A worker unheard of for this long is forgotten.
     pub worker_ms: Millis,
+    /// Lapsed attempts a trial may have before it fails for good (its own budget, apart from
+    /// `max_attempts`).
+    pub max_lapses: u32,
+    /// A gap between two expiry passes longer than this means the coordinator itself stalled
+    /// (it runs them every 500 ms): leases and workers are credited with the gap.
+    pub stall_ms: Millis,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { lease_ms: 10_000, worker_ms: 30_000 }
+        Self { lease_ms: 10_000, worker_ms: 30_000, max_lapses: 10, stall_ms: 1_000 }
     }
+}
+
+/// Where lease secrets come from: random in the coordinator, a counter in tests (the state
+/// machine itself draws no randomness).
+pub struct SecretSource(Box<dyn FnMut() -> String + Send>);
+
+impl SecretSource {
+    /// Secrets from `mint`.
+    pub fn new(mint: impl FnMut() -> String + Send + 'static) -> Self {
+        Self(Box::new(mint))
+    }
+
+    fn next(&mut self) -> String {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretSource")
+    }
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn secrets_match(presented: &str, expected: &str) -> bool {
+    !expected.is_empty() && bool::from(subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), expected.as_bytes()))
 }
 
 /// A gang at the head of the queue, gathering its workers.
@@ -146,11 +236,14 @@ pub struct Scheduler {
     /// Leases of a started gang waiting for their workers' next acquire call.
     pending: HashMap<String, Lease>,
     timeouts: Timeouts,
+    secrets: SecretSource,
+    /// When `expire` last ran: a long gap means the coordinator itself stalled.
+    last_expire: Option<Millis>,
 }
 
 impl Scheduler {
-    /// An empty scheduler.
-    pub fn new(timeouts: Timeouts) -> Self {
+    /// An empty scheduler minting lease secrets from `secrets`.
+    pub fn new(timeouts: Timeouts, secrets: SecretSource) -> Self {
         Self {
             tasks: HashMap::new(),
             queue: BTreeSet::new(),
@@ -159,6 +252,8 @@ impl Scheduler {
             collecting: None,
             pending: HashMap::new(),
             timeouts,
+            secrets,
+            last_expire: None,
         }
     }
 
@@ -198,12 +293,13 @@ impl Scheduler {
         self.workers.iter().map(|(id, w)| (id.clone(), w.name.clone(), w.last_seen)).collect()
     }
 
-    /// Registers a worker under `worker_id`. `running` lists what it still runs from before (a
-    /// coordinator restart, a lost connection): ranks whose lease it still holds by attempt are
-    /// re-attached to it; the rest are returned as tasks it must abandon. Also returns the
-    /// re-attached task ids.
-    pub fn register(&mut self, worker_id: &str, name: &str, now: Millis, running: &[Lease]) -> (Vec<String>, Vec<String>) {
-        self.workers.insert(worker_id.to_string(), WorkerEntry { name: name.to_string(), last_seen: now });
+    /// Registers a worker under `worker_id` with its `session`. `running` lists what it still
+    /// runs from before (a coordinator restart, a lost connection): ranks whose lease it proves
+    /// (attempt and secret) are re-attached to it; the rest are returned as tasks it must
+    /// abandon. Also returns the re-attached task ids.
+    pub fn register(&mut self, worker_id: &str, name: &str, session: &str, now: Millis, running: &[Lease]) -> (Vec<String>, Vec<String>) {
+        let entry = WorkerEntry { name: name.to_string(), last_seen: now, session: session.to_string() };
+        self.workers.insert(worker_id.to_string(), entry);
         let mut abandon = Vec::new();
         let mut changed = Vec::new();
         // Leases this id holds but no longer claims were lost with the worker's old process.
@@ -212,7 +308,7 @@ impl Scheduler {
             .iter()
             .map(|(_, id)| &self.tasks[id])
             .filter(|t| t.active_rank_of(worker_id).is_some())
-            .filter(|t| !running.iter().any(|l| l.task_id == t.id && l.attempt == t.attempt))
+            .filter(|t| !running.iter().any(|l| l.task_id == t.id && proves(t, l)))
             .map(|t| t.id.clone())
             .collect();
         for task_id in lost {
@@ -226,7 +322,7 @@ impl Scheduler {
         for lease in running {
             let rank = lease.rank as usize;
             match self.tasks.get_mut(&lease.task_id) {
-                Some(task) if task.state == TaskState::Running && task.attempt == lease.attempt && rank < task.members.len() => {
+                Some(task) if proves(task, lease) => {
                     task.members[rank] = worker_id.to_string();
                     task.leases[rank] = now + self.timeouts.lease_ms;
                     changed.push(task.id.clone());
@@ -237,21 +333,32 @@ impl Scheduler {
         (abandon, changed)
     }
 
-    fn touch(&mut self, worker_id: &str, now: Millis) -> Result<(), Refusal> {
+    /// Checks the worker's session and notes that it was heard from.
+    fn authenticate(&mut self, worker_id: &str, session: &str, now: Millis) -> Result<(), Refusal> {
         let worker = self.workers.get_mut(worker_id).ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
+        if !secrets_match(session, &worker.session) {
+            return Err(Refusal::WrongSession(worker_id.to_string()));
+        }
         worker.last_seen = now;
         Ok(())
+    }
+
+    /// Notes that a worker was heard from (a call already proven by a lease secret).
+    fn touch(&mut self, worker_id: &str, now: Millis) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            worker.last_seen = now;
+        }
     }
 
     /// Records a heartbeat: renews the leases the worker still holds; returns the tasks it
     /// reports running but must abandon (cancelled, expired and moved, finished, or a gang
     /// attempt that failed elsewhere).
-    pub fn heartbeat(&mut self, worker_id: &str, now: Millis, running: &[Lease]) -> Result<Vec<String>, Refusal> {
-        self.touch(worker_id, now)?;
+    pub fn heartbeat(&mut self, worker_id: &str, session: &str, now: Millis, running: &[Lease]) -> Result<Vec<String>, Refusal> {
+        self.authenticate(worker_id, session, now)?;
         let mut abandon = Vec::new();
         for lease in running {
             match self.tasks.get_mut(&lease.task_id) {
-                Some(task) if holds(task, worker_id, lease.attempt) => {
+                Some(task) if holds(task, worker_id, lease.attempt, &lease.secret) => {
                     let rank = task.rank_of(worker_id).expect("holds");
                     task.leases[rank] = now + self.timeouts.lease_ms;
                 }
@@ -262,9 +369,18 @@ impl Scheduler {
     }
 
     /// Hands the worker work: its rank of a gang that has just gathered, or the oldest queued
-    /// task. Returns the lease and the tasks that changed (a started gang changes once).
-    pub fn acquire(&mut self, worker_id: &str, now: Millis) -> Result<Option<Lease>, Refusal> {
-        self.touch(worker_id, now)?;
+    /// task. A worker holds one lease at a time: one that asks for work while it still holds an
+    /// unfinished lease has lost that run (its report never arrived), which ends that attempt.
+    pub fn acquire(&mut self, worker_id: &str, session: &str, now: Millis) -> Result<Option<Lease>, Refusal> {
+        self.authenticate(worker_id, session, now)?;
+        let held: Vec<String> =
+            self.running.iter().map(|(_, id)| &self.tasks[id]).filter(|t| t.active_rank_of(worker_id).is_some()).map(|t| t.id.clone()).collect();
+        for task_id in held {
+            if self.pending.get(worker_id).is_some_and(|lease| lease.task_id == task_id) {
+                continue;
+            }
+            self.end_attempt(&task_id, FailureKind::Infrastructure, &format!("worker {worker_id} asked for new work while holding it"));
+        }
         if let Some(lease) = self.pending.remove(worker_id) {
             return Ok(Some(lease));
         }
@@ -302,11 +418,13 @@ impl Scheduler {
         task.state = TaskState::Running;
         task.attempt += 1;
         task.leases = vec![now + self.timeouts.lease_ms; members.len()];
+        task.secrets = members.iter().map(|_| self.secrets.next()).collect();
         task.members = members;
         let world = task.members.len() as u32;
         let mut own = None;
         for (rank, member) in task.members.iter().enumerate() {
-            let lease = Lease { task_id: task.id.clone(), attempt: task.attempt, rank: rank as u32, world };
+            let secret = task.secrets[rank].clone();
+            let lease = Lease { task_id: task.id.clone(), attempt: task.attempt, rank: rank as u32, world, secret };
             if member == caller {
                 own = Some(lease);
             } else {
@@ -316,28 +434,34 @@ impl Scheduler {
         own.expect("the caller is a member")
     }
 
-    /// Checks that the worker holds one of the task's leases for `attempt` (before accepting its reports).
-    pub fn check_lease(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<(), Refusal> {
-        let task = self.tasks.get(task_id).ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
-        if !holds(task, worker_id, attempt) {
-            return Err(Refusal::StaleLease { task_id: task_id.to_string(), attempt });
-        }
-        Ok(())
+    /// Checks that the worker holds one of the task's leases for `attempt` and proves it with
+    /// the lease's secret (before accepting anything it says about the task).
+    pub fn check_lease(&self, worker_id: &str, task_id: &str, attempt: u32, secret: &str) -> Result<(), Refusal> {
+        self.member_rank(worker_id, task_id, attempt, secret).map(|_| ())
     }
 
-    /// The rank the worker holds in the task's current attempt.
-    pub fn member_rank(&self, worker_id: &str, task_id: &str, attempt: u32) -> Result<usize, Refusal> {
-        self.check_lease(worker_id, task_id, attempt)?;
-        Ok(self.tasks[task_id].rank_of(worker_id).expect("checked"))
+    /// The rank the worker holds in the task's current attempt, proven by the lease's secret.
+    pub fn member_rank(&self, worker_id: &str, task_id: &str, attempt: u32, secret: &str) -> Result<usize, Refusal> {
+        let task = self.tasks.get(task_id).ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
+        if task.state != TaskState::Running || task.attempt != attempt {
+            return Err(Refusal::StaleLease { task_id: task_id.to_string(), attempt });
+        }
+        let rank = task.rank_of(worker_id).filter(|&rank| task.secrets.get(rank).is_some_and(|expected| secrets_match(secret, expected)));
+        rank.ok_or_else(|| Refusal::NotLeaseHolder { task_id: task_id.to_string(), attempt })
+    }
+
+    /// The task's planned epoch count, once the caller proved its lease.
+    pub fn planned_epochs(&self, task_id: &str) -> Option<u32> {
+        self.tasks.get(task_id).map(|t| t.epochs)
     }
 
     /// A member finished the task. Rank 0's report completes it, once: a second or late report
     /// is refused. Another rank's report only marks its own part done (its lease no longer
     /// lapses) while rank 0 finishes. The lease decides, not the registry: after a coordinator
     /// restart a worker may report under its old id before it has registered again.
-    pub fn complete(&mut self, worker_id: &str, task_id: &str, attempt: u32, now: Millis) -> Result<(), Refusal> {
-        let rank = self.member_rank(worker_id, task_id, attempt)?;
-        let _ = self.touch(worker_id, now);
+    pub fn complete(&mut self, worker_id: &str, task_id: &str, attempt: u32, secret: &str, now: Millis) -> Result<(), Refusal> {
+        let rank = self.member_rank(worker_id, task_id, attempt, secret)?;
+        self.touch(worker_id, now);
         let task = self.tasks.get_mut(task_id).expect("checked");
         if rank > 0 {
             task.leases[rank] = FINISHED;
@@ -352,9 +476,10 @@ impl Scheduler {
     }
 
     /// A member reports the task failed: the whole attempt (every rank of a gang) ends.
-    pub fn fail(&mut self, worker_id: &str, task_id: &str, attempt: u32, kind: FailureKind, error: &str, now: Millis) -> Result<Retry, Refusal> {
-        self.check_lease(worker_id, task_id, attempt)?;
-        let _ = self.touch(worker_id, now);
+    #[allow(clippy::too_many_arguments)]
+    pub fn fail(&mut self, worker_id: &str, task_id: &str, attempt: u32, secret: &str, kind: FailureKind, error: &str, now: Millis) -> Result<Retry, Refusal> {
+        self.check_lease(worker_id, task_id, attempt, secret)?;
+        self.touch(worker_id, now);
         Ok(self.end_attempt(task_id, kind, error))
     }
 
@@ -362,13 +487,29 @@ impl Scheduler {
         self.pending.retain(|_, lease| lease.task_id != task_id);
     }
 
+    /// Ends the running attempt because it failed (charged to `max_attempts`).
     fn end_attempt(&mut self, task_id: &str, kind: FailureKind, error: &str) -> Retry {
+        self.finish_attempt(task_id, Ending::Failed(kind), error)
+    }
+
+    fn finish_attempt(&mut self, task_id: &str, ending: Ending, error: &str) -> Retry {
         self.drop_pending(task_id);
+        let max_lapses = self.timeouts.max_lapses;
         let task = self.tasks.get_mut(task_id).expect("caller checked");
         task.leases.clear();
         task.error = Some(error.to_string());
         self.running.remove(&(task.order, task.id.clone()));
-        if kind == FailureKind::User || task.attempt >= task.max_attempts {
+        let give_up = match ending {
+            Ending::Failed(kind) => kind == FailureKind::User || task.charged_attempts() >= task.max_attempts,
+            Ending::Lapsed => {
+                task.lapses += 1;
+                if task.lapses > max_lapses {
+                    task.error = Some(format!("{error} (its lease lapsed {} times, more than --max-lapses {max_lapses})", task.lapses));
+                }
+                task.lapses > max_lapses
+            }
+        };
+        if give_up {
             task.state = TaskState::Failed;
             return Retry::GaveUp;
         }
@@ -380,7 +521,24 @@ impl Scheduler {
     /// Lapses leases not renewed in time (one lapsed rank ends its gang's attempt), forgets
     /// silent workers and releases their reservations. Returns each changed task and what
     /// became of it.
+    ///
+    /// A gap since the previous call longer than `stall_ms` means the coordinator itself was
+    /// stalled (starved of CPU, paused): the heartbeats that arrived meanwhile may not have been
+    /// heard in time, so every lease and worker is first credited with the stall.
     pub fn expire(&mut self, now: Millis) -> Vec<(String, Retry)> {
+        let previous = self.last_expire.replace(now);
+        let stall = previous.map_or(0, |previous| now.saturating_sub(previous));
+        if stall > self.timeouts.stall_ms {
+            for (_, id) in &self.running {
+                let task = self.tasks.get_mut(id).expect("running tasks exist");
+                for lease in task.leases.iter_mut().filter(|lease| **lease != FINISHED) {
+                    *lease = lease.saturating_add(stall);
+                }
+            }
+            for worker in self.workers.values_mut() {
+                worker.last_seen = worker.last_seen.saturating_add(stall).min(now);
+            }
+        }
         let worker_ms = self.timeouts.worker_ms;
         self.workers.retain(|_, w| now.saturating_sub(w.last_seen) < worker_ms);
         let workers = &self.workers;
@@ -401,7 +559,7 @@ impl Scheduler {
         lapsed
             .into_iter()
             .map(|(id, worker)| {
-                let retry = self.end_attempt(&id, FailureKind::Infrastructure, &format!("lease lapsed: worker {worker} went silent"));
+                let retry = self.finish_attempt(&id, Ending::Lapsed, &format!("lease lapsed: worker {worker} went silent"));
                 (id, retry)
             })
             .collect()
@@ -416,6 +574,7 @@ impl Scheduler {
                 continue;
             }
             task.state = TaskState::Queued;
+            task.lapses = 0;
             task.max_attempts = task.attempt + extra_attempts(&task.id);
             task.leases.clear();
             self.queue.insert((task.order, task.id.clone()));
@@ -451,8 +610,31 @@ impl Scheduler {
     }
 }
 
-fn holds(task: &TaskEntry, worker_id: &str, attempt: u32) -> bool {
-    task.state == TaskState::Running && task.attempt == attempt && task.rank_of(worker_id).is_some()
+/// How an attempt ended, for the budgets.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// Reported failed, or lost: charged to `max_attempts`.
+    Failed(FailureKind),
+    /// Its lease lapsed: charged to `max_lapses`.
+    Lapsed,
+}
+
+/// Whether `worker_id` holds a rank of the task's running `attempt` and proves it with that
+/// rank's secret.
+fn holds(task: &TaskEntry, worker_id: &str, attempt: u32, secret: &str) -> bool {
+    task.state == TaskState::Running
+        && task.attempt == attempt
+        && task.rank_of(worker_id).is_some_and(|rank| task.secrets.get(rank).is_some_and(|expected| secrets_match(secret, expected)))
+}
+
+/// Whether `lease` (as a re-registering worker presents it) proves the task's running attempt
+/// at its rank: the attempt and that rank's secret.
+fn proves(task: &TaskEntry, lease: &Lease) -> bool {
+    let rank = lease.rank as usize;
+    task.state == TaskState::Running
+        && task.attempt == lease.attempt
+        && rank < task.members.len()
+        && task.secrets.get(rank).is_some_and(|expected| secrets_match(&lease.secret, expected))
 }
 
 #[cfg(test)]
@@ -474,54 +656,95 @@ mod tests {
         TaskEntry::queued(id.into(), "s".into(), order, 3, 1)
     }
 
+    /// A lease as a test names it; `heartbeat_as` and friends fill in the holder's secret.
     fn held(task_id: &str, attempt: u32) -> Lease {
-        Lease { task_id: task_id.into(), attempt, rank: 0, world: 1 }
+        Lease { task_id: task_id.into(), attempt, rank: 0, world: 1, secret: String::new() }
+    }
+
+    fn session(worker_id: &str) -> String {
+        format!("session-{worker_id}")
+    }
+
+    fn new_scheduler(lease_ms: Millis, worker_ms: Millis) -> Scheduler {
+        let mut minted = 0u64;
+        let source = SecretSource::new(move || {
+            minted += 1;
+            format!("secret-{minted}")
+        });
+        Scheduler::new(Timeouts { lease_ms, worker_ms, max_lapses: 10, stall_ms: Millis::MAX }, source)
+    }
+
+    impl Scheduler {
+        /// The secret of `worker_id`'s rank in the task's current attempt ("" when it holds none).
+        fn secret_of(&self, task_id: &str, worker_id: &str) -> String {
+            let task = &self.tasks[task_id];
+            task.rank_of(worker_id).and_then(|rank| task.secrets.get(rank)).cloned().unwrap_or_default()
+        }
+
+        fn heartbeat_as(&mut self, worker_id: &str, now: Millis, running: &[Lease]) -> Result<Vec<String>, Refusal> {
+            let running: Vec<Lease> = running
+                .iter()
+                .map(|l| Lease { secret: if l.secret.is_empty() { self.secret_of(&l.task_id, worker_id) } else { l.secret.clone() }, ..l.clone() })
+                .collect();
+            self.heartbeat(worker_id, &session(worker_id), now, &running)
+        }
+
+        fn complete_as(&mut self, worker_id: &str, task_id: &str, attempt: u32, now: Millis) -> Result<(), Refusal> {
+            let secret = self.secret_of(task_id, worker_id);
+            self.complete(worker_id, task_id, attempt, &secret, now)
+        }
+
+        fn fail_as(&mut self, worker_id: &str, task_id: &str, attempt: u32, kind: FailureKind, error: &str, now: Millis) -> Result<Retry, Refusal> {
+            let secret = self.secret_of(task_id, worker_id);
+            self.fail(worker_id, task_id, attempt, &secret, kind, error, now)
+        }
     }
 
     fn scheduler(tasks: &[&str]) -> Scheduler {
-        let mut s = Scheduler::new(Timeouts { lease_ms: 100, worker_ms: 1000 });
+        let mut s = new_scheduler(100, 1000);
         for (i, id) in tasks.iter().enumerate() {
             s.insert(task(id, i as u64), 0);
         }
-        s.register("w1", "one", 0, &[]);
-        s.register("w2", "two", 0, &[]);
+        s.register("w1", "one", &session("w1"), 0, &[]);
+        s.register("w2", "two", &session("w2"), 0, &[]);
         s
     }
 
     #[test]
     fn tasks_go_out_in_fifo_order_once() {
         let mut s = scheduler(&["a", "b"]);
-        assert_eq!(s.acquire("w1", 1).unwrap().unwrap(), held("a", 1));
-        assert_eq!(s.acquire("w2", 1).unwrap().unwrap().task_id, "b");
-        assert_eq!(s.acquire("w1", 1).unwrap(), None);
-        assert_eq!(s.acquire("ghost", 1), Err(Refusal::UnknownWorker("ghost".into())));
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap().unwrap(), Lease { secret: "secret-1".into(), ..held("a", 1) });
+        assert_eq!(s.acquire("w2", &session("w2"), 1).unwrap().unwrap().task_id, "b");
+        s.complete_as("w1", "a", 1, 1).unwrap();
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap(), None);
+        assert_eq!(s.acquire("ghost", &session("ghost"), 1), Err(Refusal::UnknownWorker("ghost".into())));
     }
 
     #[test]
     fn result_is_recorded_exactly_once() {
         let mut s = scheduler(&["a"]);
-        s.acquire("w1", 1).unwrap();
-        s.complete("w1", "a", 1, 2).unwrap();
+        s.acquire("w1", &session("w1"), 1).unwrap();
+        s.complete_as("w1", "a", 1, 2).unwrap();
         assert_eq!(s.task("a").unwrap().state, TaskState::Succeeded);
-        assert!(matches!(s.complete("w1", "a", 1, 3), Err(Refusal::StaleLease { .. })));
-        assert!(matches!(s.fail("w1", "a", 1, FailureKind::Infrastructure, "x", 3), Err(Refusal::StaleLease { .. })));
+        assert!(matches!(s.complete_as("w1", "a", 1, 3), Err(Refusal::StaleLease { .. })));
+        assert!(matches!(s.fail_as("w1", "a", 1, FailureKind::Infrastructure, "x", 3), Err(Refusal::StaleLease { .. })));
     }
 
     #[test]
     fn lapsed_lease_requeues_and_late_report_is_refused() {
         let mut s = scheduler(&["a"]);
-        s.acquire("w1", 0).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
         assert!(s.expire(50).is_empty());
-        s.heartbeat("w1", 50, &[held("a", 1)]).unwrap();
+        s.heartbeat_as("w1", 50, &[held("a", 1)]).unwrap();
         assert!(s.expire(120).is_empty(), "the heartbeat renewed the lease");
         assert_eq!(s.expire(150), vec![("a".to_string(), Retry::Requeued)]);
         assert_eq!(s.task("a").unwrap().state, TaskState::Queued);
-        let lease = s.acquire("w2", 160).unwrap().unwrap();
+        let lease = s.acquire("w2", &session("w2"), 160).unwrap().unwrap();
         assert_eq!(lease.attempt, 2);
         // The presumed-dead worker wakes up: its reports are refused, its heartbeat told to abandon.
-        assert!(matches!(s.complete("w1", "a", 1, 170), Err(Refusal::StaleLease { .. })));
-        assert_eq!(s.heartbeat("w1", 170, &[held("a", 1)]).unwrap(), vec!["a".to_string()]);
-        s.complete("w2", "a", 2, 180).unwrap();
+        assert!(matches!(s.complete_as("w1", "a", 1, 170), Err(Refusal::StaleLease { .. })));
+        assert_eq!(s.heartbeat_as("w1", 170, &[held("a", 1)]).unwrap(), vec!["a".to_string()]);
+        s.complete_as("w2", "a", 2, 180).unwrap();
         assert_eq!(s.task("a").unwrap().state, TaskState::Succeeded);
     }
 
@@ -529,58 +752,158 @@ mod tests {
     fn attempts_are_bounded_and_user_errors_are_not_retried() {
         let mut s = scheduler(&["a", "b"]);
         for attempt in 1..=3 {
-            let lease = s.acquire("w1", 0).unwrap().unwrap();
+            let lease = s.acquire("w1", &session("w1"), 0).unwrap().unwrap();
             assert_eq!((lease.task_id.as_str(), lease.attempt), ("a", attempt));
-            let retry = s.fail("w1", "a", attempt, FailureKind::Infrastructure, "boom", 0).unwrap();
+            let retry = s.fail_as("w1", "a", attempt, FailureKind::Infrastructure, "boom", 0).unwrap();
             assert_eq!(retry, if attempt < 3 { Retry::Requeued } else { Retry::GaveUp });
         }
         assert_eq!(s.task("a").unwrap().state, TaskState::Failed);
         assert_eq!(s.task("a").unwrap().error.as_deref(), Some("boom"));
-        s.acquire("w1", 0).unwrap();
-        assert_eq!(s.fail("w1", "b", 1, FailureKind::User, "nan", 0).unwrap(), Retry::GaveUp);
+        s.acquire("w1", &session("w1"), 0).unwrap();
+        assert_eq!(s.fail_as("w1", "b", 1, FailureKind::User, "nan", 0).unwrap(), Retry::GaveUp);
     }
 
     #[test]
     fn silent_workers_are_forgotten_and_can_reattach() {
         let mut s = scheduler(&["a"]);
-        s.acquire("w1", 0).unwrap();
-        s.heartbeat("w2", 900, &[]).unwrap();
-        s.heartbeat("w1", 90, &[held("a", 1)]).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
+        s.heartbeat_as("w2", 900, &[]).unwrap();
+        s.heartbeat_as("w1", 90, &[held("a", 1)]).unwrap();
         let _ = s.expire(1500);
-        assert_eq!(s.heartbeat("w1", 1500, &[]), Err(Refusal::UnknownWorker("w1".into())));
+        assert_eq!(s.heartbeat_as("w1", 1500, &[]), Err(Refusal::UnknownWorker("w1".into())));
         // After a coordinator restart the task is reloaded as running and its worker re-registers.
-        let mut restarted = Scheduler::new(Timeouts { lease_ms: 100, worker_ms: 1000 });
+        let mut restarted = new_scheduler(100, 1000);
         let mut running = task("a", 0);
         running.state = TaskState::Running;
         running.attempt = 1;
         running.members = vec!["old-id".into()];
+        running.secrets = vec!["stored-secret".into()];
         restarted.insert(running, 0);
-        let lease = held("a", 1);
-        let stale = held("gone", 1);
-        let (abandon, changed) = restarted.register("new-id", "one", 10, &[lease, stale]);
+        let lease = Lease { secret: "stored-secret".into(), ..held("a", 1) };
+        let stale = Lease { secret: "stored-secret".into(), ..held("gone", 1) };
+        let (abandon, changed) = restarted.register("new-id", "one", &session("new-id"), 10, &[lease, stale]);
         assert_eq!(abandon, vec!["gone".to_string()]);
         assert_eq!(changed, vec!["a".to_string()]);
         restarted.assert_indexes_agree();
-        restarted.complete("new-id", "a", 1, 20).unwrap();
+        restarted.complete_as("new-id", "a", 1, 20).unwrap();
         restarted.assert_indexes_agree();
+    }
+
+    /// Naming a task (ids are guessable) proves nothing: re-registering with another worker's
+    /// task, reporting on it or completing it is refused without the lease's secret, and the
+    /// holder keeps its lease.
+    #[test]
+    fn only_the_lease_secret_proves_a_lease() {
+        let mut s = scheduler(&["a"]);
+        let lease = s.acquire("w1", &session("w1"), 0).unwrap().unwrap();
+        assert!(!lease.secret.is_empty());
+        let forged = Lease { secret: "guess".into(), ..lease.clone() };
+        let (abandon, changed) = s.register("impostor", "evil", &session("impostor"), 1, std::slice::from_ref(&forged));
+        assert_eq!(abandon, vec!["a".to_string()], "the impostor is told to drop what it claimed");
+        assert!(changed.is_empty());
+        assert_eq!(s.task("a").unwrap().members, vec!["w1"], "the holder keeps its lease");
+        assert_eq!(s.complete("impostor", "a", 1, &lease.secret, 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }), "a stolen secret needs the holder's identity too");
+        assert_eq!(s.complete("w1", "a", 1, "guess", 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }));
+        assert_eq!(s.fail("w1", "a", 1, "", FailureKind::User, "x", 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }));
+        assert_eq!(s.heartbeat("impostor", &session("impostor"), 3, &[forged]).unwrap(), vec!["a".to_string()]);
+        assert_eq!(s.heartbeat("w1", &session("w1"), 3, std::slice::from_ref(&lease)).unwrap(), Vec::<String>::new());
+        s.complete("w1", "a", 1, &lease.secret, 4).unwrap();
+        assert_eq!(s.task("a").unwrap().state, TaskState::Succeeded);
+    }
+
+    #[test]
+    fn a_worker_acts_as_itself_only_with_its_session() {
+        let mut s = scheduler(&["a"]);
+        assert_eq!(s.acquire("w1", "session-w2", 0), Err(Refusal::WrongSession("w1".into())));
+        assert_eq!(s.acquire("w1", "", 0), Err(Refusal::WrongSession("w1".into())));
+        assert_eq!(s.heartbeat("w1", "nope", 0, &[]), Err(Refusal::WrongSession("w1".into())));
+        assert_eq!(s.task("a").unwrap().state, TaskState::Queued, "a refused call changes nothing");
+        assert!(s.acquire("w1", &session("w1"), 0).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_worker_holds_one_lease_at_a_time() {
+        let mut s = scheduler(&["a", "b"]);
+        let first = s.acquire("w1", &session("w1"), 0).unwrap().unwrap();
+        let second = s.acquire("w1", &session("w1"), 1).unwrap().unwrap();
+        assert_eq!((first.task_id.as_str(), second.task_id.as_str(), second.attempt), ("a", "a", 2), "asking again gave up the first run");
+        assert!(s.task("a").unwrap().error.as_deref().unwrap().contains("asked for new work"));
+        assert_eq!(s.complete("w1", "a", 1, &first.secret, 2), Err(Refusal::StaleLease { task_id: "a".into(), attempt: 1 }));
+        assert_eq!(s.leases_by_worker().len(), 1);
+    }
+
+    #[test]
+    fn lapses_have_their_own_budget() {
+        let mut s = new_scheduler(100, 1_000_000);
+        s.insert(task("a", 0), 0);
+        s.register("w1", "one", &session("w1"), 0, &[]);
+        let mut now = 0;
+        for lapse in 1..=10 {
+            assert_eq!(s.acquire("w1", &session("w1"), now).unwrap().unwrap().attempt, lapse);
+            now += 50;
+            assert!(s.expire(now).is_empty());
+            now += 60;
+            assert_eq!(s.expire(now), vec![("a".to_string(), Retry::Requeued)], "lapse {lapse} is not one of the 3 attempts");
+        }
+        // Failures still have all three attempts.
+        for failure in 1..=3 {
+            let lease = s.acquire("w1", &session("w1"), now).unwrap().unwrap();
+            let retry = s.fail("w1", "a", lease.attempt, &lease.secret, FailureKind::Infrastructure, "boom", now).unwrap();
+            assert_eq!(retry, if failure < 3 { Retry::Requeued } else { Retry::GaveUp });
+        }
+        // A trial that keeps lapsing still ends.
+        let mut s = new_scheduler(100, 1_000_000);
+        s.insert(task("b", 0), 0);
+        s.register("w1", "one", &session("w1"), 0, &[]);
+        let mut outcomes = Vec::new();
+        for _ in 0..11 {
+            s.acquire("w1", &session("w1"), now).unwrap().unwrap();
+            now += 50;
+            let _ = s.expire(now);
+            now += 60;
+            outcomes.extend(s.expire(now).into_iter().map(|(_, retry)| retry));
+        }
+        assert_eq!(outcomes.last(), Some(&Retry::GaveUp));
+        assert_eq!(outcomes.iter().filter(|r| **r == Retry::Requeued).count(), 10);
+        assert!(s.task("b").unwrap().error.as_deref().unwrap().contains("--max-lapses"));
+    }
+
+    /// A coordinator that was itself stalled (no expiry pass for longer than half a lease) does
+    /// not blame its workers for heartbeats it could not hear.
+    #[test]
+    fn a_stalled_coordinator_credits_leases_with_the_stall() {
+        let mut s = new_scheduler(100, 1000);
+        s.timeouts.stall_ms = 50;
+        s.insert(task("a", 0), 0);
+        s.register("w1", "one", &session("w1"), 0, &[]);
+        s.acquire("w1", &session("w1"), 0).unwrap().unwrap();
+        assert!(s.expire(10).is_empty());
+        assert!(s.expire(500).is_empty(), "a 490 ms stall is not the worker's silence");
+        let mut now = 500;
+        let mut lapsed = Vec::new();
+        while lapsed.is_empty() && now < 1000 {
+            now += 20;
+            lapsed = s.expire(now);
+        }
+        assert_eq!(now, 600, "the lease ran its full 100 ms plus the 490 ms stall");
     }
 
     #[test]
     fn a_range_is_unfinished_while_one_of_its_tasks_is_queued_or_running() {
         let mut s = scheduler(&["a", "b", "c"]);
         assert!(s.any_unfinished(0..2));
-        assert_eq!(s.acquire("w1", 0).unwrap().unwrap().task_id, "a");
-        assert_eq!(s.acquire("w2", 0).unwrap().unwrap().task_id, "b");
-        s.complete("w1", "a", 1, 1).unwrap();
+        assert_eq!(s.acquire("w1", &session("w1"), 0).unwrap().unwrap().task_id, "a");
+        assert_eq!(s.acquire("w2", &session("w2"), 0).unwrap().unwrap().task_id, "b");
+        s.complete_as("w1", "a", 1, 1).unwrap();
         assert!(s.any_unfinished(0..2), "b still runs");
-        s.complete("w2", "b", 1, 1).unwrap();
+        s.complete_as("w2", "b", 1, 1).unwrap();
         assert!(!s.any_unfinished(0..2));
         assert!(s.any_unfinished(2..3), "c is queued");
-        s.acquire("w1", 2).unwrap();
-        assert_eq!(s.fail("w1", "c", 1, FailureKind::Infrastructure, "x", 2).unwrap(), Retry::Requeued);
+        s.acquire("w1", &session("w1"), 2).unwrap();
+        assert_eq!(s.fail_as("w1", "c", 1, FailureKind::Infrastructure, "x", 2).unwrap(), Retry::Requeued);
         assert!(s.any_unfinished(2..3), "c is queued again");
         s.assert_indexes_agree();
-        s.acquire("w1", 3).unwrap();
+        s.acquire("w1", &session("w1"), 3).unwrap();
         s.cancel_sweep("s");
         assert!(!s.any_unfinished(0..3));
         s.assert_indexes_agree();
@@ -593,29 +916,29 @@ mod tests {
     #[test]
     fn retry_requeues_only_failed_and_cancelled_tasks() {
         let mut s = scheduler(&["a", "b", "c"]);
-        s.acquire("w1", 0).unwrap();
-        s.complete("w1", "a", 1, 0).unwrap();
-        s.acquire("w1", 0).unwrap();
-        s.fail("w1", "b", 1, FailureKind::User, "bad", 0).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
+        s.complete_as("w1", "a", 1, 0).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
+        s.fail_as("w1", "b", 1, FailureKind::User, "bad", 0).unwrap();
         s.cancel_sweep("s");
         let mut changed = s.retry_sweep("s", |_| 2);
         changed.sort();
         assert_eq!(changed, vec!["b".to_string(), "c".to_string()]);
         assert_eq!(s.task("a").unwrap().state, TaskState::Succeeded);
         assert_eq!(s.task("b").unwrap().max_attempts, 3, "one used plus two more");
-        let lease = s.acquire("w2", 1).unwrap().unwrap();
+        let lease = s.acquire("w2", &session("w2"), 1).unwrap().unwrap();
         assert_eq!((lease.task_id.as_str(), lease.attempt), ("b", 2));
     }
 
     #[test]
     fn cancel_removes_queued_and_running_tasks() {
         let mut s = scheduler(&["a", "b"]);
-        s.acquire("w1", 0).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
         let mut changed = s.cancel_sweep("s");
         changed.sort();
         assert_eq!(changed, vec!["a".to_string(), "b".to_string()]);
-        assert_eq!(s.acquire("w2", 0).unwrap(), None);
-        assert_eq!(s.heartbeat("w1", 1, &[held("a", 1)]).unwrap(), vec!["a".to_string()]);
+        assert_eq!(s.acquire("w2", &session("w2"), 0).unwrap(), None);
+        assert_eq!(s.heartbeat_as("w1", 1, &[held("a", 1)]).unwrap(), vec!["a".to_string()]);
     }
 
     fn gang(id: &str, order: u64, size: u32) -> TaskEntry {
@@ -624,84 +947,84 @@ mod tests {
 
     fn workers(s: &mut Scheduler, ids: &[&str]) {
         for id in ids {
-            s.register(id, id, 0, &[]);
+            s.register(id, id, &session(id), 0, &[]);
         }
     }
 
     #[test]
     fn a_gang_starts_all_or_nothing_with_ranks() {
-        let mut s = Scheduler::new(Timeouts { lease_ms: 100, worker_ms: 1000 });
+        let mut s = new_scheduler(100, 1000);
         s.insert(gang("g", 0, 3), 0);
         s.insert(task("small", 1), 0);
         workers(&mut s, &["w1", "w2", "w3"]);
-        assert_eq!(s.acquire("w1", 1).unwrap(), None, "reserved, waiting for the others");
-        assert_eq!(s.acquire("w1", 2).unwrap(), None, "still waiting");
-        assert_eq!(s.acquire("w2", 2).unwrap(), None, "the small task behind the gang does not jump the queue");
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap(), None, "reserved, waiting for the others");
+        assert_eq!(s.acquire("w1", &session("w1"), 2).unwrap(), None, "still waiting");
+        assert_eq!(s.acquire("w2", &session("w2"), 2).unwrap(), None, "the small task behind the gang does not jump the queue");
         assert_eq!(s.task("g").unwrap().state, TaskState::Queued);
-        let third = s.acquire("w3", 3).unwrap().unwrap();
+        let third = s.acquire("w3", &session("w3"), 3).unwrap().unwrap();
         assert_eq!((third.rank, third.world, third.attempt), (2, 3, 1));
         assert_eq!(s.task("g").unwrap().members, vec!["w1", "w2", "w3"]);
-        assert_eq!(s.acquire("w1", 4).unwrap().unwrap().rank, 0);
-        assert_eq!(s.acquire("w2", 4).unwrap().unwrap().rank, 1);
+        assert_eq!(s.acquire("w1", &session("w1"), 4).unwrap().unwrap().rank, 0);
+        assert_eq!(s.acquire("w2", &session("w2"), 4).unwrap().unwrap().rank, 1);
         // Every member reports under the same task; a finished rank > 0 no longer lapses, and
         // rank 0's completion ends the task once.
-        s.heartbeat("w2", 5, &[Lease { rank: 1, world: 3, ..held("g", 1) }]).unwrap();
-        s.complete("w2", "g", 1, 6).unwrap();
-        s.complete("w3", "g", 1, 6).unwrap();
+        s.heartbeat_as("w2", 5, &[Lease { rank: 1, world: 3, ..held("g", 1) }]).unwrap();
+        s.complete_as("w2", "g", 1, 6).unwrap();
+        s.complete_as("w3", "g", 1, 6).unwrap();
         assert_eq!(s.task("g").unwrap().state, TaskState::Running);
-        s.heartbeat("w1", 90, &[held("g", 1)]).unwrap();
+        s.heartbeat_as("w1", 90, &[held("g", 1)]).unwrap();
         assert!(s.expire(150).is_empty(), "finished ranks do not lapse");
-        s.complete("w1", "g", 1, 160).unwrap();
+        s.complete_as("w1", "g", 1, 160).unwrap();
         assert_eq!(s.task("g").unwrap().state, TaskState::Succeeded);
-        assert!(matches!(s.complete("w1", "g", 1, 170), Err(Refusal::StaleLease { .. })));
-        assert_eq!(s.acquire("w2", 170).unwrap().unwrap().task_id, "small");
+        assert!(matches!(s.complete_as("w1", "g", 1, 170), Err(Refusal::StaleLease { .. })));
+        assert_eq!(s.acquire("w2", &session("w2"), 170).unwrap().unwrap().task_id, "small");
     }
 
     #[test]
     fn a_gang_too_large_for_the_cluster_blocks_nobody() {
-        let mut s = Scheduler::new(Timeouts { lease_ms: 100, worker_ms: 1000 });
+        let mut s = new_scheduler(100, 1000);
         s.insert(gang("g", 0, 4), 0);
         s.insert(task("small", 1), 0);
         workers(&mut s, &["w1", "w2"]);
-        assert_eq!(s.acquire("w1", 1).unwrap().unwrap().task_id, "small");
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap().unwrap().task_id, "small");
         assert_eq!(s.task("g").unwrap().state, TaskState::Queued);
     }
 
     #[test]
     fn two_gangs_never_deadlock() {
-        let mut s = Scheduler::new(Timeouts { lease_ms: 1000, worker_ms: 10_000 });
+        let mut s = new_scheduler(1000, 10_000);
         s.insert(gang("g1", 0, 2), 0);
         s.insert(gang("g2", 1, 2), 0);
         workers(&mut s, &["w1", "w2", "w3"]);
-        assert_eq!(s.acquire("w1", 1).unwrap(), None);
-        assert_eq!(s.acquire("w2", 1).unwrap().unwrap().task_id, "g1");
-        assert_eq!(s.acquire("w1", 1).unwrap().unwrap().task_id, "g1");
-        assert_eq!(s.acquire("w3", 1).unwrap(), None, "w3 waits for g2's second worker");
-        s.complete("w1", "g1", 1, 2).unwrap();
-        assert_eq!(s.acquire("w1", 3).unwrap().unwrap().task_id, "g2");
-        let lease = s.acquire("w3", 3).unwrap().unwrap();
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap(), None);
+        assert_eq!(s.acquire("w2", &session("w2"), 1).unwrap().unwrap().task_id, "g1");
+        assert_eq!(s.acquire("w1", &session("w1"), 1).unwrap().unwrap().task_id, "g1");
+        assert_eq!(s.acquire("w3", &session("w3"), 1).unwrap(), None, "w3 waits for g2's second worker");
+        s.complete_as("w1", "g1", 1, 2).unwrap();
+        assert_eq!(s.acquire("w1", &session("w1"), 3).unwrap().unwrap().task_id, "g2");
+        let lease = s.acquire("w3", &session("w3"), 3).unwrap().unwrap();
         assert_eq!((lease.task_id.as_str(), lease.rank), ("g2", 0));
     }
 
     #[test]
     fn one_lapsed_member_fails_the_gang_attempt_and_the_rest_abandon() {
-        let mut s = Scheduler::new(Timeouts { lease_ms: 100, worker_ms: 10_000 });
+        let mut s = new_scheduler(100, 10_000);
         s.insert(gang("g", 0, 2), 0);
         workers(&mut s, &["w1", "w2"]);
-        s.acquire("w1", 0).unwrap();
-        s.acquire("w2", 0).unwrap().unwrap();
-        let rank0 = s.acquire("w1", 0).unwrap().unwrap();
-        s.heartbeat("w1", 90, &[rank0.clone()]).unwrap();
+        s.acquire("w1", &session("w1"), 0).unwrap();
+        s.acquire("w2", &session("w2"), 0).unwrap().unwrap();
+        let rank0 = s.acquire("w1", &session("w1"), 0).unwrap().unwrap();
+        s.heartbeat_as("w1", 90, &[rank0.clone()]).unwrap();
         assert_eq!(s.expire(150), vec![("g".to_string(), Retry::Requeued)], "w2 went silent");
-        assert_eq!(s.heartbeat("w1", 160, &[rank0]).unwrap(), vec!["g".to_string()], "w1 is told to stop");
+        assert_eq!(s.heartbeat_as("w1", 160, &[rank0]).unwrap(), vec!["g".to_string()], "w1 is told to stop");
         assert_eq!(s.task("g").unwrap().state, TaskState::Queued);
         // A reserved worker that dies releases its reservation.
-        assert_eq!(s.acquire("w1", 170).unwrap(), None);
+        assert_eq!(s.acquire("w1", &session("w1"), 170).unwrap(), None);
         let _ = s.expire(20_000);
-        s.register("w3", "w3", 20_000, &[]);
-        s.register("w4", "w4", 20_000, &[]);
-        assert_eq!(s.acquire("w3", 20_001).unwrap(), None);
-        assert_eq!(s.acquire("w4", 20_001).unwrap().unwrap().attempt, 2);
+        s.register("w3", "w3", &session("w3"), 20_000, &[]);
+        s.register("w4", "w4", &session("w4"), 20_000, &[]);
+        assert_eq!(s.acquire("w3", &session("w3"), 20_001).unwrap(), None);
+        assert_eq!(s.acquire("w4", &session("w4"), 20_001).unwrap().unwrap().attempt, 2);
     }
 
     /// A randomized run of interleaved events: every task ends terminal, succeeds at most once,
@@ -712,7 +1035,7 @@ mod tests {
             let ids: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
             let mut s = scheduler(&refs);
-            s.register("w3", "three", 0, &[]);
+            s.register("w3", "three", &session("w3"), 0, &[]);
             for (order, id) in [(5u64, "gang-a"), (12, "gang-b")] {
                 s.insert(gang(id, order * 2 + 1, 2), 0);
             }
@@ -730,14 +1053,14 @@ mod tests {
                 let w = workers[(next() % 3) as usize];
                 match next() % 5 {
                     0 | 1 if !held.contains_key(w) => {
-                        if let Ok(Some(lease)) = s.acquire(w, now) {
+                        if let Ok(Some(lease)) = s.acquire(w, &session(w), now) {
                             held.insert(w, lease);
                         }
                     }
                     0..=2 => {
                         if let Some(lease) = held.remove(w) {
                             let before = s.task(&lease.task_id).unwrap().state;
-                            let accepted = s.complete(w, &lease.task_id, lease.attempt, now).is_ok();
+                            let accepted = s.complete(w, &lease.task_id, lease.attempt, &lease.secret, now).is_ok();
                             let after = s.task(&lease.task_id).unwrap().state;
                             if accepted && before != TaskState::Succeeded && after == TaskState::Succeeded {
                                 *successes.entry(lease.task_id).or_default() += 1;
@@ -747,19 +1070,27 @@ mod tests {
                     }
                     3 => {
                         if let Some(lease) = held.remove(w) {
-                            let _ = s.fail(w, &lease.task_id, lease.attempt, FailureKind::Infrastructure, "x", now);
+                            let _ = s.fail(w, &lease.task_id, lease.attempt, &lease.secret, FailureKind::Infrastructure, "x", now);
                         }
                     }
                     _ => {
                         let running: Vec<Lease> = held.get(w).cloned().into_iter().collect();
-                        match s.heartbeat(w, now, &running) {
+                        // An impostor with the same worker token names the same task: it is told
+                        // to abandon it, and the holder keeps its lease.
+                        if let Some(lease) = running.first() {
+                            let forged = Lease { secret: "guessed".into(), ..lease.clone() };
+                            let (abandon, changed) = s.register("impostor", "evil", &session("impostor"), now, std::slice::from_ref(&forged));
+                            assert_eq!((abandon, changed), (vec![forged.task_id.clone()], vec![]), "seed {seed}");
+                            assert!(s.complete("impostor", &forged.task_id, forged.attempt, &forged.secret, now).is_err());
+                        }
+                        match s.heartbeat(w, &session(w), now, &running) {
                             Ok(abandon) => {
                                 if held.get(w).is_some_and(|l| abandon.contains(&l.task_id)) {
                                     held.remove(w);
                                 }
                             }
                             Err(_) => {
-                                let (abandon, _) = s.register(w, w, now, &running);
+                                let (abandon, _) = s.register(w, w, &session(w), now, &running);
                                 if held.get(w).is_some_and(|l| abandon.contains(&l.task_id)) {
                                     held.remove(w);
                                 }

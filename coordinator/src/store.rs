@@ -84,7 +84,23 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     is_final INTEGER NOT NULL,
     PRIMARY KEY (task_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS lease_uploads (
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    attempt INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt, sha256)
+);
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    unix_ms INTEGER NOT NULL
+);
 "#;
+
+/// Columns added after the first release, with their definitions: added to older files at open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tasks", "secrets", "TEXT NOT NULL DEFAULT '[]'"),
+    ("tasks", "lapses", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// A sweep's row.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +213,16 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, definition) in ADDED_COLUMNS {
+            let exists: bool = conn.query_row(
+                &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
+            }
+        }
         // Room for every statement this file prepares, so none is parsed again per call.
         conn.set_prepared_statement_cache_capacity(32);
         Ok(Self { conn })
@@ -237,8 +263,8 @@ impl Store {
     fn insert_task_rows(tx: &rusqlite::Transaction<'_>, tasks: &[StoredTask]) -> Result<(), StoreError> {
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO tasks (id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error, secrets, lapses)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
             for task in tasks {
                 let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("trial spec", e))?;
@@ -253,7 +279,9 @@ impl Store {
                     e.max_attempts,
                     e.gang_size,
                     members_json(&e.members)?,
-                    e.error
+                    e.error,
+                    members_json(&e.secrets)?,
+                    e.lapses
                 ])?;
             }
         }
@@ -265,9 +293,18 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut update =
-                tx.prepare_cached("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6 WHERE id = ?1")?;
+                tx.prepare_cached("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6, secrets = ?7, lapses = ?8 WHERE id = ?1")?;
             for e in entries {
-                update.execute(params![e.id, e.state.as_str(), e.attempt, members_json(&e.members)?, e.error, e.max_attempts])?;
+                update.execute(params![
+                    e.id,
+                    e.state.as_str(),
+                    e.attempt,
+                    members_json(&e.members)?,
+                    e.error,
+                    e.max_attempts,
+                    members_json(&e.secrets)?,
+                    e.lapses
+                ])?;
             }
         }
         tx.commit()?;
@@ -363,7 +400,7 @@ impl Store {
         let mut minima: HashMap<String, f64> = HashMap::new();
         for row in rows {
             let (task_id, values) = row?;
-            let values: Vec<(String, f64)> = serde_json::from_str(&values).map_err(|e| corrupt("metrics", e))?;
+            let values = parse_values(&task_id, &values);
             let Some(value) = values.into_iter().find(|(key, _)| key == name).map(|(_, value)| value) else {
                 continue;
             };
@@ -418,10 +455,63 @@ impl Store {
         let mut epochs = Vec::new();
         for row in rows {
             let (epoch, attempt, values, seconds, samples) = row?;
-            let values = serde_json::from_str(&values).map_err(|e| corrupt("metrics", e))?;
+            let values = parse_values(task_id, &values);
             epochs.push(EpochRecord { epoch, attempt, values, seconds, samples: samples as u64 });
         }
         Ok(epochs)
+    }
+
+    /// Notes that a blob was uploaded under a task's attempt.
+    pub fn record_lease_upload(&self, task_id: &str, attempt: u32, sha256: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO lease_uploads (task_id, attempt, sha256) VALUES (?1, ?2, ?3)")?
+            .execute(params![task_id, attempt, sha256])?;
+        Ok(())
+    }
+
+    /// Whether a blob was uploaded under the task's attempt.
+    pub fn uploaded_under(&self, task_id: &str, attempt: u32, sha256: &str) -> Result<bool, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT 1 FROM lease_uploads WHERE task_id = ?1 AND attempt = ?2 AND sha256 = ?3")?;
+        Ok(query.exists(params![task_id, attempt, sha256])?)
+    }
+
+    /// The highest epoch the task has reported (any attempt).
+    pub fn last_epoch(&self, task_id: &str) -> Result<Option<u32>, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT MAX(epoch) FROM metrics WHERE task_id = ?1")?;
+        Ok(query.query_row(params![task_id], |r| r.get(0))?)
+    }
+
+    /// How many log lines the task has stored.
+    pub fn log_count(&self, task_id: &str) -> Result<u64, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT COUNT(*) FROM logs WHERE task_id = ?1")?;
+        Ok(query.query_row(params![task_id], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Commits a transaction that needs fresh room (a 256 KiB row, written and deleted): it
+    /// succeeds only once the database can take real work again, not merely rewrite a page.
+    pub fn probe(&mut self) -> Result<(), StoreError> {
+        let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let tx = self.conn.transaction()?;
+        tx.execute("CREATE TABLE IF NOT EXISTS probe_room (id INTEGER PRIMARY KEY, room BLOB NOT NULL)", [])?;
+        tx.execute("INSERT INTO probe_room (room) VALUES (zeroblob(262144))", [])?;
+        tx.execute("DELETE FROM probe_room", [])?;
+        tx.execute("INSERT OR REPLACE INTO probe (id, unix_ms) VALUES (1, ?1)", params![unix_ms])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Pages the database file holds now.
+    #[cfg(test)]
+    pub fn page_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Caps the database file at `pages` pages, so that writes past it fail as on a full disk
+    /// (tests of the coordinator's behaviour when its store cannot be written).
+    #[cfg(test)]
+    pub fn set_max_pages(&self, pages: u64) -> Result<(), StoreError> {
+        self.conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// All sweeps, oldest first.
@@ -463,7 +553,7 @@ impl Store {
 
     fn select_tasks(&self, condition: &str, param: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
         let mut query = self.conn.prepare_cached(&format!(
-            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error FROM tasks WHERE {condition} ORDER BY ord"
+            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error, secrets, lapses FROM tasks WHERE {condition} ORDER BY ord"
         ))?;
         let rows = query.query_map(params![param], |r| {
             Ok((
@@ -477,20 +567,57 @@ impl Store {
                 r.get::<_, u32>(7)?,
                 r.get::<_, String>(8)?,
                 r.get::<_, Option<String>>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, u32>(11)?,
             ))
         })?;
         let mut tasks = Vec::new();
         for row in rows {
-            let (id, sweep_id, order, spec, state, attempt, max_attempts, gang_size, members, error) = row?;
+            let (id, sweep_id, order, spec, state, attempt, max_attempts, gang_size, members, error, secrets, lapses) = row?;
             let spec = Self::parse_spec(&spec)?;
             let state = TaskState::parse(&state).ok_or_else(|| corrupt("task state", &state))?;
             let members: Vec<String> = serde_json::from_str(&members).map_err(|e| corrupt("task members", e))?;
-            let entry =
-                TaskEntry { id, sweep_id, order: order as u64, state, attempt, max_attempts, gang_size, members, leases: vec![], error };
+            let secrets: Vec<String> = serde_json::from_str(&secrets).map_err(|e| corrupt("lease secrets", e))?;
+            let entry = TaskEntry {
+                id,
+                sweep_id,
+                order: order as u64,
+                state,
+                attempt,
+                max_attempts,
+                gang_size,
+                members,
+                leases: vec![],
+                error,
+                secrets,
+                lapses,
+                epochs: spec.config.epochs,
+            };
             tasks.push(StoredTask { entry, spec });
         }
         Ok(tasks)
     }
+}
+
+/// An epoch's stored values. A row that does not parse whole (a non-finite value written before
+/// they were refused at the edge, stored as `null`) keeps its readable values; the rest are
+/// skipped with a warning rather than failing every read of the sweep.
+fn parse_values(task_id: &str, json: &str) -> Vec<(String, f64)> {
+    if let Ok(values) = serde_json::from_str::<Vec<(String, f64)>>(json) {
+        return values;
+    }
+    let Ok(loose) = serde_json::from_str::<Vec<(String, serde_json::Value)>>(json) else {
+        tracing::warn!(task = %task_id, "stored metrics row does not parse; skipped");
+        return vec![];
+    };
+    let mut values = Vec::with_capacity(loose.len());
+    for (name, value) in loose {
+        match value.as_f64() {
+            Some(number) => values.push((name, number)),
+            None => tracing::warn!(task = %task_id, metric = %name, stored = %value, "stored metric is not a number; skipped"),
+        }
+    }
+    values
 }
 
 fn members_json(members: &[String]) -> Result<String, StoreError> {
@@ -541,6 +668,23 @@ mod tests {
         }
     }
 
+    /// A row holding a non-finite value (stored as `null` before such values were refused)
+    /// keeps its other values and fails no read.
+    #[test]
+    fn a_bad_metrics_row_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+        let sweep = SweepRecord { id: "s".into(), seq: 1, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
+        store.insert_sweep(&sweep, &[StoredTask { entry: TaskEntry::queued("s.t0".into(), "s".into(), 0, 3, 1), spec: spec() }]).unwrap();
+        let epoch = EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), f64::NAN), ("train_mse".into(), 0.5)], seconds: 1.0, samples: 1 };
+        store.record_metrics("s.t0", &[epoch]).unwrap();
+        store.conn.execute("INSERT INTO metrics VALUES ('s.t0', 2, 1, 'not json', 1.0, 1)", []).unwrap();
+        let metrics = store.metrics("s.t0").unwrap();
+        assert_eq!(metrics[0].values, vec![("train_mse".to_string(), 0.5)]);
+        assert!(metrics[1].values.is_empty());
+        assert!(store.min_metric_by_task("s", "val_mse").unwrap().is_empty());
+    }
+
     #[test]
     fn the_file_is_locked_while_a_store_holds_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -558,7 +702,7 @@ mod tests {
     fn state_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let mut entry = TaskEntry::queued("s.t0".into(), "s".into(), 7, 3, 1);
+        let mut entry = TaskEntry::queued("s.t0".into(), "s".into(), 7, 3, 1).with_epochs(spec().config.epochs);
         {
             let mut store = Store::open(&path).unwrap();
             assert_eq!(store.next_sweep_seq().unwrap(), 1);

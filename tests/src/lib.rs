@@ -61,6 +61,8 @@ pub struct Cluster {
     coordinator_args: Vec<String>,
     /// `http`, or `https` when the coordinator serves TLS.
     scheme: &'static str,
+    /// A command the coordinator runs under (e.g. `unshare … sh -c SCRIPT sh`), empty for none.
+    launcher: Vec<String>,
 }
 
 impl Cluster {
@@ -76,8 +78,15 @@ impl Cluster {
 
     /// Like [`Cluster::start_with`], in a folder the caller prepared (e.g. with certificates).
     pub fn start_in(dir: tempfile::TempDir, extra_args: &[&str]) -> Self {
+        Self::start_launched(dir, &[], extra_args)
+    }
+
+    /// Like [`Cluster::start_in`], with the coordinator run as `launcher… coordinator serve …`
+    /// (the launcher ends in a program that executes its remaining arguments).
+    pub fn start_launched(dir: tempfile::TempDir, launcher: &[&str], extra_args: &[&str]) -> Self {
         let address = free_address();
-        let mut cluster = Cluster { dir, address, processes: Vec::new(), coordinator_args: Vec::new(), scheme: "http" };
+        let launcher = launcher.iter().map(|a| a.to_string()).collect();
+        let mut cluster = Cluster { dir, address, processes: Vec::new(), coordinator_args: Vec::new(), scheme: "http", launcher };
         std::fs::write(cluster.client_token(), "client-token-for-tests\n").expect("token file");
         std::fs::write(cluster.worker_token(), "worker-token-for-tests\n").expect("token file");
         let data_dir = cluster.dir.path().join("coordinator");
@@ -91,18 +100,40 @@ impl Cluster {
         let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir, "--token-file", &client_token, "--worker-token-file", &worker_token];
         args.extend_from_slice(extra_args);
         cluster.coordinator_args = args.iter().map(|a| a.to_string()).collect();
-        cluster.spawn("coordinator", &binary("coordinator"), &args);
+        cluster.spawn_coordinator("coordinator");
         cluster.wait_until_listening(Duration::from_secs(20));
         cluster
+    }
+
+    /// The coordinator's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    fn spawn_coordinator(&mut self, label: &str) {
+        let program = binary("coordinator");
+        let args = self.coordinator_args.clone();
+        let launcher = self.launcher.clone();
+        match launcher.split_first() {
+            None => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.spawn(label, &program, &args);
+            }
+            Some((launcher, launcher_args)) => {
+                let program = program.to_string_lossy().into_owned();
+                let all: Vec<&str> =
+                    launcher_args.iter().map(String::as_str).chain(std::iter::once(program.as_str())).chain(args.iter().map(String::as_str)).collect();
+                let launcher = PathBuf::from(launcher);
+                self.spawn(label, &launcher, &all);
+            }
+        }
     }
 
     /// Kills the coordinator with SIGKILL and starts it again on the same address and data dir.
     pub fn restart_coordinator(&mut self) {
         self.kill("coordinator");
         let generation = self.processes.iter().filter(|p| p.label.starts_with("coordinator")).count();
-        let args: Vec<String> = self.coordinator_args.clone();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.spawn(&format!("coordinator-{generation}"), &binary("coordinator"), &args);
+        self.spawn_coordinator(&format!("coordinator-{generation}"));
         self.wait_until_listening(Duration::from_secs(20));
     }
 
@@ -241,6 +272,17 @@ impl Cluster {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// The logs of every process (restarts included) whose label starts with `label`, in order.
+    pub fn logs_of(&self, label: &str) -> String {
+        self.processes.iter().filter(|p| p.label.starts_with(label)).map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).collect()
+    }
+
+    /// The log of the newest process whose label starts with `label`.
+    pub fn log(&self, label: &str) -> String {
+        let process = self.processes.iter().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
+        std::fs::read_to_string(&process.log).unwrap_or_default()
     }
 
     fn print_logs(&self) {

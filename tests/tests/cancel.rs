@@ -36,6 +36,10 @@ fn cancel_stops_the_running_trial_and_retry_resumes_it() {
     assert_eq!(cluster.client_ok(&["cancel", &long]).trim(), "1 trials cancelled");
     // The worker drops the cancelled trial and runs the next sweep's.
     assert_eq!(cluster.client_ok(&["wait", &short, "--timeout", "120"]).trim(), "succeeded");
+    // An ended sweep keeps its outcome: cancelling or retrying it changes nothing, and says so.
+    assert!(cluster.client_ok(&["cancel", &short]).starts_with("nothing to cancel"));
+    assert!(cluster.client_ok(&["retry", &short]).starts_with("nothing to retry"));
+    assert_eq!(cluster.client_ok(&["wait", &short, "--timeout", "5"]).trim(), "succeeded");
     let cancelled = cluster.wait_for(&long, Duration::from_secs(5), |_| true);
     assert_eq!(cancelled["state"], "cancelled");
     let done_before = cancelled["trials"][0]["epochs"].as_array().unwrap().len();

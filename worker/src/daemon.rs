@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,7 +57,16 @@ pub enum DaemonError {
     /// The coordinator URL, token or TLS settings are unusable.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The coordinator refused the worker's credentials: retrying cannot help.
+    #[error("the coordinator refused this worker's token ({0}); give the worker token with --token-file or COHORT_TOKEN_FILE")]
+    Refused(String),
+    /// The heartbeat thread could not start.
+    #[error("cannot start the heartbeat thread: {0}")]
+    Heartbeat(std::io::Error),
 }
+
+/// Heartbeat period used until the coordinator names one.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long an acquire call waits on the coordinator for work.
 const ACQUIRE_WAIT_MS: u32 = 2_000;
@@ -73,6 +82,8 @@ struct Running {
     attempt: u32,
     /// Its rank in the gang (0 for a plain task).
     rank: u32,
+    /// Proof of the lease, sent with every call about the task.
+    lease_secret: String,
     stop: Arc<AtomicBool>,
     /// Finish the epoch, checkpoint, stop (shutdown).
     drain: Arc<AtomicBool>,
@@ -84,8 +95,17 @@ struct Running {
 struct Shared {
     client: WorkerClient,
     config: WorkerConfig,
-    worker_id: Arc<Mutex<String>>,
+    identity: Arc<Mutex<Identity>>,
     running: Arc<Mutex<Option<Running>>>,
+    /// How often to heartbeat, in milliseconds, as the coordinator asked at registration.
+    heartbeat_ms: Arc<AtomicU64>,
+}
+
+/// Who this worker is to the coordinator: its id and the session minted with it.
+#[derive(Debug, Clone, Default)]
+struct Identity {
+    worker_id: String,
+    session: String,
 }
 
 /// Messages from the training thread to the daemon.
@@ -127,7 +147,7 @@ where
             continue;
         }
         if status.code() == Code::NotFound && status.message().starts_with("unknown worker") {
-            shared.register().await;
+            shared.reregister().await;
             continue;
         }
         if !is_transient(&status) {
@@ -141,12 +161,19 @@ where
 
 impl Shared {
     fn worker_id(&self) -> String {
-        self.worker_id.lock().unwrap().clone()
+        self.identity.lock().unwrap().worker_id.clone()
+    }
+
+    fn identity(&self) -> Identity {
+        self.identity.lock().unwrap().clone()
     }
 
     fn running_tasks(&self) -> Vec<pb::RunningTask> {
         let running = self.running.lock().unwrap();
-        running.iter().map(|r| pb::RunningTask { task_id: r.task_id.clone(), attempt: r.attempt, rank: r.rank }).collect()
+        running
+            .iter()
+            .map(|r| pb::RunningTask { task_id: r.task_id.clone(), attempt: r.attempt, rank: r.rank, lease_secret: r.lease_secret.clone() })
+            .collect()
     }
 
     fn abandon(&self, task_ids: &[String]) {
@@ -158,8 +185,10 @@ impl Shared {
         }
     }
 
-    /// Registers (again), announcing any running task so the coordinator can re-attach it.
-    async fn register(&self) {
+    /// Registers (again), announcing any running task (with its lease secret) so the
+    /// coordinator can re-attach it. Retries while the coordinator is unreachable, saying so
+    /// once per retry interval; a refused token ends the worker: retrying cannot fix it.
+    async fn register(&self) -> Result<(), DaemonError> {
         let request = pb::RegisterRequest {
             name: self.config.name.clone(),
             device: device_name(self.config.device),
@@ -171,16 +200,30 @@ impl Shared {
                 Ok(response) => {
                     let response = response.into_inner();
                     tracing::info!(worker_id = %response.worker_id, "registered with the coordinator");
-                    *self.worker_id.lock().unwrap() = response.worker_id;
+                    if response.heartbeat_interval_ms > 0 {
+                        self.heartbeat_ms.store(u64::from(response.heartbeat_interval_ms), Ordering::Relaxed);
+                    }
+                    *self.identity.lock().unwrap() = Identity { worker_id: response.worker_id, session: response.session };
                     self.abandon(&response.abandon);
-                    return;
+                    return Ok(());
+                }
+                Err(status) if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                    return Err(DaemonError::Refused(status.message().to_string()));
                 }
                 Err(status) => {
-                    tracing::warn!(error = %status.message(), "register failed, retrying");
+                    tracing::warn!(error = %status.message(), retry_in_ms = backoff.as_millis() as u64, "register failed, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Registers again after the coordinator forgot this worker; a refused token is logged
+    /// (the work loop ends the worker on it).
+    async fn reregister(&self) {
+        if let Err(error) = self.register().await {
+            tracing::error!(%error, "registering again failed");
         }
     }
 
@@ -189,29 +232,87 @@ impl Shared {
         let Some((task_id, attempt, lines)) = crate::logs::buffer().take() else {
             return;
         };
-        let request = pb::AppendLogsRequest { worker_id: self.worker_id(), task_id, attempt, lines };
+        let lease_secret = self.running.lock().unwrap().as_ref().filter(|r| r.task_id == task_id).map(|r| r.lease_secret.clone()).unwrap_or_default();
+        let request = pb::AppendLogsRequest { worker_id: self.worker_id(), task_id, attempt, lines, lease_secret };
         if let Err(status) = self.client.clone().append_logs(request).await {
             tracing::debug!(error = %status.message(), "log lines not shipped");
         }
     }
 
-    async fn heartbeat_loop(self, interval: Duration) {
-        loop {
-            tokio::time::sleep(interval).await;
-            self.ship_logs().await;
-            let request = pb::HeartbeatRequest { worker_id: self.worker_id(), running: self.running_tasks() };
-            match self.client.clone().heartbeat(request).await {
+    fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed).max(50))
+    }
+
+    /// Renews this worker's leases every heartbeat interval until `stop`. Each beat waits at
+    /// most two intervals for its answer, so one slow answer delays no later beat for long.
+    async fn heartbeat_loop(self, stop: Arc<AtomicBool>) {
+        let mut last_warning: Option<tokio::time::Instant> = None;
+        while !stop.load(Ordering::SeqCst) {
+            let interval = self.heartbeat_interval();
+            let identity = self.identity();
+            let request = pb::HeartbeatRequest { worker_id: identity.worker_id, running: self.running_tasks(), session: identity.session };
+            let sent = tokio::time::Instant::now();
+            let outcome = match tokio::time::timeout(interval * 2, self.client.clone().heartbeat(request)).await {
+                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Err(status)) => Err(status.message().to_string()),
+                Err(_) => Err(format!("no answer within {} ms", (interval * 2).as_millis())),
+            };
+            match outcome {
                 Ok(response) => {
-                    let response = response.into_inner();
                     self.abandon(&response.abandon);
                     if response.reregister {
-                        self.register().await;
+                        self.reregister().await;
                     }
                 }
-                Err(status) => tracing::warn!(error = %status.message(), "heartbeat failed"),
+                // Once per lease-ish period, not on every beat: a restarting coordinator would
+                // otherwise fill the log.
+                Err(error) if last_warning.is_none_or(|at| at.elapsed() >= interval * 8) => {
+                    last_warning = Some(tokio::time::Instant::now());
+                    tracing::warn!(%error, "heartbeat failed, retrying");
+                }
+                Err(_) => {}
             }
+            tokio::time::sleep_until(sent + interval).await;
         }
     }
+
+    /// Ships the running task's log lines about once a second, apart from the heartbeat so that
+    /// a slow log write never delays a lease renewal.
+    async fn log_loop(self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.ship_logs().await;
+        }
+    }
+}
+
+/// Runs the heartbeat on its own thread, with its own runtime and connection: nothing else the
+/// worker does (training threads taking every core, dataset decoding, uploads on the main
+/// runtime) can starve it. Stops when `stop` is set.
+fn spawn_heartbeat(shared: &Shared, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>, DaemonError> {
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "heartbeat runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let client = match shared.config.connect.lazy_channel() {
+                    Ok((channel, token)) => WorkerServiceClient::with_interceptor(channel, token),
+                    Err(error) => {
+                        tracing::error!(%error, "heartbeat connection failed");
+                        return;
+                    }
+                };
+                Shared { client, ..shared }.heartbeat_loop(stop).await;
+            });
+        })
+        .map_err(DaemonError::Heartbeat)
 }
 
 /// Renders a device the way the protocol names it.
@@ -226,13 +327,17 @@ pub fn device_name(device: Device) -> String {
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let (channel, token) = config.connect.lazy_channel()?;
     let client = WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-    let shared = Shared { client, config, worker_id: Arc::default(), running: Arc::default() };
+    let heartbeat_ms = Arc::new(AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64));
+    let shared = Shared { client, config, identity: Arc::default(), running: Arc::default(), heartbeat_ms };
     // Starts the phase clock (if serving metrics has not already): the worker's uptime from here.
     crate::metrics::metrics().phases.switch(Phase::Idle);
-    shared.register().await;
-    let heartbeat = tokio::spawn(shared.clone().heartbeat_loop(Duration::from_secs(1)));
+    shared.register().await?;
+    let heartbeat_stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = spawn_heartbeat(&shared, heartbeat_stop.clone())?;
+    let logs = tokio::spawn(shared.clone().log_loop());
     let stopping = Arc::new(AtomicBool::new(false));
-    let work = work_loop(shared.clone(), stopping.clone());
+    let refused = Arc::new(Mutex::new(None));
+    let work = work_loop(shared.clone(), stopping.clone(), refused.clone());
     tokio::pin!(work);
     tokio::select! {
         () = &mut work => {}
@@ -260,11 +365,17 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
             }
         }
     }
-    heartbeat.abort();
-    Ok(())
+    logs.abort();
+    heartbeat_stop.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
+    let refusal = refused.lock().unwrap().take();
+    match refusal {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
-async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
+async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>, refused: Arc<Mutex<Option<DaemonError>>>) {
     let phases = &crate::metrics::metrics().phases;
     let mut backoff = Duration::from_millis(100);
     // Right after a task more work is usually queued: one immediate acquire (the coordinator's
@@ -274,11 +385,17 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
         let (phase, wait_ms) = if just_finished { (Phase::Coordinator, 0) } else { (Phase::Idle, ACQUIRE_WAIT_MS) };
         phases.switch(phase);
         just_finished = false;
-        let request = pb::AcquireTaskRequest { worker_id: shared.worker_id(), wait_ms };
+        let identity = shared.identity();
+        let request = pb::AcquireTaskRequest { worker_id: identity.worker_id, wait_ms, session: identity.session };
         let response = match shared.client.clone().acquire_task(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == Code::NotFound => {
-                shared.register().await;
+            // Unknown here (the coordinator restarted or forgot us), or our session no longer
+            // matches: register again.
+            Err(status) if matches!(status.code(), Code::NotFound | Code::PermissionDenied) => {
+                if let Err(error) = shared.register().await {
+                    *refused.lock().unwrap() = Some(error);
+                    return;
+                }
                 continue;
             }
             Err(status) => {
@@ -300,15 +417,23 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>) {
 async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     let phases = &crate::metrics::metrics().phases;
     phases.switch(Phase::Coordinator);
-    let (task_id, attempt, rank) = (spec.task_id.clone(), spec.attempt, spec.rank);
+    let (task_id, attempt, rank, lease_secret) = (spec.task_id.clone(), spec.attempt, spec.rank, spec.lease_secret.clone());
+    let current = Running {
+        task_id: task_id.clone(),
+        attempt,
+        rank,
+        lease_secret: lease_secret.clone(),
+        stop: Arc::default(),
+        drain: Arc::default(),
+        abandoned: Arc::default(),
+    };
     let task = match Task::try_from(spec) {
         Ok(task) => task,
         Err(error) => {
-            report_failure(shared, &task_id, attempt, true, error.to_string()).await;
+            report_failure(shared, &current, true, error.to_string()).await;
             return;
         }
     };
-    let current = Running { task_id: task_id.clone(), attempt, rank, stop: Arc::default(), drain: Arc::default(), abandoned: Arc::default() };
     *shared.running.lock().unwrap() = Some(current.clone());
     crate::logs::buffer().start(&task_id, attempt);
     tracing::info!(task = %task_id, trial = %task.trial_name, attempt, worker = %shared.config.name, "task started");
@@ -328,7 +453,7 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
     match outcome {
         Ok(()) => {
             let complete = |mut c: WorkerClient, worker_id| {
-                let request = pb::CompleteTaskRequest { worker_id, task_id: task_id.clone(), attempt };
+                let request = pb::CompleteTaskRequest { worker_id, task_id: task_id.clone(), attempt, lease_secret: lease_secret.clone() };
                 async move { c.complete_task(request).await }
             };
             match with_retry(shared, "complete", complete).await {
@@ -337,17 +462,25 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
             }
         }
         Err(TrainError::Stopped) if stopping.load(Ordering::SeqCst) => {
-            report_failure(shared, &task_id, attempt, false, "worker shutting down".into()).await;
+            report_failure(shared, &current, false, "worker shutting down".into()).await;
         }
-        Err(error) => report_failure(shared, &task_id, attempt, error.is_user_error(), error.to_string()).await,
+        Err(error) => report_failure(shared, &current, error.is_user_error(), error.to_string()).await,
     }
 }
 
-async fn report_failure(shared: &Shared, task_id: &str, attempt: u32, user_error: bool, error: String) {
+async fn report_failure(shared: &Shared, run: &Running, user_error: bool, error: String) {
+    let task_id = run.task_id.as_str();
     tracing::warn!(task = %task_id, user_error, %error, "task failed");
     let kind = if user_error { pb::FailureKind::User } else { pb::FailureKind::Infrastructure };
     let fail = |mut c: WorkerClient, worker_id| {
-        let request = pb::FailTaskRequest { worker_id, task_id: task_id.to_string(), attempt, kind: kind as i32, error: error.clone() };
+        let request = pb::FailTaskRequest {
+            worker_id,
+            task_id: task_id.to_string(),
+            attempt: run.attempt,
+            kind: kind as i32,
+            error: error.clone(),
+            lease_secret: run.lease_secret.clone(),
+        };
         async move { c.fail_task(request).await }
     };
     if let Err(status) = with_retry(shared, "fail", fail).await {
@@ -378,7 +511,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         None => None,
     };
     phases.switch(Phase::Coordinator);
-    let gang = if task.world > 1 { Some(join_rendezvous(shared, &task).await?) } else { None };
+    let gang = if task.world > 1 { Some(join_rendezvous(shared, &task, &current.lease_secret).await?) } else { None };
     let scratch_dir = cache.scratch_dir();
     std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
         path: scratch_dir.display().to_string(),
@@ -446,7 +579,7 @@ fn advertise_host(config: &WorkerConfig) -> Result<String, TrainError> {
 }
 
 /// Binds this member's collective listener, announces it, and waits for the whole gang.
-async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, TrainError> {
+async fn join_rendezvous(shared: &Shared, task: &Task, lease_secret: &str) -> Result<GangInputs, TrainError> {
     let collective = |message: String| TrainError::Collective(message);
     let listener = std::net::TcpListener::bind((shared.config.collective_bind, shared.config.collective_port)).map_err(|e| collective(format!("bind: {e}")))?;
     let port = listener.local_addr().map_err(|e| collective(e.to_string()))?.port();
@@ -470,6 +603,7 @@ async fn join_rendezvous(shared: &Shared, task: &Task) -> Result<GangInputs, Tra
                 address: address.clone(),
                 wait_ms: 2_000,
                 nccl_id: nccl_id.clone(),
+                lease_secret: lease_secret.to_string(),
             };
             async move { c.rendezvous(request).await }
         };
@@ -509,15 +643,21 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
                 attempt: task.attempt,
             }];
             let report_metrics = |mut c: WorkerClient, worker_id| {
-                let request = pb::ReportMetricsRequest { worker_id, task_id: task.id.clone(), attempt: task.attempt, epochs: epochs.clone() };
+                let request = pb::ReportMetricsRequest {
+                    worker_id,
+                    task_id: task.id.clone(),
+                    attempt: task.attempt,
+                    epochs: epochs.clone(),
+                    lease_secret: current.lease_secret.clone(),
+                };
                 async move { c.report_metrics(request).await }
             };
             with_retry(shared, "metrics", report_metrics)
             .await
             .map(|_| ())
         }
-        TrainEvent::Checkpoint { epoch, path, is_final } => upload_checkpoint(shared, task, epoch, &path, is_final).await,
-        TrainEvent::Artifact { name, epoch, path } => upload_artifact(shared, task, &name, epoch, &path).await,
+        TrainEvent::Checkpoint { epoch, path, is_final } => upload_checkpoint(shared, task, current, epoch, &path, is_final).await,
+        TrainEvent::Artifact { name, epoch, path } => upload_artifact(shared, task, current, &name, epoch, &path).await,
     };
     if let Err(status) = result {
         tracing::warn!(task = %task.id, error = %status.message(), "coordinator refused a report, stopping the task");
@@ -526,19 +666,26 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
     }
 }
 
-/// Uploads a file as a blob (retrying while the coordinator is unreachable) and returns its ref.
-async fn upload_file(shared: &Shared, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
+/// Uploads a file as a blob under the running task's lease (retrying while the coordinator is
+/// unreachable) and returns its ref. The lease travels in the call's metadata: the coordinator
+/// accepts a checkpoint or artifact only from a blob uploaded under the same lease.
+async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
     let blob = transfer::hash_file(path).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
-    with_retry(shared, "upload", |mut c, _| {
+    with_retry(shared, "upload", |mut c, worker_id| {
         let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
-        async move { c.upload_blob(chunks).await }
+        let lease = cohort_proto::lease::UploadLease { worker_id, task_id: current.task_id.clone(), attempt: current.attempt, secret: current.lease_secret.clone() };
+        async move {
+            let mut request = tonic::Request::new(chunks);
+            lease.attach(request.metadata_mut())?;
+            c.upload_blob(request).await
+        }
     })
     .await?;
     Ok(blob)
 }
 
-async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
-    let blob = upload_file(shared, path).await?;
+async fn upload_artifact(shared: &Shared, task: &Task, current: &Running, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
+    let blob = upload_file(shared, current, path).await?;
     let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachArtifactRequest {
             worker_id,
@@ -547,6 +694,7 @@ async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, p
             name: name.to_string(),
             epoch,
             blob: Some(blob.clone()),
+            lease_secret: current.lease_secret.clone(),
         };
         async move { c.attach_artifact(request).await }
     };
@@ -557,8 +705,8 @@ async fn upload_artifact(shared: &Shared, task: &Task, name: &str, epoch: u32, p
     Ok(())
 }
 
-async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
-    let blob = upload_file(shared, path).await?;
+async fn upload_checkpoint(shared: &Shared, task: &Task, current: &Running, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
+    let blob = upload_file(shared, current, path).await?;
     let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachCheckpointRequest {
             worker_id,
@@ -567,6 +715,7 @@ async fn upload_checkpoint(shared: &Shared, task: &Task, epoch: u32, path: &std:
             epoch,
             blob: Some(blob.clone()),
             is_final,
+            lease_secret: current.lease_secret.clone(),
         };
         async move { c.attach_checkpoint(request).await }
     };

@@ -15,6 +15,12 @@ use crate::core::Core;
 /// would be stored while the client reads a failure.
 pub const MAX_LISTED_TRIALS: usize = 1000;
 
+/// Most log lines one `GetLogs` reply holds (ask again after the last id for more).
+pub const MAX_LOG_LINES_LISTED: usize = 5000;
+
+/// About the most text one `GetLogs` reply holds, far below any message limit.
+pub const MAX_LOG_REPLY_BYTES: usize = 1 << 20;
+
 /// The client service over a shared core.
 #[derive(Debug, Clone)]
 pub struct ClientApi {
@@ -56,7 +62,8 @@ impl ClientService for ClientApi {
     }
 
     async fn upload_blob(&self, request: Request<Streaming<pb::BlobChunk>>) -> Result<Response<pb::UploadBlobResponse>, Status> {
-        Ok(Response::new(receive_blob(&self.core, request.into_inner()).await?))
+        let metadata = request.metadata().clone();
+        Ok(Response::new(receive_blob(&self.core, &metadata, request.into_inner()).await?))
     }
 
     type DownloadBlobStream = BlobStream;
@@ -90,7 +97,7 @@ impl ClientService for ClientApi {
         let task = Some(r.task_id.as_str()).filter(|t| !t.is_empty());
         let entries = self
             .core
-            .logs(&r.sweep_id, task, r.after_id)
+            .logs(&r.sweep_id, task, r.after_id, MAX_LOG_LINES_LISTED, MAX_LOG_REPLY_BYTES)
             .map_err(status)?
             .into_iter()
             .map(|l| pb::LogEntry {

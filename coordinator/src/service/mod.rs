@@ -11,7 +11,10 @@ use cohort_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
-use crate::core::{Core, CoreError};
+use cohort_proto::lease::UploadLease;
+use tonic::metadata::MetadataMap;
+
+use crate::core::{Core, CoreError, LeaseProof};
 use crate::scheduler::Refusal;
 
 /// A stream of blob chunks sent to a client.
@@ -25,6 +28,9 @@ pub fn status(error: CoreError) -> Status {
         CoreError::Refused(Refusal::UnknownWorker(_)) | CoreError::NotFound(_) => Code::NotFound,
         CoreError::Refused(Refusal::UnknownTask(_)) => Code::NotFound,
         CoreError::Refused(Refusal::StaleLease { .. }) => Code::FailedPrecondition,
+        CoreError::Refused(Refusal::NotLeaseHolder { .. } | Refusal::WrongSession(_)) => Code::PermissionDenied,
+        CoreError::LimitExceeded(_) => Code::ResourceExhausted,
+        CoreError::Unwritable(_) => Code::Unavailable,
         CoreError::Store(_) | CoreError::Io(_) => Code::Internal,
     };
     if code == Code::Internal {
@@ -45,18 +51,51 @@ fn transfer_status(error: TransferError) -> Status {
 }
 
 /// Receives an uploaded blob into the store (shared by both services).
-pub async fn receive_blob(core: &Core, stream: tonic::Streaming<pb::BlobChunk>) -> Result<pb::UploadBlobResponse, Status> {
+///
+/// A worker uploads under a lease (named in the call's metadata, see
+/// [`cohort_proto::lease`]): the lease is checked before any byte is taken, and the blob is
+/// recorded as uploaded under it once received whole, so that only it can become that trial's
+/// checkpoint or artifact. Such an upload is received in full even when the blob is already
+/// stored: naming a hash proves nothing, sending the bytes does.
+pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::Streaming<pb::BlobChunk>) -> Result<pb::UploadBlobResponse, Status> {
+    let lease = UploadLease::read(metadata)?;
+    let proof = lease.as_ref().map(|l| LeaseProof { worker_id: &l.worker_id, task_id: &l.task_id, attempt: l.attempt, secret: &l.secret });
+    if let Some(proof) = &proof {
+        core.check_upload_lease(proof).map_err(status)?;
+    }
+    let limits = core.limits();
+    let timeouts = transfer::ReceiveTimeouts { idle: limits.upload_idle, total: limits.upload_total };
     let mut stream = stream;
-    let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty upload"))??;
+    let first = tokio::time::timeout(limits.upload_idle, stream.next())
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("no data within {} s of the upload's start", limits.upload_idle.as_secs())))?
+        .ok_or_else(|| Status::invalid_argument("empty upload"))??;
     let destination: PathBuf =
         core.blobs().path(&first.sha256).ok_or_else(|| Status::invalid_argument(format!("not a sha256: {:?}", first.sha256)))?;
     let blob = pb::BlobRef { sha256: first.sha256.clone(), size: first.size };
-    if core.blobs().size(&first.sha256) == Some(first.size) {
+    let present = core.blobs().size(&first.sha256) == Some(first.size);
+    if present && proof.is_none() {
         return Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: true });
     }
+    if !present {
+        core.blobs()
+            .check_room(first.size, limits.blob_quota_bytes, limits.blob_reserve_bytes)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    }
     let chunks = tokio_stream::once(Ok(first)).chain(stream);
-    transfer::receive_to_file(chunks, &destination, None, core.limits().max_blob_bytes).await.map_err(transfer_status)?;
-    Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: false })
+    if present {
+        // Verify the uploader holds the bytes without replacing the stored blob.
+        let folder = destination.parent().unwrap_or(std::path::Path::new("."));
+        let scratch = tempfile::NamedTempFile::new_in(folder).map_err(|e| Status::internal(format!("scratch file: {e}")))?;
+        transfer::receive_to_file_within(chunks, scratch.path(), None, limits.max_blob_bytes, timeouts).await.map_err(transfer_status)?;
+    } else {
+        transfer::receive_to_file_within(chunks, &destination, None, limits.max_blob_bytes, timeouts).await.map_err(transfer_status)?;
+    }
+    if let Some(proof) = &proof {
+        let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
+        core.record_lease_upload(proof, &stored).map_err(status)?;
+    }
+    Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: present })
 }
 
 /// Streams a stored blob (shared by both services).
