@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed soak gpu-check clean-runs
+.PHONY: all build test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed soak soak-hog gpu-check clean-runs
 
 all: build
 
@@ -62,9 +62,13 @@ bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep: bench-ex
 bench-seed: build
 	$(VENV)/bin/python tools/bench/seed_recipe.py
 
-# 320 short trials on 4 workers under a chaos loop (docs/reliability.md).
+# 320 short trials on 4 workers under a chaos loop (docs/reliability.md); soak-hog runs the same
+# beside a busy loop on every core (bounded by the soak's own time limit).
 soak: build
 	$(CARGO) test --release --locked -p cohort-cluster-tests --test soak -- --ignored --nocapture
+
+soak-hog: build
+	COHORT_SOAK_HOG=1 $(CARGO) test --release --locked -p cohort-cluster-tests --test soak -- --ignored --nocapture
 
 # The NCCL and CUDA check, for a machine with a GPU.
 gpu-check:
