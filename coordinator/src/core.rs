@@ -714,10 +714,12 @@ impl Core {
         let timer = self.metrics.dispatch_latency.start_timer();
         let leased = self.change(|inner| {
             let now = self.now();
-            let before: Vec<String> = inner.scheduler.leases_by_worker().get(worker_id).cloned().into_iter().collect();
+            let before: Vec<String> = inner.scheduler.unfinished_lease_of(worker_id).into_iter().collect();
             let Some(lease) = inner.scheduler.acquire(worker_id, session, now)? else {
                 // Asking for work may still have ended a lease the worker held (its run was lost).
-                Self::persist_and_advance(self, inner, &before)?;
+                if !before.is_empty() {
+                    Self::persist_and_advance(self, inner, &before)?;
+                }
                 return Ok(None);
             };
             let mut changed = before;
@@ -1127,12 +1129,18 @@ impl Core {
 
     /// One sweep in full.
     pub fn sweep(&self, sweep_id: &str) -> Result<SweepView, CoreError> {
+        self.sweep_page(sweep_id, 0, usize::MAX)
+    }
+
+    /// One sweep with its tasks `offset..offset + limit` in plan order (the summary counts them
+    /// all): replies stay bounded however large the sweep.
+    pub fn sweep_page(&self, sweep_id: &str, offset: usize, limit: usize) -> Result<SweepView, CoreError> {
         let inner = self.lock();
         let record = inner.store.sweep(sweep_id)?.ok_or_else(|| CoreError::NotFound(format!("sweep {sweep_id}")))?;
         let stored = inner.store.tasks(Some(sweep_id))?;
         let summary = Self::summarize(record, &stored);
-        let mut tasks = Vec::with_capacity(stored.len());
-        for task in stored {
+        let mut tasks = Vec::with_capacity(stored.len().saturating_sub(offset).min(limit));
+        for task in stored.into_iter().skip(offset).take(limit) {
             let epochs = inner.store.metrics(&task.entry.id)?;
             let checkpoints = inner.store.checkpoints(&task.entry.id)?;
             let artifacts = inner.store.artifacts(&task.entry.id)?;

@@ -111,6 +111,9 @@ struct WorkerEntry {
     last_seen: Millis,
     /// The credential minted at registration; heartbeat and acquire must present it.
     session: String,
+    /// The last task this worker was given or re-attached to: the only one it can still hold
+    /// (checked against the task when it matters, so it is never cleared).
+    holding: Option<String>,
 }
 
 /// A task (or one rank of a gang) handed to a worker.
@@ -298,7 +301,7 @@ impl Scheduler {
     /// (attempt and secret) are re-attached to it; the rest are returned as tasks it must
     /// abandon. Also returns the re-attached task ids.
     pub fn register(&mut self, worker_id: &str, name: &str, session: &str, now: Millis, running: &[Lease]) -> (Vec<String>, Vec<String>) {
-        let entry = WorkerEntry { name: name.to_string(), last_seen: now, session: session.to_string() };
+        let entry = WorkerEntry { name: name.to_string(), last_seen: now, session: session.to_string(), holding: None };
         self.workers.insert(worker_id.to_string(), entry);
         let mut abandon = Vec::new();
         let mut changed = Vec::new();
@@ -323,6 +326,9 @@ impl Scheduler {
             let rank = lease.rank as usize;
             match self.tasks.get_mut(&lease.task_id) {
                 Some(task) if proves(task, lease) => {
+                    if let Some(worker) = self.workers.get_mut(worker_id) {
+                        worker.holding = Some(task.id.clone());
+                    }
                     task.members[rank] = worker_id.to_string();
                     task.leases[rank] = now + self.timeouts.lease_ms;
                     changed.push(task.id.clone());
@@ -373,12 +379,7 @@ impl Scheduler {
     /// unfinished lease has lost that run (its report never arrived), which ends that attempt.
     pub fn acquire(&mut self, worker_id: &str, session: &str, now: Millis) -> Result<Option<Lease>, Refusal> {
         self.authenticate(worker_id, session, now)?;
-        let held: Vec<String> =
-            self.running.iter().map(|(_, id)| &self.tasks[id]).filter(|t| t.active_rank_of(worker_id).is_some()).map(|t| t.id.clone()).collect();
-        for task_id in held {
-            if self.pending.get(worker_id).is_some_and(|lease| lease.task_id == task_id) {
-                continue;
-            }
+        if let Some(task_id) = self.unfinished_lease_of(worker_id) {
             self.end_attempt(&task_id, FailureKind::Infrastructure, &format!("worker {worker_id} asked for new work while holding it"));
         }
         if let Some(lease) = self.pending.remove(worker_id) {
@@ -401,6 +402,17 @@ impl Scheduler {
         Ok(Some(self.start(&task_id, members, worker_id, now)))
     }
 
+    /// The task whose lease the worker still holds unfinished, other than a gang lease waiting
+    /// for it to pick up: what its next acquire ends. O(1): a worker can only come to hold a
+    /// lease by being given it or re-attaching to it, and both record the task.
+    pub fn unfinished_lease_of(&self, worker_id: &str) -> Option<String> {
+        let task_id = self.workers.get(worker_id)?.holding.as_ref()?;
+        let task = self.tasks.get(task_id)?;
+        let unfinished = task.state == TaskState::Running && task.active_rank_of(worker_id).is_some();
+        let waiting_pickup = self.pending.get(worker_id).is_some_and(|lease| &lease.task_id == task_id);
+        (unfinished && !waiting_pickup).then(|| task_id.clone())
+    }
+
     /// The task whose turn it is: the collecting gang, else the oldest queued task, passing over
     /// gangs larger than the number of registered workers.
     fn next_startable(&self, registered: u32) -> Option<String> {
@@ -419,6 +431,11 @@ impl Scheduler {
         task.attempt += 1;
         task.leases = vec![now + self.timeouts.lease_ms; members.len()];
         task.secrets = members.iter().map(|_| self.secrets.next()).collect();
+        for member in &members {
+            if let Some(worker) = self.workers.get_mut(member) {
+                worker.holding = Some(task.id.clone());
+            }
+        }
         task.members = members;
         let world = task.members.len() as u32;
         let mut own = None;

@@ -209,16 +209,17 @@ impl Cluster {
         self.spawn(name, &binary("worker"), &args);
     }
 
-    /// Kills the newest process whose label starts with `label` with SIGKILL (a machine dying), and waits for it.
+    /// Kills the newest process labelled `label` (or `label-N`, a restarted generation) with
+    /// SIGKILL (a machine dying), and waits for it.
     pub fn kill(&mut self, label: &str) {
-        let process = self.processes.iter_mut().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
+        let process = self.processes.iter_mut().rev().find(|p| is_labelled(&p.label, label)).unwrap_or_else(|| panic!("no process {label}"));
         process.child.kill().expect("kill");
         process.child.wait().expect("wait");
     }
 
-    /// Sends a signal (`STOP`, `CONT`, …) to the newest process whose label starts with `label`.
+    /// Sends a signal (`STOP`, `CONT`, …) to the newest process labelled `label` (or `label-N`).
     pub fn signal(&self, label: &str, signal: &str) {
-        let process = self.processes.iter().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
+        let process = self.processes.iter().rev().find(|p| is_labelled(&p.label, label)).unwrap_or_else(|| panic!("no process {label}"));
         let status = Command::new("kill").arg(format!("-{signal}")).arg(process.child.id().to_string()).status().expect("run kill");
         assert!(status.success(), "kill -{signal} {label}");
     }
@@ -274,14 +275,14 @@ impl Cluster {
         String::from_utf8(output.stdout).expect("utf-8 output")
     }
 
-    /// The logs of every process (restarts included) whose label starts with `label`, in order.
+    /// The logs of every process labelled `label` (restarts, `label-N`, included), in order.
     pub fn logs_of(&self, label: &str) -> String {
-        self.processes.iter().filter(|p| p.label.starts_with(label)).map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).collect()
+        self.processes.iter().filter(|p| is_labelled(&p.label, label)).map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).collect()
     }
 
-    /// The log of the newest process whose label starts with `label`.
+    /// The log of the newest process labelled `label` (or `label-N`).
     pub fn log(&self, label: &str) -> String {
-        let process = self.processes.iter().rev().find(|p| p.label.starts_with(label)).unwrap_or_else(|| panic!("no process {label}"));
+        let process = self.processes.iter().rev().find(|p| is_labelled(&p.label, label)).unwrap_or_else(|| panic!("no process {label}"));
         std::fs::read_to_string(&process.log).unwrap_or_default()
     }
 
@@ -295,6 +296,12 @@ impl Cluster {
     }
 }
 
+/// Whether a process labelled `actual` is `label` or a later generation of it (`label-N`):
+/// `w1` is not `w11`.
+fn is_labelled(actual: &str, label: &str) -> bool {
+    actual == label || actual.strip_prefix(label).and_then(|rest| rest.strip_prefix('-')).is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -304,5 +311,20 @@ impl Drop for Cluster {
             let _ = process.child.kill();
             let _ = process.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_labelled;
+
+    /// Killing `w1` must not kill `w11` (it did: the soak's chaos loop then "killed" one worker
+    /// and left the real one running, and a dead worker's lapse looked like a live one's).
+    #[test]
+    fn a_label_names_one_process_and_its_restarts() {
+        assert!(is_labelled("w1", "w1"));
+        assert!(!is_labelled("w11", "w1"));
+        assert!(is_labelled("coordinator-2", "coordinator"));
+        assert!(!is_labelled("coordinator-x", "coordinator"));
     }
 }

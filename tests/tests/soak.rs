@@ -197,8 +197,17 @@ fn soak(plan: &Plan) -> Outcome {
     assert_eq!(coordinator_restarts, plan.restart_at.len(), "every planned coordinator restart happened");
     trial_secs.sort_by(f64::total_cmp);
     let (lapses_killed, lapses_alive, alive_lines) = classify_lapses(&cluster.logs_of("coordinator"), &killed);
-    for line in alive_lines {
+    for line in &alive_lines {
         eprintln!("lapse of a live worker: {line}");
+    }
+    if !alive_lines.is_empty() {
+        // Keep every process's log for a look at why a live worker's lease lapsed.
+        let kept = std::env::temp_dir().join(format!("cohort-soak-logs-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&kept);
+        for process in &cluster.processes {
+            let _ = std::fs::copy(&process.log, kept.join(format!("{}.log", process.label)));
+        }
+        eprintln!("logs kept in {}", kept.display());
     }
     Outcome {
         trials: trials.len(),

@@ -99,6 +99,10 @@ struct Shared {
     running: Arc<Mutex<Option<Running>>>,
     /// How often to heartbeat, in milliseconds, as the coordinator asked at registration.
     heartbeat_ms: Arc<AtomicU64>,
+    /// Held while registering: the work loop and the heartbeat thread both notice a coordinator
+    /// that forgot this worker, and two registrations would leave a lease under an id the
+    /// heartbeats no longer use.
+    registering: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Who this worker is to the coordinator: its id and the session minted with it.
@@ -147,7 +151,7 @@ where
             continue;
         }
         if status.code() == Code::NotFound && status.message().starts_with("unknown worker") {
-            shared.reregister().await;
+            shared.reregister(&worker_id).await;
             continue;
         }
         if !is_transient(&status) {
@@ -219,12 +223,23 @@ impl Shared {
         }
     }
 
-    /// Registers again after the coordinator forgot this worker; a refused token is logged
-    /// (the work loop ends the worker on it).
-    async fn reregister(&self) {
-        if let Err(error) = self.register().await {
+    /// Registers again after the coordinator forgot the worker known as `seen_id`, unless
+    /// another caller already did (the id changed meanwhile). A refused token is logged (the
+    /// work loop ends the worker on it).
+    async fn reregister(&self, seen_id: &str) {
+        if let Err(error) = self.register_if_stale(seen_id).await {
             tracing::error!(%error, "registering again failed");
         }
+    }
+
+    /// Registers unless the worker's id is no longer `seen_id`: whoever saw the old id fail
+    /// registers once, and everyone else who saw it uses the new id.
+    async fn register_if_stale(&self, seen_id: &str) -> Result<(), DaemonError> {
+        let _registering = self.registering.lock().await;
+        if self.worker_id() != seen_id {
+            return Ok(());
+        }
+        self.register().await
     }
 
     /// Ships the log lines collected for the running task.
@@ -250,6 +265,7 @@ impl Shared {
         while !stop.load(Ordering::SeqCst) {
             let interval = self.heartbeat_interval();
             let identity = self.identity();
+            let identity_id = identity.worker_id.clone();
             let request = pb::HeartbeatRequest { worker_id: identity.worker_id, running: self.running_tasks(), session: identity.session };
             let sent = tokio::time::Instant::now();
             let outcome = match tokio::time::timeout(interval * 2, self.client.clone().heartbeat(request)).await {
@@ -261,7 +277,7 @@ impl Shared {
                 Ok(response) => {
                     self.abandon(&response.abandon);
                     if response.reregister {
-                        self.reregister().await;
+                        self.reregister(&identity_id).await;
                     }
                 }
                 // Once per lease-ish period, not on every beat: a restarting coordinator would
@@ -328,7 +344,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     let (channel, token) = config.connect.lazy_channel()?;
     let client = WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let heartbeat_ms = Arc::new(AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64));
-    let shared = Shared { client, config, identity: Arc::default(), running: Arc::default(), heartbeat_ms };
+    let shared = Shared { client, config, identity: Arc::default(), running: Arc::default(), heartbeat_ms, registering: Arc::default() };
     // Starts the phase clock (if serving metrics has not already): the worker's uptime from here.
     crate::metrics::metrics().phases.switch(Phase::Idle);
     shared.register().await?;
@@ -386,13 +402,14 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>, refused: Arc<Mutex
         phases.switch(phase);
         just_finished = false;
         let identity = shared.identity();
+        let seen_id = identity.worker_id.clone();
         let request = pb::AcquireTaskRequest { worker_id: identity.worker_id, wait_ms, session: identity.session };
         let response = match shared.client.clone().acquire_task(request).await {
             Ok(response) => response.into_inner(),
             // Unknown here (the coordinator restarted or forgot us), or our session no longer
             // matches: register again.
             Err(status) if matches!(status.code(), Code::NotFound | Code::PermissionDenied) => {
-                if let Err(error) = shared.register().await {
+                if let Err(error) = shared.register_if_stale(&seen_id).await {
                     *refused.lock().unwrap() = Some(error);
                     return;
                 }

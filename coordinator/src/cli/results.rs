@@ -163,11 +163,32 @@ fn trial_row(task: pb::TaskResult) -> TrialRow {
 
 /// Fetches a sweep's results.
 pub async fn fetch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<Results> {
-    let detail = client
-        .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
-        .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-    Ok(detail.into_inner().into())
+    Ok(fetch_detail(client, sweep_id).await?.into())
+}
+
+/// Fetches a sweep with all its tasks, page by page (each reply is bounded).
+pub async fn fetch_detail(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<pb::SweepDetail> {
+    let mut detail: Option<pb::SweepDetail> = None;
+    let mut offset = 0;
+    loop {
+        let page = client
+            .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string(), offset, limit: 0 })
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+            .into_inner();
+        let next = page.next_offset;
+        match &mut detail {
+            None => detail = Some(page),
+            Some(detail) => detail.tasks.extend(page.tasks),
+        }
+        if next == 0 || next <= offset {
+            break;
+        }
+        offset = next;
+    }
+    let mut detail = detail.expect("one page was read");
+    detail.next_offset = 0;
+    Ok(detail)
 }
 
 fn mse(value: Option<f64>) -> String {
@@ -268,11 +289,7 @@ pub fn print_csv(results: &Results) {
 
 /// Prints every checkpoint of a sweep: trial, epoch, blob, whether final.
 pub async fn print_checkpoints(client: &mut super::Client, sweep_id: &str, json: bool) -> anyhow::Result<()> {
-    let detail = client
-        .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.to_string() })
-        .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-        .into_inner();
+    let detail = fetch_detail(client, sweep_id).await?;
     let mut rows = Vec::new();
     for task in &detail.tasks {
         let spec = task.spec.clone().unwrap_or_default();

@@ -21,6 +21,12 @@ pub const MAX_LOG_LINES_LISTED: usize = 5000;
 /// About the most text one `GetLogs` reply holds, far below any message limit.
 pub const MAX_LOG_REPLY_BYTES: usize = 1 << 20;
 
+/// Most tasks one `GetSweep` reply holds.
+pub const MAX_TASKS_LISTED: usize = 2000;
+
+/// About the most one `GetSweep` reply holds, in encoded bytes.
+pub const MAX_SWEEP_REPLY_BYTES: usize = 2 << 20;
+
 /// The client service over a shared core.
 #[derive(Debug, Clone)]
 pub struct ClientApi {
@@ -78,8 +84,32 @@ impl ClientService for ClientApi {
     }
 
     async fn get_sweep(&self, request: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepDetail>, Status> {
-        let view = self.core.sweep(&request.into_inner().sweep_id).map_err(status)?;
-        Ok(Response::new(view.into()))
+        let request = request.into_inner();
+        let offset = request.offset as usize;
+        let limit = match request.limit as usize {
+            0 => MAX_TASKS_LISTED,
+            limit => limit.min(MAX_TASKS_LISTED),
+        };
+        let view = self.core.sweep_page(&request.sweep_id, offset, limit).map_err(status)?;
+        let total = view.summary.counts.total as usize;
+        let mut detail: pb::SweepDetail = view.into();
+        // Keep the reply far below any message limit: stop before the page passes its budget
+        // (never before its first task, which the per-trial bounds keep small).
+        let mut size = 0;
+        let kept = detail
+            .tasks
+            .iter()
+            .position(|task| {
+                size += prost::Message::encoded_len(task);
+                size > MAX_SWEEP_REPLY_BYTES
+            })
+            .unwrap_or(detail.tasks.len())
+            .max(1)
+            .min(detail.tasks.len());
+        detail.tasks.truncate(kept);
+        let next = offset + detail.tasks.len();
+        detail.next_offset = if next < total { next as u32 } else { 0 };
+        Ok(Response::new(detail))
     }
 
     async fn cancel_sweep(&self, request: Request<pb::CancelSweepRequest>) -> Result<Response<pb::CancelSweepResponse>, Status> {
@@ -147,5 +177,22 @@ mod tests {
         assert_eq!(response.stages[0].trials as usize, configs * 2);
         let stored = api.core.sweep(&response.sweep_id).unwrap().tasks.len();
         assert_eq!(stored, configs * 2);
+
+        // Read back in pages: each bounded, together every task once, in plan order.
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let request = pb::GetSweepRequest { sweep_id: response.sweep_id.clone(), offset, limit: 500 };
+            let page = api.get_sweep(Request::new(request)).await.unwrap().into_inner();
+            assert!(page.tasks.len() <= 500);
+            assert_eq!(page.summary.as_ref().unwrap().total as usize, configs * 2, "every page counts the whole sweep");
+            names.extend(page.tasks.into_iter().map(|t| t.spec.unwrap().task_id));
+            if page.next_offset == 0 {
+                break;
+            }
+            offset = page.next_offset;
+        }
+        let expected: Vec<String> = (0..configs * 2).map(|i| format!("{}.t{i}", response.sweep_id)).collect();
+        assert_eq!(names, expected);
     }
 }
