@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed soak soak-hog gpu-check clean-runs
+.PHONY: all build browser-deps test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed bench-prune soak soak-hog gpu-check clean-runs
 
 all: build
 
@@ -39,8 +39,13 @@ $(DEV_TOOLS): $(TORCH_STAMP)
 build: $(TORCH_STAMP) $(NCCL_LINK)
 	$(CARGO) build --release --locked --workspace --bins
 
+# The console's browser test (tests/tests/console.rs) drives Debian's chromium through chromedriver;
+# installed when missing (CI runs as root).
+browser-deps:
+	command -v chromedriver >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
 # Cluster tests start several processes each: one test at a time keeps 2-core machines responsive.
-test: build $(DEV_TOOLS)
+test: build $(DEV_TOOLS) browser-deps
 	RUST_TEST_THREADS=1 $(CARGO) test --release --locked --workspace
 	$(VENV)/bin/python deploy/tests/check_manifests.py
 
@@ -49,7 +54,7 @@ demo: build
 
 # The performance suite (docs/performance.md): each part measures Cohort next to its anchor in one
 # run and rewrites its own section of the document. One part alone: make bench-steps (etc.).
-bench: bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep
+bench: bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-prune
 
 bench-examples: build
 	$(CARGO) build --release --locked -p cohort-worker --example bench_step --example bench_allreduce
@@ -57,6 +62,11 @@ bench-examples: build
 
 bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep: bench-examples
 	$(VENV)/bin/python tools/bench/$(@:bench-%=%).py
+
+# Early stopping (`[cv.prune]`): the seed's grid in full and pruned by racing, asha and both, on 2
+# workers, one run after another (docs/performance.md). Reads ../shared's MNIST when present.
+bench-prune: build
+	$(VENV)/bin/python tools/bench/prune.py
 
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build

@@ -150,6 +150,7 @@ fn task_state(state: TaskState) -> pb::TaskState {
         TaskState::Succeeded => pb::TaskState::Succeeded,
         TaskState::Failed => pb::TaskState::Failed,
         TaskState::Cancelled => pb::TaskState::Cancelled,
+        TaskState::Pruned => pb::TaskState::Pruned,
     }
 }
 
@@ -164,7 +165,7 @@ fn sweep_state(state: SweepState) -> pb::SweepState {
 
 impl From<SweepSummary> for pb::SweepSummary {
     fn from(s: SweepSummary) -> Self {
-        let Counts { total, queued, running, succeeded, failed, cancelled: _ } = s.counts;
+        let Counts { total, queued, running, succeeded, failed, cancelled: _, pruned } = s.counts;
         pb::SweepSummary {
             sweep_id: s.record.id,
             name: s.record.name,
@@ -174,6 +175,7 @@ impl From<SweepSummary> for pb::SweepSummary {
             running,
             succeeded,
             failed,
+            pruned,
             created_unix_ms: s.record.created_ms,
         }
     }
@@ -202,6 +204,10 @@ impl From<TaskView> for pb::TaskResult {
             epochs: view.epochs.into_iter().map(epoch).collect(),
             checkpoints: view.checkpoints.into_iter().map(checkpoint).collect(),
             artifacts: view.artifacts.into_iter().map(artifact).collect(),
+            waiting: view.waiting.unwrap_or_default(),
+            started_unix_ms: view.started_ms,
+            ended_unix_ms: view.ended_ms,
+            worker_names: view.worker_names.join(","),
         }
     }
 }

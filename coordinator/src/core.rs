@@ -18,11 +18,14 @@ use tokio::sync::Notify;
 use crate::blobs::BlobStore;
 use crate::dataset::{self, DatasetError};
 use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
+use crate::events::{Change, ChangeKind, Changes, EpochNotice};
 use crate::metrics::CoordinatorMetrics;
 use crate::plan;
 use crate::scheduler::{Lease, Millis, Refusal, Scheduler, SecretSource, TaskEntry, Timeouts};
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, LogRecord, Store, StoreError, StoredTask, SweepRecord};
 use crate::sweep::{SweepError, SweepFile};
+
+mod pruning;
 
 /// Why the core refused or failed a request. Mapped to gRPC codes once, in the service.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +191,8 @@ pub struct Counts {
     pub failed: u32,
     /// Cancelled.
     pub cancelled: u32,
+    /// Stopped early by `[cv.prune]` (not a failure).
+    pub pruned: u32,
 }
 
 /// A sweep's overall state, derived from its tasks.
@@ -195,7 +200,7 @@ pub struct Counts {
 pub enum SweepState {
     /// Work remains.
     Running,
-    /// Every task succeeded.
+    /// Every task succeeded (or was pruned: stopping a losing config early is no failure).
     Succeeded,
     /// Nothing remains and some task failed.
     Failed,
@@ -212,6 +217,7 @@ impl Counts {
             TaskState::Succeeded => self.succeeded += 1,
             TaskState::Failed => self.failed += 1,
             TaskState::Cancelled => self.cancelled += 1,
+            TaskState::Pruned => self.pruned += 1,
         }
     }
 
@@ -252,6 +258,16 @@ pub struct TaskView {
     pub checkpoints: Vec<CheckpointRecord>,
     /// Artifacts.
     pub artifacts: Vec<ArtifactRecord>,
+    /// Why it is not making progress now (a queued task's wait, a running task's silent
+    /// worker), if it is not.
+    pub waiting: Option<String>,
+    /// The workers holding it (the last ones, after), by the names they registered with where
+    /// the coordinator knows them, else by id.
+    pub worker_names: Vec<String>,
+    /// When its latest attempt started, Unix ms (0: not yet).
+    pub started_ms: i64,
+    /// When it ended, Unix ms (0: not yet).
+    pub ended_ms: i64,
 }
 
 /// A sweep in full.
@@ -275,6 +291,8 @@ struct Inner {
     log_lines: HashMap<String, u64>,
     /// Registrations left in the current bucket, and when it was last refilled.
     registrations: (f64, Instant),
+    /// Each sweep's `[cv.prune]`, read once per sweep (early stopping, [`pruning`]).
+    pruning: pruning::PruneSettings,
 }
 
 impl Inner {
@@ -348,6 +366,8 @@ pub struct Core {
     gatherings: Mutex<HashMap<String, Gathering>>,
     gathered: Notify,
     started: Instant,
+    /// Change notices for live views (the web console).
+    changes: Changes,
 }
 
 impl std::fmt::Debug for Core {
@@ -387,6 +407,43 @@ fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<Tri
         .collect()
 }
 
+/// Checks a parsed sweep file against the limits and its dataset's files (`files` name their
+/// blobs, `local` where their bytes lie) and plans its first stage: returns its trials and every
+/// stage as (name, trials, description). Pure but for reading the dataset's files: what
+/// `submit` checks before it stores a sweep, and all that `submit --dry-run` does, on the
+/// user's machine, with no coordinator.
+pub fn check_and_plan(
+    sweep: &SweepFile,
+    source_name: &str,
+    files: Vec<(String, BlobRef)>,
+    local: &[(String, PathBuf)],
+    limits: &Limits,
+) -> Result<(Vec<TrialSpec>, Vec<(String, u32, String)>), CoreError> {
+    sweep.check_trial_limit(source_name, limits.max_trials)?;
+    sweep.check_name_limit(source_name, limits.max_name_bytes)?;
+    dataset::check_names(files.iter().map(|(name, _)| name.as_str()), limits.max_name_bytes)?;
+    match sweep.dataset.format.as_str() {
+        "idx" => sweep.check_against_dataset(source_name, dataset::check_idx(local)?)?,
+        "nifti" => dataset::check_nifti(local)?,
+        _ => dataset::check_image_folder(local)?,
+    }
+    let dataset = DatasetSpec {
+        format: sweep.dataset.format.clone(),
+        files,
+        train_limit: sweep.dataset.train_limit,
+        test_limit: sweep.dataset.test_limit,
+        image_size: sweep.dataset.image_size,
+        min_foreground: sweep.dataset.min_foreground,
+    };
+    Ok((plan::initial(sweep, dataset), plan::describe_stages(sweep)))
+}
+
+/// A dry run's answer: the planned trials under placeholder task ids, nothing stored.
+pub fn dry_run_plan(trials: Vec<TrialSpec>, stages: Vec<(String, u32, String)>) -> Submitted {
+    let planned = new_tasks("dry-run", 0, 0, trials).into_iter().map(|t| (t.entry.id, t.spec)).collect();
+    Submitted { sweep_id: None, planned, stages }
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -417,6 +474,7 @@ impl Core {
             unwritable: None,
             log_lines: HashMap::new(),
             registrations: (f64::from(config.limits.registrations_per_minute), Instant::now()),
+            pruning: HashMap::new(),
         };
         inner.reload(config.timeouts, 0)?;
         Ok(Self {
@@ -429,6 +487,7 @@ impl Core {
             gatherings: Mutex::new(HashMap::new()),
             gathered: Notify::new(),
             started: Instant::now(),
+            changes: Changes::default(),
         })
     }
 
@@ -511,6 +570,23 @@ impl Core {
         &self.metrics
     }
 
+    /// Change notices, published after each committed change (for live views).
+    pub fn changes(&self) -> &Changes {
+        &self.changes
+    }
+
+    /// Runs a read-only query on the store under the lock (for views the gRPC API lacks).
+    pub fn read<T>(&self, query: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, CoreError> {
+        Ok(query(&self.lock().store)?)
+    }
+
+    /// Why each unfinished task of a sweep is not making progress, by task id (see
+    /// [`Scheduler::waiting`]; tasks that are fine are left out).
+    pub fn waiting_reasons(&self, sweep_id: &str) -> HashMap<String, String> {
+        let now = self.now();
+        self.lock().scheduler.waiting(sweep_id, now)
+    }
+
     /// The configured limits.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -531,9 +607,6 @@ impl Core {
         dry_run: bool,
     ) -> Result<Submitted, CoreError> {
         let sweep = SweepFile::parse(source, source_name)?;
-        sweep.check_trial_limit(source_name, self.limits.max_trials)?;
-        sweep.check_name_limit(source_name, self.limits.max_name_bytes)?;
-        dataset::check_names(files.iter().map(|(name, _)| name.as_str()), self.limits.max_name_bytes)?;
         for (name, blob) in &files {
             if self.blobs.size(&blob.sha256) != Some(blob.size) {
                 return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
@@ -541,26 +614,9 @@ impl Core {
         }
         let local: Vec<(String, PathBuf)> =
             files.iter().map(|(name, blob)| (name.clone(), self.blobs.path(&blob.sha256).expect("checked present"))).collect();
-        match sweep.dataset.format.as_str() {
-            "idx" => sweep.check_against_dataset(source_name, dataset::check_idx(&local)?)?,
-            "nifti" => dataset::check_nifti(&local)?,
-            _ => dataset::check_image_folder(&local)?,
-        }
-
-        let dataset = DatasetSpec {
-            format: sweep.dataset.format.clone(),
-            files,
-            train_limit: sweep.dataset.train_limit,
-            test_limit: sweep.dataset.test_limit,
-            image_size: sweep.dataset.image_size,
-            min_foreground: sweep.dataset.min_foreground,
-        };
-        let trials = plan::initial(&sweep, dataset);
-        let stages = plan::describe_stages(&sweep);
+        let (trials, stages) = check_and_plan(&sweep, source_name, files, &local, &self.limits)?;
         if dry_run {
-            let tasks = new_tasks("dry-run", 0, 0, trials);
-            let planned = tasks.into_iter().map(|t| (t.entry.id, t.spec)).collect();
-            return Ok(Submitted { sweep_id: None, planned, stages });
+            return Ok(dry_run_plan(trials, stages));
         }
         let (sweep_id, planned) = self.change(|inner| {
             let seq = inner.store.next_sweep_seq()?;
@@ -582,6 +638,7 @@ impl Core {
             Ok((sweep_id, planned))
         })?;
         self.work_available.notify_waiters();
+        self.changes.publish(Change::sweep(&sweep_id, ChangeKind::Submitted));
         tracing::info!(sweep = %sweep_id, "sweep submitted");
         Ok(Submitted { sweep_id: Some(sweep_id), planned, stages })
     }
@@ -595,7 +652,13 @@ impl Core {
     /// Persists the changed tasks, then plans the next stage of every sweep in which one of
     /// them ended. Returns whether new tasks were queued.
     fn persist_and_advance(&self, inner: &mut Inner, changed: &[String]) -> Result<bool, CoreError> {
+        // Early stopping: configs the race drops now are saved with the endings that decided it.
+        let pruned = Self::race_after(inner, changed)?;
+        let changed = &[changed, pruned.as_slice()].concat();
         Self::persist(inner, changed)?;
+        for task_id in &pruned {
+            self.changes.publish(Change::task(task_id, ChangeKind::State));
+        }
         let mut sweeps: Vec<String> = changed
             .iter()
             .filter_map(|id| inner.scheduler.task(id))
@@ -745,6 +808,7 @@ impl Core {
         }
         // The lease is committed: parsing the spec needs no lock.
         let spec = Store::parse_spec(&spec)?;
+        self.changes.publish(Change::task(&lease.task_id, ChangeKind::State));
         tracing::info!(task = %lease.task_id, worker = %worker_id, attempt = lease.attempt, resume = resume_from.is_some(), "task leased");
         Ok(Some(Dispatch {
             task_id: lease.task_id,
@@ -852,7 +916,9 @@ impl Core {
             inner.store.append_logs(&records)?;
             inner.log_lines.insert(lease.task_id.to_string(), stored + count);
             Ok(())
-        })
+        })?;
+        self.changes.publish(Change::task(lease.task_id, ChangeKind::Logs));
+        Ok(())
     }
 
     /// Log lines of a sweep, or of one task, after `after_id`: at most `max_lines`, and no more
@@ -886,15 +952,24 @@ impl Core {
         for epoch in epochs {
             self.check_epoch(epoch)?;
         }
-        self.change(|inner| {
+        let pruned = self.change(|inner| {
             inner.scheduler.check_lease(lease.worker_id, lease.task_id, lease.attempt, lease.secret)?;
             let planned = inner.scheduler.planned_epochs(lease.task_id).unwrap_or(u32::MAX);
             if let Some(epoch) = epochs.iter().find(|e| e.epoch == 0 || e.epoch > planned) {
                 return Err(CoreError::BadRequest(format!("epoch {} is outside the trial's plan of epochs 1 to {planned}", epoch.epoch)));
             }
-            inner.store.record_metrics(lease.task_id, epochs)?;
-            Ok(())
-        })
+            self.record_epochs(inner, lease.task_id, epochs)
+        })?;
+        if !pruned.is_empty() {
+            for task_id in &pruned {
+                self.changes.publish(Change::task(task_id, ChangeKind::State));
+            }
+            self.work_available.notify_waiters();
+        }
+        let mut change = Change::task(lease.task_id, ChangeKind::Epochs);
+        change.epochs = epochs.iter().map(|e| EpochNotice { epoch: e.epoch, values: e.values.clone(), seconds: e.seconds }).collect();
+        self.changes.publish(change);
+        Ok(())
     }
 
     /// Checks one reported epoch against the limits, naming what is wrong.
@@ -959,7 +1034,9 @@ impl Core {
             }
             inner.store.record_checkpoint(&record)?;
             Ok(())
-        })
+        })?;
+        self.changes.publish(Change::task(lease.task_id, ChangeKind::Files));
+        Ok(())
     }
 
     /// Records an artifact of the lease holder: a blob it uploaded under the same lease.
@@ -972,7 +1049,9 @@ impl Core {
             self.check_own_blob(inner, &record.task_id, lease.attempt, &record.blob, "artifact")?;
             inner.store.record_artifact(&record)?;
             Ok(())
-        })
+        })?;
+        self.changes.publish(Change::task(lease.task_id, ChangeKind::Files));
+        Ok(())
     }
 
     /// The lease holder finished the task.
@@ -987,6 +1066,7 @@ impl Core {
         if ended {
             self.forget_gathering(lease.task_id);
         }
+        self.changes.publish(Change::task(lease.task_id, ChangeKind::State));
         tracing::info!(task = %lease.task_id, worker = %lease.worker_id, "task succeeded");
         if queued {
             self.work_available.notify_waiters();
@@ -1005,6 +1085,7 @@ impl Core {
             Ok(retry)
         })?;
         self.forget_gathering(lease.task_id);
+        self.changes.publish(Change::task(lease.task_id, ChangeKind::State));
         tracing::warn!(task = %lease.task_id, worker = %lease.worker_id, ?kind, ?retry, error, "task failed");
         self.work_available.notify_waiters();
         Ok(())
@@ -1043,6 +1124,7 @@ impl Core {
         }
         self.metrics.leases_expired.inc_by(lapsed.len() as u64);
         for (task, retry, error) in lapsed {
+            self.changes.publish(Change::task(&task, ChangeKind::State));
             tracing::warn!(%task, ?retry, error = error.as_deref().unwrap_or(""), "lease lapsed");
         }
         self.work_available.notify_waiters();
@@ -1067,6 +1149,7 @@ impl Core {
             inner.store.set_cancelled(sweep_id, true)?;
             Ok(changed.len() as u32)
         })
+        .inspect(|_| self.changes.publish(Change::sweep(sweep_id, ChangeKind::State)))
     }
 
     /// Queues a sweep's failed and cancelled trials again (each with its full attempt budget);
@@ -1086,6 +1169,7 @@ impl Core {
             }
             Ok(changed.len() as u32)
         })?;
+        self.changes.publish(Change::sweep(sweep_id, ChangeKind::State));
         tracing::info!(sweep = %sweep_id, requeued, "sweep retried");
         self.work_available.notify_waiters();
         Ok(requeued)
@@ -1139,12 +1223,18 @@ impl Core {
         let record = inner.store.sweep(sweep_id)?.ok_or_else(|| CoreError::NotFound(format!("sweep {sweep_id}")))?;
         let stored = inner.store.tasks(Some(sweep_id))?;
         let summary = Self::summarize(record, &stored);
+        let mut waiting = inner.scheduler.waiting(sweep_id, self.now());
+        let times = inner.store.task_times(sweep_id)?;
         let mut tasks = Vec::with_capacity(stored.len().saturating_sub(offset).min(limit));
         for task in stored.into_iter().skip(offset).take(limit) {
             let epochs = inner.store.metrics(&task.entry.id)?;
             let checkpoints = inner.store.checkpoints(&task.entry.id)?;
             let artifacts = inner.store.artifacts(&task.entry.id)?;
-            tasks.push(TaskView { task, epochs, checkpoints, artifacts });
+            let worker_names =
+                task.entry.members.iter().map(|id| inner.scheduler.worker_name(id).map_or_else(|| id.clone(), str::to_string)).collect();
+            let waiting = waiting.remove(&task.entry.id);
+            let (started_ms, ended_ms) = times.get(&task.entry.id).copied().unwrap_or_default();
+            tasks.push(TaskView { task, epochs, checkpoints, artifacts, waiting, worker_names, started_ms, ended_ms });
         }
         Ok(SweepView { summary, tasks })
     }
@@ -1225,6 +1315,40 @@ epochs = 1
         core.report_metrics(&proof(worker, &dispatch), &[epoch]).unwrap();
         core.complete(&proof(worker, &dispatch)).unwrap();
         dispatch.spec.name
+    }
+
+    /// A sweep's view says why its queued trials wait, names the workers by the names they
+    /// gave, and stamps when a trial started and ended.
+    #[tokio::test]
+    async fn the_sweep_view_says_why_trials_wait_and_names_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let sweep_id = core.submit(SWEEP, "view.toml", files, false).unwrap().sweep_id.unwrap();
+        let view = core.sweep(&sweep_id).unwrap();
+        assert!(view.tasks.iter().all(|t| t.waiting.as_deref() == Some("waiting: no worker connected")), "{:?}", view.tasks[0].waiting);
+        let worker = register(&core, "alpha");
+        run_one(&core, &worker, 0.5).await;
+        let view = core.sweep(&sweep_id).unwrap();
+        let done = &view.tasks[0];
+        assert_eq!(done.worker_names, vec!["alpha".to_string()]);
+        assert!(done.waiting.is_none());
+        assert!(done.started_ms > 0 && done.ended_ms >= done.started_ms, "{} {}", done.started_ms, done.ended_ms);
+        assert_eq!(view.tasks[1].waiting.as_deref(), Some("waiting: next to start"));
+        assert_eq!(view.tasks[2].waiting.as_deref(), Some("waiting: 1 earlier trial queued"));
+    }
+
+    /// The dry run's planning is the submission's, with nothing stored.
+    #[test]
+    fn a_dry_run_plans_without_storing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, files) = open_with_dataset(dir.path());
+        let local: Vec<(String, PathBuf)> = files.iter().map(|(name, blob)| (name.clone(), core.blobs().path(&blob.sha256).unwrap())).collect();
+        let sweep = SweepFile::parse(SWEEP, "dry.toml").unwrap();
+        let (trials, stages) = check_and_plan(&sweep, "dry.toml", files, &local, &Limits::default()).unwrap();
+        let planned = dry_run_plan(trials, stages);
+        assert_eq!(planned.planned.len(), 4);
+        assert_eq!(planned.stages.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), vec!["cv", "final"]);
+        assert!(core.sweeps().unwrap().is_empty());
     }
 
     /// Non-finite values and epochs outside the plan are refused, naming the problem, and

@@ -180,6 +180,8 @@ pub enum TaskState {
     Failed,
     /// Cancelled by the user.
     Cancelled,
+    /// Stopped early by `[cv.prune]`: its config cannot win (see [`crate::prune`]).
+    Pruned,
 }
 
 impl TaskState {
@@ -191,19 +193,20 @@ impl TaskState {
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
+            TaskState::Pruned => "pruned",
         }
     }
 
     /// Parses a stored name.
     pub fn parse(text: &str) -> Option<Self> {
-        [TaskState::Queued, TaskState::Running, TaskState::Succeeded, TaskState::Failed, TaskState::Cancelled]
+        [TaskState::Queued, TaskState::Running, TaskState::Succeeded, TaskState::Failed, TaskState::Cancelled, TaskState::Pruned]
             .into_iter()
             .find(|state| state.as_str() == text)
     }
 
     /// True once the task will not change any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Pruned)
     }
 }
 

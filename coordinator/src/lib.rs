@@ -9,12 +9,16 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod console;
 pub mod convert;
 pub mod core;
 pub mod dataset;
 pub mod domain;
+pub mod events;
+pub mod grpc_gate;
 pub mod metrics;
 pub mod plan;
+pub mod prune;
 pub mod report;
 pub mod scheduler;
 pub mod search;

@@ -103,15 +103,23 @@ enum Command {
         /// MiB of free disk an upload must leave on the data dir's filesystem.
         #[arg(long, default_value_t = 1024)]
         min_free_mib: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics.
+        /// Serve Prometheus metrics at http://ADDR/metrics (--http-listen serves them too).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the web console, its JSON API (/api/) and the metrics (/metrics) at http://ADDR/.
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+        /// File holding the viewer token: it opens the console and the client service's queries,
+        /// read only.
+        #[arg(long, conflicts_with = "insecure_no_auth")]
+        viewer_token_file: Option<PathBuf>,
     },
     /// Upload a sweep file's dataset and submit it; prints the new sweep's id.
     Submit {
         /// The sweep file (TOML).
         file: PathBuf,
-        /// Print the plan (every stage and trial) without submitting.
+        /// Check the file and its dataset and print the plan (every stage, the first stage's
+        /// trials) on this machine: no coordinator, nothing uploaded or submitted.
         #[arg(long)]
         dry_run: bool,
         /// Follow the sweep's progress until it ends, then print its results.
@@ -136,6 +144,10 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Only the winning config and the trial that trained it (`final`, or a sweep's only
+        /// later-stage trial).
+        #[arg(long)]
+        best: bool,
     },
     /// Wait until a sweep ends; exits 0 when it succeeded.
     Wait {
@@ -201,10 +213,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Download a checkpoint: a blob hash, or a task id (its final checkpoint).
+    /// Download a checkpoint: a blob hash, a task id (its final checkpoint), or a sweep id with
+    /// a trial name (`download ID final`) or `--best`.
     Download {
-        /// Blob SHA-256 or task id.
+        /// Blob SHA-256, task id, or sweep id (with TRIAL or --best).
         checkpoint: String,
+        /// A trial of the sweep, by name (e.g. final, cv/c0/f1): its final checkpoint.
+        trial: Option<String>,
+        /// The sweep's best trial (as `results ID --best` names it): its final checkpoint.
+        #[arg(long, conflicts_with = "trial")]
+        best: bool,
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
@@ -246,41 +264,56 @@ fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<12} {:<24} {:>10} task", "worker", "name", "last seen");
-    for w in workers {
-        println!("{:<12} {:<24} {:>9.1}s {}", w.worker_id, w.name, w.last_seen_secs, if w.task_id.is_empty() { "-" } else { &w.task_id });
+    let header = ["worker", "name", "last_seen_secs", "task"];
+    let rows: Vec<Vec<String>> =
+        workers.iter().map(|w| vec![w.worker_id.clone(), w.name.clone(), format!("{:.1}", w.last_seen_secs), w.task_id.clone()]).collect();
+    if format == Format::Csv {
+        cli::print_csv_rows(&header, &rows);
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = rows.into_iter().map(|mut row| {
+        row[2].push('s');
+        if row[3].is_empty() {
+            row[3] = "-".into();
+        }
+        row
+    }).collect();
+    cli::print_columns(&["worker", "name", "last seen", "task"], &rows, &[false, false, true, false]);
     Ok(())
 }
 
 fn print_sweeps(sweeps: Vec<pb::SweepSummary>, format: Format) -> anyhow::Result<()> {
-    if format != Format::Table {
-        let rows: Vec<serde_json::Value> = sweeps
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "sweep_id": s.sweep_id, "name": s.name, "state": results::sweep_state_name(s.state),
-                    "total": s.total, "queued": s.queued, "running": s.running, "succeeded": s.succeeded, "failed": s.failed,
-                })
+    let header = ["sweep", "name", "state", "total", "queued", "running", "succeeded", "failed"];
+    let rows: Vec<Vec<String>> = sweeps
+        .iter()
+        .map(|s| {
+            let state = results::sweep_state_name(s.state).to_string();
+            let counts = [s.total, s.queued, s.running, s.succeeded, s.failed].map(|count| count.to_string());
+            [s.sweep_id.clone(), s.name.clone(), state].into_iter().chain(counts).collect()
+        })
+        .collect();
+    match format {
+        Format::Csv => {
+            cli::print_csv_rows(&header, &rows);
+            return Ok(());
+        }
+        Format::Table => {
+            cli::print_columns(&header, &rows, &[false, false, false, true, true, true, true, true]);
+            return Ok(());
+        }
+        Format::Json => {}
+    }
+    let rows: Vec<serde_json::Value> = sweeps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "sweep_id": s.sweep_id, "name": s.name, "state": results::sweep_state_name(s.state),
+                "total": s.total, "queued": s.queued, "running": s.running, "succeeded": s.succeeded, "failed": s.failed,
+                "created_unix_ms": s.created_unix_ms,
             })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!("{:<14} {:<20} {:<10} {:>6} {:>7} {:>8} {:>10} {:>7}", "sweep", "name", "state", "total", "queued", "running", "succeeded", "failed");
-    for s in sweeps {
-        println!(
-            "{:<14} {:<20} {:<10} {:>6} {:>7} {:>8} {:>10} {:>7}",
-            s.sweep_id,
-            s.name,
-            results::sweep_state_name(s.state),
-            s.total,
-            s.queued,
-            s.running,
-            s.succeeded,
-            s.failed
-        );
-    }
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&rows)?);
     Ok(())
 }
 
@@ -314,11 +347,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             blob_quota_gib,
             min_free_mib,
             metrics_listen,
+            http_listen,
+            viewer_token_file,
         } => {
             if args.token_file.is_none() && !insecure_no_auth {
                 anyhow::bail!("serve needs --token-file (and usually --worker-token-file), or --insecure-no-auth to run open");
             }
-            let tokens = Tokens::load(args.token_file.as_deref(), worker_token_file.as_deref())?;
+            let mut tokens = Tokens::load(args.token_file.as_deref(), worker_token_file.as_deref())?;
+            if let Some(path) = &viewer_token_file {
+                tokens = tokens.with_viewer_file(path)?;
+            }
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some((read_file(&cert)?, read_file(&key)?)),
                 _ => None,
@@ -344,24 +382,28 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let bound = server.serve_metrics(address).await?;
                 tracing::info!(address = %bound, "metrics at /metrics");
             }
+            if let Some(address) = http_listen {
+                server.serve_console(address).await?;
+            }
             server.serve(shutdown_signal()).await?;
         }
         Command::Submit { file, dry_run, watch, format } => {
             let sweep = submit::read(&file)?;
+            if dry_run && format == Format::Csv {
+                anyhow::bail!("submit --dry-run prints a table or json, not csv");
+            }
+            if dry_run {
+                let response = submit::plan_offline(&sweep)?;
+                submit::print_dry_run(&response, format == Format::Json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut client = connect(&remote).await?;
-            let response = submit::submit(&mut client, &sweep, dry_run).await?;
-            match (dry_run, format) {
-                (true, Format::Table | Format::Csv) => submit::print_plan(&response),
-                (true, Format::Json) => {
-                    let stages: Vec<serde_json::Value> = response
-                        .stages
-                        .iter()
-                        .map(|s| serde_json::json!({"stage": s.name, "trials": s.trials, "description": s.description}))
-                        .collect();
-                    let trials: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
-                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": stages, "first_stage_trials": trials}))?);
-                }
-                (false, _) => println!("{}", response.sweep_id),
+            let response = submit::submit(&mut client, &sweep, false).await?;
+            submit::warn_if_unrunnable(&mut client, &sweep).await?;
+            match format {
+                Format::Table => println!("{}", response.sweep_id),
+                Format::Json => println!("{}", serde_json::json!({"sweep_id": response.sweep_id})),
+                Format::Csv => cli::print_csv_rows(&["sweep_id"], &[vec![response.sweep_id.clone()]]),
             }
             if watch {
                 let state = watch::watch(&mut client, &response.sweep_id).await?;
@@ -379,7 +421,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Retry { id } => {
             let mut client = connect(&remote).await?;
-            let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id.clone() }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let response = client.retry_sweep(pb::RetrySweepRequest { sweep_id: id.clone() }).await.map_err(cli::rpc_error)?;
             match response.into_inner().requeued {
                 0 => println!("nothing to retry: sweep {id} has no failed or cancelled trials"),
                 requeued => println!("{requeued} trials queued again"),
@@ -387,19 +429,24 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Workers { format } => {
             let mut client = connect(&remote).await?;
-            let workers = client.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+            let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(cli::rpc_error)?.into_inner().workers;
             print_workers(workers, format)?;
         }
         Command::Checkpoints { id, format } => {
             let mut client = connect(&remote).await?;
-            results::print_checkpoints(&mut client, &id, format == Format::Json).await?;
+            results::print_checkpoints(&mut client, &id, format).await?;
         }
         Command::Status { id: None, format } => {
             let mut client = connect(&remote).await?;
-            let sweeps = client.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps;
+            let sweeps = client.list_sweeps(pb::ListSweepsRequest {}).await.map_err(cli::rpc_error)?.into_inner().sweeps;
             print_sweeps(sweeps, format)?;
         }
-        Command::Status { id: Some(id), format } | Command::Results { id, format } => {
+        Command::Results { id, format, best: true } => {
+            let mut client = connect(&remote).await?;
+            let results = results::fetch(&mut client, &id).await?;
+            results::print_best(&results, format)?;
+        }
+        Command::Status { id: Some(id), format } | Command::Results { id, format, best: false } => {
             let mut client = connect(&remote).await?;
             let results = results::fetch(&mut client, &id).await?;
             match format {
@@ -418,7 +465,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { id } => {
             let mut client = connect(&remote).await?;
-            let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id.clone() }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let response = client.cancel_sweep(pb::CancelSweepRequest { sweep_id: id.clone() }).await.map_err(cli::rpc_error)?;
             match response.into_inner().cancelled {
                 0 => println!("nothing to cancel: sweep {id} has no queued or running trials (its outcome stays)"),
                 cancelled => println!("{cancelled} trials cancelled"),
@@ -439,9 +486,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let index = report::write(&mut client, &id, &out).await?;
             println!("{}", index.display());
         }
-        Command::Download { checkpoint, output } => {
+        Command::Download { checkpoint, trial, best, output } => {
             let mut client = connect(&remote).await?;
-            results::download(&mut client, &checkpoint, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
+            let what = match (trial, best) {
+                (Some(trial), _) => results::Download::Trial { sweep_id: checkpoint.clone(), trial },
+                (None, true) => results::Download::Best { sweep_id: checkpoint.clone() },
+                (None, false) => results::Download::Named(checkpoint.clone()),
+            };
+            results::download(&mut client, &what, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
             eprintln!("wrote {}", output.display());
         }
         Command::Local { file, workers, data_dir, format, report } => {
@@ -456,17 +508,24 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `coordinator logs … | head`: the reader going away ends the command quietly.
+    cohort_proto::errors::exit_quietly_on_broken_pipe();
     let args = Args::parse();
     // The server logs what it does; client commands only what goes wrong.
     let default_level = if matches!(args.command, Command::Serve { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
+        .with_ansi(cohort_proto::errors::colour_on_stderr())
         .init();
     match run(args).await {
         Ok(code) => code,
+        Err(error) if cohort_proto::errors::is_broken_pipe(error.as_ref()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cohort_proto::errors::error_chain(error.as_ref()));
+            if let Some(hint) = cli::credentials_hint(&error) {
+                eprintln!("{hint}");
+            }
             ExitCode::from(2)
         }
     }

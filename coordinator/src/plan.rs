@@ -91,6 +91,12 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
             });
         }
     }
+    if cv.prune.is_some() {
+        // Fold-first: fold 0 of every config before fold 1 of any, so that configs can be
+        // compared on a shared fold as early as possible (the sort is stable: plan order within
+        // a fold).
+        trials.sort_by_key(|trial| trial.fold.map(|fold| fold.index));
+    }
     trials
 }
 
@@ -206,7 +212,10 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     if let Some(cv) = &sweep.cv {
         let configs = sweep.cv_configs().len();
         let search = if cv.random.is_some() { "random-search" } else { "grid" };
-        let what = format!("{configs} {search} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
+        let mut what = format!("{configs} {search} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
+        if let Some(prune) = &cv.prune {
+            what.push_str(&format!("; {}", prune.describe(cv.epochs)));
+        }
         described.push((stages::CV.into(), (configs as u32) * cv.folds, what));
     }
     if let Some(stage) = &sweep.final_stage {

@@ -609,6 +609,48 @@ impl Scheduler {
             .collect()
     }
 
+    /// Why each unfinished task of the sweep is not making progress, by task id: for a queued
+    /// task, what it waits for ([`waiting_reason`]); for a running task, a worker holding it that
+    /// has not been heard from for more than half a lease ("worker w1 silent for 3.2 s"), before
+    /// its lease lapses. Tasks that are fine are left out.
+    pub fn waiting(&self, sweep_id: &str, now: Millis) -> HashMap<String, String> {
+        let registered = self.workers.len() as u32;
+        let busy = self.leases_by_worker();
+        let reserved = self.collecting.as_ref().map_or(0, |c| c.reserved.len());
+        let free = (self.workers.keys().filter(|w| !busy.contains_key(*w) && !self.pending.contains_key(*w)).count()).saturating_sub(reserved) as u32;
+        let mut reasons = HashMap::new();
+        for (ahead, (_, id)) in self.queue.iter().enumerate() {
+            let task = &self.tasks[id];
+            if task.sweep_id != sweep_id {
+                continue;
+            }
+            let ahead = if self.collecting.as_ref().is_some_and(|c| &c.task_id == id) { 0 } else { ahead };
+            reasons.insert(id.clone(), waiting_reason(task.gang_size, registered, free, ahead));
+        }
+        for (_, id) in &self.running {
+            let task = &self.tasks[id];
+            if task.sweep_id != sweep_id {
+                continue;
+            }
+            let silent = task
+                .members
+                .iter()
+                .filter(|w| task.active_rank_of(w).is_some())
+                .filter_map(|w| self.workers.get(w).map(|entry| (entry, now.saturating_sub(entry.last_seen))))
+                .filter(|(_, quiet)| *quiet > self.timeouts.lease_ms / 2)
+                .max_by_key(|(_, quiet)| *quiet);
+            if let Some((worker, quiet)) = silent {
+                reasons.insert(id.clone(), format!("worker {} silent for {:.1} s", worker.name, quiet as f64 / 1000.0));
+            }
+        }
+        reasons
+    }
+
+    /// The name a worker registered with, if it is registered.
+    pub fn worker_name(&self, worker_id: &str) -> Option<&str> {
+        self.workers.get(worker_id).map(|w| w.name.as_str())
+    }
+
     /// Cancels every unfinished task of the sweep; returns the changed ids.
     pub fn cancel_sweep(&mut self, sweep_id: &str) -> Vec<String> {
         let mut changed = Vec::new();
@@ -625,6 +667,57 @@ impl Scheduler {
         self.pending.retain(|_, lease| !changed.contains(&lease.task_id));
         changed
     }
+
+    /// Ends the given unfinished tasks as pruned (early stopping, [`crate::prune`]), recording
+    /// `reason` as their error; returns the changed ids. Queued ones leave the queue; running
+    /// ones lose their leases, so their workers are told to abandon them at the next heartbeat
+    /// and every later report (metrics, completion, failure) is refused: a pruned trial is never
+    /// retried. Ended tasks are left as they are.
+    pub fn prune(&mut self, task_ids: &[String], reason: &str) -> Vec<String> {
+        let mut changed = Vec::new();
+        for id in task_ids {
+            let Some(task) = self.tasks.get_mut(id).filter(|t| !t.state.is_terminal()) else {
+                continue;
+            };
+            self.queue.remove(&(task.order, task.id.clone()));
+            self.running.remove(&(task.order, task.id.clone()));
+            task.state = TaskState::Pruned;
+            task.leases.clear();
+            task.error = Some(reason.to_string());
+            changed.push(task.id.clone());
+        }
+        if self.collecting.as_ref().is_some_and(|c| changed.contains(&c.task_id)) {
+            self.collecting = None;
+        }
+        self.pending.retain(|_, lease| !changed.contains(&lease.task_id));
+        changed
+    }
+}
+
+/// Why a queued task that needs `gang_size` workers at once has not started, given the workers
+/// `registered`, how many of them are `free` (no lease, not reserved for a gang), and the
+/// queued tasks `ahead` of it in the FIFO.
+pub fn waiting_reason(gang_size: u32, registered: u32, free: u32, ahead: usize) -> String {
+    if registered == 0 {
+        return "waiting: no worker connected".into();
+    }
+    if gang_size > registered {
+        return format!("waiting: a gang of {gang_size} needs {gang_size} workers, {registered} connected");
+    }
+    if ahead > 0 {
+        let trials = if ahead == 1 { "trial" } else { "trials" };
+        return match free {
+            0 => format!("waiting: {ahead} earlier {trials} queued, all {registered} workers busy"),
+            _ => format!("waiting: {ahead} earlier {trials} queued"),
+        };
+    }
+    if gang_size > 1 && gang_size > free {
+        return format!("waiting: a gang of {gang_size} with {free} of {registered} workers free");
+    }
+    if free == 0 {
+        return format!("waiting: all {registered} workers busy");
+    }
+    "waiting: next to start".into()
 }
 
 /// How an attempt ended, for the budgets.
@@ -1130,5 +1223,29 @@ mod tests {
             let queued_count = s.tasks.values().filter(|t| t.state == TaskState::Queued).count();
             assert_eq!(queued_count, s.queued(), "seed {seed}: queue and states agree");
         }
+    }
+
+    #[test]
+    fn waiting_reasons_name_what_a_queued_task_lacks() {
+        assert_eq!(waiting_reason(1, 0, 0, 0), "waiting: no worker connected");
+        assert_eq!(waiting_reason(2, 1, 1, 0), "waiting: a gang of 2 needs 2 workers, 1 connected");
+        assert_eq!(waiting_reason(2, 3, 1, 0), "waiting: a gang of 2 with 1 of 3 workers free");
+        assert_eq!(waiting_reason(1, 2, 0, 0), "waiting: all 2 workers busy");
+        assert_eq!(waiting_reason(1, 2, 0, 3), "waiting: 3 earlier trials queued, all 2 workers busy");
+    }
+
+    #[test]
+    fn the_scheduler_says_why_tasks_wait_and_which_workers_went_silent() {
+        let mut s = new_scheduler(10_000, 60_000);
+        s.insert(task("a", 1), 0);
+        s.insert(TaskEntry::queued("g".into(), "s".into(), 2, 3, 2), 0);
+        assert_eq!(s.waiting("s", 0)["a"], "waiting: no worker connected");
+        s.register("w1", "alpha", &session("w1"), 0, &[]);
+        assert_eq!(s.waiting("s", 0)["g"], "waiting: a gang of 2 needs 2 workers, 1 connected");
+        assert_eq!(s.acquire("w1", &session("w1"), 0).unwrap().unwrap().task_id, "a");
+        assert!(!s.waiting("s", 1_000).contains_key("a"), "a running task heard from is fine");
+        // Silent for more than half a lease, the lease not yet lapsed.
+        assert_eq!(s.waiting("s", 6_200)["a"], "worker alpha silent for 6.2 s");
+        assert_eq!(s.worker_name("w1"), Some("alpha"));
     }
 }

@@ -30,14 +30,13 @@ pub struct ConfigSummary {
 /// Summarizes folds by config, keeping the order in which configs first appear.
 pub fn summarize(results: &[FoldResult]) -> Vec<ConfigSummary> {
     let mut summaries: Vec<ConfigSummary> = Vec::new();
+    // Each config's row by label: a sweep may hold 25,000 configs, too many to search linearly.
+    let mut rows: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for result in results {
-        let index = match summaries.iter().position(|s| s.config == result.config) {
-            Some(index) => index,
-            None => {
-                summaries.push(ConfigSummary { config: result.config.clone(), folds: vec![], mean: None, std: None, winner: false });
-                summaries.len() - 1
-            }
-        };
+        let index = *rows.entry(result.config.as_str()).or_insert_with(|| {
+            summaries.push(ConfigSummary { config: result.config.clone(), folds: vec![], mean: None, std: None, winner: false });
+            summaries.len() - 1
+        });
         let folds = &mut summaries[index].folds;
         let slot = result.fold as usize;
         if folds.len() <= slot {

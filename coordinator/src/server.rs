@@ -15,6 +15,7 @@ use tonic::{Request, Status};
 
 use crate::auth::{Service, Tokens};
 use crate::core::{Core, CoreConfig, CoreError};
+use crate::grpc_gate::MethodGate;
 use crate::service::client::ClientApi;
 use crate::service::worker::WorkerApi;
 
@@ -78,6 +79,14 @@ impl BoundServer {
             .map_err(|source| ServeError::Bind { address, source })
     }
 
+    /// Serves the web console, its JSON API under `/api/` and the Prometheus metrics at
+    /// `http://ADDRESS/` (one listener); returns the bound address.
+    pub async fn serve_console(&self, address: SocketAddr) -> Result<SocketAddr, ServeError> {
+        crate::console::spawn(address, self.core.clone(), self.security.tokens.clone())
+            .await
+            .map_err(|source| ServeError::Bind { address, source })
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
@@ -104,7 +113,8 @@ impl BoundServer {
                 Ok(request)
             }
         };
-        let client = InterceptedService::new(client, admit(self.security.tokens.clone(), Service::Client));
+        // The client service is admitted by method: a viewer token may only query.
+        let client = MethodGate::new(client, self.security.tokens.clone(), Service::Client);
         let worker = InterceptedService::new(worker, admit(self.security.tokens.clone(), Service::Worker));
         // grpc.health.v1 for probes (Kubernetes' gRPC probes send no token): SERVING once the
         // data dir is open and the port bound, NOT_SERVING while draining.

@@ -11,6 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::domain::{BlobRef, TaskState, TrialSpec};
 use crate::scheduler::TaskEntry;
 
+pub mod views;
+
 /// Why the store failed. Always an internal error: the database is ours.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -100,6 +102,9 @@ CREATE TABLE IF NOT EXISTS probe (
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("tasks", "secrets", "TEXT NOT NULL DEFAULT '[]'"),
     ("tasks", "lapses", "INTEGER NOT NULL DEFAULT 0"),
+    // When the latest attempt started and when the task ended (Unix ms; 0: not yet).
+    ("tasks", "started_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "ended_ms", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// A sweep's row.
@@ -290,10 +295,20 @@ impl Store {
 
     /// Saves the scheduling fields of the given tasks in one transaction.
     pub fn save_tasks<'a>(&mut self, entries: impl IntoIterator<Item = &'a TaskEntry>) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        // A savepoint: its own transaction, or a part of [`Store::in_one_transaction`]'s.
+        let tx = self.conn.savepoint()?;
         {
-            let mut update =
-                tx.prepare_cached("UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6, secrets = ?7, lapses = ?8 WHERE id = ?1")?;
+            // The times are stamped from the row's state before the update: an attempt starts
+            // when the state turns running (or the attempt changes), a task ends when its state
+            // turns terminal, and a task queued again has not ended.
+            let mut update = tx.prepare_cached(
+                "UPDATE tasks SET state = ?2, attempt = ?3, members = ?4, error = ?5, max_attempts = ?6, secrets = ?7, lapses = ?8,
+                 started_ms = CASE WHEN ?2 = 'running' AND (state != 'running' OR attempt != ?3) THEN ?9 ELSE started_ms END,
+                 ended_ms = CASE WHEN ?2 IN ('queued', 'running') THEN 0
+                                 WHEN state IN ('queued', 'running') THEN ?9 ELSE ended_ms END
+                 WHERE id = ?1",
+            )?;
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             for e in entries {
                 update.execute(params![
                     e.id,
@@ -303,12 +318,33 @@ impl Store {
                     e.error,
                     e.max_attempts,
                     members_json(&e.secrets)?,
-                    e.lapses
+                    e.lapses,
+                    now_ms
                 ])?;
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Runs `work` as one transaction: what it writes through [`Store::save_tasks`] and
+    /// [`Store::record_metrics`] (savepoints inside it) commits together or not at all. Early
+    /// stopping commits a report and the decision it triggered this way, so that no restart can
+    /// see one without the other.
+    pub fn in_one_transaction<T>(&mut self, work: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.conn.execute_batch("SAVEPOINT in_one_transaction")?;
+        match work(self) {
+            Ok(value) => {
+                self.conn.execute_batch("RELEASE in_one_transaction")?;
+                Ok(value)
+            }
+            Err(error) => {
+                if let Err(rollback) = self.conn.execute_batch("ROLLBACK TO in_one_transaction; RELEASE in_one_transaction") {
+                    tracing::error!(%rollback, "rolling back a failed transaction failed");
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Marks a sweep cancelled, or (retried) no longer cancelled.
@@ -319,7 +355,8 @@ impl Store {
 
     /// Records epochs; a retried attempt's epoch replaces the earlier one.
     pub fn record_metrics(&mut self, task_id: &str, epochs: &[EpochRecord]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        // A savepoint: its own transaction, or a part of [`Store::in_one_transaction`]'s.
+        let tx = self.conn.savepoint()?;
         {
             let mut upsert = tx.prepare_cached(
                 "INSERT OR REPLACE INTO metrics (task_id, epoch, attempt, vals, seconds, samples) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -539,6 +576,14 @@ impl Store {
         }
     }
 
+    /// When each task of the sweep started its latest attempt and when it ended, Unix ms (0:
+    /// not yet), by task id.
+    pub fn task_times(&self, sweep_id: &str) -> Result<HashMap<String, (i64, i64)>, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT id, started_ms, ended_ms FROM tasks WHERE sweep_id = ?1")?;
+        let rows = query.query_map(params![sweep_id], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// One task's spec as stored (JSON), without its scheduling fields: what a dispatch reads,
     /// so that it can be parsed by [`Store::parse_spec`] once the caller released its lock.
     pub fn spec_json(&self, task_id: &str) -> Result<Option<String>, StoreError> {
@@ -683,6 +728,32 @@ mod tests {
         assert_eq!(metrics[0].values, vec![("train_mse".to_string(), 0.5)]);
         assert!(metrics[1].values.is_empty());
         assert!(store.min_metric_by_task("s", "val_mse").unwrap().is_empty());
+    }
+
+    /// A task's latest attempt is stamped when it starts and the task when it ends; queued
+    /// again, it has not ended.
+    #[test]
+    fn tasks_are_stamped_when_they_start_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+        let sweep = SweepRecord { id: "s".into(), seq: 1, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
+        let mut entry = TaskEntry::queued("s.t0".into(), "s".into(), 0, 3, 1);
+        store.insert_sweep(&sweep, &[StoredTask { entry: entry.clone(), spec: spec() }]).unwrap();
+        assert_eq!(store.task_times("s").unwrap()["s.t0"], (0, 0));
+        entry.state = TaskState::Running;
+        entry.attempt = 1;
+        store.save_tasks([&entry]).unwrap();
+        let (started, ended) = store.task_times("s").unwrap()["s.t0"];
+        assert!(started > 0 && ended == 0, "{started} {ended}");
+        store.save_tasks([&entry]).unwrap();
+        assert_eq!(store.task_times("s").unwrap()["s.t0"].0, started, "a renewal is no new start");
+        entry.state = TaskState::Succeeded;
+        store.save_tasks([&entry]).unwrap();
+        let (_, ended) = store.task_times("s").unwrap()["s.t0"];
+        assert!(ended >= started);
+        entry.state = TaskState::Queued;
+        store.save_tasks([&entry]).unwrap();
+        assert_eq!(store.task_times("s").unwrap()["s.t0"].1, 0, "queued again, it has not ended");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::prune::PruneSection;
 use crate::search::{self, GridSection, Hyper, RandomSection};
 
 /// Why a sweep file was rejected.
@@ -159,6 +160,8 @@ pub struct CvSection {
     pub grid: GridSection,
     /// Random search (instead of a grid): configs drawn from ranges.
     pub random: Option<RandomSection>,
+    /// Early stopping: drop configs that are losing (absent: every config trains every fold).
+    pub prune: Option<PruneSection>,
 }
 
 /// `[final]`: retrain on the whole training set with the cross-validation winner (or, without
@@ -429,6 +432,9 @@ impl SweepFile {
             check.require(cv.folds >= 2, "cv.folds", || format!("{} must be at least 2", cv.folds))?;
             check.at_least_one(cv.epochs, "cv.epochs")?;
             check.at_least_one(cv.max_attempts, "cv.max_attempts")?;
+            if let Some((key, message)) = cv.prune.as_ref().and_then(|prune| prune.problem(cv.folds, cv.epochs)) {
+                check.require(false, key, || message)?;
+            }
             let grid = &cv.grid;
             let gridded = grid.lr.is_some() || grid.weight_decay.is_some() || grid.batch_size.is_some() || grid.noise_std.is_some() || grid.latent.is_some();
             check.require(!(gridded && cv.random.is_some()), "cv.random", || "use either [cv.grid] or [cv.random], not both".into())?;

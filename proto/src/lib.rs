@@ -14,6 +14,7 @@ pub mod v1 {
 pub const BLOB_CHUNK_BYTES: usize = 1 << 20;
 
 pub mod auth;
+pub mod errors;
 pub mod lease;
 pub mod metrics_http;
 pub mod transfer;

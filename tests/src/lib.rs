@@ -2,6 +2,8 @@
 //! binaries on free loopback ports with temporary folders, kill them when the test ends, and
 //! print their log tails when it fails.
 
+pub mod webdriver;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::blobs::BlobCache;
+use crate::blobs::{BlobCache, MaterializeError};
 use crate::metrics::Phase;
 use crate::task::Task;
 use crate::collective::{nccl, Backend, GangSettings};
@@ -58,11 +58,35 @@ pub enum DaemonError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The coordinator refused the worker's credentials: retrying cannot help.
-    #[error("the coordinator refused this worker's token ({0}); give the worker token with --token-file or COHORT_TOKEN_FILE")]
-    Refused(String),
+    #[error("the coordinator refused this worker's token ({message}; token file: {token_file}); give the worker token's file with --token-file or COHORT_TOKEN_FILE")]
+    Refused {
+        /// What the coordinator said.
+        message: String,
+        /// The token file the worker used ("none given" without one).
+        token_file: String,
+    },
     /// The heartbeat thread could not start.
     #[error("cannot start the heartbeat thread: {0}")]
     Heartbeat(std::io::Error),
+}
+
+/// The longest wait between tries while the coordinator cannot be reached.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A status as a log line says it: its message and its causes, each once (a transport error's
+/// message is often just "transport error", its cause says what).
+fn status_text(status: &tonic::Status) -> String {
+    let mut line = if status.message().is_empty() { status.code().description() } else { status.message() }.to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = current.source();
+    }
+    line
 }
 
 /// Heartbeat period used until the coordinator names one.
@@ -199,6 +223,7 @@ impl Shared {
             running: self.running_tasks(),
         };
         let mut backoff = Duration::from_millis(100);
+        let mut last_warning: Option<tokio::time::Instant> = None;
         loop {
             match self.client.clone().register(request.clone()).await {
                 Ok(response) => {
@@ -212,12 +237,17 @@ impl Shared {
                     return Ok(());
                 }
                 Err(status) if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) => {
-                    return Err(DaemonError::Refused(status.message().to_string()));
+                    let token_file = self.config.connect.token_file.as_ref().map_or_else(|| "none given".to_string(), |path| path.display().to_string());
+                    return Err(DaemonError::Refused { message: status.message().to_string(), token_file });
                 }
                 Err(status) => {
-                    tracing::warn!(error = %status.message(), retry_in_ms = backoff.as_millis() as u64, "register failed, retrying");
+                    // Once per capped backoff interval, not on every try.
+                    if last_warning.is_none_or(|at| at.elapsed() >= MAX_BACKOFF) {
+                        last_warning = Some(tokio::time::Instant::now());
+                        tracing::warn!(error = %status_text(&status), "cannot register with the coordinator, retrying with backoff up to {} s", MAX_BACKOFF.as_secs());
+                    }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -394,6 +424,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>, refused: Arc<Mutex<Option<DaemonError>>>) {
     let phases = &crate::metrics::metrics().phases;
     let mut backoff = Duration::from_millis(100);
+    let mut last_warning: Option<tokio::time::Instant> = None;
     // Right after a task more work is usually queued: one immediate acquire (the coordinator's
     // dispatch, counted as such) before long-polls, whose waits are the worker's idle time.
     let mut just_finished = false;
@@ -416,9 +447,13 @@ async fn work_loop(shared: Shared, stopping: Arc<AtomicBool>, refused: Arc<Mutex
                 continue;
             }
             Err(status) => {
-                tracing::warn!(error = %status.message(), "acquire failed");
+                // Once per capped backoff interval, not on every try.
+                if last_warning.is_none_or(|at| at.elapsed() >= MAX_BACKOFF) {
+                    last_warning = Some(tokio::time::Instant::now());
+                    tracing::warn!(error = %status_text(&status), "cannot get work from the coordinator, retrying with backoff up to {} s", MAX_BACKOFF.as_secs());
+                }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
@@ -516,8 +551,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         let path = cache.ensure(&mut client, blob).await.map_err(|e| fetch_error(name, e))?;
         fetched.push((name.clone(), path, blob.sha256.clone()));
     }
-    let (dataset_root, dataset_files) =
-        cache.materialize(&fetched).map_err(|e| TrainError::Invalid(format!("cannot lay out the dataset: {e}")))?;
+    let (dataset_root, dataset_files) = cache.materialize(&fetched).map_err(materialize_error)?;
     phases.switch(Phase::Checkpoint);
     let resume_from = match &task.resume_from {
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("checkpoint", e))?),
@@ -565,7 +599,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
             phases.switch(Phase::Coordinator);
             let _ = sender.send(FromTrainer::Done(result));
         })
-        .map_err(|e| TrainError::Invalid(format!("cannot start the training thread: {e}")))?;
+        .map_err(|e| TrainError::Infrastructure(format!("cannot start the training thread: {e}")))?;
 
     let mut outcome = Err(TrainError::Stopped);
     while let Some(message) = receiver.recv().await {
@@ -637,8 +671,24 @@ async fn join_rendezvous(shared: &Shared, task: &Task, lease_secret: &str) -> Re
     }
 }
 
+/// A failed fetch of a task's input from the coordinator (a dataset file, a checkpoint): the
+/// coordinator or the network failed, not the trial, so it is retried elsewhere.
 fn fetch_error(what: &str, error: transfer::TransferError) -> TrainError {
-    TrainError::Invalid(format!("cannot fetch {what}: {error}"))
+    TrainError::Infrastructure(format!("cannot fetch {what}: {}", cohort_proto::errors::error_chain(&error)))
+}
+
+/// A dataset that could not be laid out: a file name that would leave its folder is the
+/// dataset's fault; local disk trouble is the worker's.
+fn materialize_error(error: MaterializeError) -> TrainError {
+    match error {
+        MaterializeError::UnsafeName(_) => TrainError::Invalid(error.to_string()),
+        MaterializeError::Io { .. } => TrainError::Infrastructure(format!("cannot lay out the dataset: {}", cohort_proto::errors::error_chain(&error))),
+    }
+}
+
+/// An epoch's figures as a log line says them: `train_mse=0.29012 val_mse=0.30114`.
+fn values_line<'a>(values: impl IntoIterator<Item = &'a (String, f64)>) -> String {
+    values.into_iter().map(|(name, value)| format!("{name}={value:.5}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Sends one training event to the coordinator. A refusal (stale lease) stops the run.
@@ -648,7 +698,7 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
     }
     let result = match event {
         TrainEvent::Epoch(report) => {
-            tracing::info!(task = %task.id, epoch = report.epoch, values = ?report.values, "epoch done");
+            tracing::info!(task = %task.id, epoch = report.epoch, "epoch done: {}", values_line(&report.values));
             if let Device::Cuda(ordinal) = shared.config.device {
                 crate::metrics::metrics().record_gpu_memory(ordinal);
             }
@@ -748,4 +798,41 @@ async fn upload_checkpoint(shared: &Shared, task: &Task, current: &Running, epoc
     }
     tracing::info!(task = %task.id, epoch, sha256 = %blob.sha256, "checkpoint uploaded");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the coordinator or the machine caused is retried; only what the dataset itself
+    /// caused fails the trial at once.
+    #[test]
+    fn fetch_and_disk_failures_are_infrastructure_errors() {
+        let dropped = transfer::TransferError::Stream(tonic::Status::unavailable("connection reset"));
+        assert!(!fetch_error("train-images-idx3-ubyte", dropped).is_user_error());
+        let missing = transfer::TransferError::Stream(tonic::Status::not_found("blob abc"));
+        assert!(!fetch_error("checkpoint", missing).is_user_error());
+        let disk = MaterializeError::Io { path: PathBuf::from("/cache/datasets/x"), source: std::io::Error::from(std::io::ErrorKind::StorageFull) };
+        assert!(!materialize_error(disk).is_user_error());
+        assert!(materialize_error(MaterializeError::UnsafeName("../etc/passwd".into())).is_user_error());
+    }
+
+    #[test]
+    fn epoch_values_are_logged_as_name_value_pairs() {
+        let values = vec![("train_mse".to_string(), 0.29012345), ("val_mse".to_string(), 0.3)];
+        assert_eq!(values_line(&values), "train_mse=0.29012 val_mse=0.30000");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp connect error")]
+    struct ConnectFailed(#[source] std::io::Error);
+
+    #[test]
+    fn a_transport_failure_names_its_cause_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let expected = format!("tcp connect error: {refused}");
+        let status = tonic::Status::from_error(Box::new(ConnectFailed(refused)));
+        assert_eq!(status_text(&status), expected);
+        assert_eq!(status_text(&tonic::Status::unavailable("")), tonic::Code::Unavailable.description());
+    }
 }

@@ -95,13 +95,24 @@ async fn shutdown_signal() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // A refused token, a bad flag, an unreadable file: said once, each cause once, on stderr.
+        Err(error) => {
+            eprintln!("error: {}", cohort_proto::errors::error_chain(error.as_ref()));
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let allocator_tuned = cohort_worker::allocator::tune_for_training();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(cohort_proto::errors::colour_on_stderr()).with_filter(filter))
         // Lines about a running trial also go to the coordinator (`coordinator logs`).
         .with(cohort_worker::logs::ForwardLayer)
         .init();

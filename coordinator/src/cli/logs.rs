@@ -13,11 +13,16 @@ fn format_time(unix_ms: i64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:03}", unix_ms.rem_euclid(1000))
 }
 
+/// Each task's trial name, by task id.
+fn trial_names(sweep: &results::Results) -> std::collections::BTreeMap<String, String> {
+    sweep.trials.iter().map(|t| (t.task_id.clone(), t.trial.clone())).collect()
+}
+
 /// Prints the log of a sweep (or of the trial named `trial`: a trial name or a task id); with
 /// `follow`, keeps printing new lines until the sweep ends.
 pub async fn print(client: &mut Client, sweep_id: &str, trial: Option<&str>, follow: bool) -> anyhow::Result<()> {
     let sweep = results::fetch(client, sweep_id).await?;
-    let names: std::collections::BTreeMap<String, String> = sweep.trials.iter().map(|t| (t.task_id.clone(), t.trial.clone())).collect();
+    let mut names = trial_names(&sweep);
     let task_id = match trial {
         Some(wanted) => Some(
             sweep
@@ -30,9 +35,22 @@ pub async fn print(client: &mut Client, sweep_id: &str, trial: Option<&str>, fol
         None => None,
     };
     let mut after_id = 0;
+    let mut reconnect = results::Reconnect::default();
     loop {
         let request = pb::GetLogsRequest { sweep_id: sweep_id.to_string(), task_id: task_id.clone().unwrap_or_default(), after_id };
-        let entries = client.get_logs(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner().entries;
+        let fetched = client.get_logs(request).await.map_err(super::rpc_error).map(|reply| reply.into_inner().entries);
+        // Only a followed log rides out a coordinator it cannot reach for a while.
+        let entries = match follow {
+            true => match reconnect.outcome(fetched).await? {
+                Some(entries) => entries,
+                None => continue,
+            },
+            false => fetched?,
+        };
+        // A later stage planned since the names were read: read them again.
+        if entries.iter().any(|entry| !names.contains_key(&entry.task_id)) {
+            names = trial_names(&results::fetch_following(client, sweep_id, &mut reconnect).await?);
+        }
         for entry in &entries {
             let line = entry.line.clone().unwrap_or_default();
             let name = names.get(&entry.task_id).map(String::as_str).unwrap_or(&entry.task_id);
@@ -42,7 +60,7 @@ pub async fn print(client: &mut Client, sweep_id: &str, trial: Option<&str>, fol
         if !follow {
             return Ok(());
         }
-        if entries.is_empty() && results::fetch(client, sweep_id).await?.state != "running" {
+        if entries.is_empty() && results::fetch_following(client, sweep_id, &mut reconnect).await?.state != "running" {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -16,7 +16,7 @@ async fn download_bytes(client: &mut Client, sha256: &str) -> anyhow::Result<Vec
     let mut stream = client
         .download_blob(pb::FetchBlobRequest { sha256: sha256.to_string() })
         .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .map_err(super::rpc_error)?
         .into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -33,7 +33,7 @@ async fn gather(client: &mut Client, results: &Results) -> anyhow::Result<Report
         sweep_id: results.sweep_id.clone(),
         name: results.name.clone(),
         state: results.state.clone(),
-        cv: results.configs.clone(),
+        cv: results.configs.iter().map(|c| c.summary.clone()).collect(),
         ..ReportInput::default()
     };
     for trial in &results.trials {
@@ -45,6 +45,7 @@ async fn gather(client: &mut Client, results: &Results) -> anyhow::Result<Report
             state: trial.state.clone(),
             attempts: trial.attempts,
             last,
+            note: if trial.state == "succeeded" { String::new() } else { trial.error.clone() },
         });
         if !FIGURE_STAGES.contains(&trial.stage.as_str()) {
             continue;

@@ -4,7 +4,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use cohort_coordinator::convert;
+use cohort_coordinator::core::{check_and_plan, dry_run_plan, Limits};
+use cohort_coordinator::domain::BlobRef;
 use cohort_coordinator::plan::{self, TrainSamples};
+use cohort_coordinator::service::client::MAX_LISTED_TRIALS;
 use cohort_coordinator::sweep::SweepFile;
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
@@ -21,6 +25,8 @@ pub struct LocalSweep {
     /// What will train but not as the file most likely means (each naming the file), printed
     /// when the coordinator accepts the sweep.
     pub warnings: Vec<String>,
+    /// The file as parsed.
+    pub sweep: SweepFile,
 }
 
 /// Reads and validates a sweep file, and lists its dataset folder.
@@ -39,11 +45,50 @@ pub fn read(path: &Path) -> anyhow::Result<LocalSweep> {
     if dataset_files.is_empty() {
         bail!("{source_name}: dataset.path: the folder {} holds no file", folder.display());
     }
-    let warnings = plan::schedule_warnings(&sweep, train_samples(&sweep, &dataset_files))
+    let mut warnings: Vec<String> = plan::schedule_warnings(&sweep, train_samples(&sweep, &dataset_files))
         .into_iter()
         .map(|warning| format!("{source_name}: {warning}"))
         .collect();
-    Ok(LocalSweep { source, source_name, dataset_files, warnings })
+    warnings.extend(pooled_volumes_notice(&sweep, &dataset_files).map(|notice| format!("{source_name}: {notice}")));
+    Ok(LocalSweep { source, source_name, dataset_files, warnings, sweep })
+}
+
+/// Plans the sweep on this machine, as the coordinator would, with no coordinator and nothing
+/// uploaded (`submit --dry-run`): checks the file against the default limits and its dataset's
+/// files where they lie, and answers as a dry-run submission would. The planned trials name
+/// their dataset files by size only (no hash: nothing is uploaded).
+pub fn plan_offline(sweep: &LocalSweep) -> anyhow::Result<pb::SubmitSweepResponse> {
+    let mut files = Vec::with_capacity(sweep.dataset_files.len());
+    for (name, path) in &sweep.dataset_files {
+        let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        files.push((name.clone(), BlobRef { sha256: String::new(), size }));
+    }
+    let (trials, stages) = check_and_plan(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, &Limits::default())?;
+    let submitted = dry_run_plan(trials, stages);
+    let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec, None)).collect();
+    let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
+    for warning in &sweep.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(pb::SubmitSweepResponse { sweep_id: String::new(), planned, stages })
+}
+
+/// The most workers one trial of the sweep needs at once (its gangs' size; 1 without).
+fn largest_gang(sweep: &SweepFile) -> u32 {
+    sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1))
+}
+
+/// Warns on stderr when the workers connected now could never run the sweep: none at all, or
+/// fewer than its gangs need. The sweep stays queued and starts when enough register.
+pub async fn warn_if_unrunnable(client: &mut super::Client, sweep: &LocalSweep) -> anyhow::Result<()> {
+    let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(super::rpc_error)?.into_inner().workers.len() as u32;
+    let gang = largest_gang(&sweep.sweep);
+    if workers == 0 {
+        eprintln!("warning: no worker is connected: the sweep waits until one registers (start one with `worker --coordinator URL --token-file FILE`)");
+    } else if gang > workers {
+        eprintln!("warning: the sweep's gangs need {gang} workers at once and {workers} connected: those trials wait until {gang} are");
+    }
+    Ok(())
 }
 
 /// What the local dataset files tell of the training-sample count (before `train_limit`), for the
@@ -64,6 +109,24 @@ fn train_samples(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<Train
         // A WGAN-GP does not train on IDX data (the sweep's validation refuses it).
         _ => None,
     }
+}
+
+/// A notice when a NIfTI dataset holds more than one volume: the workers pool every volume's
+/// slices into one training set, which is what a folder of one subject's scans means but not
+/// what a folder of unrelated volumes might.
+fn pooled_volumes_notice(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<String> {
+    if sweep.dataset.format != "nifti" {
+        return None;
+    }
+    let volumes: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).filter(|name| name.ends_with(".nii") || name.ends_with(".nii.gz")).collect();
+    if volumes.len() < 2 {
+        return None;
+    }
+    Some(format!(
+        "dataset.path: the slices of its {} NIfTI volumes ({}) are pooled into one training set; give a folder of one volume to train on it alone",
+        volumes.len(),
+        volumes.join(", ")
+    ))
 }
 
 /// The axial slices of the dataset's NIfTI-1 volumes (every X×Y plane, as the workers cut them),
@@ -147,7 +210,7 @@ async fn upload_dataset(client: &mut super::Client, files: &[(String, PathBuf)])
         entries.push((name.clone(), path.clone(), blob));
     }
     let wanted = entries.iter().map(|(_, _, blob)| blob.sha256.clone()).collect();
-    let present = client.has_blobs(pb::HasBlobsRequest { sha256: wanted }).await?.into_inner().present;
+    let present = client.has_blobs(pb::HasBlobsRequest { sha256: wanted }).await.map_err(super::rpc_error)?.into_inner().present;
     for (name, path, blob) in &entries {
         if present.contains(&blob.sha256) {
             continue;
@@ -155,6 +218,7 @@ async fn upload_dataset(client: &mut super::Client, files: &[(String, PathBuf)])
         client
             .upload_blob(transfer::file_chunks(path.clone(), blob.clone()))
             .await
+            .map_err(super::rpc_error)
             .with_context(|| format!("uploading {name}"))?;
         tracing::info!(file = %name, bytes = blob.size, "uploaded");
     }
@@ -170,7 +234,7 @@ pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: boo
         dataset_files,
         dry_run,
     };
-    let response = client.submit_sweep(request).await.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    let response = client.submit_sweep(request).await.map_err(super::rpc_error)?;
     // Once accepted, so that a refused sweep shows its error alone; on stderr, so that the dry
     // run's JSON and the printed sweep id stay machine-readable.
     for warning in &sweep.warnings {
@@ -188,6 +252,20 @@ pub fn kind_name(kind: pb::TrialKind) -> &'static str {
         pb::TrialKind::Wgan => "wgan",
         pb::TrialKind::Unspecified => "unknown",
     }
+}
+
+/// Prints a dry run's plan: as a table, or as JSON (the stages, and the first stage's trials
+/// with their hyperparameters).
+pub fn print_dry_run(response: &pb::SubmitSweepResponse, json: bool) -> anyhow::Result<()> {
+    if !json {
+        print_plan(response);
+        return Ok(());
+    }
+    let stages: Vec<serde_json::Value> =
+        response.stages.iter().map(|s| serde_json::json!({"stage": s.name, "trials": s.trials, "description": s.description})).collect();
+    let trials: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": stages, "first_stage_trials": trials}))?);
+    Ok(())
 }
 
 /// Prints a plan: the stages, then one line per task of the first stage.
@@ -268,6 +346,34 @@ mod tests {
         let not_a_volume = dir.path().join("broken.nii");
         std::fs::write(&not_a_volume, b"not a header").unwrap();
         assert_eq!(nifti_slices(&[("broken.nii".into(), not_a_volume)]), None, "an unreadable header tells nothing");
+    }
+
+    #[test]
+    fn two_nifti_volumes_are_pooled_with_a_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = repo_root().join("data/mri-sample/ch2bet.nii.gz");
+        std::fs::copy(&volume, dir.path().join("a.nii.gz")).unwrap();
+        std::fs::copy(&volume, dir.path().join("b.nii.gz")).unwrap();
+        let text = format!(
+            "name = \"g\"\n[dataset]\nformat = \"nifti\"\npath = \"{}\"\n[model]\nkind = \"wgan-gp\"\n[train]\nepochs = 2\nbatch_size = 16\n",
+            dir.path().display()
+        );
+        let path = dir.path().join("gan.toml");
+        std::fs::write(&path, text).unwrap();
+        let sweep = read(&path).unwrap();
+        assert!(sweep.warnings.iter().any(|w| w.contains("the slices of its 2 NIfTI volumes (a.nii.gz, b.nii.gz) are pooled")), "{:?}", sweep.warnings);
+    }
+
+    /// `submit --dry-run` plans the shipped demo on this machine, with no coordinator.
+    #[test]
+    fn the_dry_run_plans_the_demo_offline() {
+        let sweep = read(&repo_root().join("examples/demo.toml")).unwrap();
+        let plan = plan_offline(&sweep).unwrap();
+        let stages: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(stages, vec!["cv", "final", "finetune"]);
+        assert_eq!(plan.stages[0].trials, 32);
+        assert_eq!(plan.planned.len(), 32);
+        assert!(plan.sweep_id.is_empty());
     }
 
     #[test]

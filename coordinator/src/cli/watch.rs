@@ -62,18 +62,21 @@ pub fn render(results: &Results) -> Vec<String> {
             Some(mean) if remaining_epochs > 0 => format!("  eta {}", duration(mean * remaining_epochs as f64 / running.len().max(1) as f64)),
             _ => String::new(),
         };
-        lines.push(format!("{stage:<9} {} {done}/{} trials{eta}", bar(done, trials.len()), trials.len()));
+        // Why the stage's next trial has not started (the first queued trial's reason).
+        let waiting = trials.iter().find(|t| t.state == "queued" && !t.waiting.is_empty()).map(|t| format!("  ({})", t.waiting)).unwrap_or_default();
+        lines.push(format!("{stage:<9} {} {done}/{} trials{eta}{waiting}", bar(done, trials.len()), trials.len()));
         for trial in running {
             let epochs = trial.epochs.len() as u32;
             let speed = trial.epochs.last().filter(|e| e.seconds > 0.0).map(|e| e.samples as f64 / e.seconds).unwrap_or(0.0);
             let eta = mean_epoch_seconds(trial).map(|m| duration(m * f64::from(trial.planned_epochs.saturating_sub(epochs)))).unwrap_or_else(|| "?".into());
+            let silent = if trial.waiting.is_empty() { String::new() } else { format!("  {}", trial.waiting) };
             lines.push(format!(
-                "  {:<12} epoch {epochs}/{} {} {:>8.0} samples/s  eta {eta}  ({})",
+                "  {:<12} epoch {epochs}/{} {} {:>8.0} samples/s  eta {eta}  ({}){silent}",
                 trial.trial,
                 trial.planned_epochs,
                 headline(trial),
                 speed,
-                trial.worker
+                trial.worker_names
             ));
         }
     }
@@ -85,8 +88,9 @@ pub async fn watch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result
     let mut stderr = std::io::stderr();
     let redraw = stderr.is_terminal();
     let mut previous: Vec<String> = Vec::new();
+    let mut reconnect = results::Reconnect::default();
     loop {
-        let current = results::fetch(client, sweep_id).await?;
+        let current = results::fetch_following(client, sweep_id, &mut reconnect).await?;
         let lines = render(&current);
         if lines != previous {
             if redraw && !previous.is_empty() {

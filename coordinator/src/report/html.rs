@@ -29,22 +29,32 @@ pub fn page(input: &ReportInput, figures: &[Figure]) -> String {
             for fold in 0..folds {
                 html.push_str(&format!("<td>{}</td>", number(row.folds.get(fold).copied().flatten())));
             }
-            let verdict = if row.winner { "winner" } else if row.mean.is_none() { "incomplete: excluded" } else { "" };
+            let pruned = input.trials.iter().any(|t| t.config == row.config && t.state == "pruned");
+            let verdict = if row.winner {
+                "winner"
+            } else if pruned {
+                "pruned: excluded"
+            } else if row.mean.is_none() {
+                "incomplete: excluded"
+            } else {
+                ""
+            };
             html.push_str(&format!("<td>{}</td><td>{}</td><td class=\"l\">{verdict}</td></tr>\n", number(row.mean), number(row.std)));
         }
         html.push_str("</table>\n");
     }
-    html.push_str("<h2>Trials</h2>\n<table><tr><th class=\"l\">stage</th><th class=\"l\">trial</th><th class=\"l\">config</th><th class=\"l\">state</th><th>attempts</th><th class=\"l\">last epoch</th></tr>\n");
+    html.push_str("<h2>Trials</h2>\n<table><tr><th class=\"l\">stage</th><th class=\"l\">trial</th><th class=\"l\">config</th><th class=\"l\">state</th><th>attempts</th><th class=\"l\">last epoch</th><th class=\"l\">note</th></tr>\n");
     for trial in &input.trials {
         let last: Vec<String> = trial.last.iter().map(|(k, v)| format!("{k} {v:.5}")).collect();
         html.push_str(&format!(
-            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td></tr>\n",
+            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td></tr>\n",
             escape(&trial.stage),
             escape(&trial.trial),
             escape(&trial.config),
             escape(&trial.state),
             trial.attempts,
-            escape(&last.join(", "))
+            escape(&last.join(", ")),
+            escape(&trial.note)
         ));
     }
     html.push_str("</table>\n<h2>Figures</h2>\n");

@@ -111,6 +111,9 @@ pub struct TrialRow {
     pub attempts: u32,
     /// The last epoch's figures.
     pub last: Vec<(String, f64)>,
+    /// Why it ended without succeeding (a pruned trial's reason, a failed one's error); empty
+    /// otherwise.
+    pub note: String,
 }
 
 /// Everything a report shows.

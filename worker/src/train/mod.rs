@@ -94,6 +94,10 @@ pub enum TrainError {
     /// The daemon asked the recipe to stop (cancel, lease lost, shutdown).
     #[error("stopped on request")]
     Stopped,
+    /// The machine, the network or the coordinator failed (an input that could not be
+    /// fetched, local disk trouble, a thread that could not start): retried elsewhere.
+    #[error("{0}")]
+    Infrastructure(String),
 }
 
 impl TrainError {

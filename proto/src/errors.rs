@@ -1,0 +1,87 @@
+//! How both binaries print an error at their edge: each cause once.
+//!
+//! Error types here and in the libraries they wrap often put their source's text into their own
+//! message *and* name it as their source (`"{path}: {source}"` with `#[source]`, hyper's
+//! "tcp connect error" over an io error saying the same), so printing the chain naively says
+//! each cause twice ("No such file or directory (os error 2): No such file or directory (os
+//! error 2)").
+
+/// The error and its causes joined with ": ", leaving out a cause whose text the line already
+/// holds.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = current.source();
+    }
+    line
+}
+
+/// True when the error or one of its causes is an I/O error of kind `BrokenPipe`: the reader of
+/// the output went away (`coordinator logs … | head`), which ends a command quietly.
+pub fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
+/// Makes a write to a closed stdout end the process quietly with status 0: `println!` panics
+/// with "failed printing to stdout: Broken pipe" when the reader of a pipe went away (Rust
+/// ignores SIGPIPE, so the write fails instead of killing the process). Other panics keep the
+/// default report.
+pub fn exit_quietly_on_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
+}
+
+/// Whether log lines on stderr may carry colour: only on a terminal, and never when `NO_COLOR`
+/// is set (https://no-color.org).
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()) && std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Repeating {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read the token")]
+    struct Outer(#[source] Repeating);
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let error = Outer(Repeating { path: "/x/token".into(), source: io });
+        assert_eq!(error_chain(&error), format!("cannot read the token: /x/token: {text}"));
+        assert!(!is_broken_pipe(&error));
+        let pipe = Repeating { path: "stdout".into(), source: std::io::Error::from(std::io::ErrorKind::BrokenPipe) };
+        assert!(is_broken_pipe(&pipe));
+    }
+}
