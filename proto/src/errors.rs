@@ -9,8 +9,14 @@
 /// The error and its causes joined with ": ", leaving out a cause whose text the line already
 /// holds.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
+    with_causes(error.to_string(), error.source())
+}
+
+/// `line` followed by `cause` and its own causes, joined with ": ", each left out when the line
+/// already holds its text (for errors whose own text is not their `Display`, such as a gRPC
+/// status's message).
+pub fn with_causes(mut line: String, cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut cause = cause;
     while let Some(current) = cause {
         let text = current.to_string();
         if !text.is_empty() && !line.contains(&text) {

@@ -76,17 +76,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A status as a log line says it: its message and its causes, each once (a transport error's
 /// message is often just "transport error", its cause says what).
 fn status_text(status: &tonic::Status) -> String {
-    let mut line = if status.message().is_empty() { status.code().description() } else { status.message() }.to_string();
-    let mut cause = std::error::Error::source(status);
-    while let Some(current) = cause {
-        let text = current.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = current.source();
-    }
-    line
+    let line = if status.message().is_empty() { status.code().description() } else { status.message() }.to_string();
+    cohort_proto::errors::with_causes(line, std::error::Error::source(status))
 }
 
 /// Heartbeat period used until the coordinator names one.
