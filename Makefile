@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build browser-deps test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-seed bench-prune soak soak-hog gpu-check clean-runs
+.PHONY: all build browser-deps test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-shared-host bench-gang bench-seed bench-prune bench-command soak soak-hog gpu-check stand-in clean-runs
 
 all: build
 
@@ -54,7 +54,7 @@ demo: build
 
 # The performance suite (docs/performance.md): each part measures Cohort next to its anchor in one
 # run and rewrites its own section of the document. One part alone: make bench-steps (etc.).
-bench: bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-prune
+bench: bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-shared-host bench-gang bench-prune
 
 bench-examples: build
 	$(CARGO) build --release --locked -p cohort-worker --example bench_step --example bench_allreduce
@@ -63,10 +63,25 @@ bench-examples: build
 bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep: bench-examples
 	$(VENV)/bin/python tools/bench/$(@:bench-%=%).py
 
+# Two workers on this one host, default threads (`auto`) against explicit splits: a 2-replica
+# WGAN-GP gang and 2 cv trials side by side (docs/performance.md).
+bench-shared-host: build
+	$(VENV)/bin/python tools/bench/shared_host.py
+
+# Cohort's 2-replica WGAN-GP gang and the autoencoder's `final` gang against PyTorch DDP (gloo) on
+# this host, alternated (docs/performance.md).
+bench-gang: build
+	$(VENV)/bin/python tools/bench/gang.py
+
 # Early stopping (`[cv.prune]`): the seed's grid in full and pruned by racing, asha and both, on 2
 # workers, one run after another (docs/performance.md). Reads ../shared's MNIST when present.
 bench-prune: build
 	$(VENV)/bin/python tools/bench/prune.py
+
+# Command trials (docs/commands.md): per-trial overhead against the same script by hand, and a
+# 2-replica command gang against torchrun --nproc-per-node 2 (docs/performance.md).
+bench-command: build
+	$(VENV)/bin/python tools/bench/command.py
 
 # The seed's recipe in Cohort next to PyTorch on ../shared's MNIST and Fashion-MNIST: docs/results.md.
 bench-seed: build
@@ -83,6 +98,12 @@ soak-hog: build
 # The NCCL and CUDA check, for a machine with a GPU.
 gpu-check:
 	bash tools/gpu-check.sh
+
+# Stand-in class folders for examples/seed-cgan.toml: MRI slices grouped by brain level, and MNIST
+# digits as PNGs (tools/data/stand_in_classes.py; numpy and Pillow come with the dev tools).
+stand-in: $(DEV_TOOLS)
+	$(VENV)/bin/python tools/data/stand_in_classes.py mri data/stand-in/mri-levels
+	$(VENV)/bin/python tools/data/stand_in_classes.py mnist data/stand-in/digits --per-class 400
 
 clean-runs:
 	rm -rf runs report

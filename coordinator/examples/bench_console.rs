@@ -6,6 +6,10 @@
 //! screen) the cross-validation table and the per-config curves. Each is asked `--repeat` times;
 //! the first (cold) and the median answer are reported, as JSON on stdout.
 //!
+//! The same sweep is then read as the CLI reads it, over gRPC on loopback: `status` (ListSweeps),
+//! `status ID`'s first page (GetSweep), `results ID` (every page of GetSweep), and one update of
+//! `watch ID` (what it reads each time the sweep changes).
+//!
 //! ```text
 //! cargo run --release -p cohort-coordinator --example bench_console -- [--tasks 100000] [--finished 2000]
 //! ```
@@ -96,6 +100,62 @@ fn get(address: SocketAddr, path: &str) -> Result<(u16, Duration, usize)> {
     Ok((status, elapsed, answer.len()))
 }
 
+/// Times the CLI's reads of the sweep over gRPC on loopback, `repeat` times each: first (cold)
+/// and median, with the bytes of the answer.
+async fn grpc_reads(core: Arc<Core>, sweep_id: &str, repeat: usize) -> Result<serde_json::Value> {
+    use cohort_proto::v1 as pb;
+    use cohort_proto::v1::client_service_client::ClientServiceClient;
+    use cohort_proto::v1::client_service_server::ClientServiceServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let service = ClientServiceServer::new(cohort_coordinator::service::client::ClientApi::new(core)).max_encoding_message_size(64 << 20);
+    tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    let mut client = ClientServiceClient::connect(format!("http://{address}")).await?.max_decoding_message_size(64 << 20);
+    let mut results = serde_json::Map::new();
+    let reads = ["status", "status_id_first_page", "results_all_pages", "watch_update"];
+    for label in reads {
+        let mut timings = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..repeat {
+            let started = Instant::now();
+            bytes = match label {
+                "status" => prost::Message::encoded_len(&client.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner()),
+                "status_id_first_page" => {
+                    let request = pb::GetSweepRequest { sweep_id: sweep_id.to_string(), offset: 0, limit: 0 };
+                    prost::Message::encoded_len(&client.get_sweep(request).await?.into_inner())
+                }
+                "results_all_pages" => {
+                    let (mut offset, mut total) = (0, 0);
+                    loop {
+                        let request = pb::GetSweepRequest { sweep_id: sweep_id.to_string(), offset, limit: 0 };
+                        let page = client.get_sweep(request).await?.into_inner();
+                        total += prost::Message::encoded_len(&page);
+                        if page.next_offset == 0 {
+                            break total;
+                        }
+                        offset = page.next_offset;
+                    }
+                }
+                _ => watch_update(&mut client, sweep_id).await?,
+            };
+            timings.push(started.elapsed());
+        }
+        let mut sorted = timings.clone();
+        sorted.sort();
+        results.insert(label.to_string(), json!({"first_ms": millis(timings[0]), "median_ms": millis(sorted[sorted.len() / 2]), "bytes": bytes}));
+    }
+    Ok(serde_json::Value::Object(results))
+}
+
+/// What `watch` reads on each change of the sweep: one message of its progress stream
+/// (`WatchSweep`; before the stream, `watch` read the whole sweep, page by page, every 500 ms).
+async fn watch_update(client: &mut cohort_proto::v1::client_service_client::ClientServiceClient<tonic::transport::Channel>, sweep_id: &str) -> Result<usize> {
+    use cohort_proto::v1 as pb;
+    let mut stream = client.watch_sweep(pb::WatchSweepRequest { sweep_id: sweep_id.to_string() }).await?.into_inner();
+    let progress = stream.message().await?.context("a first progress message")?;
+    Ok(prost::Message::encoded_len(&progress))
+}
+
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1e4).round() / 10.0
 }
@@ -112,7 +172,7 @@ async fn main() -> Result<()> {
     let submitted = Instant::now();
     let sweep_id = core.submit(&sweep_source(options.tasks / 4), "bench.toml", files, false)?.sweep_id.context("a submitted sweep has an id")?;
     eprintln!("submitted {} trials in {:.1} s", options.tasks, submitted.elapsed().as_secs_f64());
-    let (worker_id, session, _) = core.register("bench-worker", &[])?;
+    let (worker_id, session, _) = core.register("bench-worker", "cpu", Default::default(), &[])?;
     for index in 0..options.finished.min(options.tasks) {
         let dispatch = core.acquire(&worker_id, &session, Duration::from_millis(100)).await?.context("a queued trial")?;
         let lease = LeaseProof { worker_id: &worker_id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret };
@@ -152,7 +212,8 @@ async fn main() -> Result<()> {
             json!({"first_ms": millis(timings[0].1), "median_ms": millis(sorted[sorted.len() / 2]), "all_ms": timings.iter().map(|t| millis(t.1)).collect::<Vec<_>>(), "bytes": timings[0].2}),
         );
     }
-    let summary = json!({"tasks": options.tasks, "finished": options.finished, "epochs_each": options.epochs, "repeat": repeat, "requests": results});
+    let grpc = grpc_reads(core.clone(), &sweep_id, repeat).await?;
+    let summary = json!({"tasks": options.tasks, "finished": options.finished, "epochs_each": options.epochs, "repeat": repeat, "requests": results, "grpc": grpc});
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

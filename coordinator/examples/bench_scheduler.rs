@@ -234,7 +234,7 @@ async fn submit_over_grpc(channel: Channel, source: &str, dataset: &[(String, Pa
         client.upload_blob(transfer::file_chunks(path.clone(), blob.clone())).await.with_context(|| format!("uploading {name}"))?;
         dataset_files.push(pb::DatasetFile { name: name.clone(), blob: Some(blob) });
     }
-    let request = pb::SubmitSweepRequest { source: source.to_string(), source_name: "bench.toml".into(), dataset_files, dry_run: false };
+    let request = pb::SubmitSweepRequest { source: source.to_string(), source_name: "bench.toml".into(), dataset_files, dry_run: false, command_files: vec![] };
     let response = client.submit_sweep(request).await.map_err(|status| anyhow::anyhow!("submit: {}", status.message()))?;
     Ok(response.into_inner().sweep_id)
 }
@@ -249,7 +249,7 @@ struct SimulatedWorker {
 impl SimulatedWorker {
     async fn register(process: &CoordinatorProcess, index: usize) -> Result<Self> {
         let mut client = WorkerServiceClient::new(channel(process).await?);
-        let request = pb::RegisterRequest { name: format!("bench-{index}"), device: "cpu".into(), running: vec![] };
+        let request = pb::RegisterRequest { name: format!("bench-{index}"), device: "cpu".into(), running: vec![], allow_commands: false };
         let registered = client.register(request).await?.into_inner();
         Ok(Self { client, worker_id: registered.worker_id, session: registered.session })
     }
@@ -399,7 +399,7 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
     core.submit(&source, "bench.toml", files, false)?;
     let mut worker_ids = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
-        let (worker_id, session, _) = core.register(&format!("bench-{index}"), &[])?;
+        let (worker_id, session, _) = core.register(&format!("bench-{index}"), "cpu", Default::default(), &[])?;
         worker_ids.push((worker_id, session));
     }
     eprintln!("core anchor: {} tasks on {} in-process workers", options.tasks, options.workers);

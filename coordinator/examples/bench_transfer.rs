@@ -6,9 +6,11 @@
 //!
 //! - the anchors: a read+write copy loop (1 MiB buffer) and `std::fs::copy` (on Linux an in-kernel
 //!   `copy_file_range`) of the same file into the same folder, each ending with an fsync;
-//! - an upload through the coordinator with the same calls the users' commands and the worker make:
-//!   `transfer::hash_file`, then `UploadBlob` of `transfer::file_chunks` (the coordinator verifies
-//!   the hash and fsyncs the blob before it answers);
+//! - an upload through the coordinator in each of its two forms, back to back: a hash pass
+//!   (`transfer::hash_file`) then `UploadBlob` of `transfer::file_chunks`, as `coordinator submit`
+//!   sends a dataset (and the worker sent checkpoints before); and one pass, `UploadBlob` of
+//!   `transfer::file_chunks_hash_at_end` (hashed while sent, the hash last), as the worker sends a
+//!   checkpoint. The coordinator verifies the hash and fsyncs the blob before it answers;
 //! - a download with the same calls as the worker's blob cache and `coordinator download`:
 //!   `FetchBlob`/`DownloadBlob` into `transfer::receive_to_file`, which hashes, verifies and fsyncs.
 //!
@@ -138,16 +140,43 @@ impl Route {
     }
 }
 
-/// Hashes and uploads `path`, as the users' commands and the worker do; returns its ref and when
-/// the `UploadBlob` call began (after the hash pass).
-async fn upload(route: Route, client: &mut Client, worker: &mut Worker, path: &Path) -> anyhow::Result<(pb::BlobRef, Instant)> {
-    let blob = transfer::hash_file(path).await?;
-    let call_started = Instant::now();
-    let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
+/// How an upload names its blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// A hash pass over the file, then the stream with the hash in its first chunk: how
+    /// `coordinator submit` sends a dataset (it needs the hashes first, to skip the files the
+    /// coordinator holds), and how the worker sent checkpoints before.
+    HashFirst,
+    /// One pass: the file hashed while it is sent, the hash in the stream's last chunk: how the
+    /// worker sends checkpoints and artifacts.
+    HashAtEnd,
+}
+
+impl Route {
+    /// The form the route's real client uses.
+    fn client_form(self) -> Form {
+        match self {
+            Route::Dataset => Form::HashFirst,
+            Route::Checkpoint => Form::HashAtEnd,
+        }
+    }
+}
+
+/// Uploads `path` in `form` through the route's service, as the users' commands and the worker
+/// do; returns its ref and when the `UploadBlob` call began (after the hash pass, if any).
+async fn upload(route: Route, form: Form, client: &mut Client, worker: &mut Worker, path: &Path) -> anyhow::Result<(pb::BlobRef, Instant)> {
+    let (chunks, call_started): (std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::BlobChunk> + Send>>, Instant) = match form {
+        Form::HashFirst => {
+            let blob = transfer::hash_file(path).await?;
+            (Box::pin(transfer::file_chunks(path.to_path_buf(), blob)), Instant::now())
+        }
+        Form::HashAtEnd => (Box::pin(transfer::file_chunks_hash_at_end(path.to_path_buf())), Instant::now()),
+    };
     let response = match route {
         Route::Dataset => client.upload_blob(chunks).await?.into_inner(),
         Route::Checkpoint => worker.upload_blob(chunks).await?.into_inner(),
     };
+    let blob = response.blob.context("an upload answered without its blob")?;
     if response.already_present {
         bail!("the coordinator already held {}: the upload was not timed", blob.sha256);
     }
@@ -225,6 +254,8 @@ struct Round {
     fs_copy: f64,
     hash: f64,
     upload: f64,
+    upload_hash_first: f64,
+    upload_hash_at_end: f64,
     upload_call: f64,
     download: f64,
     copy_loop_cpu_seconds: f64,
@@ -264,13 +295,33 @@ impl Bench<'_> {
         transfer::hash_file(source).await?;
         round.hash = megabytes_per_second(bytes, started.elapsed());
 
-        let cpu_before = cpu_both(self.coordinator)?;
-        let started = Instant::now();
-        let (blob, call_started) =
-            upload(route, self.client, self.worker, source).await.with_context(|| format!("uploading the {} file", route.label()))?;
-        round.upload = megabytes_per_second(bytes, started.elapsed());
-        round.upload_call = megabytes_per_second(bytes, call_started.elapsed());
-        round.upload_cpu_seconds = cpu_both(self.coordinator)? - cpu_before;
+        // Both forms of the upload, back to back (the stored blob removed in between); the
+        // route's own client's form is the one reported as `upload`.
+        let mut stored = None;
+        for form in [Form::HashFirst, Form::HashAtEnd] {
+            if let Some(blob) = stored.take() {
+                let blob: pb::BlobRef = blob;
+                std::fs::remove_file(self.coordinator.blob_path(&blob.sha256))?;
+            }
+            let cpu_before = cpu_both(self.coordinator)?;
+            let started = Instant::now();
+            let (blob, call_started) = upload(route, form, self.client, self.worker, source)
+                .await
+                .with_context(|| format!("uploading the {} file", route.label()))?;
+            let rate = megabytes_per_second(bytes, started.elapsed());
+            let cpu = cpu_both(self.coordinator)? - cpu_before;
+            match form {
+                Form::HashFirst => round.upload_hash_first = rate,
+                Form::HashAtEnd => round.upload_hash_at_end = rate,
+            }
+            if form == route.client_form() {
+                round.upload = rate;
+                round.upload_call = megabytes_per_second(bytes, call_started.elapsed());
+                round.upload_cpu_seconds = cpu;
+            }
+            stored = Some(blob);
+        }
+        let blob = stored.expect("uploaded");
 
         let cpu_before = cpu_both(self.coordinator)?;
         let started = Instant::now();
@@ -354,6 +405,8 @@ async fn main() -> anyhow::Result<()> {
             "hash_mb_s": median_of(&rounds, |r| r.hash),
             "upload_mb_s": median_of(&rounds, |r| r.upload),
             "upload_call_mb_s": median_of(&rounds, |r| r.upload_call),
+            "upload_hash_first_mb_s": median_of(&rounds, |r| r.upload_hash_first),
+            "upload_hash_at_end_mb_s": median_of(&rounds, |r| r.upload_hash_at_end),
             "download_mb_s": median_of(&rounds, |r| r.download),
             "copy_loop_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.copy_loop_cpu_seconds),
             "upload_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.upload_cpu_seconds),

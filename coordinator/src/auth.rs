@@ -19,7 +19,7 @@ pub enum Service {
 }
 
 /// The client service's methods a viewer token may call: queries that change nothing.
-pub const READ_ONLY_METHODS: &[&str] = &["ListSweeps", "GetSweep", "GetLogs", "ListWorkers", "DownloadBlob", "HasBlobs"];
+pub const READ_ONLY_METHODS: &[&str] = &["ListSweeps", "GetSweep", "WatchSweep", "GetLogs", "ListWorkers", "DownloadBlob", "HasBlobs"];
 
 /// What a presented token entitles its holder to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,14 @@ impl BlobStore {
         Some(self.root.join(&sha256[..2]).join(sha256))
     }
 
+    /// Where uploads that name their hash last are received, before their name is known: the
+    /// store's own folder (same file system as every blob, so the verified file is renamed into
+    /// place), in hidden `.….partial` files that [`BlobStore::remove_partials`] clears and
+    /// [`BlobStore::total_bytes`] never counts.
+    pub fn incoming_folder(&self) -> &Path {
+        &self.root
+    }
+
     /// The stored size of a blob, if present.
     pub fn size(&self, sha256: &str) -> Option<u64> {
         let path = self.path(sha256)?;

@@ -3,8 +3,8 @@
 
 use cohort_proto::v1 as pb;
 
-use crate::core::{Counts, Dispatch, SweepState, SweepSummary, SweepView, TaskView};
-use crate::domain::{AugmentSpec, BlobRef, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use crate::core::{Counts, Dispatch, StageProgressView, SweepProgressView, SweepState, SweepSummary, SweepView, TaskView};
+use crate::domain::{AugmentSpec, BlobRef, CommandSpec, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
 use crate::scheduler::Lease;
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord};
 
@@ -61,6 +61,7 @@ fn trial_kind(kind: TrialKind) -> pb::TrialKind {
         TrialKind::DaeFinal => pb::TrialKind::DaeFinal,
         TrialKind::Classifier => pb::TrialKind::Classifier,
         TrialKind::Wgan => pb::TrialKind::Wgan,
+        TrialKind::Command => pb::TrialKind::Command,
     }
 }
 
@@ -77,6 +78,8 @@ fn wgan(w: &WganSpec) -> pb::WganSpec {
         beta2: w.beta2,
         sample_every: w.sample_every,
         sample_count: w.sample_count,
+        conditional: w.conditional,
+        eval_every: w.eval_every,
     }
 }
 
@@ -106,6 +109,16 @@ fn dataset(dataset: &DatasetSpec) -> pb::Dataset {
     }
 }
 
+fn command(command: &CommandSpec) -> pb::CommandSpec {
+    pb::CommandSpec {
+        run: command.run.clone(),
+        files: command.files.iter().map(|(name, blob)| pb::DatasetFile { name: name.clone(), blob: Some(blob.clone().into()) }).collect(),
+        metric: command.metric.clone(),
+        timeout_minutes: command.timeout_minutes,
+        hparams_json: command.hparams_json.clone(),
+    }
+}
+
 fn fold(fold: &FoldSpec) -> pb::FoldSpec {
     pb::FoldSpec { folds: fold.folds, index: fold.index, shuffle_seed: fold.shuffle_seed }
 }
@@ -130,6 +143,7 @@ pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, 
         world_size: spec.replicas,
         collective_backend: spec.collective_backend.clone(),
         lease_secret: String::new(),
+        command: spec.command.as_ref().map(command),
     }
 }
 
@@ -216,5 +230,30 @@ impl From<SweepView> for pb::SweepDetail {
     fn from(view: SweepView) -> Self {
         let source = view.summary.record.source.clone();
         pb::SweepDetail { summary: Some(view.summary.into()), source, tasks: view.tasks.into_iter().map(Into::into).collect(), next_offset: 0 }
+    }
+}
+
+impl From<StageProgressView> for pb::StageProgress {
+    fn from(s: StageProgressView) -> Self {
+        pb::StageProgress {
+            stage: s.stage,
+            total: s.total,
+            ended: s.ended,
+            running: s.running,
+            remaining_epochs: s.remaining_epochs,
+            mean_epoch_seconds: s.mean_epoch_seconds,
+            waiting: s.waiting.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<SweepProgressView> for pb::SweepProgress {
+    fn from(view: SweepProgressView) -> Self {
+        pb::SweepProgress {
+            summary: Some(view.summary.into()),
+            stages: view.stages.into_iter().map(Into::into).collect(),
+            running: view.running.into_iter().map(Into::into).collect(),
+            version: 0,
+        }
     }
 }

@@ -21,11 +21,14 @@ use crate::domain::{BlobRef, DatasetSpec, FailureKind, TaskState, TrialSpec};
 use crate::events::{Change, ChangeKind, Changes, EpochNotice};
 use crate::metrics::CoordinatorMetrics;
 use crate::plan;
-use crate::scheduler::{Lease, Millis, Refusal, Scheduler, SecretSource, TaskEntry, Timeouts};
+use crate::scheduler::{Abilities, Lease, Millis, Needs, Refusal, Scheduler, SecretSource, TaskEntry, Timeouts};
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord, LogRecord, Store, StoreError, StoredTask, SweepRecord};
 use crate::sweep::{SweepError, SweepFile};
 
+mod progress;
 mod pruning;
+
+pub use progress::{StageProgressView, SweepProgressView, MAX_RUNNING_SHOWN};
 
 /// Why the core refused or failed a request. Mapped to gRPC codes once, in the service.
 #[derive(Debug, thiserror::Error)]
@@ -209,16 +212,26 @@ pub enum SweepState {
 }
 
 impl Counts {
-    fn add(&mut self, state: TaskState) {
-        self.total += 1;
-        match state {
-            TaskState::Queued => self.queued += 1,
-            TaskState::Running => self.running += 1,
-            TaskState::Succeeded => self.succeeded += 1,
-            TaskState::Failed => self.failed += 1,
-            TaskState::Cancelled => self.cancelled += 1,
-            TaskState::Pruned => self.pruned += 1,
+    /// Counts from tasks counted by state (as the store groups them).
+    pub fn of(states: &[(TaskState, u32)]) -> Self {
+        let mut counts = Self::default();
+        for &(state, count) in states {
+            counts.add(state, count);
         }
+        counts
+    }
+
+    fn add(&mut self, state: TaskState, count: u32) {
+        self.total += count;
+        let field = match state {
+            TaskState::Queued => &mut self.queued,
+            TaskState::Running => &mut self.running,
+            TaskState::Succeeded => &mut self.succeeded,
+            TaskState::Failed => &mut self.failed,
+            TaskState::Cancelled => &mut self.cancelled,
+            TaskState::Pruned => &mut self.pruned,
+        };
+        *field += count;
     }
 
     /// The sweep state these counts imply.
@@ -304,11 +317,48 @@ impl Inner {
         let mut scheduler = Scheduler::new(timeouts, lease_secrets());
         self.stages = latest_stages(&tasks);
         for task in tasks {
-            scheduler.insert(task.entry, now);
+            let needs = task_needs(&task.spec);
+            scheduler.insert(task.entry.with_needs(needs), now);
         }
         self.scheduler = scheduler;
         Ok(())
     }
+}
+
+/// What a worker must offer to run the trial: a CUDA device for an NCCL gang. Derived from
+/// the spec whenever a task enters the scheduler (planned, or reloaded from the store).
+fn task_needs(spec: &TrialSpec) -> Needs {
+    Needs { cuda: spec.replicas > 1 && spec.collective_backend == "nccl", commands: spec.kind == crate::domain::TrialKind::Command }
+}
+
+/// A registered worker as `workers` and the console show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    /// Its id.
+    pub id: String,
+    /// The name it registered with.
+    pub name: String,
+    /// Seconds since it was last heard from.
+    pub last_seen_secs: f64,
+    /// Its device ("cpu", "cuda:0").
+    pub device: String,
+    /// Whether it runs command trials.
+    pub allow_commands: bool,
+    /// The task it works on, with its sweep and trial name.
+    pub task: Option<HeldTask>,
+    /// Seconds of its life in each phase, as of its last heartbeat.
+    pub phases: Vec<(String, f64)>,
+}
+
+/// The task a worker holds, named.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeldTask {
+    /// Task id.
+    pub task_id: String,
+    /// Its sweep.
+    pub sweep_id: String,
+    /// Its trial name ("cv/c3/f1").
+    pub trial_name: String,
 }
 
 /// Lease secrets: 128 random bits each.
@@ -401,7 +451,8 @@ fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, trials: Vec<Tri
             let index = first_index + offset;
             let entry =
                 TaskEntry::queued(format!("{sweep_id}.t{index}"), sweep_id.to_string(), (sweep_seq << 20) | index as u64, spec.max_attempts, spec.replicas)
-                    .with_epochs(spec.config.epochs);
+                    .with_epochs(spec.config.epochs)
+                    .with_needs(task_needs(&spec));
             StoredTask { entry, spec }
         })
         .collect()
@@ -419,10 +470,40 @@ pub fn check_and_plan(
     local: &[(String, PathBuf)],
     limits: &Limits,
 ) -> Result<(Vec<TrialSpec>, Vec<(String, u32, String)>), CoreError> {
+    check_and_plan_with_command(sweep, source_name, files, local, Vec::new(), limits)
+}
+
+/// [`check_and_plan`] for a sweep that may be a command sweep: `command_files` are its
+/// `[command] files` (name → blob; empty for the built-in recipes).
+pub fn check_and_plan_with_command(
+    sweep: &SweepFile,
+    source_name: &str,
+    files: Vec<(String, BlobRef)>,
+    local: &[(String, PathBuf)],
+    command_files: Vec<(String, BlobRef)>,
+    limits: &Limits,
+) -> Result<(Vec<TrialSpec>, Vec<(String, u32, String)>), CoreError> {
     sweep.check_trial_limit(source_name, limits.max_trials)?;
     sweep.check_name_limit(source_name, limits.max_name_bytes)?;
+    if sweep.is_command() {
+        check_command_files(&command_files, limits.max_name_bytes)?;
+    } else if !command_files.is_empty() {
+        return Err(CoreError::BadRequest("command files come only with a command sweep ([model] kind = \"command\")".into()));
+    }
+    if sweep.is_command() && !sweep.has_dataset() {
+        if !files.is_empty() {
+            return Err(CoreError::BadRequest("dataset files without a [dataset] section".into()));
+        }
+        let trials = crate::command::initial(sweep, DatasetSpec::default(), &command_files);
+        return Ok((trials, plan::describe_stages(sweep)));
+    }
     dataset::check_names(files.iter().map(|(name, _)| name.as_str()), limits.max_name_bytes)?;
     match sweep.dataset.format.as_str() {
+        // A command's program reads its dataset as files: nothing to check but the names.
+        "files" => {}
+        "idx" if sweep.is_command() => {
+            dataset::check_idx(local)?;
+        }
         "idx" => sweep.check_against_dataset(source_name, dataset::check_idx(local)?)?,
         "nifti" => dataset::check_nifti(local)?,
         _ => dataset::check_image_folder(local)?,
@@ -435,7 +516,30 @@ pub fn check_and_plan(
         image_size: sweep.dataset.image_size,
         min_foreground: sweep.dataset.min_foreground,
     };
+    if sweep.is_command() {
+        return Ok((crate::command::initial(sweep, dataset, &command_files), plan::describe_stages(sweep)));
+    }
     Ok((plan::initial(sweep, dataset), plan::describe_stages(sweep)))
+}
+
+/// Checks a command sweep's files: plain relative names within the name limit, and their count
+/// and total size within [`crate::command::MAX_COMMAND_FILES`] and
+/// [`crate::command::MAX_COMMAND_FILES_BYTES`].
+fn check_command_files(files: &[(String, BlobRef)], max_name_bytes: usize) -> Result<(), CoreError> {
+    use crate::command::{MAX_COMMAND_FILES, MAX_COMMAND_FILES_BYTES};
+    if files.len() > MAX_COMMAND_FILES {
+        return Err(CoreError::LimitExceeded(format!("command.files: {} files, more than the limit of {MAX_COMMAND_FILES}", files.len())));
+    }
+    let total: u64 = files.iter().map(|(_, blob)| blob.size).sum();
+    if total > MAX_COMMAND_FILES_BYTES {
+        return Err(CoreError::LimitExceeded(format!("command.files: {total} bytes, more than the limit of {MAX_COMMAND_FILES_BYTES}")));
+    }
+    for (name, _) in files {
+        if name.len() > max_name_bytes || !cohort_proto::transfer::is_plain_relative_name(name) {
+            return Err(CoreError::BadRequest(format!("command.files: file name {name:?} is not a plain relative path of at most {max_name_bytes} bytes")));
+        }
+    }
+    Ok(())
 }
 
 /// A dry run's answer: the planned trials under placeholder task ids, nothing stored.
@@ -606,15 +710,32 @@ impl Core {
         files: Vec<(String, BlobRef)>,
         dry_run: bool,
     ) -> Result<Submitted, CoreError> {
+        self.submit_with_command(source, source_name, files, Vec::new(), dry_run)
+    }
+
+    /// [`Core::submit`] with a command sweep's `[command] files` (already uploaded blobs).
+    pub fn submit_with_command(
+        &self,
+        source: &str,
+        source_name: &str,
+        files: Vec<(String, BlobRef)>,
+        command_files: Vec<(String, BlobRef)>,
+        dry_run: bool,
+    ) -> Result<Submitted, CoreError> {
         let sweep = SweepFile::parse(source, source_name)?;
         for (name, blob) in &files {
             if self.blobs.size(&blob.sha256) != Some(blob.size) {
                 return Err(CoreError::BadRequest(format!("dataset file {name} ({}) was not uploaded", blob.sha256)));
             }
         }
+        for (name, blob) in &command_files {
+            if self.blobs.size(&blob.sha256) != Some(blob.size) {
+                return Err(CoreError::BadRequest(format!("command file {name} ({}) was not uploaded", blob.sha256)));
+            }
+        }
         let local: Vec<(String, PathBuf)> =
             files.iter().map(|(name, blob)| (name.clone(), self.blobs.path(&blob.sha256).expect("checked present"))).collect();
-        let (trials, stages) = check_and_plan(&sweep, source_name, files, &local, &self.limits)?;
+        let (trials, stages) = check_and_plan_with_command(&sweep, source_name, files, &local, command_files, &self.limits)?;
         if dry_run {
             return Ok(dry_run_plan(trials, stages));
         }
@@ -696,7 +817,7 @@ impl Core {
         }
         let stored = inner.store.tasks(Some(sweep_id))?;
         // Two queries for the whole sweep, not two per trial.
-        let mut min_val_mse = inner.store.min_metric_by_task(sweep_id, "val_mse")?;
+        let mut min_val_mse = inner.store.min_metric_by_task(sweep_id, sweep.selection_metric())?;
         let mut final_checkpoints = inner.store.final_checkpoints(sweep_id)?;
         let outcomes: Vec<plan::Outcome<'_>> = stored
             .iter()
@@ -727,9 +848,12 @@ impl Core {
     /// Registers a worker: mints its id and session, re-attaches the tasks whose leases it
     /// proves, and returns (worker id, session, tasks to abandon). Registrations are rate
     /// limited: a flood of fake workers is refused, not remembered.
-    pub fn register(&self, name: &str, running: &[Lease]) -> Result<(String, String, Vec<String>), CoreError> {
+    pub fn register(&self, name: &str, device: &str, abilities: Abilities, running: &[Lease]) -> Result<(String, String, Vec<String>), CoreError> {
         if name.len() > self.limits.max_name_bytes {
             return Err(CoreError::BadRequest(format!("a worker name has at most {} bytes", self.limits.max_name_bytes)));
+        }
+        if device.len() > self.limits.max_name_bytes {
+            return Err(CoreError::BadRequest(format!("a device name has at most {} bytes", self.limits.max_name_bytes)));
         }
         let worker_id = format!("w-{}", random_hex(4));
         let session = random_hex(16);
@@ -746,6 +870,7 @@ impl Core {
             *tokens -= 1.0;
             let now = self.now();
             let (abandon, changed) = inner.scheduler.register(&worker_id, name, &session, now, running);
+            inner.scheduler.set_profile(&worker_id, device, abilities);
             Self::persist(inner, &changed)?;
             tracing::info!(worker = %worker_id, name, reattached = changed.len(), refused = abandon.len(), "worker registered");
             Ok(abandon)
@@ -753,10 +878,14 @@ impl Core {
         Ok((worker_id, session, abandon))
     }
 
-    /// Renews the worker's leases; returns the tasks it must abandon.
-    pub fn heartbeat(&self, worker_id: &str, session: &str, running: &[Lease]) -> Result<Vec<String>, CoreError> {
+    /// Renews the worker's leases and notes its phase counters; returns the tasks it must
+    /// abandon.
+    pub fn heartbeat(&self, worker_id: &str, session: &str, running: &[Lease], phases: Vec<(String, f64)>) -> Result<Vec<String>, CoreError> {
         let now = self.now();
-        Ok(self.lock().scheduler.heartbeat(worker_id, session, now, running)?)
+        let mut inner = self.lock();
+        let abandon = inner.scheduler.heartbeat(worker_id, session, now, running)?;
+        inner.scheduler.note_phases(worker_id, phases);
+        Ok(abandon)
     }
 
     /// Leases the next task to the worker, waiting up to `wait` for one to appear.
@@ -1175,40 +1304,59 @@ impl Core {
         Ok(requeued)
     }
 
-    /// Registered workers: (id, name, seconds since last heard of, leased task).
-    pub fn workers(&self) -> Vec<(String, String, f64, Option<String>)> {
+    /// Registered workers, with the trial each works on.
+    pub fn workers(&self) -> Result<Vec<WorkerView>, CoreError> {
         let now = self.now();
         let inner = self.lock();
         let leases = inner.scheduler.leases_by_worker();
-        inner
-            .scheduler
-            .workers()
-            .into_iter()
-            .map(|(id, name, seen)| {
-                let task = leases.get(&id).cloned();
-                (id, name, now.saturating_sub(seen) as f64 / 1000.0, task)
-            })
-            .collect()
+        let mut views = Vec::new();
+        for worker in inner.scheduler.workers() {
+            let task = match leases.get(&worker.id) {
+                Some(task_id) => {
+                    let sweep_id = inner.scheduler.task(task_id).map_or_else(String::new, |t| t.sweep_id.clone());
+                    Some(Self::held_task(&inner.store, task_id, sweep_id)?)
+                }
+                None => None,
+            };
+            views.push(WorkerView {
+                last_seen_secs: now.saturating_sub(worker.last_seen) as f64 / 1000.0,
+                allow_commands: worker.abilities.commands,
+                id: worker.id,
+                name: worker.name,
+                device: worker.device,
+                task,
+                phases: worker.phases,
+            });
+        }
+        Ok(views)
     }
 
-    fn summarize(record: SweepRecord, tasks: &[StoredTask]) -> SweepSummary {
-        let mut counts = Counts::default();
-        for task in tasks {
-            counts.add(task.entry.state);
-        }
+    /// A held task with its sweep and trial name (the id stands in for a name it cannot read).
+    fn held_task(store: &Store, task_id: &str, sweep_id: String) -> Result<HeldTask, CoreError> {
+        let row = store.trial_row(task_id)?;
+        let spec = row.and_then(|row| serde_json::from_str::<TrialSpec>(&row.spec).ok());
+        let trial_name = spec.map_or_else(|| task_id.to_string(), |spec| spec.name);
+        Ok(HeldTask { task_id: task_id.to_string(), sweep_id, trial_name })
+    }
+
+    fn summarize(record: SweepRecord, states: &[(TaskState, u32)]) -> SweepSummary {
+        let counts = Counts::of(states);
         let state = counts.state(record.cancelled);
         SweepSummary { record, counts, state }
     }
 
-    /// Every sweep's summary, oldest first.
+    /// Every sweep's summary, oldest first: two queries, the tasks counted in SQL.
     pub fn sweeps(&self) -> Result<Vec<SweepSummary>, CoreError> {
         let inner = self.lock();
-        let mut summaries = Vec::new();
-        for record in inner.store.sweeps()? {
-            let tasks = inner.store.tasks(Some(&record.id))?;
-            summaries.push(Self::summarize(record, &tasks));
-        }
-        Ok(summaries)
+        let mut counts = inner.store.state_counts()?;
+        let records = inner.store.sweeps()?;
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let states = counts.remove(&record.id).unwrap_or_default();
+                Self::summarize(record, &states)
+            })
+            .collect())
     }
 
     /// One sweep in full.
@@ -1217,24 +1365,33 @@ impl Core {
     }
 
     /// One sweep with its tasks `offset..offset + limit` in plan order (the summary counts them
-    /// all): replies stay bounded however large the sweep.
+    /// all): replies stay bounded however large the sweep, and take seven queries however many
+    /// tasks it has.
     pub fn sweep_page(&self, sweep_id: &str, offset: usize, limit: usize) -> Result<SweepView, CoreError> {
         let inner = self.lock();
         let record = inner.store.sweep(sweep_id)?.ok_or_else(|| CoreError::NotFound(format!("sweep {sweep_id}")))?;
-        let stored = inner.store.tasks(Some(sweep_id))?;
-        let summary = Self::summarize(record, &stored);
-        let mut waiting = inner.scheduler.waiting(sweep_id, self.now());
-        let times = inner.store.task_times(sweep_id)?;
-        let mut tasks = Vec::with_capacity(stored.len().saturating_sub(offset).min(limit));
-        for task in stored.into_iter().skip(offset).take(limit) {
-            let epochs = inner.store.metrics(&task.entry.id)?;
-            let checkpoints = inner.store.checkpoints(&task.entry.id)?;
-            let artifacts = inner.store.artifacts(&task.entry.id)?;
+        let summary = Self::summarize(record, &inner.store.sweep_state_counts(sweep_id)?);
+        let mut page = inner.store.task_page(sweep_id, offset, limit)?;
+        let mut waiting = match (page.tasks.first(), page.tasks.last()) {
+            (Some(first), Some(last)) => inner.scheduler.waiting_in(sweep_id, first.entry.order..=last.entry.order, self.now()),
+            _ => HashMap::new(),
+        };
+        let mut tasks = Vec::with_capacity(page.tasks.len());
+        for task in std::mem::take(&mut page.tasks) {
+            let id = &task.entry.id;
             let worker_names =
                 task.entry.members.iter().map(|id| inner.scheduler.worker_name(id).map_or_else(|| id.clone(), str::to_string)).collect();
-            let waiting = waiting.remove(&task.entry.id);
-            let (started_ms, ended_ms) = times.get(&task.entry.id).copied().unwrap_or_default();
-            tasks.push(TaskView { task, epochs, checkpoints, artifacts, waiting, worker_names, started_ms, ended_ms });
+            let (started_ms, ended_ms) = page.times.get(id).copied().unwrap_or_default();
+            tasks.push(TaskView {
+                epochs: page.epochs.remove(id).unwrap_or_default(),
+                checkpoints: page.checkpoints.remove(id).unwrap_or_default(),
+                artifacts: page.artifacts.remove(id).unwrap_or_default(),
+                waiting: waiting.remove(id),
+                worker_names,
+                started_ms,
+                ended_ms,
+                task,
+            });
         }
         Ok(SweepView { summary, tasks })
     }
@@ -1296,11 +1453,11 @@ epochs = 1
     }
 
     pub(crate) fn register(core: &Core, name: &str) -> TestWorker {
-        let (id, session, _) = core.register(name, &[]).unwrap();
+        let (id, session, _) = core.register(name, "cpu", Abilities::default(), &[]).unwrap();
         TestWorker { id, session }
     }
 
-    fn proof<'a>(worker: &'a TestWorker, dispatch: &'a Dispatch) -> LeaseProof<'a> {
+    pub(crate) fn proof<'a>(worker: &'a TestWorker, dispatch: &'a Dispatch) -> LeaseProof<'a> {
         LeaseProof { worker_id: &worker.id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret }
     }
 
@@ -1309,7 +1466,7 @@ epochs = 1
     }
 
     /// Leases the next task to `worker`, reports a validation error, and completes it.
-    async fn run_one(core: &Core, worker: &TestWorker, val_mse: f64) -> String {
+    pub(crate) async fn run_one(core: &Core, worker: &TestWorker, val_mse: f64) -> String {
         let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("a task is queued");
         let epoch = EpochRecord { epoch: 1, attempt: dispatch.attempt, values: vec![("val_mse".into(), val_mse)], seconds: 0.1, samples: 48 };
         core.report_metrics(&proof(worker, &dispatch), &[epoch]).unwrap();
@@ -1435,7 +1592,7 @@ epochs = 1
         core.expire_leases().unwrap();
         assert!(core.writable(), "the probe succeeded");
         // Memory was rebuilt from the database: the worker registers again and re-attaches.
-        let (id, session, abandon) = core.register("w", &[Lease { task_id: dispatch.task_id.clone(), attempt: 1, rank: 0, world: 1, secret: dispatch.lease_secret.clone() }]).unwrap();
+        let (id, session, abandon) = core.register("w", "cpu", Abilities::default(), &[Lease { task_id: dispatch.task_id.clone(), attempt: 1, rank: 0, world: 1, secret: dispatch.lease_secret.clone() }]).unwrap();
         assert!(abandon.is_empty(), "the lease survived the failure");
         let worker = TestWorker { id, session };
         core.complete(&proof(&worker, &dispatch)).unwrap();

@@ -24,6 +24,8 @@ pub enum TrialKind {
     Classifier,
     /// WGAN-GP.
     Wgan,
+    /// The user's own program (`[command]`, see docs/commands.md).
+    Command,
 }
 
 impl TrialKind {
@@ -34,6 +36,7 @@ impl TrialKind {
             TrialKind::DaeFinal => "dae-final",
             TrialKind::Classifier => "classifier",
             TrialKind::Wgan => "wgan",
+            TrialKind::Command => "command",
         }
     }
 }
@@ -56,8 +59,8 @@ pub struct AugmentSpec {
 /// The WGAN-GP recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WganSpec {
-    /// Generator hidden widths, widest first.
-    pub widths: [u32; 4],
+    /// Generator hidden widths, widest first (one per stride-2 stage).
+    pub widths: Vec<u32>,
     /// Critic steps per generator step.
     pub critic_steps: u32,
     /// Gradient penalty weight.
@@ -70,6 +73,12 @@ pub struct WganSpec {
     pub sample_every: u32,
     /// Images per sample grid.
     pub sample_count: u32,
+    /// Class-conditional generator and critic.
+    #[serde(default)]
+    pub conditional: bool,
+    /// Sliced Wasserstein distance to the test set every this many epochs (0: never).
+    #[serde(default)]
+    pub eval_every: u32,
 }
 
 /// A trial's hyperparameters and recipe.
@@ -100,8 +109,24 @@ pub struct TrainingConfig {
     pub wgan: Option<WganSpec>,
 }
 
-/// A dataset as stored blobs.
+/// A command trial's program (`[command]`): what the worker runs, with which files and
+/// hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    /// argv, run without a shell.
+    pub run: Vec<String>,
+    /// The `[command] files` folder: relative name → blob.
+    pub files: Vec<(String, BlobRef)>,
+    /// The metric cross-validation minimises.
+    pub metric: String,
+    /// Per-attempt limit in minutes (0: none).
+    pub timeout_minutes: u32,
+    /// The trial's hyperparameters as a JSON object (`COHORT_HPARAMS`).
+    pub hparams_json: String,
+}
+
+/// A dataset as stored blobs (empty: a command sweep without `[dataset]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct DatasetSpec {
     /// Format name (`idx`).
     pub format: String,
@@ -160,6 +185,9 @@ pub struct TrialSpec {
     /// The gang's collective backend: `auto`, `ring` or `nccl`.
     #[serde(default)]
     pub collective_backend: String,
+    /// The program of a command trial ([`TrialKind::Command`]).
+    #[serde(default)]
+    pub command: Option<CommandSpec>,
 }
 
 fn one() -> u32 {

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod command;
 pub mod console;
 pub mod convert;
 pub mod core;

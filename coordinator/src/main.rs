@@ -227,6 +227,40 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Sample a trained WGAN-GP's generator into a PNG grid (libtorch on the CPU, in this
+    /// process; no worker): the final checkpoint of a sweep's `train` trial or of a task, or
+    /// --checkpoint. Conditional generators draw one row per class, or only --class's row.
+    Generate {
+        /// A sweep id (its WGAN-GP trial) or a task id.
+        target: String,
+        /// Only this class's row (its image-folder name, or its index).
+        #[arg(long)]
+        class: Option<String>,
+        /// Random vectors to draw (one column each).
+        #[arg(long, default_value_t = 16)]
+        count: i64,
+        /// Seeds the random vectors.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Draw the vectors of this latent file (one vector a line) instead.
+        #[arg(long, conflicts_with = "interpolate")]
+        latent: Option<PathBuf>,
+        /// Write the vectors used to this latent file.
+        #[arg(long)]
+        save_latent: Option<PathBuf>,
+        /// One row from the first vector of latent file A to the first of latent file B.
+        #[arg(long, num_args = 2, value_names = ["A", "B"])]
+        interpolate: Option<Vec<PathBuf>>,
+        /// Images of the interpolation, both ends included.
+        #[arg(long, default_value_t = 8)]
+        steps: i64,
+        /// A checkpoint blob (SHA-256, see `checkpoints ID`) instead of the final checkpoint.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run a sweep file on a local cluster (this coordinator plus N worker processes) and print its results.
     Local {
         /// The sweep file.
@@ -255,30 +289,61 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// A worker's time by phase, largest share first: "train 81% data 9%".
+fn phase_shares(phases: &std::collections::HashMap<String, f64>) -> String {
+    let total: f64 = phases.values().sum();
+    if total <= 0.0 {
+        return "-".into();
+    }
+    let mut shares: Vec<(&String, f64)> = phases.iter().map(|(phase, seconds)| (phase, seconds / total)).collect();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    shares.iter().filter(|(_, share)| *share >= 0.005).map(|(phase, share)| format!("{phase} {:.0}%", share * 100.0)).collect::<Vec<_>>().join(" ")
+}
+
 fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result<()> {
     if format == Format::Json {
         let rows: Vec<serde_json::Value> = workers
             .iter()
-            .map(|w| serde_json::json!({"worker_id": w.worker_id, "name": w.name, "last_seen_secs": w.last_seen_secs, "task_id": w.task_id}))
+            .map(|w| {
+                serde_json::json!({
+                    "worker_id": w.worker_id,
+                    "name": w.name,
+                    "device": w.device,
+                    "allow_commands": w.allow_commands,
+                    "last_seen_secs": w.last_seen_secs,
+                    "task_id": w.task_id,
+                    "sweep_id": w.sweep_id,
+                    "trial": w.trial_name,
+                    "phase_seconds": w.phase_seconds,
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    let header = ["worker", "name", "last_seen_secs", "task"];
-    let rows: Vec<Vec<String>> =
-        workers.iter().map(|w| vec![w.worker_id.clone(), w.name.clone(), format!("{:.1}", w.last_seen_secs), w.task_id.clone()]).collect();
+    let trial = |w: &pb::WorkerInfo| if w.task_id.is_empty() { String::new() } else { format!("{} {}", w.sweep_id, w.trial_name) };
+    let device = |w: &pb::WorkerInfo| if w.allow_commands { format!("{} +commands", w.device) } else { w.device.clone() };
     if format == Format::Csv {
+        let header = ["worker", "name", "device", "allow_commands", "last_seen_secs", "sweep", "trial", "task"];
+        let rows: Vec<Vec<String>> = workers
+            .iter()
+            .map(|w| {
+                let fields = [&w.worker_id, &w.name, &w.device, &w.allow_commands.to_string(), &format!("{:.1}", w.last_seen_secs), &w.sweep_id, &w.trial_name, &w.task_id];
+                fields.map(|field| field.to_string()).to_vec()
+            })
+            .collect();
         cli::print_csv_rows(&header, &rows);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = rows.into_iter().map(|mut row| {
-        row[2].push('s');
-        if row[3].is_empty() {
-            row[3] = "-".into();
-        }
-        row
-    }).collect();
-    cli::print_columns(&["worker", "name", "last seen", "task"], &rows, &[false, false, true, false]);
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            let trial = trial(w);
+            let trial = if trial.is_empty() { "idle".to_string() } else { trial };
+            vec![w.name.clone(), w.worker_id.clone(), device(w), format!("{:.1}s", w.last_seen_secs), trial, phase_shares(&w.phase_seconds)]
+        })
+        .collect();
+    cli::print_columns(&["name", "worker", "device", "last seen", "trial", "time by phase"], &rows, &[false, false, false, true, false, false]);
     Ok(())
 }
 
@@ -457,7 +522,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Wait { id, timeout } => {
             let mut client = connect(&remote).await?;
-            let state = results::wait(&mut client, &id, timeout.map(Duration::from_secs)).await?;
+            let state = cli::follow::wait(&mut client, &id, timeout.map(Duration::from_secs)).await?;
             println!("{state}");
             if state != "succeeded" {
                 return Ok(ExitCode::FAILURE);
@@ -495,6 +560,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             results::download(&mut client, &what, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
             eprintln!("wrote {}", output.display());
+        }
+        Command::Generate { target, class, count, seed, latent, save_latent, interpolate, steps, checkpoint, out } => {
+            let mut client = connect(&remote).await?;
+            let interpolate = interpolate.map(|pair| (pair[0].clone(), pair[1].clone()));
+            let options = cli::generate::GenerateOptions { target, checkpoint, class, count, seed, latent, save_latent, interpolate, steps, out };
+            println!("{}", cli::generate::run(&mut client, options).await?);
         }
         Command::Local { file, workers, data_dir, format, report } => {
             let succeeded = local::run(local::LocalOptions { file, workers, data_dir, format, report }).await?;

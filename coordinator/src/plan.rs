@@ -50,6 +50,10 @@ fn dae_config(sweep: &SweepFile, hyper: &Hyper, epochs: u32) -> TrainingConfig {
 
 /// The trials of the first stage, in scheduling order.
 pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
+    if sweep.is_command() {
+        // Without its files: core plans command sweeps with them (crate::command::initial).
+        return crate::command::initial(sweep, dataset, &[]);
+    }
     if sweep.is_gan() {
         return vec![gan_trial(sweep, dataset)];
     }
@@ -88,6 +92,7 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
                 init_from: None,
                 replicas: 1,
                 collective_backend: String::new(),
+                command: None,
             });
         }
     }
@@ -129,6 +134,7 @@ fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: St
         init_from: None,
         replicas,
         collective_backend,
+        command: None,
     }
 }
 
@@ -159,19 +165,22 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
         init_from: Some(pretrained),
         replicas,
         collective_backend,
+        command: None,
     }
 }
 
 fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
     let train = sweep.train.as_ref().expect("validated: a gan has [train]");
     let wgan = WganSpec {
-        widths: sweep.model.widths,
+        widths: sweep.model.widths.clone(),
         critic_steps: train.critic_steps,
         gp_lambda: train.gp_lambda,
         beta1: train.beta1,
         beta2: train.beta2,
         sample_every: train.sample_every,
         sample_count: train.sample_count,
+        conditional: sweep.model.conditional,
+        eval_every: train.eval_every,
     };
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
@@ -198,11 +207,15 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         init_from: None,
         replicas,
         collective_backend,
+        command: None,
     }
 }
 
 /// A stage as `submit --dry-run` describes it: name, trial count, what it does.
 pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
+    if sweep.is_command() {
+        return crate::command::describe_stages(sweep);
+    }
     let (replicas, _) = gang(sweep);
     if let Some(train) = &sweep.train {
         let what = format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
@@ -340,7 +353,7 @@ pub struct Outcome<'a> {
     pub spec: &'a TrialSpec,
     /// Its state.
     pub state: TaskState,
-    /// Minimum `val_mse` over its epochs.
+    /// Minimum over its epochs of the metric cross-validation minimises (`val_mse`, or a command's `metric`).
     pub min_val_mse: Option<f64>,
     /// Its final checkpoint.
     pub final_checkpoint: Option<BlobRef>,
@@ -395,7 +408,11 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
             let Some(winner) = summaries.iter().find(|s| s.winner) else {
                 return Next::Done;
             };
-            let config = &in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec.config;
+            let winner_spec = in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec;
+            if sweep.is_command() {
+                return Next::Start(vec![crate::command::final_for_winner(sweep, winner_spec)]);
+            }
+            let config = &winner_spec.config;
             Next::Start(vec![final_trial(sweep, dataset, &hyper_of(config), winner.config.clone())])
         }
         stages::FINAL => match (&last.state, &last.final_checkpoint) {

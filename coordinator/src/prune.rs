@@ -217,6 +217,8 @@ pub struct Snapshot {
     pub labels: Vec<String>,
     /// Every cv trial, in any order.
     pub trials: Vec<FoldTrial>,
+    /// The metric the trials' curves hold, as the reasons name it (empty: `val_mse`).
+    pub metric: String,
 }
 
 /// A config to drop, and why: the rule, the rung or fold round, and the evidence.
@@ -240,6 +242,11 @@ enum Standing {
 }
 
 impl Snapshot {
+    /// The metric's name for the reasons.
+    fn metric(&self) -> &str {
+        if self.metric.is_empty() { "val_mse" } else { &self.metric }
+    }
+
     fn config_count(&self) -> usize {
         self.trials.iter().map(|t| t.config + 1).max().unwrap_or(0).max(self.labels.len())
     }
@@ -463,10 +470,11 @@ pub fn race(settings: &PruneSection, snapshot: &Snapshot) -> Vec<Decision> {
                 round.push(Decision {
                     config,
                     reason: format!(
-                        "racing: fold round {}: worse than the leader {} on folds {common:?} with {:.1}% confidence: paired t = {t:.3} (df {df}), one-sided p = {p:.4} < {alpha:.4}; min val_mse {} vs the leader's {}",
+                        "racing: fold round {}: worse than the leader {} on folds {common:?} with {:.1}% confidence: paired t = {t:.3} (df {df}), one-sided p = {p:.4} < {alpha:.4}; min {} {} vs the leader's {}",
                         common.len(),
                         state.label(leader),
                         settings.confidence * 100.0,
+                        snapshot.metric(),
                         values_list(&values),
                         values_list(&leader_values),
                     ),
@@ -526,8 +534,9 @@ pub fn rung_check(settings: &PruneSection, epochs: u32, snapshot: &Snapshot, tri
         return Some(Decision {
             config: own.config,
             reason: format!(
-                "asha: fold {} rung {index} (epoch {rung}): best val_mse {value:.5} ranks {} of the {reached} trials of the fold at this rung; only the best {kept} (1/{reduction}) continue; the rung's values {}",
+                "asha: fold {} rung {index} (epoch {rung}): best {} {value:.5} ranks {} of the {reached} trials of the fold at this rung; only the best {kept} (1/{reduction}) continue; the rung's values {}",
                 own.fold,
+                snapshot.metric(),
                 better + 1,
                 values_list(&at_rung),
             ),
@@ -587,7 +596,7 @@ mod tests {
     #[test]
     fn the_race_waits_for_min_folds_and_drops_the_consistently_worse() {
         let s = settings(PruneRule::Racing);
-        let mut snapshot = Snapshot { labels: labels(3), trials: vec![] };
+        let mut snapshot = Snapshot { labels: labels(3), ..Snapshot::default() };
         for config in 0..3 {
             snapshot.trials.push(done(config, 0, [0.030, 0.031, 0.040][config]));
             snapshot.trials.push(queued(config, 2));
@@ -613,7 +622,7 @@ mod tests {
     #[test]
     fn a_dropped_config_no_longer_holds_the_round_back() {
         let s = settings(PruneRule::Racing);
-        let mut snapshot = Snapshot { labels: labels(3), trials: vec![] };
+        let mut snapshot = Snapshot { labels: labels(3), ..Snapshot::default() };
         for (config, scores) in [(0, [0.03, 0.03]), (1, [0.05, 0.051])] {
             snapshot.trials.push(done(config, 0, scores[0]));
             snapshot.trials.push(done(config, 1, scores[1]));
@@ -630,7 +639,7 @@ mod tests {
     #[test]
     fn configs_with_nothing_left_and_the_leader_are_never_dropped() {
         let s = settings(PruneRule::Racing);
-        let snapshot = Snapshot { labels: labels(2), trials: vec![done(0, 0, 0.01), done(0, 1, 0.01), done(1, 0, 0.05), done(1, 1, 0.05)] };
+        let snapshot = Snapshot { labels: labels(2), trials: vec![done(0, 0, 0.01), done(0, 1, 0.01), done(1, 0, 0.05), done(1, 1, 0.05)], ..Snapshot::default() };
         assert!(race(&s, &snapshot).is_empty(), "config 1 has every fold: selection decides");
         assert!(race(&settings(PruneRule::Asha), &snapshot).is_empty(), "asha alone never races");
     }
@@ -650,7 +659,7 @@ mod tests {
     #[test]
     fn a_rung_keeps_the_best_third_of_its_fold_and_the_first_to_arrive() {
         let s = settings(PruneRule::Asha);
-        let mut snapshot = Snapshot { labels: labels(5), trials: vec![running(0, 0, &[0.09, 0.08])] };
+        let mut snapshot = Snapshot { labels: labels(5), trials: vec![running(0, 0, &[0.09, 0.08])], ..Snapshot::default() };
         assert_eq!(rung_check(&s, 20, &snapshot, 0, &[2]), None, "first at the rung");
         snapshot.trials.push(running(1, 0, &[0.10, 0.07]));
         assert_eq!(rung_check(&s, 20, &snapshot, 1, &[2]), None, "better than the one there");
@@ -674,6 +683,7 @@ mod tests {
         let snapshot = Snapshot {
             labels: labels(2),
             trials: vec![done(0, 0, 0.05), done(1, 0, 0.06), running(1, 1, &[0.01, 0.01]), running(0, 1, &[0.3, 0.3])],
+            ..Snapshot::default()
         };
         assert_eq!(leader(&snapshot), Some(0));
         assert_eq!(rung_check(&s, 20, &snapshot, 3, &[2]), None, "config 0 leads on fold 0");
@@ -744,7 +754,7 @@ mod tests {
                     curve: self.curves[id].clone(),
                 })
                 .collect();
-            Snapshot { labels: self.labels.clone(), trials }
+            Snapshot { labels: self.labels.clone(), trials, ..Snapshot::default() }
         }
 
         /// Applies decisions as the core does; checks each spares the leader.

@@ -61,6 +61,33 @@ pub struct TaskEntry {
     pub lapses: u32,
     /// Epochs the trial is planned for: reports of later epochs are refused.
     pub epochs: u32,
+    /// What a worker must offer to run it (every member of a gang).
+    pub needs: Needs,
+}
+
+/// What a task needs of the workers that run it. The default needs nothing special.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// A CUDA device (an NCCL gang).
+    pub cuda: bool,
+    /// A worker that runs user code (a command trial; `worker --allow-commands`).
+    pub commands: bool,
+}
+
+/// What a worker offers, as it registered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Abilities {
+    /// It trains on a CUDA device.
+    pub cuda: bool,
+    /// It was started with `--allow-commands`.
+    pub commands: bool,
+}
+
+impl Abilities {
+    /// Whether a worker with these abilities can run a task with `needs`.
+    pub fn cover(self, needs: Needs) -> bool {
+        (self.cuda || !needs.cuda) && (self.commands || !needs.commands)
+    }
 }
 
 impl TaskEntry {
@@ -80,7 +107,14 @@ impl TaskEntry {
             secrets: vec![],
             lapses: 0,
             epochs: u32::MAX,
+            needs: Needs::default(),
         }
+    }
+
+    /// Sets what a worker must offer to run it.
+    pub fn with_needs(mut self, needs: Needs) -> Self {
+        self.needs = needs;
+        self
     }
 
     /// Sets the planned epoch count (reports beyond it are refused).
@@ -114,6 +148,29 @@ struct WorkerEntry {
     /// The last task this worker was given or re-attached to: the only one it can still hold
     /// (checked against the task when it matters, so it is never cleared).
     holding: Option<String>,
+    /// What it can run.
+    abilities: Abilities,
+    /// Its device as it named it ("cpu", "cuda:0"): shown, never interpreted.
+    device: String,
+    /// Seconds of its life in each phase, as of its last heartbeat: shown, never interpreted.
+    phases: Vec<(String, f64)>,
+}
+
+/// A registered worker as `workers` and the console show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSnapshot {
+    /// Its id.
+    pub id: String,
+    /// The name it registered with.
+    pub name: String,
+    /// When it was last heard from.
+    pub last_seen: Millis,
+    /// Its device ("cpu", "cuda:0").
+    pub device: String,
+    /// What it can run.
+    pub abilities: Abilities,
+    /// Seconds of its life in each phase.
+    pub phases: Vec<(String, f64)>,
 }
 
 /// A task (or one rank of a gang) handed to a worker.
@@ -291,9 +348,43 @@ impl Scheduler {
         self.queue.range(range.clone()).next().is_some() || self.running.range(range).next().is_some()
     }
 
-    /// Registered workers: (id, name, last seen).
-    pub fn workers(&self) -> Vec<(String, String, Millis)> {
-        self.workers.iter().map(|(id, w)| (id.clone(), w.name.clone(), w.last_seen)).collect()
+    /// The sweep's queued and running tasks, in plan order. Visits every unfinished task of
+    /// every sweep, never a finished one.
+    pub fn unfinished_of(&self, sweep_id: &str) -> Vec<&TaskEntry> {
+        let mut tasks: Vec<&TaskEntry> =
+            self.queue.iter().chain(self.running.iter()).map(|(_, id)| &self.tasks[id]).filter(|t| t.sweep_id == sweep_id).collect();
+        tasks.sort_by_key(|t| t.order);
+        tasks
+    }
+
+    /// Registered workers, by id.
+    pub fn workers(&self) -> Vec<WorkerSnapshot> {
+        self.workers
+            .iter()
+            .map(|(id, w)| WorkerSnapshot {
+                id: id.clone(),
+                name: w.name.clone(),
+                last_seen: w.last_seen,
+                device: w.device.clone(),
+                abilities: w.abilities,
+                phases: w.phases.clone(),
+            })
+            .collect()
+    }
+
+    /// Records what a registered worker runs on and can run (right after [`Self::register`]).
+    pub fn set_profile(&mut self, worker_id: &str, device: &str, abilities: Abilities) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            worker.device = device.to_string();
+            worker.abilities = abilities;
+        }
+    }
+
+    /// Records a worker's phase counters from its heartbeat (display only).
+    pub fn note_phases(&mut self, worker_id: &str, phases: Vec<(String, f64)>) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            worker.phases = phases;
+        }
     }
 
     /// Registers a worker under `worker_id` with its `session`. `running` lists what it still
@@ -301,7 +392,15 @@ impl Scheduler {
     /// (attempt and secret) are re-attached to it; the rest are returned as tasks it must
     /// abandon. Also returns the re-attached task ids.
     pub fn register(&mut self, worker_id: &str, name: &str, session: &str, now: Millis, running: &[Lease]) -> (Vec<String>, Vec<String>) {
-        let entry = WorkerEntry { name: name.to_string(), last_seen: now, session: session.to_string(), holding: None };
+        let entry = WorkerEntry {
+            name: name.to_string(),
+            last_seen: now,
+            session: session.to_string(),
+            holding: None,
+            abilities: Abilities::default(),
+            device: String::new(),
+            phases: vec![],
+        };
         self.workers.insert(worker_id.to_string(), entry);
         let mut abandon = Vec::new();
         let mut changed = Vec::new();
@@ -388,11 +487,14 @@ impl Scheduler {
         if self.collecting.as_ref().is_some_and(|c| c.reserved.iter().any(|w| w == worker_id)) {
             return Ok(None);
         }
-        let registered = self.workers.len() as u32;
-        let Some(task_id) = self.next_startable(registered) else {
+        let Some(task_id) = self.next_startable(worker_id) else {
             return Ok(None);
         };
         let gang_size = self.tasks[&task_id].gang_size;
+        if gang_size == 1 && self.collecting.as_ref().is_some_and(|c| c.task_id != task_id) {
+            // A worker that cannot serve the gathering gang runs a plain task it can run.
+            return Ok(Some(self.start(&task_id, vec![worker_id.to_string()], worker_id, now)));
+        }
         let collecting = self.collecting.get_or_insert_with(|| Collecting { task_id: task_id.clone(), reserved: vec![] });
         collecting.reserved.push(worker_id.to_string());
         if (collecting.reserved.len() as u32) < gang_size {
@@ -413,13 +515,44 @@ impl Scheduler {
         (unfinished && !waiting_pickup).then(|| task_id.clone())
     }
 
-    /// The task whose turn it is: the collecting gang, else the oldest queued task, passing over
-    /// gangs larger than the number of registered workers.
-    fn next_startable(&self, registered: u32) -> Option<String> {
-        if let Some(collecting) = &self.collecting {
-            return Some(collecting.task_id.clone());
+    /// The task whose turn it is for this worker: the gathering gang if it can serve it, else
+    /// the oldest queued task it can run, passing over tasks it cannot run and gangs larger than
+    /// the number of registered workers able to run them. While a gang gathers, a worker that
+    /// cannot serve it is only given plain tasks, so that the gang is never starved of a
+    /// worker it could use.
+    fn next_startable(&self, worker_id: &str) -> Option<String> {
+        let abilities = self.workers.get(worker_id).map(|w| w.abilities).unwrap_or_default();
+        let gathering = self.collecting.as_ref().map(|c| c.task_id.as_str());
+        if let Some(task_id) = gathering {
+            if abilities.cover(self.tasks[task_id].needs) {
+                return Some(task_id.to_string());
+            }
         }
-        self.queue.iter().map(|(_, id)| id).find(|id| self.tasks[*id].gang_size <= registered.max(1)).cloned()
+        let mut able_by_needs: Vec<(Needs, u32)> = Vec::new();
+        self.queue
+            .iter()
+            .map(|(_, id)| &self.tasks[id])
+            .filter(|task| abilities.cover(task.needs) && Some(task.id.as_str()) != gathering)
+            .find(|task| {
+                if gathering.is_some() || task.gang_size == 1 {
+                    return task.gang_size == 1;
+                }
+                let able = match able_by_needs.iter().find(|(needs, _)| *needs == task.needs) {
+                    Some((_, able)) => *able,
+                    None => {
+                        let able = self.able_workers(task.needs);
+                        able_by_needs.push((task.needs, able));
+                        able
+                    }
+                };
+                task.gang_size <= able
+            })
+            .map(|task| task.id.clone())
+    }
+
+    /// Registered workers able to run a task with `needs`.
+    fn able_workers(&self, needs: Needs) -> u32 {
+        self.workers.values().filter(|w| w.abilities.cover(needs)).count() as u32
     }
 
     /// Starts a task on `members` (rank order); returns the caller's lease, queues the others'.
@@ -614,22 +747,60 @@ impl Scheduler {
     /// has not been heard from for more than half a lease ("worker w1 silent for 3.2 s"), before
     /// its lease lapses. Tasks that are fine are left out.
     pub fn waiting(&self, sweep_id: &str, now: Millis) -> HashMap<String, String> {
+        self.waiting_in(sweep_id, 0..=Millis::MAX, now)
+    }
+
+    /// [`Self::waiting`] for the sweep's tasks whose order lies in `orders` (a page of them):
+    /// walks the queue only up to the span's end, and words only the span's reasons.
+    pub fn waiting_in(&self, sweep_id: &str, orders: std::ops::RangeInclusive<u64>, now: Millis) -> HashMap<String, String> {
         let registered = self.workers.len() as u32;
         let busy = self.leases_by_worker();
-        let reserved = self.collecting.as_ref().map_or(0, |c| c.reserved.len());
-        let free = (self.workers.keys().filter(|w| !busy.contains_key(*w) && !self.pending.contains_key(*w)).count()).saturating_sub(reserved) as u32;
+        let reserved: &[String] = self.collecting.as_ref().map_or(&[], |c| &c.reserved);
+        let free_workers: Vec<&WorkerEntry> = self
+            .workers
+            .iter()
+            .filter(|(id, _)| !busy.contains_key(*id) && !self.pending.contains_key(*id) && !reserved.contains(id))
+            .map(|(_, worker)| worker)
+            .collect();
         let mut reasons = HashMap::new();
-        for (ahead, (_, id)) in self.queue.iter().enumerate() {
+        // Queued tasks ahead of each task with the same needs: those its workers would run first.
+        let mut ahead_by_needs: Vec<(Needs, usize)> = Vec::new();
+        // The workers each kind of task could use (at most four kinds of needs).
+        let mut counts_by_needs: Vec<(Needs, WorkerCounts)> = Vec::new();
+        for (order, id) in &self.queue {
+            if order > orders.end() {
+                break;
+            }
             let task = &self.tasks[id];
-            if task.sweep_id != sweep_id {
+            let ahead = match ahead_by_needs.iter_mut().find(|(needs, _)| *needs == task.needs) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count - 1
+                }
+                None => {
+                    ahead_by_needs.push((task.needs, 1));
+                    0
+                }
+            };
+            if task.sweep_id != sweep_id || !orders.contains(order) {
                 continue;
             }
             let ahead = if self.collecting.as_ref().is_some_and(|c| &c.task_id == id) { 0 } else { ahead };
-            reasons.insert(id.clone(), waiting_reason(task.gang_size, registered, free, ahead));
+            let counts = match counts_by_needs.iter().find(|(needs, _)| *needs == task.needs) {
+                Some((_, counts)) => *counts,
+                None => {
+                    let able = self.able_workers(task.needs);
+                    let free = free_workers.iter().filter(|w| w.abilities.cover(task.needs)).count() as u32;
+                    let counts = WorkerCounts { registered, able, free };
+                    counts_by_needs.push((task.needs, counts));
+                    counts
+                }
+            };
+            reasons.insert(id.clone(), waiting_reason(task.gang_size, task.needs, counts, ahead));
         }
         for (_, id) in &self.running {
             let task = &self.tasks[id];
-            if task.sweep_id != sweep_id {
+            if task.sweep_id != sweep_id || !orders.contains(&task.order) {
                 continue;
             }
             let silent = task
@@ -694,15 +865,40 @@ impl Scheduler {
     }
 }
 
-/// Why a queued task that needs `gang_size` workers at once has not started, given the workers
-/// `registered`, how many of them are `free` (no lease, not reserved for a gang), and the
-/// queued tasks `ahead` of it in the FIFO.
-pub fn waiting_reason(gang_size: u32, registered: u32, free: u32, ahead: usize) -> String {
+/// The workers a queued task could use, as [`waiting_reason`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCounts {
+    /// Registered workers.
+    pub registered: u32,
+    /// Those whose abilities cover the task's needs.
+    pub able: u32,
+    /// Those of the able ones that are free (no lease, not reserved for a gang).
+    pub free: u32,
+}
+
+/// Why a queued task that needs `gang_size` workers at once, each offering `needs`, has not
+/// started, given the workers it could use and the queued tasks `ahead` of it in the FIFO with
+/// the same needs.
+pub fn waiting_reason(gang_size: u32, needs: Needs, counts: WorkerCounts, ahead: usize) -> String {
+    let WorkerCounts { registered, able, free } = counts;
     if registered == 0 {
         return "waiting: no worker connected".into();
     }
+    let with = match (needs.cuda, needs.commands) {
+        (true, true) => " with a CUDA device and --allow-commands",
+        (true, false) => " with a CUDA device",
+        (false, true) => " with --allow-commands",
+        (false, false) => "",
+    };
+    if able == 0 {
+        return match (needs.cuda, needs.commands) {
+            (false, true) => format!("waiting: none of the {registered} connected workers allows command trials (start one with --allow-commands)"),
+            _ => format!("waiting: none of the {registered} connected workers has the device it needs (it runs on workers{with})"),
+        };
+    }
+    let registered = able;
     if gang_size > registered {
-        return format!("waiting: a gang of {gang_size} needs {gang_size} workers, {registered} connected");
+        return format!("waiting: a gang of {gang_size} needs {gang_size} workers{with}, {registered} connected");
     }
     if ahead > 0 {
         let trials = if ahead == 1 { "trial" } else { "trials" };
@@ -1138,7 +1334,8 @@ mod tests {
     }
 
     /// A randomized run of interleaved events: every task ends terminal, succeeds at most once,
-    /// and never runs on two workers at once.
+    /// never runs on two workers at once, and runs only on workers able to run it (some tasks
+    /// and one gang need command trials, which w2 does not run).
     #[test]
     fn random_interleavings_keep_the_invariants() {
         for seed in 0..50u64 {
@@ -1146,8 +1343,18 @@ mod tests {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
             let mut s = scheduler(&refs);
             s.register("w3", "three", &session("w3"), 0, &[]);
+            let commands = Needs { commands: true, ..Needs::default() };
+            let abilities = |w: &str| Abilities { cuda: false, commands: w != "w2" };
+            for w in ["w1", "w2", "w3"] {
+                s.set_profile(w, "cpu", abilities(w));
+            }
             for (order, id) in [(5u64, "gang-a"), (12, "gang-b")] {
-                s.insert(gang(id, order * 2 + 1, 2), 0);
+                let needs = if id == "gang-b" { commands } else { Needs::default() };
+                s.insert(gang(id, order * 2 + 1, 2).with_needs(needs), 0);
+            }
+            for id in ["t3", "t8", "t13"] {
+                let task = s.tasks.get_mut(id).unwrap();
+                task.needs = commands;
             }
             let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let mut next = || {
@@ -1201,6 +1408,7 @@ mod tests {
                             }
                             Err(_) => {
                                 let (abandon, _) = s.register(w, w, &session(w), now, &running);
+                                s.set_profile(w, "cpu", abilities(w));
                                 if held.get(w).is_some_and(|l| abandon.contains(&l.task_id)) {
                                     held.remove(w);
                                 }
@@ -1214,6 +1422,7 @@ mod tests {
                 for t in running {
                     for member in t.members.iter().filter(|m| t.active_rank_of(m).is_some()) {
                         *by_worker.entry(member.as_str()).or_default() += 1;
+                        assert!(abilities(member).cover(t.needs), "seed {seed}: {} runs on {member}, which cannot run it", t.id);
                     }
                 }
                 assert!(by_worker.values().all(|&n| n <= 1), "seed {seed}: a worker holds two leases");
@@ -1227,11 +1436,62 @@ mod tests {
 
     #[test]
     fn waiting_reasons_name_what_a_queued_task_lacks() {
-        assert_eq!(waiting_reason(1, 0, 0, 0), "waiting: no worker connected");
-        assert_eq!(waiting_reason(2, 1, 1, 0), "waiting: a gang of 2 needs 2 workers, 1 connected");
-        assert_eq!(waiting_reason(2, 3, 1, 0), "waiting: a gang of 2 with 1 of 3 workers free");
-        assert_eq!(waiting_reason(1, 2, 0, 0), "waiting: all 2 workers busy");
-        assert_eq!(waiting_reason(1, 2, 0, 3), "waiting: 3 earlier trials queued, all 2 workers busy");
+        let any = Needs::default();
+        let counts = |registered, free| WorkerCounts { registered, able: registered, free };
+        assert_eq!(waiting_reason(1, any, counts(0, 0), 0), "waiting: no worker connected");
+        assert_eq!(waiting_reason(2, any, counts(1, 1), 0), "waiting: a gang of 2 needs 2 workers, 1 connected");
+        assert_eq!(waiting_reason(2, any, counts(3, 1), 0), "waiting: a gang of 2 with 1 of 3 workers free");
+        assert_eq!(waiting_reason(1, any, counts(2, 0), 0), "waiting: all 2 workers busy");
+        assert_eq!(waiting_reason(1, any, counts(2, 0), 3), "waiting: 3 earlier trials queued, all 2 workers busy");
+        let commands = Needs { commands: true, ..Needs::default() };
+        let cuda = Needs { cuda: true, ..Needs::default() };
+        let none_able = WorkerCounts { registered: 2, able: 0, free: 0 };
+        assert_eq!(
+            waiting_reason(1, commands, none_able, 0),
+            "waiting: none of the 2 connected workers allows command trials (start one with --allow-commands)"
+        );
+        assert_eq!(
+            waiting_reason(2, cuda, none_able, 0),
+            "waiting: none of the 2 connected workers has the device it needs (it runs on workers with a CUDA device)"
+        );
+        let one_able = WorkerCounts { registered: 3, able: 1, free: 1 };
+        assert_eq!(waiting_reason(2, cuda, one_able, 0), "waiting: a gang of 2 needs 2 workers with a CUDA device, 1 connected");
+    }
+
+    #[test]
+    fn tasks_go_only_to_workers_that_can_run_them() {
+        let mut s = new_scheduler(10_000, 60_000);
+        let commands = Needs { commands: true, ..Needs::default() };
+        let cuda = Needs { cuda: true, ..Needs::default() };
+        s.insert(task("cmd", 1).with_needs(commands), 0);
+        s.insert(TaskEntry::queued("nccl".into(), "s".into(), 2, 3, 2).with_needs(cuda), 0);
+        s.insert(task("plain", 3), 0);
+        s.register("cpu", "cpu", &session("cpu"), 0, &[]);
+        s.set_profile("cpu", "cpu", Abilities::default());
+        let reasons = s.waiting("s", 0);
+        assert!(reasons["cmd"].contains("allows command trials"), "{reasons:?}");
+        assert!(reasons["nccl"].contains("the device it needs"), "{reasons:?}");
+        // The plain worker passes over what it cannot run.
+        assert_eq!(s.acquire("cpu", &session("cpu"), 1).unwrap().map(|l| l.task_id).as_deref(), Some("plain"));
+        let secret = s.task("plain").unwrap().secrets[0].clone();
+        s.complete("cpu", "plain", 1, &secret, 1).unwrap();
+        s.register("gpu0", "gpu0", &session("gpu0"), 0, &[]);
+        s.set_profile("gpu0", "cuda:0", Abilities { cuda: true, commands: false });
+        assert!(s.waiting("s", 1)["nccl"].contains("a gang of 2 needs 2 workers with a CUDA device, 1 connected"));
+        assert_eq!(s.acquire("gpu0", &session("gpu0"), 1).unwrap(), None, "a gang of 2 with one able worker never gathers");
+        s.register("gpu1", "gpu1", &session("gpu1"), 0, &[]);
+        s.set_profile("gpu1", "cuda:1", Abilities { cuda: true, commands: true });
+        // gpu1 could run the command trial, and it is older: it takes that; the gang then gathers.
+        assert_eq!(s.acquire("gpu1", &session("gpu1"), 2).unwrap().map(|l| l.task_id).as_deref(), Some("cmd"));
+        let secret = s.task("cmd").unwrap().secrets[0].clone();
+        s.complete("gpu1", "cmd", 1, &secret, 3).unwrap();
+        assert_eq!(s.acquire("gpu0", &session("gpu0"), 4).unwrap(), None, "gathering");
+        // While the gang gathers, the CPU worker is given nothing it cannot run.
+        s.insert(task("plain2", 4), 0);
+        assert_eq!(s.acquire("cpu", &session("cpu"), 4).unwrap().map(|l| l.task_id).as_deref(), Some("plain2"));
+        let lease = s.acquire("gpu1", &session("gpu1"), 5).unwrap().expect("the gang starts");
+        assert_eq!((lease.task_id.as_str(), lease.world), ("nccl", 2));
+        assert_eq!(s.task("nccl").unwrap().members, vec!["gpu0".to_string(), "gpu1".to_string()]);
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub struct Hyper {
 }
 
 /// `[cv.grid]`: the values each searched hyperparameter takes; every combination is a config.
+/// Names besides the typed ones land in `named`: a command sweep's hyperparameters (see
+/// [`crate::command`]); a built-in recipe refuses them as unknown fields.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
 pub struct GridSection {
     /// Learning rates.
     pub lr: Option<Vec<f64>>,
@@ -35,6 +36,9 @@ pub struct GridSection {
     pub noise_std: Option<Vec<f64>>,
     /// Latent sizes.
     pub latent: Option<Vec<u32>>,
+    /// Any other name (command sweeps).
+    #[serde(flatten)]
+    pub named: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// How a random search draws one hyperparameter: from listed values, or from a range.
@@ -58,9 +62,9 @@ pub enum Axis<T> {
     },
 }
 
-/// `[cv.random]`: `samples` configs drawn at random (seeded by the sweep's `seed`).
+/// `[cv.random]`: `samples` configs drawn at random (seeded by the sweep's `seed`). Names
+/// besides the typed ones land in `named` (command sweeps; refused by the built-in recipes).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RandomSection {
     /// Configs to draw.
     pub samples: u32,
@@ -74,6 +78,9 @@ pub struct RandomSection {
     pub noise_std: Option<Axis<f64>>,
     /// Latent size.
     pub latent: Option<Axis<u32>>,
+    /// Any other name (command sweeps).
+    #[serde(flatten)]
+    pub named: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// Checks one axis; returns a message naming what is wrong.

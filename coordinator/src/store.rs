@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::domain::{BlobRef, TaskState, TrialSpec};
 use crate::scheduler::TaskEntry;
 
+pub mod pages;
 pub mod views;
 
 /// Why the store failed. Always an internal error: the database is ours.
@@ -50,7 +51,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     members TEXT NOT NULL,
     error TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_by_sweep ON tasks(sweep_id, ord);
+-- A sweep's tasks in plan order, with their state: counting a sweep's (or a stage's) tasks by
+-- state reads this index alone, never the rows with their specs.
+CREATE INDEX IF NOT EXISTS tasks_by_sweep_order_state ON tasks(sweep_id, ord, state);
+DROP INDEX IF EXISTS tasks_by_sweep;
 CREATE TABLE IF NOT EXISTS metrics (
     task_id TEXT NOT NULL REFERENCES tasks(id),
     epoch INTEGER NOT NULL,
@@ -217,6 +221,10 @@ impl Store {
         // survive power loss at the cost of an fsync per commit.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // 64 MiB of page cache (the default is 2 MiB): a sweep of 100,000 trials is about 60 MiB
+        // of rows, and reads of it (status, a page of results, a watch update) then stay in
+        // memory instead of copying every page in from the file again (most of their time).
+        conn.pragma_update(None, "cache_size", -65536)?;
         conn.execute_batch(SCHEMA)?;
         for (table, column, definition) in ADDED_COLUMNS {
             let exists: bool = conn.query_row(
@@ -229,7 +237,7 @@ impl Store {
             }
         }
         // Room for every statement this file prepares, so none is parsed again per call.
-        conn.set_prepared_statement_cache_capacity(32);
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Self { conn })
     }
 
@@ -571,17 +579,9 @@ impl Store {
         match sweep_id {
             // Two statements: `?1 IS NULL OR sweep_id = ?1` would keep SQLite off the index and
             // sort the whole table for one sweep.
-            Some(sweep_id) => self.select_tasks("sweep_id = ?1", Some(sweep_id)),
-            None => self.select_tasks("?1 IS NULL", None),
+            Some(sweep_id) => self.select_tasks("sweep_id = ?1 ORDER BY ord", params![sweep_id]),
+            None => self.select_tasks("1 ORDER BY ord", []),
         }
-    }
-
-    /// When each task of the sweep started its latest attempt and when it ended, Unix ms (0:
-    /// not yet), by task id.
-    pub fn task_times(&self, sweep_id: &str) -> Result<HashMap<String, (i64, i64)>, StoreError> {
-        let mut query = self.conn.prepare_cached("SELECT id, started_ms, ended_ms FROM tasks WHERE sweep_id = ?1")?;
-        let rows = query.query_map(params![sweep_id], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// One task's spec as stored (JSON), without its scheduling fields: what a dispatch reads,
@@ -596,11 +596,12 @@ impl Store {
         serde_json::from_str(json).map_err(|e| corrupt("trial spec", e))
     }
 
-    fn select_tasks(&self, condition: &str, param: Option<&str>) -> Result<Vec<StoredTask>, StoreError> {
+    /// Tasks with their specs, selected by `condition` (with its order and limits).
+    fn select_tasks(&self, condition: &str, params: impl rusqlite::Params) -> Result<Vec<StoredTask>, StoreError> {
         let mut query = self.conn.prepare_cached(&format!(
-            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error, secrets, lapses FROM tasks WHERE {condition} ORDER BY ord"
+            "SELECT id, sweep_id, ord, spec, state, attempt, max_attempts, gang_size, members, error, secrets, lapses FROM tasks WHERE {condition}"
         ))?;
-        let rows = query.query_map(params![param], |r| {
+        let rows = query.query_map(params, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -637,6 +638,8 @@ impl Store {
                 secrets,
                 lapses,
                 epochs: spec.config.epochs,
+                // What it needs of a worker follows from its spec; the core derives it.
+                needs: Default::default(),
             };
             tasks.push(StoredTask { entry, spec });
         }
@@ -685,7 +688,7 @@ mod tests {
     use super::*;
     use crate::domain::{DatasetSpec, TrainingConfig, TrialKind};
 
-    fn spec() -> TrialSpec {
+    pub(super) fn spec() -> TrialSpec {
         TrialSpec {
             stage: "cv".into(),
             name: "cv/c0/f0".into(),
@@ -710,6 +713,7 @@ mod tests {
             init_from: None,
             replicas: 1,
             collective_backend: String::new(),
+            command: None,
         }
     }
 
@@ -739,21 +743,21 @@ mod tests {
         let sweep = SweepRecord { id: "s".into(), seq: 1, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
         let mut entry = TaskEntry::queued("s.t0".into(), "s".into(), 0, 3, 1);
         store.insert_sweep(&sweep, &[StoredTask { entry: entry.clone(), spec: spec() }]).unwrap();
-        assert_eq!(store.task_times("s").unwrap()["s.t0"], (0, 0));
+        assert_eq!(store.task_page("s", 0, 1).unwrap().times["s.t0"], (0, 0));
         entry.state = TaskState::Running;
         entry.attempt = 1;
         store.save_tasks([&entry]).unwrap();
-        let (started, ended) = store.task_times("s").unwrap()["s.t0"];
+        let (started, ended) = store.task_page("s", 0, 1).unwrap().times["s.t0"];
         assert!(started > 0 && ended == 0, "{started} {ended}");
         store.save_tasks([&entry]).unwrap();
-        assert_eq!(store.task_times("s").unwrap()["s.t0"].0, started, "a renewal is no new start");
+        assert_eq!(store.task_page("s", 0, 1).unwrap().times["s.t0"].0, started, "a renewal is no new start");
         entry.state = TaskState::Succeeded;
         store.save_tasks([&entry]).unwrap();
-        let (_, ended) = store.task_times("s").unwrap()["s.t0"];
+        let (_, ended) = store.task_page("s", 0, 1).unwrap().times["s.t0"];
         assert!(ended >= started);
         entry.state = TaskState::Queued;
         store.save_tasks([&entry]).unwrap();
-        assert_eq!(store.task_times("s").unwrap()["s.t0"].1, 0, "queued again, it has not ended");
+        assert_eq!(store.task_page("s", 0, 1).unwrap().times["s.t0"].1, 0, "queued again, it has not ended");
     }
 
     #[test]

@@ -53,6 +53,20 @@ pub struct DatasetSection {
     pub min_foreground: f64,
 }
 
+impl Default for DatasetSection {
+    /// No dataset: what a command sweep without `[dataset]` has (an empty `path`).
+    fn default() -> Self {
+        Self {
+            format: String::new(),
+            path: String::new(),
+            train_limit: 0,
+            test_limit: 0,
+            image_size: default_image_size(),
+            min_foreground: default_min_foreground(),
+        }
+    }
+}
+
 fn default_image_size() -> u32 {
     64
 }
@@ -120,16 +134,20 @@ pub struct ModelSection {
     /// DAE latent code size.
     #[serde(default = "default_latent")]
     pub latent: u32,
-    /// WGAN-GP generator hidden widths, widest first (the critic mirrors them).
+    /// WGAN-GP generator hidden widths, widest first (the critic mirrors them): one per
+    /// stride-2 stage, so 3 for 32×32 images, 4 for 64×64, 5 for 128×128.
     #[serde(default = "default_widths")]
-    pub widths: [u32; 4],
+    pub widths: Vec<u32>,
+    /// WGAN-GP: class-conditional generation (classes are the image folder's class folders).
+    #[serde(default)]
+    pub conditional: bool,
 }
 
 fn default_latent() -> u32 {
     4
 }
-fn default_widths() -> [u32; 4] {
-    [1024, 512, 256, 128]
+fn default_widths() -> Vec<u32> {
+    vec![1024, 512, 256, 128]
 }
 
 /// `[cv]`: k-fold cross-validation over a grid of hyperparameters.
@@ -248,6 +266,10 @@ pub struct TrainSection {
     /// Images per sample grid.
     #[serde(default = "default_sample_count")]
     pub sample_count: u32,
+    /// The sliced Wasserstein distance to the test set every this many epochs and at the last
+    /// (0: never; no figure without a test set).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u32,
     /// Checkpoint period.
     #[serde(default = "default_gan_checkpoint_every")]
     pub checkpoint_every: u32,
@@ -277,8 +299,31 @@ fn default_sample_every() -> u32 {
 fn default_sample_count() -> u32 {
     16
 }
+fn default_eval_every() -> u32 {
+    10
+}
 fn default_gan_checkpoint_every() -> u32 {
     5
+}
+
+/// `[command]`: the user's own program (`[model] kind = "command"`, see docs/commands.md).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSection {
+    /// argv, run in the trial's working directory, without a shell.
+    pub run: Vec<String>,
+    /// Folder (relative to the sweep file) uploaded with the sweep and unpacked as the working
+    /// directory.
+    #[serde(default = "default_files")]
+    pub files: String,
+    /// The metric cross-validation minimises (per trial: its minimum over epochs).
+    pub metric: String,
+    /// Per-attempt limit (default: none).
+    pub timeout_minutes: Option<u32>,
+}
+
+fn default_files() -> String {
+    ".".into()
 }
 
 /// `[distributed]`: data-parallel replicas of one training.
@@ -316,7 +361,8 @@ pub struct SweepFile {
     /// Seeds fold permutations, initialisation, shuffling, noise and augmentation.
     #[serde(default)]
     pub seed: u64,
-    /// The data.
+    /// The data (optional for a command sweep only).
+    #[serde(default)]
     pub dataset: DatasetSection,
     /// Augmentation of the training set.
     pub augment: Option<AugmentSection>,
@@ -334,8 +380,11 @@ pub struct SweepFile {
     pub finetune: Option<FinetuneSection>,
     /// Training (WGAN-GP).
     pub train: Option<TrainSection>,
-    /// Data-parallel replicas (WGAN-GP).
+    /// Data-parallel replicas: each trial of the `final`, `finetune` and `train` stages (and a
+    /// command sweep's `final`) runs as a gang of this many workers; cross-validation trials stay single.
     pub distributed: Option<DistributedSection>,
+    /// The user's program (`[model] kind = "command"`).
+    pub command: Option<CommandSection>,
 }
 
 /// The most augmented copies `[augment] copies` may append: each is a whole training set more
@@ -398,12 +447,43 @@ impl SweepFile {
         self.model.kind == "wgan-gp"
     }
 
+    /// True for a command sweep (the user's own program, `[command]`).
+    pub fn is_command(&self) -> bool {
+        self.model.kind == "command"
+    }
+
+    /// Whether the file has a `[dataset]` (only a command sweep may go without).
+    pub fn has_dataset(&self) -> bool {
+        !self.dataset.path.is_empty()
+    }
+
+    /// The metric cross-validation minimises: `[command] metric`, else the recipes' `val_mse`.
+    pub fn selection_metric(&self) -> &str {
+        self.command.as_ref().filter(|_| self.is_command()).map_or("val_mse", |c| c.metric.as_str())
+    }
+
     fn validate(&self, file: &str) -> Result<(), SweepError> {
         let check = Checker { file };
         check.require(!self.name.trim().is_empty(), "name", || "must not be empty".into())?;
-        check.require(matches!(self.model.kind.as_str(), "dae" | "wgan-gp"), "model.kind", || {
-            format!("{:?} is not supported (supported: \"dae\", \"wgan-gp\")", self.model.kind)
+        check.require(matches!(self.model.kind.as_str(), "dae" | "wgan-gp" | "command"), "model.kind", || {
+            format!("{:?} is not supported (supported: \"dae\", \"wgan-gp\", \"command\")", self.model.kind)
         })?;
+        if self.is_command() {
+            return match crate::command::problem(self) {
+                Some((key, message)) => check.require(false, &key, || message),
+                None => Ok(()),
+            };
+        }
+        check.require(self.command.is_none(), "command", || "[command] belongs to model.kind = \"command\"".into())?;
+        check.require(self.has_dataset(), "dataset", || "a [dataset] section with format and path is required".into())?;
+        if let Some(cv) = &self.cv {
+            let named = cv.grid.named.keys().map(|name| ("cv.grid", name)).chain(cv.random.iter().flat_map(|r| r.named.keys().map(|name| ("cv.random", name))));
+            for (section, name) in named {
+                check.require(false, section, || {
+                    format!("unknown field `{name}`, expected one of `lr`, `weight_decay`, `batch_size`, `noise_std`, `latent` (any name is a hyperparameter only for model.kind = \"command\")")
+                })?;
+            }
+        }
         check.require(matches!(self.dataset.format.as_str(), "idx" | "image-folder" | "nifti"), "dataset.format", || {
             format!("{:?} is not supported (supported: \"idx\", \"image-folder\", \"nifti\")", self.dataset.format)
         })?;
@@ -542,7 +622,19 @@ impl SweepFile {
 
     fn validate_gan(&self, check: &Checker<'_>) -> Result<(), SweepError> {
         check.require(self.dataset.format != "idx", "dataset.format", || "the WGAN-GP trains on \"image-folder\" or \"nifti\" data".into())?;
-        check.require(self.dataset.image_size == 64, "dataset.image_size", || format!("{} must be 64: the generator makes 64×64 images", self.dataset.image_size))?;
+        let size = self.dataset.image_size;
+        check.require(matches!(size, 32 | 64 | 128), "dataset.image_size", || format!("{size} must be 32, 64 or 128"))?;
+        let stages = match size {
+            32 => 3,
+            64 => 4,
+            _ => 5,
+        };
+        check.require(self.model.widths.len() == stages, "model.widths", || {
+            format!("{} widths make {}×{} images; image_size {size} needs {stages} (one per stride-2 stage)", self.model.widths.len(), 4 << self.model.widths.len(), 4 << self.model.widths.len())
+        })?;
+        check.require(!self.model.conditional || self.dataset.format == "image-folder", "model.conditional", || {
+            "a conditional WGAN-GP takes its classes from an \"image-folder\" dataset's class folders".into()
+        })?;
         check.require((0.0..1.0).contains(&self.dataset.min_foreground), "dataset.min_foreground", || "must be within [0, 1)".into())?;
         for (present, key) in [(self.cv.is_some(), "cv"), (self.final_stage.is_some(), "final"), (self.finetune.is_some(), "finetune")] {
             check.require(!present, key, || format!("[{key}] belongs to model.kind = \"dae\"; the WGAN-GP uses [train]"))?;
@@ -580,7 +672,7 @@ impl SweepFile {
 
     /// Checks the number of trials the sweep's first stage expands to against `max_trials`.
     pub fn check_trial_limit(&self, file: &str, max_trials: usize) -> Result<(), SweepError> {
-        let trials = self.cv.as_ref().map_or(1, |cv| self.cv_configs().len() * cv.folds as usize);
+        let trials = if self.is_command() { crate::command::first_stage_trials(self) } else { self.cv.as_ref().map_or(1, |cv| self.cv_configs().len() * cv.folds as usize) };
         Checker { file }.require(trials <= max_trials, "cv", || format!("expands to {trials} trials, more than the limit of {max_trials}"))
     }
 
@@ -785,6 +877,24 @@ epochs = 80
         assert_eq!((train.lr, train.beta1, train.beta2, train.critic_steps, train.gp_lambda), (1e-4, 0.0, 0.9, 5, 10.0));
         assert_eq!(sweep.model.widths, [1024, 512, 256, 128]);
         assert_eq!(sweep.dataset.image_size, 64);
+    }
+
+    #[test]
+    fn gan_image_sizes_set_the_stages_and_conditional_needs_classes() {
+        let sized = |size: u32, widths: &str| GAN.replace("path = \"mri\"", &format!("path = \"mri\"\nimage_size = {size}")).replace("kind = \"wgan-gp\"", &format!("kind = \"wgan-gp\"\nwidths = {widths}"));
+        for (size, widths) in [(32, "[64, 32, 16]"), (64, "[64, 32, 16, 8]"), (128, "[64, 32, 16, 8, 8]")] {
+            let sweep = SweepFile::parse(&sized(size, widths), "g").unwrap();
+            assert_eq!(sweep.model.widths.len(), match size { 32 => 3, 64 => 4, _ => 5 });
+            assert_eq!(sweep.train.unwrap().eval_every, 10);
+        }
+        let err = SweepFile::parse(&sized(128, "[64, 32, 16, 8]"), "g").unwrap_err().to_string();
+        assert!(err.contains("model.widths: 4 widths make 64×64 images; image_size 128 needs 5"), "{err}");
+        let err = SweepFile::parse(&sized(96, "[64, 32, 16, 8]"), "g").unwrap_err().to_string();
+        assert!(err.contains("dataset.image_size: 96 must be 32, 64 or 128"), "{err}");
+        let err = SweepFile::parse(&GAN.replace("kind = \"wgan-gp\"", "kind = \"wgan-gp\"\nconditional = true"), "g").unwrap_err().to_string();
+        assert!(err.contains("model.conditional: a conditional WGAN-GP takes its classes from an \"image-folder\""), "{err}");
+        let folder = GAN.replace("format = \"nifti\"", "format = \"image-folder\"").replace("kind = \"wgan-gp\"", "kind = \"wgan-gp\"\nconditional = true");
+        assert!(SweepFile::parse(&folder, "g").unwrap().model.conditional);
     }
 
     #[test]

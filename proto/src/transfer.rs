@@ -1,9 +1,15 @@
 //! Moving content-addressed blobs over gRPC streams, shared by every side that sends or stores one.
 //!
-//! A sender hashes the file first, then streams it in [`BLOB_CHUNK_BYTES`] chunks whose first one
-//! names the hash and size. A receiver writes into a temporary file beside the destination,
-//! hashing as it goes, and renames it into place only once the hash and size check out, so an
-//! interrupted or corrupted transfer never leaves a partial blob visible. A sender that stalls
+//! A stream of [`BLOB_CHUNK_BYTES`] chunks carries a blob in one of two forms. Named up front
+//! ([`file_chunks`]): the sender hashed the file before sending, and the first chunk names the
+//! hash and size (what a stored blob's download does). Hashed at the end
+//! ([`file_chunks_hash_at_end`]): the first chunk names only the size (its `sha256` left empty),
+//! the sender hashes while it sends, and a last chunk without data names the hash; an upload then
+//! costs one pass over the file, not two. A receiver writes into a hidden temporary file, hashing
+//! as it goes, and the blob becomes visible only once the hash and size check out: renamed into
+//! place by [`receive_to_file`], or by [`VerifiedBlob::persist`] once the hash, and with it the
+//! blob's name, is known ([`receive_verified_within`]). An interrupted or corrupted transfer never
+//! leaves a partial blob visible, and a stream whose bytes do not hash to what it names is refused. A sender that stalls
 //! between chunks, or takes too long overall, is cut off (see [`ReceiveTimeouts`]); a temporary
 //! file that a killed process left behind is found by [`is_partial_file_name`] and removed by
 //! [`remove_partial_files`].
@@ -175,6 +181,55 @@ pub fn file_chunks(path: PathBuf, blob: BlobRef) -> impl Stream<Item = BlobChunk
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
+/// Streams a file whose hash is not known yet, hashing it as it is read: the first chunk names
+/// the file's size and leaves `sha256` empty, and after the data a last chunk without data names
+/// the hash (lowercase hex). One pass over the file instead of a hash pass and then the stream.
+///
+/// A read error, or a file shorter than its size at the start, ends the stream without the hash
+/// chunk: the receiver then refuses the blob. A file that grows while it is read is refused too
+/// (more bytes than the first chunk named).
+pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> + Send + 'static {
+    let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return;
+        };
+        let Ok(size) = file.metadata().map(|meta| meta.len()) else {
+            return;
+        };
+        let mut hasher = Sha256::new();
+        let mut first = true;
+        let mut sent = 0u64;
+        loop {
+            let Ok(data) = read_chunk(&mut file) else {
+                return;
+            };
+            let last = data.len() < BLOB_CHUNK_BYTES;
+            hasher.update(&data);
+            sent += data.len() as u64;
+            let chunk = match first {
+                true => BlobChunk { sha256: String::new(), size, data: data.into() },
+                false if data.is_empty() => break,
+                false => BlobChunk { data: data.into(), ..BlobChunk::default() },
+            };
+            first = false;
+            if sender.blocking_send(chunk).is_err() {
+                return;
+            }
+            if last {
+                break;
+            }
+        }
+        // A file cut short while it was read: no hash chunk, so the receiver refuses it rather
+        // than waiting for bytes that will not come.
+        if sent != size {
+            return;
+        }
+        let _ = sender.blocking_send(BlobChunk { sha256: hex::encode(hasher.finalize()), size, ..BlobChunk::default() });
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
 /// Reads up to [`BLOB_CHUNK_BYTES`] (fewer only at the end of the file) into a new buffer.
 fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
     let mut data = Vec::with_capacity(BLOB_CHUNK_BYTES);
@@ -185,8 +240,8 @@ fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
 /// Receives a chunk stream into `destination`, verifying hash and size before it appears there,
 /// within the [`ReceiveTimeouts::default`] limits (see [`receive_to_file_within`]).
 ///
-/// `expected` pins the hash the caller wants (a download); otherwise the first chunk's announced
-/// hash is verified (an upload). At most `max_size` bytes are accepted. The temporary file lives in
+/// `expected` pins the hash the caller wants (a download); otherwise the hash the stream names,
+/// first or last, is verified. At most `max_size` bytes are accepted. The temporary file lives in
 /// `destination`'s folder and is removed on any failure.
 pub async fn receive_to_file<S>(stream: S, destination: &Path, expected: Option<&str>, max_size: u64) -> Result<BlobRef, TransferError>
 where
@@ -209,16 +264,71 @@ pub async fn receive_to_file_within<S>(
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
-    let mut paced = Paced { stream: &mut stream, timeouts, deadline: Instant::now().checked_add(timeouts.total) };
     let folder = destination.parent().unwrap_or(Path::new("."));
-    tokio::fs::create_dir_all(folder).await.map_err(io_error(folder))?;
     let temp = tempfile_path(destination);
-    let result = receive_inner(&mut paced, &temp, expected, max_size).await;
-    match result {
-        Ok(blob) => {
-            tokio::fs::rename(&temp, destination).await.map_err(io_error(destination))?;
-            Ok(blob)
+    let verified = receive_into(&mut stream, folder, temp, expected, max_size, timeouts).await?;
+    verified.persist(destination).await
+}
+
+/// A received blob whose content matched its hash and size, still in its hidden temporary file:
+/// nothing is visible under the blob's name until [`VerifiedBlob::persist`]. Dropped unpersisted,
+/// it removes the file.
+#[derive(Debug)]
+pub struct VerifiedBlob {
+    /// The blob's hash and size, as verified.
+    pub blob: BlobRef,
+    /// The temporary file, until it is persisted or removed.
+    temp: Option<PathBuf>,
+}
+
+impl VerifiedBlob {
+    /// Renames the verified file to `destination` (creating its folder; in the same file system
+    /// as the temporary file), where it appears whole or not at all.
+    pub async fn persist(mut self, destination: &Path) -> Result<BlobRef, TransferError> {
+        let temp = self.temp.take().expect("a verified blob holds its file until persisted");
+        if let Some(folder) = destination.parent() {
+            if let Err(error) = tokio::fs::create_dir_all(folder).await {
+                let _ = tokio::fs::remove_file(&temp).await;
+                return Err(io_error(folder)(error));
+            }
         }
+        if let Err(error) = tokio::fs::rename(&temp, destination).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(io_error(destination)(error));
+        }
+        Ok(self.blob.clone())
+    }
+}
+
+impl Drop for VerifiedBlob {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+/// Receives a chunk stream whose name may come last ([`file_chunks_hash_at_end`]) into a hidden
+/// temporary file in `folder` (a [`is_partial_file_name`] file, created with the folder), under
+/// `timeouts`; returns it once its bytes hash to what the stream names, for the caller to
+/// [`VerifiedBlob::persist`] under that name. `expected` and `max_size` as for
+/// [`receive_to_file`]. On any failure the temporary file is gone.
+pub async fn receive_verified_within<S>(mut stream: S, folder: &Path, expected: Option<&str>, max_size: u64, timeouts: ReceiveTimeouts) -> Result<VerifiedBlob, TransferError>
+where
+    S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
+{
+    let temp = tempfile_path(&folder.join("incoming"));
+    receive_into(&mut stream, folder, temp, expected, max_size, timeouts).await
+}
+
+async fn receive_into<S>(stream: &mut S, folder: &Path, temp: PathBuf, expected: Option<&str>, max_size: u64, timeouts: ReceiveTimeouts) -> Result<VerifiedBlob, TransferError>
+where
+    S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
+{
+    let mut paced = Paced { stream, timeouts, deadline: Instant::now().checked_add(timeouts.total) };
+    tokio::fs::create_dir_all(folder).await.map_err(io_error(folder))?;
+    match receive_inner(&mut paced, &temp, expected, max_size).await {
+        Ok(blob) => Ok(VerifiedBlob { blob, temp: Some(temp) }),
         Err(error) => {
             let _ = tokio::fs::remove_file(&temp).await;
             Err(error)
@@ -267,9 +377,12 @@ where
 const PARTIAL_SUFFIX: &str = ".partial";
 
 fn tempfile_path(destination: &Path) -> PathBuf {
+    // Two transfers into one folder within the same clock tick still get files of their own.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = destination.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    destination.with_file_name(format!(".{name}.{}.{unique}{PARTIAL_SUFFIX}", std::process::id()))
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    destination.with_file_name(format!(".{name}.{}.{unique}{count}{PARTIAL_SUFFIX}", std::process::id()))
 }
 
 /// True for the name of a receiver's temporary file (`.NAME.PID.NANOS.partial`), which only a
@@ -310,14 +423,11 @@ where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
     let first = stream.next().await?.ok_or_else(|| TransferError::Protocol("empty stream".into()))?;
-    let announced = BlobRef { sha256: first.sha256.clone(), size: first.size };
-    if !is_sha256_hex(&announced.sha256) {
-        return Err(TransferError::Protocol(format!("first chunk names no valid sha256: {:?}", announced.sha256)));
-    }
-    if let Some(expected) = expected {
-        if announced.sha256 != expected {
-            return Err(TransferError::HashMismatch { expected: expected.to_string(), actual: announced.sha256 });
-        }
+    // An empty name: the stream names its hash in its last chunk.
+    let hash_at_end = first.sha256.is_empty();
+    let mut announced = BlobRef { sha256: first.sha256.clone(), size: first.size };
+    if !hash_at_end {
+        check_name(&announced.sha256, expected, "first")?;
     }
     if announced.size > max_size {
         return Err(TransferError::Protocol(format!("blob of {} bytes exceeds the limit of {max_size}", announced.size)));
@@ -326,8 +436,8 @@ where
     let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let writer_path = temp.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || hash_and_write(&writer_path, receiver));
-    let received = forward_chunks(stream, first, announced.size, &sender).await;
-    if matches!(received, Ok(size) if size == announced.size) {
+    let received = forward_chunks(stream, first, announced.size, hash_at_end, &sender).await;
+    if matches!(&received, Ok((size, trailer)) if *size == announced.size && (trailer.is_some() || !hash_at_end)) {
         // The writer may have stopped on an error of its own; that error is reported below.
         let _ = sender.send(ToWriter::Finish).await;
     }
@@ -336,15 +446,31 @@ where
     let written = writer.await.unwrap_or_else(|join| Err(io_error(temp)(std::io::Error::other(join))));
     // A disk error comes first: it is why the writer stopped taking chunks.
     let written = written?;
-    let received = received?;
+    let (received, trailer) = received?;
     if received != announced.size {
         return Err(TransferError::Protocol(format!("received {received} of {} announced bytes", announced.size)));
+    }
+    if hash_at_end {
+        let named = trailer.ok_or_else(|| TransferError::Protocol("the stream ended without naming its hash".into()))?;
+        check_name(&named, expected, "last")?;
+        announced.sha256 = named;
     }
     let actual = written.ok_or_else(|| TransferError::Protocol("the blob writer stopped early".into()))?;
     if actual != announced.sha256 {
         return Err(TransferError::HashMismatch { expected: announced.sha256, actual });
     }
     Ok(announced)
+}
+
+/// Checks a hash a stream names (in its `which` chunk): a SHA-256, and the one `expected`.
+fn check_name(named: &str, expected: Option<&str>, which: &str) -> Result<(), TransferError> {
+    if !is_sha256_hex(named) {
+        return Err(TransferError::Protocol(format!("{which} chunk names no valid sha256: {named:?}")));
+    }
+    match expected {
+        Some(expected) if named != expected => Err(TransferError::HashMismatch { expected: expected.to_string(), actual: named.to_string() }),
+        _ => Ok(()),
+    }
 }
 
 /// What the receiving task hands the blocking writer.
@@ -355,31 +481,44 @@ enum ToWriter {
     Finish,
 }
 
-/// Hands each chunk's bytes to the writer until the stream ends; returns the bytes received.
-/// Stops at the first stream error, at more bytes than `announced_size`, or when the writer
-/// has stopped (the caller then reports the writer's own error).
+/// Hands each chunk's bytes to the writer until the stream ends; returns the bytes received and,
+/// with `hash_at_end`, the hash the last chunk named. Stops at the first stream error, at more
+/// bytes than `announced_size`, at anything after the hash chunk, or when the writer has stopped
+/// (the caller then reports the writer's own error).
 async fn forward_chunks<S>(
     stream: &mut Paced<'_, S>,
     first: BlobChunk,
     announced_size: u64,
+    hash_at_end: bool,
     writer: &tokio::sync::mpsc::Sender<ToWriter>,
-) -> Result<u64, TransferError>
+) -> Result<(u64, Option<String>), TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
     let mut received = 0u64;
     let mut chunk = Some(first);
+    let mut is_first = true;
     while let Some(current) = chunk {
+        if hash_at_end && !is_first && !current.sha256.is_empty() {
+            if !current.data.is_empty() {
+                return Err(TransferError::Protocol("the chunk naming the hash carries data".into()));
+            }
+            if stream.next().await?.is_some() {
+                return Err(TransferError::Protocol("chunks after the one naming the hash".into()));
+            }
+            return Ok((received, Some(current.sha256)));
+        }
+        is_first = false;
         received += current.data.len() as u64;
         if received > announced_size {
             return Err(TransferError::Protocol(format!("more than the announced {announced_size} bytes")));
         }
         if !current.data.is_empty() && writer.send(ToWriter::Data(current.data)).await.is_err() {
-            return Ok(received);
+            return Ok((received, None));
         }
         chunk = stream.next().await?;
     }
-    Ok(received)
+    Ok((received, None))
 }
 
 /// Creates `path`, then hashes and writes every buffer received until told to finish, when it
@@ -464,6 +603,104 @@ mod tests {
         let err = receive_to_file(tokio_stream::iter(chunks), &dest, Some(&other), u64::MAX).await.unwrap_err();
         assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
         let _ = blob;
+    }
+
+    async fn chunks_hashed_at_end(path: &Path) -> Vec<Result<BlobChunk, tonic::Status>> {
+        file_chunks_hash_at_end(path.to_path_buf()).map(Ok).collect().await
+    }
+
+    #[tokio::test]
+    async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("incoming");
+        for size in [0usize, 1, BLOB_CHUNK_BYTES, BLOB_CHUNK_BYTES * 2 + 17] {
+            let source = dir.path().join(format!("src-{size}"));
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 37 % 253) as u8).collect();
+            std::fs::write(&source, &bytes).unwrap();
+            let blob = hash_file(&source).await.unwrap();
+            let chunks = chunks_hashed_at_end(&source).await;
+            // Data chunks (at least one, naming the size), then one naming the hash.
+            assert_eq!(chunks.len(), size.div_ceil(BLOB_CHUNK_BYTES).max(1) + 1, "{size}");
+            let head = chunks[0].as_ref().unwrap();
+            assert!(head.sha256.is_empty());
+            assert_eq!(head.size, size as u64);
+            let tail = chunks.last().unwrap().as_ref().unwrap();
+            assert_eq!(tail.sha256, blob.sha256);
+            assert!(tail.data.is_empty());
+
+            let verified = receive_verified_within(tokio_stream::iter(chunks.clone()), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+            assert_eq!(verified.blob, blob);
+            // Verified but not persisted: only a hidden partial file exists.
+            assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)), "{:?}", names_in(&incoming));
+            let dest = dir.path().join("store").join(&blob.sha256);
+            assert_eq!(verified.persist(&dest).await.unwrap(), blob);
+            assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+            assert!(names_in(&incoming).is_empty());
+
+            // receive_to_file takes both forms.
+            let dest = dir.path().join(format!("dst-{size}"));
+            assert_eq!(receive_to_file(tokio_stream::iter(chunks), &dest, Some(&blob.sha256), u64::MAX).await.unwrap(), blob);
+            assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+        }
+        // Dropped without persisting: the file goes.
+        let source = dir.path().join("src-1");
+        let verified = receive_verified_within(tokio_stream::iter(chunks_hashed_at_end(&source).await), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+        assert_eq!(names_in(&incoming).len(), 1);
+        drop(verified);
+        assert!(names_in(&incoming).is_empty());
+    }
+
+    #[tokio::test]
+    async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("incoming");
+        let source = dir.path().join("src");
+        std::fs::write(&source, vec![9u8; BLOB_CHUNK_BYTES + 5000]).unwrap();
+        let chunks: Vec<BlobChunk> = chunks_hashed_at_end(&source).await.into_iter().map(Result::unwrap).collect();
+        assert_eq!(chunks.len(), 3);
+        let receive = |chunks: Vec<BlobChunk>, expected: Option<String>| {
+            let incoming = incoming.clone();
+            async move { receive_verified_within(tokio_stream::iter(chunks.into_iter().map(Ok)), &incoming, expected.as_deref(), u64::MAX, ReceiveTimeouts::default()).await }
+        };
+
+        // No hash at the end (the sender stopped after its last data).
+        let err = receive(chunks[..2].to_vec(), None).await.unwrap_err();
+        assert!(err.to_string().contains("ended without naming its hash"), "{err}");
+        // A wrong hash at the end, and corrupted data under the true one.
+        let mut wrong = chunks.clone();
+        wrong[2].sha256 = "0".repeat(64);
+        assert!(matches!(receive(wrong, None).await.unwrap_err(), TransferError::HashMismatch { .. }));
+        let mut corrupted = chunks.clone();
+        let mut flipped = corrupted[1].data.to_vec();
+        flipped[7] ^= 1;
+        corrupted[1].data = flipped.into();
+        assert!(matches!(receive(corrupted, None).await.unwrap_err(), TransferError::HashMismatch { .. }));
+        // A hash that is not one, data in the hash chunk, and chunks after it.
+        let mut garbage = chunks.clone();
+        garbage[2].sha256 = "not a hash".into();
+        assert!(receive(garbage, None).await.unwrap_err().to_string().contains("last chunk names no valid sha256"));
+        let mut loaded = chunks.clone();
+        loaded[2].data = vec![1u8].into();
+        assert!(receive(loaded, None).await.unwrap_err().to_string().contains("carries data"));
+        let mut extra = chunks.clone();
+        extra.push(BlobChunk { data: vec![1u8].into(), ..BlobChunk::default() });
+        assert!(receive(extra, None).await.unwrap_err().to_string().contains("after the one naming the hash"));
+        // Short of the size named first, and past it.
+        let mut short = chunks.clone();
+        short[1].data.truncate(10);
+        assert!(receive(short, None).await.unwrap_err().to_string().contains("received"));
+        let mut long = chunks.clone();
+        long[0].size -= 1;
+        assert!(receive(long, None).await.unwrap_err().to_string().contains("more than the announced"));
+        // The right stream, but not the blob the caller asked for.
+        assert!(matches!(receive(chunks.clone(), Some("1".repeat(64))).await.unwrap_err(), TransferError::HashMismatch { .. }));
+        // A stream cut off mid-way.
+        let failing = vec![Ok(chunks[0].clone()), Err(tonic::Status::aborted("cut"))];
+        let err = receive_verified_within(tokio_stream::iter(failing), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap_err();
+        assert!(matches!(err, TransferError::Stream(_)), "{err}");
+        assert!(names_in(&incoming).is_empty(), "nothing left behind: {:?}", names_in(&incoming));
+        // And the whole, true stream passes.
+        receive(chunks, None).await.unwrap();
     }
 
     /// The names of the entries of `folder`, sorted.

@@ -14,6 +14,32 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repo").to_path_buf()
 }
 
+/// A WGAN-GP sweep named `name` small enough to train in seconds on the committed MRI volume:
+/// 24 slices, widths /8, 2 epochs of batch 4 (a generator step every 2 critic steps), samples
+/// and a checkpoint every epoch.
+pub fn small_wgan_sweep(name: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+[dataset]
+format = "nifti"
+path = "{}"
+train_limit = 24
+[model]
+kind = "wgan-gp"
+widths = [32, 16, 8, 4]
+[train]
+epochs = 2
+batch_size = 4
+critic_steps = 2
+sample_every = 1
+sample_count = 4
+checkpoint_every = 1
+"#,
+        repo_root().join("data/mri-sample").to_string_lossy().replace('\\', "/")
+    )
+}
+
 /// The committed MNIST sample (8,000 training and 2,000 test digits).
 pub fn mnist_sample() -> String {
     repo_root().join("data/mnist-sample").display().to_string()

@@ -4,14 +4,16 @@
 //! curve grow on the open page without a reload; when it ends, the cross-validation table shows
 //! every fold and marks the winner; charts and figures render; a wrong token is refused and the
 //! viewer cannot cancel; a sweep named `<script>alert(1)</script>` runs nothing; any JavaScript
-//! error fails the test. With `COHORT_CONSOLE_SCREENSHOTS=DIR` each page's screenshot is saved.
+//! error fails the test; a WGAN-GP's page shows its four curves, sample grids and figures; the
+//! workers page shows each worker's device and time by phase. With
+//! `COHORT_CONSOLE_SCREENSHOTS=DIR` each page's screenshot is saved.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cohort_cluster_tests::webdriver::{http, Browser};
-use cohort_cluster_tests::{free_address, mnist_sample, temp_dir, Cluster};
+use cohort_cluster_tests::{free_address, mnist_sample, small_wgan_sweep, temp_dir, Cluster};
 use serde_json::{json, Value};
 
 const VIEWER_TOKEN: &str = "viewer-token-for-tests";
@@ -42,6 +44,15 @@ lr = [1e-3, 3e-3]
 epochs = 2
 "#,
         mnist_sample().replace('\\', "/")
+    )
+}
+
+/// A script that is true once at least `at_least` of the images `selector` matches whose alt
+/// text or address contains `named` are there, and every image it matches has loaded.
+fn images_loaded(selector: &str, named: &str, at_least: usize) -> String {
+    format!(
+        "const imgs = [...document.querySelectorAll('{selector}')]; \
+         return imgs.filter(i => (i.alt + i.src).includes('{named}')).length >= {at_least} && imgs.every(i => i.complete && i.naturalWidth > 0)"
     )
 }
 
@@ -79,14 +90,14 @@ fn assert_no_script_errors(browser: &Browser, page: &str) {
 }
 
 fn sign_in(browser: &Browser, token: &str) {
-    browser.wait_until("the sign-in form", Duration::from_secs(10), "return document.getElementById('token') !== null");
+    browser.wait_until("the sign-in form", Duration::from_secs(30), "return document.getElementById('token') !== null");
     browser.type_into("#token", token);
     browser.click("#login button[type=submit]");
 }
 
 fn sign_out(browser: &Browser) {
     browser.click("#logout");
-    browser.wait_until("the sign-in form after signing out", Duration::from_secs(10), "return document.getElementById('token') !== null");
+    browser.wait_until("the sign-in form after signing out", Duration::from_secs(30), "return document.getElementById('token') !== null");
 }
 
 #[test]
@@ -124,16 +135,16 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     browser.goto(&base);
     // (5) A wrong token is refused.
     sign_in(&browser, "not-the-token");
-    browser.wait_until("the refusal", Duration::from_secs(10), "return document.getElementById('login-error').textContent");
+    browser.wait_until("the refusal", Duration::from_secs(30), "return document.getElementById('login-error').textContent");
     screenshot(&browser, "sign-in");
     // (1) The sweep submitted with the CLI appears on the sweeps page (as the viewer).
     sign_in(&browser, VIEWER_TOKEN);
     let row = format!("document.querySelector('tr[data-sweep=\"{live}\"] .sweep-name')");
-    browser.wait_until("the live sweep on the sweeps page", Duration::from_secs(10), &format!("return {row} && {row}.textContent"));
+    browser.wait_until("the live sweep on the sweeps page", Duration::from_secs(30), &format!("return {row} && {row}.textContent"));
     // (6) The <script> sweep's name is shown as text and runs nothing.
     let xss_text = browser.wait_until(
         "the <script> sweep on the sweeps page",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         &format!("const a = document.querySelector('tr[data-sweep=\"{xss}\"] .sweep-name'); return a && a.textContent"),
     );
     assert_eq!(xss_text, json!(XSS_NAME));
@@ -142,7 +153,7 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // (5) The viewer cannot cancel: the button is disabled and the API refuses.
     browser.goto(&format!("{base}/#/sweep/{xss}"));
-    browser.wait_until("the <script> sweep's page", Duration::from_secs(10), "const h = document.getElementById('sweep-name'); return h && h.textContent");
+    browser.wait_until("the <script> sweep's page", Duration::from_secs(30), "const h = document.getElementById('sweep-name'); return h && h.textContent");
     assert_eq!(browser.execute("return document.getElementById('sweep-name').textContent", json!([])), json!(XSS_NAME));
     assert_eq!(browser.execute("return document.getElementById('cancel').disabled", json!([])), json!(true));
     let status = browser.command(
@@ -155,7 +166,7 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // (2) The open sweep page follows a running trial: its epochs and curve grow without a reload.
     browser.goto(&format!("{base}/#/sweep/{live}"));
-    browser.wait_until("the live sweep's page", Duration::from_secs(10), "return document.querySelector('#trials-body tr') !== null");
+    browser.wait_until("the live sweep's page", Duration::from_secs(30), "return document.querySelector('#trials-body tr') !== null");
     browser.execute("window.__sameDocument = 'yes'; return true", json!([]));
     cluster.add_worker("w0");
     let epochs_of_selected = "const t = document.getElementById('trial-name'); const row = t && [...document.querySelectorAll('#trials-body tr')].find(r => r.classList.contains('selected')); \
@@ -209,7 +220,7 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     browser.wait_until(
         "the figures to load and decode",
         Duration::from_secs(60),
-        "const imgs = [...document.querySelectorAll('#figures img')]; return imgs.length >= 3 && imgs.every(i => i.complete && i.naturalWidth > 0)",
+        &images_loaded("#figures img", "", 3),
     );
     let decoded = browser.command(
         "POST",
@@ -223,23 +234,31 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // The final trial's page: its artifacts render as images and its checkpoint downloads.
     browser.execute("document.getElementById('trial-stage').value = 'final'; document.getElementById('trial-stage').dispatchEvent(new Event('change')); return true", json!([]));
-    browser.wait_until("the final trial's row", Duration::from_secs(10), "return document.querySelectorAll('#trials-body tr').length === 1");
+    browser.wait_until("the final trial's row", Duration::from_secs(30), "return document.querySelectorAll('#trials-body tr').length === 1");
     browser.click("#trials-body tr");
     browser.wait_until(
         "the final trial's artifact images",
         Duration::from_secs(30),
-        "const imgs = [...document.querySelectorAll('#trial-artifacts img')]; return imgs.length >= 1 && imgs.every(i => i.complete && i.naturalWidth > 0)",
+        &images_loaded("#trial-artifacts img", "", 1),
     );
-    let link = browser.wait_until("a checkpoint link", Duration::from_secs(10), "const a = document.querySelector('#trial-checkpoints a'); return a && a.getAttribute('href')");
+    let link = browser.wait_until("a checkpoint link", Duration::from_secs(30), "const a = document.querySelector('#trial-checkpoints a'); return a && a.getAttribute('href')");
     let download = http(console, "GET", link.as_str().unwrap(), &[("Authorization", &bearer(VIEWER_TOKEN))], None);
     assert_eq!(download.status, 200);
     assert!(download.body.len() > 1000, "a checkpoint has bytes");
-    browser.wait_until("the trial's log", Duration::from_secs(10), "return document.getElementById('trial-log').textContent.length > 0");
+    browser.wait_until("the trial's log", Duration::from_secs(30), "return document.getElementById('trial-log').textContent.length > 0");
     browser.execute("document.getElementById('trial').scrollIntoView(); return true", json!([]));
     screenshot(&browser, "trial");
 
+    // The workers page: name, device, current trial, time by phase, last seen.
     browser.goto(&format!("{base}/#/workers"));
-    browser.wait_until("the worker on the workers page", Duration::from_secs(10), "return [...document.querySelectorAll('#workers-body td')].some(td => td.textContent === 'w0')");
+    browser.wait_until("the worker on the workers page", Duration::from_secs(30), "return [...document.querySelectorAll('#workers-body td')].some(td => td.textContent === 'w0')");
+    let device = browser.execute("return document.querySelector('#workers-body td.device').textContent", json!([]));
+    assert_eq!(device, json!("cpu"));
+    browser.wait_until(
+        "the worker's time by phase",
+        Duration::from_secs(20),
+        "const td = document.querySelector('#workers-body td.phases'); return td && /train \\d+%/.test(td.textContent) && td.textContent",
+    );
     screenshot(&browser, "workers");
     assert_no_script_errors(&browser, "workers");
 
@@ -247,15 +266,50 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     sign_out(&browser);
     sign_in(&browser, CLIENT_TOKEN);
     browser.goto(&format!("{base}/#/sweep/{xss}"));
-    browser.wait_until("an enabled cancel button", Duration::from_secs(10), "const b = document.getElementById('cancel'); return b && !b.disabled");
+    browser.wait_until("an enabled cancel button", Duration::from_secs(30), "const b = document.getElementById('cancel'); return b && !b.disabled");
     browser.click("#cancel");
     browser.wait_until("the cancellation", Duration::from_secs(20), "return /cancelled/.test(document.getElementById('action-message').textContent)");
     browser.goto(&format!("{base}/#/"));
-    browser.wait_until("the sweeps page", Duration::from_secs(10), &format!("return {row} && {row}.textContent"));
+    browser.wait_until("the sweeps page", Duration::from_secs(30), &format!("return {row} && {row}.textContent"));
     screenshot(&browser, "sweeps");
     assert_no_script_errors(&browser, "sweeps (client)");
     let xss_state = api(console, &format!("/api/sweeps/{xss}"))["state"].clone();
     assert_eq!(xss_state, json!("cancelled"));
+
+    // With the worker free again, a WGAN-GP's page: its critic, generator, Wasserstein and
+    // penalty curves, its sample grids by epoch, and the report's figures 4-7.
+    let gan = cluster.submit("gan.toml", &small_wgan_sweep("console-gan"));
+    browser.goto(&format!("{base}/#/sweep/{gan}"));
+    browser.wait_until("the WGAN-GP sweep's page", Duration::from_secs(30), "return document.querySelector('#trials-body tr') !== null");
+    browser.click("#trials-body tr");
+    assert_eq!(cluster.client_ok(&["wait", &gan, "--timeout", "300"]).trim(), "succeeded");
+    // Points of each curve: the four WGAN-GP curves (critic, generator, Wasserstein, penalty)
+    // with both epochs, within 30 s.
+    let curves = "return [...document.querySelectorAll('#trial-charts path.series')].map(p => p.getAttribute('data-points')).join(' ')";
+    let started = Instant::now();
+    loop {
+        let drawn = browser.execute(curves, json!([]));
+        let points: Vec<&str> = drawn.as_str().unwrap_or_default().split_whitespace().collect();
+        if points.iter().filter(|p| **p == "2").count() >= 4 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the WGAN-GP trial's curves (points each): {drawn}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    browser.wait_until(
+        "the sample grids of each epoch",
+        Duration::from_secs(60),
+        &images_loaded("#trial-artifacts img", "samples-e", 2),
+    );
+    browser.wait_until(
+        "figures 4-7 to load",
+        Duration::from_secs(60),
+        &images_loaded("#figures img", "", 4),
+    );
+    browser.execute("window.scrollTo(0, 0); return true", json!([]));
+    screenshot(&browser, "sweep-wgan");
+    assert_no_script_errors(&browser, "sweep (WGAN-GP)");
+
     drop(browser);
     cluster.kill("w0");
 }

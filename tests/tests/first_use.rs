@@ -115,7 +115,7 @@ fn a_new_user_is_told_why_nothing_runs_and_how_to_fix_it() {
 
     // Every listing has CSV.
     assert!(cluster.client_ok(&["status", "--format", "csv"]).starts_with("sweep,name,state,total,queued,running,succeeded,failed\n"));
-    assert!(cluster.client_ok(&["workers", "--format", "csv"]).starts_with("worker,name,last_seen_secs,task\n"));
+    assert!(cluster.client_ok(&["workers", "--format", "csv"]).starts_with("worker,name,device,allow_commands,last_seen_secs,sweep,trial,task\n"));
     assert!(cluster.client_ok(&["checkpoints", &sweep_id, "--format", "csv"]).starts_with("task_id,trial,epoch,size,final,sha256\n"));
 
     // A worker with a wrong token stops at once, naming the file and how to give another.
@@ -153,9 +153,26 @@ fn a_finished_sweep_reads_back_by_name_and_as_data() {
         .stdout(std::fs::File::create(&follow_log).unwrap())
         .spawn()
         .unwrap();
+    // Watched from before any worker: the coordinator streams its progress (WatchSweep).
+    let watch_err = cluster.dir.path().join("watch.err");
+    let watch_out = cluster.dir.path().join("watch.out");
+    let mut watch = Command::new(binary("coordinator"))
+        .args(["--coordinator", &cluster.url(), "--token-file", &cluster.client_token().to_string_lossy(), "watch", &sweep_id])
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .stderr(std::fs::File::create(&watch_err).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     cluster.add_worker("alpha");
     assert_eq!(cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]).trim(), "succeeded");
     assert!(wait_exit(&mut follow, Duration::from_secs(60), "logs --follow").success());
+    assert!(wait_exit(&mut watch, Duration::from_secs(60), "watch").success());
+    let watched = std::fs::read_to_string(&watch_err).unwrap();
+    assert!(watched.contains("(waiting: no worker connected)"), "{watched}");
+    assert!(watched.contains(&format!("sweep {sweep_id} (small): succeeded")), "{watched}");
+    assert!(watched.lines().any(|line| line.starts_with("final ") && line.contains("1/1 trials")), "{watched}");
+    let table = std::fs::read_to_string(&watch_out).unwrap();
+    assert!(table.contains("final"), "watch ends with the results:\n{table}");
     let followed = std::fs::read_to_string(&follow_log).unwrap();
     let results: Value = serde_json::from_str(&cluster.client_ok(&["results", &sweep_id, "--format", "json"])).unwrap();
     let trials = results["trials"].as_array().unwrap();
@@ -207,6 +224,22 @@ fn a_finished_sweep_reads_back_by_name_and_as_data() {
     let status = cluster.client_ok(&["status", &gang_id]);
     assert!(status.contains("waiting: a gang of 2 needs 2 workers, 1 connected"), "{status}");
     cluster.client_ok(&["cancel", &gang_id]);
+
+    // An NCCL gang on a cluster without a GPU: it needs a device no connected worker has.
+    let path = write(&cluster, "nccl.toml", &final_sweep("nccl", 1, "[distributed]\nreplicas = 2\nbackend = \"nccl\"\n"));
+    let submitted = cluster.client(&["submit", &path]);
+    assert!(text(&submitted.stderr).contains("none of the 1 connected workers has a CUDA device"), "{}", text(&submitted.stderr));
+    let nccl_id = text(&submitted.stdout).trim().to_string();
+    let status = cluster.client_ok(&["status", &nccl_id]);
+    assert!(status.contains("has the device it needs (it runs on workers with a CUDA device)"), "{status}");
+    cluster.client_ok(&["cancel", &nccl_id]);
+
+    // The worker listing: its device and where its time went, as data.
+    let workers: Value = serde_json::from_str(&cluster.client_ok(&["workers", "--format", "json"])).unwrap();
+    assert_eq!(workers[0]["name"], "alpha", "{workers}");
+    assert_eq!(workers[0]["device"], "cpu", "{workers}");
+    assert_eq!(workers[0]["allow_commands"], false, "{workers}");
+    assert!(workers[0]["phase_seconds"]["train"].as_f64().unwrap() > 0.0, "{workers}");
 }
 
 /// A worker that stops heartbeating is shown as silent, by name, before its lease lapses.
@@ -221,6 +254,11 @@ fn a_silent_worker_is_shown_before_its_lease_lapses() {
     let silent = |r: &Value| r["trials"][0]["waiting"].as_str().unwrap_or_default().starts_with("worker sleepy silent for ");
     let results = cluster.wait_for(&sweep_id, Duration::from_secs(19), silent);
     assert_eq!(results["trials"][0]["state"], "running", "{results}");
+    // The listing names the trial the worker holds, not its task id.
+    let workers: Value = serde_json::from_str(&cluster.client_ok(&["workers", "--format", "json"])).unwrap();
+    assert_eq!((workers[0]["trial"].as_str(), workers[0]["sweep_id"].as_str()), (Some("final"), Some(sweep_id.as_str())), "{workers}");
+    let table = cluster.client_ok(&["workers"]);
+    assert!(table.contains(&format!("{sweep_id} final")), "{table}");
     cluster.signal("sleepy", "CONT");
     cluster.client_ok(&["cancel", &sweep_id]);
 }

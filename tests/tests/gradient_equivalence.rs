@@ -1,7 +1,8 @@
 //! Data-parallel WGAN-GP: for the same global batch, the gradients averaged over 2 and 4
 //! replicas (real processes' code path: ring all-reduce over loopback, one thread per replica)
 //! equal the single-process full-batch gradients, for the critic (penalty included) and the
-//! generator. Its own test binary, so nothing else touches libtorch's global generator.
+//! generator; and so for the class-conditional GAN (projection critic), each replica taking
+//! its rows' labels. Its own test binary, so nothing else touches libtorch's global generator.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,18 +36,22 @@ struct Inputs {
     critic_noise: Tensor,
     epsilon: Tensor,
     generator_noise: Tensor,
+    /// The global batch's classes (conditional GANs).
+    labels: Option<Tensor>,
 }
 
 #[derive(Clone)]
 struct PlainInputs {
     weights: BTreeMap<String, Plain>,
     batch: [Plain; 4],
+    labels: Option<Vec<i64>>,
 }
 
 impl PlainInputs {
     fn of(inputs: &Inputs) -> Self {
         let batch = [Plain::of(&inputs.real), Plain::of(&inputs.critic_noise), Plain::of(&inputs.epsilon), Plain::of(&inputs.generator_noise)];
-        Self { weights: inputs.weights.clone(), batch }
+        let labels = inputs.labels.as_ref().map(|l| Vec::<i64>::try_from(l).unwrap());
+        Self { weights: inputs.weights.clone(), batch, labels }
     }
 
     fn inputs(&self) -> Inputs {
@@ -57,12 +62,17 @@ impl PlainInputs {
             critic_noise: critic_noise.tensor(),
             epsilon: epsilon.tensor(),
             generator_noise: generator_noise.tensor(),
+            labels: self.labels.as_ref().map(|l| Tensor::from_slice(l)),
         }
+    }
+
+    fn classes(&self) -> i64 {
+        self.labels.as_ref().map_or(0, |l| l.iter().max().unwrap() + 1)
     }
 }
 
-fn gan_with(weights: &BTreeMap<String, Plain>) -> Gan {
-    let gan = Gan::new(WIDTHS, 1e-4, (0.0, 0.9), Device::Cpu);
+fn gan_with(weights: &BTreeMap<String, Plain>, classes: i64) -> Gan {
+    let gan = Gan::conditional(WIDTHS, classes, 1e-4, (0.0, 0.9), Device::Cpu);
     tch::no_grad(|| {
         for (name, mut variable) in gan.vars.variables() {
             variable.copy_(&weights[&name].tensor());
@@ -73,9 +83,10 @@ fn gan_with(weights: &BTreeMap<String, Plain>) -> Gan {
 
 /// (critic gradients, generator gradients) by parameter name, for one replica or the whole batch.
 fn gradients(gan: &mut Gan, inputs: &Inputs, shard: Shard, mut comm: Option<&mut (dyn Communicator + 'static)>) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
-    gan.critic_gradients(&inputs.real, &inputs.critic_noise, &inputs.epsilon, 10.0, shard, comm.as_deref_mut()).unwrap();
+    let labels = inputs.labels.as_ref();
+    gan.critic_gradients_given(&inputs.real, labels, &inputs.critic_noise, &inputs.epsilon, 10.0, shard, comm.as_deref_mut()).unwrap();
     let critic = gan.gradients("critic.").into_iter().map(|(n, g)| (n, g.copy())).collect();
-    gan.generator_gradients(&inputs.generator_noise, shard, comm).unwrap();
+    gan.generator_gradients_given(&inputs.generator_noise, labels, shard, comm).unwrap();
     let generator = gan.gradients("generator.").into_iter().map(|(n, g)| (n, g.copy())).collect();
     (critic, generator)
 }
@@ -87,16 +98,28 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn averaged_replica_gradients_equal_the_full_batch_gradient() {
+    check_equivalence(0);
+}
+
+#[test]
+fn conditional_replica_gradients_equal_the_full_batch_gradient() {
+    check_equivalence(3);
+}
+
+/// Compares 2 and 4 replicas with one process on one global batch; `classes` > 0: conditional.
+fn check_equivalence(classes: i64) {
     tch::manual_seed(11);
-    let reference = Gan::new(WIDTHS, 1e-4, (0.0, 0.9), Device::Cpu);
+    let reference = Gan::conditional(WIDTHS, classes, 1e-4, (0.0, 0.9), Device::Cpu);
     let inputs = Inputs {
         weights: reference.vars.variables().into_iter().map(|(n, t)| (n, Plain::of(&t))).collect(),
         real: Tensor::rand([BATCH, 1, 64, 64], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
         critic_noise: Tensor::randn([BATCH, 100], (Kind::Float, Device::Cpu)),
         epsilon: Tensor::rand([BATCH], (Kind::Float, Device::Cpu)),
         generator_noise: Tensor::randn([BATCH, 100], (Kind::Float, Device::Cpu)),
+        labels: (classes > 0).then(|| Tensor::arange(BATCH, (Kind::Int64, Device::Cpu)).remainder(classes)),
     };
-    let (full_critic, full_generator) = gradients(&mut gan_with(&inputs.weights), &inputs, Shard::SOLE, None);
+    assert!(classes == 0 || reference.vars.variables().contains_key("critic.projection.weight"));
+    let (full_critic, full_generator) = gradients(&mut gan_with(&inputs.weights, classes), &inputs, Shard::SOLE, None);
 
     let plain_inputs = PlainInputs::of(&inputs);
     for world in [2usize, 4] {
@@ -108,7 +131,7 @@ fn averaged_replica_gradients_equal_the_full_batch_gradient() {
                     let plain_inputs = plain_inputs.clone();
                     scope.spawn(move || {
                         let inputs = plain_inputs.inputs();
-                        let mut gan = gan_with(&inputs.weights);
+                        let mut gan = gan_with(&inputs.weights, plain_inputs.classes());
                         let shard = Shard { rank: member.rank(), world };
                         let (critic, generator) = gradients(&mut gan, &inputs, shard, Some(&mut member));
                         let plain = |m: BTreeMap<String, Tensor>| -> Vec<(String, Plain)> { m.into_iter().map(|(n, t)| (n, Plain::of(&t))).collect() };

@@ -37,7 +37,7 @@ impl Attacker {
 
     async fn register(cluster: &Cluster, running: Vec<pb::RunningTask>) -> (Self, Vec<String>) {
         let mut client = Self::connect(cluster).await;
-        let request = pb::RegisterRequest { name: "evil".into(), device: "cpu".into(), running };
+        let request = pb::RegisterRequest { name: "evil".into(), device: "cpu".into(), running, allow_commands: false };
         let response = client.register(request).await.expect("register").into_inner();
         (Self { client, worker_id: response.worker_id, session: response.session }, response.abandon)
     }
@@ -182,7 +182,7 @@ async fn a_worker_token_cannot_touch_another_workers_trial() {
         refused(attacker.client.fail_task(fail).await, Code::PermissionDenied, "lease secret");
     }
     // Acting as the honest worker itself needs its session.
-    let heartbeat = pb::HeartbeatRequest { worker_id: honest_id.clone(), running: vec![], session: attacker.session.clone() };
+    let heartbeat = pb::HeartbeatRequest { worker_id: honest_id.clone(), running: vec![], session: attacker.session.clone(), phase_seconds: Default::default() };
     refused(attacker.client.heartbeat(heartbeat).await, Code::PermissionDenied, "wrong session");
     let acquire = pb::AcquireTaskRequest { worker_id: honest_id.clone(), wait_ms: 0, session: attacker.session.clone() };
     refused(attacker.client.acquire_task(acquire).await, Code::PermissionDenied, "wrong session");
@@ -291,7 +291,7 @@ async fn registrations_beyond_the_rate_limit_are_refused() {
     let mut accepted = 0;
     let mut refusals = Vec::new();
     for _ in 0..30 {
-        match client.register(pb::RegisterRequest { name: "flood".into(), device: "cpu".into(), running: vec![] }).await {
+        match client.register(pb::RegisterRequest { name: "flood".into(), device: "cpu".into(), running: vec![], allow_commands: false }).await {
             Ok(_) => accepted += 1,
             Err(status) => refusals.push(status),
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_cluster_tests::{mnist_sample, repo_root, Cluster};
+use cohort_cluster_tests::{mnist_sample, repo_root, small_wgan_sweep, Cluster};
 use serde_json::Value;
 use tch::Tensor;
 
@@ -138,26 +138,7 @@ batch_size = 32
 fn wgan_trains_on_real_mri_slices() {
     let mut cluster = Cluster::start();
     cluster.add_worker("w0");
-    let text = format!(
-        r#"
-name = "gan"
-[dataset]
-format = "nifti"
-path = "{}"
-train_limit = 24
-[model]
-kind = "wgan-gp"
-widths = [32, 16, 8, 4]
-[train]
-epochs = 2
-batch_size = 4
-critic_steps = 2
-sample_every = 1
-sample_count = 4
-checkpoint_every = 1
-"#,
-        repo_root().join("data/mri-sample").display()
-    );
+    let text = small_wgan_sweep("gan");
     let sweep_id = cluster.submit("gan.toml", &text);
     let state = cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]);
     assert_eq!(state.trim(), "succeeded");

@@ -21,7 +21,7 @@ use tonic::Code;
 
 use crate::blobs::{BlobCache, MaterializeError};
 use crate::metrics::Phase;
-use crate::task::Task;
+use crate::task::{Task, TrialKind};
 use crate::collective::{nccl, Backend, GangSettings};
 use crate::train::{self, Events, GangInputs, RunInputs, TrainError, TrainEvent};
 
@@ -46,6 +46,11 @@ pub struct WorkerConfig {
     pub collective_port: u16,
     /// On shutdown, how long the running task may take to finish its epoch and checkpoint.
     pub drain_timeout: Duration,
+    /// Whether it runs command trials (user code): `--allow-commands`, off by default.
+    pub allow_commands: bool,
+    /// libtorch's thread count, set by each task's training thread as it starts (`None`: left
+    /// as libtorch has it).
+    pub threads: Option<Arc<crate::host_threads::ThreadPlan>>,
 }
 
 /// A client of the coordinator's worker service, sending the worker's token.
@@ -212,6 +217,7 @@ impl Shared {
             name: self.config.name.clone(),
             device: device_name(self.config.device),
             running: self.running_tasks(),
+            allow_commands: self.config.allow_commands,
         };
         let mut backoff = Duration::from_millis(100);
         let mut last_warning: Option<tokio::time::Instant> = None;
@@ -287,7 +293,10 @@ impl Shared {
             let interval = self.heartbeat_interval();
             let identity = self.identity();
             let identity_id = identity.worker_id.clone();
-            let request = pb::HeartbeatRequest { worker_id: identity.worker_id, running: self.running_tasks(), session: identity.session };
+            let phases = &crate::metrics::metrics().phases;
+            let phase_seconds = Phase::ALL.iter().map(|&phase| (phase.label().to_string(), phases.seconds(phase))).collect();
+            let request =
+                pb::HeartbeatRequest { worker_id: identity.worker_id, running: self.running_tasks(), session: identity.session, phase_seconds };
             let sent = tokio::time::Instant::now();
             let outcome = match tokio::time::timeout(interval * 2, self.client.clone().heartbeat(request)).await {
                 Ok(Ok(response)) => Ok(response.into_inner()),
@@ -477,6 +486,13 @@ async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &AtomicBool) {
             return;
         }
     };
+    // The coordinator gives command trials only to workers that allow them; should one arrive
+    // anyway, it is refused here, and retried elsewhere.
+    if task.kind == TrialKind::Command && !shared.config.allow_commands {
+        tracing::warn!(task = %task_id, "refusing a command trial: this worker was started without --allow-commands");
+        report_failure(shared, &current, false, format!("worker {} does not run command trials (started without --allow-commands)", shared.config.name)).await;
+        return;
+    }
     *shared.running.lock().unwrap() = Some(current.clone());
     crate::logs::buffer().start(&task_id, attempt);
     tracing::info!(task = %task_id, trial = %task.trial_name, attempt, worker = %shared.config.name, "task started");
@@ -553,7 +569,11 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         None => None,
     };
     phases.switch(Phase::Coordinator);
-    let gang = if task.world > 1 { Some(join_rendezvous(shared, &task, &current.lease_secret).await?) } else { None };
+    let mut gang = if task.world > 1 { Some(join_rendezvous(shared, &task, &current.lease_secret).await?) } else { None };
+    let command_inputs = match task.kind {
+        TrialKind::Command => Some(crate::command::prepare::inputs(&mut client, &cache, &shared.config, &task, &dataset_root, resume_from.clone(), gang.take()).await?),
+        _ => None,
+    };
     let scratch_dir = cache.scratch_dir();
     std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
         path: scratch_dir.display().to_string(),
@@ -565,9 +585,13 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     let stop = current.stop.clone();
     let drain = current.drain.clone();
     let thread_task = task.clone();
+    let threads = shared.config.threads.clone();
     let trainer = std::thread::Builder::new()
         .name(format!("train-{}", task.id))
         .spawn(move || {
+            if let Some(threads) = &threads {
+                threads.apply();
+            }
             let inputs = RunInputs {
                 dataset_files: &dataset_files,
                 dataset_root: &dataset_root,
@@ -586,7 +610,10 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
             // data and checkpoint work, the rest is training.
             let phases = &crate::metrics::metrics().phases;
             phases.switch(Phase::Train);
-            let result = train::run(&thread_task, &inputs, &mut events);
+            let result = match &command_inputs {
+                Some(command_inputs) => crate::command::run(&thread_task, command_inputs, &mut events),
+                None => train::run(&thread_task, &inputs, &mut events),
+            };
             phases.switch(Phase::Coordinator);
             let _ = sender.send(FromTrainer::Done(result));
         })
@@ -728,9 +755,9 @@ async fn relay(shared: &Shared, task: &Task, current: &Running, event: TrainEven
 /// unreachable) and returns its ref. The lease travels in the call's metadata: the coordinator
 /// accepts a checkpoint or artifact only from a blob uploaded under the same lease.
 async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
-    let blob = transfer::hash_file(path).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
-    with_retry(shared, "upload", |mut c, worker_id| {
-        let chunks = transfer::file_chunks(path.to_path_buf(), blob.clone());
+    // Hashed while it is sent (the stream names the hash last): one pass over the file.
+    let response = with_retry(shared, "upload", |mut c, worker_id| {
+        let chunks = transfer::file_chunks_hash_at_end(path.to_path_buf());
         let lease = cohort_proto::lease::UploadLease { worker_id, task_id: current.task_id.clone(), attempt: current.attempt, secret: current.lease_secret.clone() };
         async move {
             let mut request = tonic::Request::new(chunks);
@@ -739,7 +766,7 @@ async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path)
         }
     })
     .await?;
-    Ok(blob)
+    response.into_inner().blob.ok_or_else(|| tonic::Status::internal("the coordinator answered an upload without its blob"))
 }
 
 async fn upload_artifact(shared: &Shared, task: &Task, current: &Running, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {

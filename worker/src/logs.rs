@@ -61,6 +61,12 @@ impl LogBuffer {
         (!lines.is_empty()).then_some((task_id, attempt, lines))
     }
 
+    /// Adds a line of the running task's own output (a command trial's stdout and stderr); a
+    /// no-op when no task runs.
+    pub fn append(&self, level: &str, message: String) {
+        self.push(LogLine { unix_ms: now_ms(), level: level.to_string(), message });
+    }
+
     fn push(&self, line: LogLine) {
         let mut state = self.lock();
         if state.task.is_none() {

@@ -32,9 +32,12 @@ struct Args {
     /// Folder for the blob cache (datasets, checkpoints) and scratch files.
     #[arg(long, default_value = "cohort-worker-cache")]
     cache_dir: PathBuf,
-    /// CPU threads libtorch may use (default: libtorch's choice, usually all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    /// CPU threads libtorch trains with: a number, or auto (the default) to share the host's
+    /// cores with the other workers running on it, found through a host-local registry
+    /// (`$COHORT_HOST_REGISTRY`, else `$XDG_RUNTIME_DIR/cohort-workers`, else `/dev/shm/cohort-UID`).
+    /// Applied when each task starts.
+    #[arg(long, default_value = "auto")]
+    threads: cohort_worker::host_threads::ThreadSetting,
     /// Interface the collective (ring all-reduce) listener binds to; its port is picked per task.
     #[arg(long, default_value = "0.0.0.0")]
     collective_bind: std::net::IpAddr,
@@ -60,6 +63,11 @@ struct Args {
     /// of a sweep on the same data skip that work (0: decode and augment for every task).
     #[arg(long, default_value_t = cohort_worker::data::cache::DEFAULT_BUDGET_BYTES >> 20)]
     dataset_cache_mib: u64,
+    /// Run command trials: the user's own training code, as submitted with a sweep's [command]
+    /// section (docs/commands.md). Off by default; the coordinator only gives them to workers
+    /// started with this flag.
+    #[arg(long)]
+    allow_commands: bool,
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -120,13 +128,10 @@ async fn run() -> anyhow::Result<()> {
         tracing::warn!("malloc settings for training not applied: training steps may page-fault more");
     }
     let args = Args::parse();
-    if let Some(threads) = args.threads {
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        tch::set_num_threads(threads as i32);
-        tch::set_num_interop_threads(1);
-    }
+    // Each task's training thread sets its count from the plan as it starts; inter-op threads
+    // (unused by the recipes) stay at one.
+    let threads = std::sync::Arc::new(cohort_worker::host_threads::ThreadPlan::new(args.threads, &cohort_worker::host_threads::default_registry_dir()));
+    tch::set_num_interop_threads(1);
     let device = parse_device(&args.device)?;
     cohort_worker::data::cache::TensorCache::global().set_budget(args.dataset_cache_mib.saturating_mul(1 << 20));
     let config = WorkerConfig {
@@ -139,6 +144,8 @@ async fn run() -> anyhow::Result<()> {
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_secs.max(1)),
         collective_port: args.collective_port,
         drain_timeout: std::time::Duration::from_secs(args.drain_secs),
+        allow_commands: args.allow_commands,
+        threads: Some(threads),
     };
     if let Some(address) = args.metrics_listen {
         let bound = cohort_proto::metrics_http::spawn(address, || cohort_worker::metrics::metrics().render()).await?;

@@ -22,6 +22,23 @@ pub enum TrialKind {
     Classifier,
     /// WGAN-GP, one replica.
     Wgan,
+    /// The user's own program (see [`crate::command`] and docs/commands.md).
+    Command,
+}
+
+/// A command trial's program.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSpec {
+    /// argv, run without a shell.
+    pub run: Vec<String>,
+    /// The files unpacked as its working directory: relative name → blob.
+    pub files: Vec<(String, BlobRef)>,
+    /// The metric cross-validation minimises.
+    pub metric: String,
+    /// Per-attempt limit (`None`: none).
+    pub timeout: Option<std::time::Duration>,
+    /// The trial's hyperparameters, a JSON object (`COHORT_HPARAMS`).
+    pub hparams_json: String,
 }
 
 /// Seed §1.1: an augmented copy of the training set.
@@ -42,8 +59,9 @@ pub struct Augment {
 /// The WGAN-GP recipe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WganConfig {
-    /// Generator hidden widths, widest first.
-    pub widths: [i64; 4],
+    /// Generator hidden widths, widest first: one per stride-2 stage (3 for 32×32 images, 4 for
+    /// 64×64, 5 for 128×128).
+    pub widths: Vec<i64>,
     /// Critic steps per generator step.
     pub critic_steps: u32,
     /// Gradient penalty weight λ.
@@ -56,6 +74,10 @@ pub struct WganConfig {
     pub sample_every: u32,
     /// Images in a sample grid.
     pub sample_count: u32,
+    /// Class-conditional generator and projection critic (classes from the image folder).
+    pub conditional: bool,
+    /// Sliced Wasserstein distance to the test set every this many epochs (0: never).
+    pub eval_every: u32,
 }
 
 /// The hyperparameters and recipe of a trial.
@@ -140,6 +162,8 @@ pub struct Task {
     pub world: u32,
     /// Collective backend: `auto`, `ring` or `nccl`.
     pub collective_backend: String,
+    /// The program of a command trial.
+    pub command: Option<CommandSpec>,
 }
 
 /// A task the coordinator sent that this worker cannot interpret.
@@ -166,6 +190,7 @@ impl TryFrom<pb::TaskSpec> for Task {
             pb::TrialKind::DaeFinal => TrialKind::DaeFinal,
             pb::TrialKind::Classifier => TrialKind::Classifier,
             pb::TrialKind::Wgan => TrialKind::Wgan,
+            pb::TrialKind::Command => TrialKind::Command,
             pb::TrialKind::Unspecified => return Err(malformed("unknown trial kind")),
         };
         let config = spec.config.as_ref().ok_or_else(|| malformed("no training config"))?;
@@ -186,6 +211,22 @@ impl TryFrom<pb::TaskSpec> for Task {
         if spec.world_size > 1 && spec.rank >= spec.world_size {
             return Err(malformed("rank outside the gang"));
         }
+        let command = match (&spec.command, kind) {
+            (Some(c), TrialKind::Command) => {
+                let mut files = Vec::with_capacity(c.files.len());
+                for file in &c.files {
+                    let blob = blob_ref(file.blob.clone()).ok_or_else(|| malformed("command file without blob"))?;
+                    files.push((file.name.clone(), blob));
+                }
+                if c.run.is_empty() {
+                    return Err(malformed("a command trial needs a program to run"));
+                }
+                let timeout = (c.timeout_minutes > 0).then(|| std::time::Duration::from_secs(u64::from(c.timeout_minutes) * 60));
+                Some(CommandSpec { run: c.run.clone(), files, metric: c.metric.clone(), timeout, hparams_json: c.hparams_json.clone() })
+            }
+            (None, TrialKind::Command) => return Err(malformed("a command trial needs its program")),
+            _ => None,
+        };
         let init_from = blob_ref(spec.init_from.clone());
         if kind == TrialKind::Classifier && init_from.is_none() {
             return Err(malformed("a classifier trial needs a pretrained autoencoder (init_from)"));
@@ -200,7 +241,9 @@ impl TryFrom<pb::TaskSpec> for Task {
         let wgan = match (&config.wgan, kind) {
             (Some(w), _) => {
                 let widths: Vec<i64> = w.widths.iter().map(|&v| i64::from(v)).collect();
-                let widths: [i64; 4] = widths.try_into().map_err(|_| malformed("a wgan needs exactly 4 widths"))?;
+                if !(1..=8).contains(&widths.len()) {
+                    return Err(malformed("a wgan needs 1 to 8 widths"));
+                }
                 Some(WganConfig {
                     widths,
                     critic_steps: w.critic_steps,
@@ -209,6 +252,8 @@ impl TryFrom<pb::TaskSpec> for Task {
                     beta2: w.beta2,
                     sample_every: w.sample_every,
                     sample_count: w.sample_count,
+                    conditional: w.conditional,
+                    eval_every: w.eval_every,
                 })
             }
             (None, TrialKind::Wgan) => return Err(malformed("a wgan trial needs its recipe")),
@@ -246,6 +291,7 @@ impl TryFrom<pb::TaskSpec> for Task {
             rank: spec.rank,
             world: spec.world_size.max(1),
             collective_backend: spec.collective_backend.clone(),
+            command,
         })
     }
 }

@@ -75,13 +75,15 @@ fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
             lr_encoder: 0.0,
             augment: None,
             wgan: Some(WganConfig {
-                widths: TEST_WIDTHS,
+                widths: TEST_WIDTHS.to_vec(),
                 critic_steps: schedule.critic_steps,
                 gp_lambda: 10.0,
                 beta1: 0.0,
                 beta2: 0.9,
                 sample_every: 0,
                 sample_count: 4,
+                conditional: false,
+                eval_every: 0,
             }),
         },
         dataset: DatasetSpec {
@@ -99,6 +101,7 @@ fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
         rank: 0,
         world: 1,
         collective_backend: String::new(),
+        command: None,
     }
 }
 

@@ -75,23 +75,38 @@ export function renderSweeps(main, params) {
   return () => events.close();
 }
 
-/** The workers page: each worker, what it runs, when it was last heard of. */
+/** How a worker's life so far splits between its phases, largest first: "train 81% · data 9% · …". */
+function phaseShares(phases) {
+  const total = Object.values(phases).reduce((sum, seconds) => sum + seconds, 0);
+  if (!(total > 0)) return '–';
+  return Object.entries(phases)
+    .sort((a, b) => b[1] - a[1])
+    .filter(([, seconds]) => seconds / total >= 0.005)
+    .map(([phase, seconds]) => `${phase} ${Math.round((100 * seconds) / total)}%`)
+    .join(' · ');
+}
+
+/** The workers page: each worker, its device, what it runs, time by phase, when it was last heard of. */
 export function renderWorkers(main) {
   const body = el('tbody', { id: 'workers-body' });
+  const headings = ['Worker', 'Name', 'Device', 'Current trial', 'Epoch', 'Time by phase', 'Last seen'];
   fill(main, el('h1', {}, 'Workers'),
-    el('table', { id: 'workers' }, el('thead', {}, el('tr', {}, ['Worker', 'Name', 'Current trial', 'Epoch', 'Last seen'].map((h) => el('th', {}, h)))), body));
+    el('table', { id: 'workers' }, el('thead', {}, el('tr', {}, headings.map((h) => el('th', {}, h)))), body));
   async function load() {
     const page = await api('/api/workers');
     fill(body, page.workers.map((worker) => {
       const trial = worker.trial;
+      const device = worker.allow_commands ? `${worker.device || '?'} (commands)` : (worker.device || '?');
       return el('tr', {},
         el('td', {}, worker.id),
         el('td', {}, worker.name),
+        el('td', { class: 'device' }, device),
         el('td', {}, trial ? el('a', { href: `#/sweep/${encodeURIComponent(trial.sweep_id)}` }, `${trial.name} (${trial.sweep_id})`) : 'idle'),
         el('td', {}, trial ? `${trial.epochs}/${trial.planned_epochs}` : '–'),
+        el('td', { class: 'phases', title: JSON.stringify(worker.phases) }, phaseShares(worker.phases || {})),
         el('td', { class: 'num' }, `${num(worker.last_seen_s)} s ago`));
     }));
-    if (page.workers.length === 0) body.append(el('tr', {}, el('td', { colspan: 5, class: 'muted' }, 'No worker has registered.')));
+    if (page.workers.length === 0) body.append(el('tr', {}, el('td', { colspan: headings.length, class: 'muted' }, 'No worker has registered.')));
   }
   const events = new EventSource('/api/events?kinds=state,epochs');
   events.onmessage = null;

@@ -95,6 +95,8 @@ export function renderSweep(main, sweepId) {
         table.total > table.configs.length ? ` Showing the ${table.configs.length} configs with the lowest means of ${table.total.toLocaleString()}.` : ''),
       el('div', { class: 'charts' }, configChart.node));
     const curves = await api(`/api/sweeps/${encodeURIComponent(sweepId)}/curves`);
+    const metric = curves.metric === 'val_mse' ? 'validation MSE' : curves.metric;
+    configChart.node.querySelector('.title').textContent = `Mean ${metric} per config (band: ± 1 std over folds)`;
     configChart.draw(curves.configs.map((c) => ({
       name: c.config,
       points: c.points.map((p) => [p.epoch, p.mean]),

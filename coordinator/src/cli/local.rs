@@ -53,10 +53,15 @@ fn write_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-fn spawn_worker(binary: &Path, url: &str, index: usize, data_dir: &Path, threads: usize) -> anyhow::Result<Child> {
+fn spawn_worker(binary: &Path, url: &str, index: usize, data_dir: &Path, threads: usize, allow_commands: bool) -> anyhow::Result<Child> {
     let log_path = data_dir.join("logs").join(format!("worker-{index}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
-    let child = Command::new(binary)
+    let mut command = Command::new(binary);
+    // A command sweep run locally is the user's own program on the user's own machine.
+    if allow_commands {
+        command.arg("--allow-commands");
+    }
+    let child = command
         .arg("--coordinator")
         .arg(url)
         .arg("--name")
@@ -115,7 +120,7 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     let threads = (cores / options.workers).max(1);
     let mut workers = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
-        workers.push(spawn_worker(&worker_bin, &url, index, &data_dir, threads)?);
+        workers.push(spawn_worker(&worker_bin, &url, index, &data_dir, threads, sweep.sweep.is_command())?);
     }
     eprintln!("local cluster: coordinator {url}, {} workers ({threads} thread(s) each), logs in {}", options.workers, data_dir.join("logs").display());
 

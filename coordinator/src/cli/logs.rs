@@ -60,7 +60,7 @@ pub async fn print(client: &mut Client, sweep_id: &str, trial: Option<&str>, fol
         if !follow {
             return Ok(());
         }
-        if entries.is_empty() && results::fetch_following(client, sweep_id, &mut reconnect).await?.state != "running" {
+        if entries.is_empty() && results::state_following(client, sweep_id, &mut reconnect).await? != "running" {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,5 +1,7 @@
 //! The user's commands: thin clients of `cohort.v1.ClientService`.
 
+pub mod follow;
+pub mod generate;
 pub mod local;
 pub mod logs;
 pub mod report;

@@ -32,8 +32,10 @@ pub struct TrialRow {
     pub planned_epochs: u32,
     /// Epochs reported.
     pub epochs: Vec<EpochRow>,
-    /// Minimum validation MSE.
+    /// Minimum validation MSE (a command trial's: the minimum of its `metric`).
     pub min_val_mse: Option<f64>,
+    /// The metric `min_val_mse` is the minimum of, for command trials (`None`: `val_mse`).
+    pub metric: Option<String>,
     /// Final checkpoint blob.
     pub final_checkpoint: Option<String>,
     /// Artifacts: name → blob.
@@ -206,9 +208,17 @@ fn hyperparameters(config: &pb::TrainingConfig, kind: pb::TrialKind) -> std::col
                 values.insert("beta2".to_string(), wgan.beta2);
             }
         }
+        // A command's hyperparameters are its own (added from its spec by the caller).
+        pb::TrialKind::Command => values.retain(|name, _| name == "epochs"),
         pb::TrialKind::Unspecified => {}
     }
     values
+}
+
+/// A command trial's numeric hyperparameters (COHORT_HPARAMS), by name.
+fn command_hyperparameters(command: &pb::CommandSpec) -> std::collections::BTreeMap<String, f64> {
+    let parsed: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_str(&command.hparams_json).unwrap_or_default();
+    parsed.into_iter().filter_map(|(name, value)| Some((name, value.as_f64()?))).collect()
 }
 
 impl Results {
@@ -229,17 +239,23 @@ impl Results {
     }
 }
 
-fn trial_row(task: pb::TaskResult) -> TrialRow {
+pub(crate) fn trial_row(task: pb::TaskResult) -> TrialRow {
     let spec = task.spec.unwrap_or_default();
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
         .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt, samples: e.samples })
         .collect();
-    let min_val_mse = epochs.iter().filter_map(|e| e.values.get("val_mse").copied()).reduce(f64::min);
+    // The metric cross-validation minimises: a command's own, else the recipes' validation MSE.
+    let metric = spec.command.as_ref().map_or("val_mse", |c| c.metric.as_str());
+    let min_val_mse = epochs.iter().filter_map(|e| e.values.get(metric).copied()).reduce(f64::min);
+    let metric = spec.command.as_ref().map(|c| c.metric.clone());
     let kind = super::submit::kind_name(spec.kind()).to_string();
     let planned_epochs = spec.config.as_ref().map_or(0, |c| c.epochs);
-    let hyperparameters = spec.config.as_ref().map(|c| hyperparameters(c, spec.kind())).unwrap_or_default();
+    let mut hyperparameters = spec.config.as_ref().map(|c| hyperparameters(c, spec.kind())).unwrap_or_default();
+    if let Some(command) = &spec.command {
+        hyperparameters.extend(command_hyperparameters(command));
+    }
     let started_unix_ms = Some(task.started_unix_ms).filter(|&ms| ms > 0);
     let ended_unix_ms = Some(task.ended_unix_ms).filter(|&ms| ms > 0);
     let duration_secs = started_unix_ms.zip(ended_unix_ms).map(|(start, end)| (end - start).max(0) as f64 / 1000.0);
@@ -255,6 +271,7 @@ fn trial_row(task: pb::TaskResult) -> TrialRow {
         attempts: spec.attempt,
         epochs,
         min_val_mse,
+        metric,
         final_checkpoint: task.checkpoints.iter().rev().find(|c| c.is_final).and_then(|c| c.blob.as_ref()).map(|b| b.sha256.clone()),
         artifacts: task.artifacts.into_iter().filter_map(|a| Some((a.name, a.blob?.sha256))).collect(),
         worker_names: if task.worker_names.is_empty() { task.worker.clone() } else { task.worker_names },
@@ -340,7 +357,8 @@ pub fn print_table(results: &Results) {
         return;
     }
     println!();
-    println!("cross-validation: minimum validation MSE per fold, mean ± std over folds (* = winner)");
+    let metric = results.trials.iter().find_map(|t| t.metric.clone()).unwrap_or_else(|| "validation MSE".to_string());
+    println!("cross-validation: minimum {metric} per fold, mean ± std over folds (* = winner)");
     for row in &results.configs {
         let c = &row.summary;
         let folds: Vec<String> = c.folds.iter().map(|v| mse(*v)).collect();
@@ -357,9 +375,11 @@ pub fn print_table(results: &Results) {
 fn print_cv_trials(trials: &[&TrialRow]) {
     // A pruned config's trials share one reason: it is printed once, at the first of them.
     let mut pruned_configs: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-    println!("{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}", "trial", "config", "fold", "state", "try", "epochs", "min val_mse", "last val_mse");
+    // A command sweep's own metric, else the recipes' validation MSE.
+    let metric = trials.iter().find_map(|t| t.metric.as_deref()).unwrap_or("val_mse");
+    println!("{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}", "trial", "config", "fold", "state", "try", "epochs", format!("min {metric}"), format!("last {metric}"));
     for t in trials {
-        let last = t.epochs.last().and_then(|e| e.values.get("val_mse").copied());
+        let last = t.epochs.last().and_then(|e| e.values.get(metric).copied());
         let fold = t.fold.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
         println!(
             "{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}",
@@ -572,23 +592,15 @@ pub async fn fetch_following(client: &mut super::Client, sweep_id: &str, reconne
     }
 }
 
-/// Waits until the sweep leaves the running state or `timeout` passes; returns its final state.
-/// A coordinator that cannot be reached meanwhile (restarting) is tried again ([`Reconnect`]).
-pub async fn wait(client: &mut super::Client, sweep_id: &str, timeout: Option<Duration>) -> anyhow::Result<String> {
-    let started = Instant::now();
-    let mut reconnect = Reconnect::default();
+/// The sweep's state alone (one page of one task: the summary counts the whole sweep), riding
+/// out a coordinator that cannot be reached for a while ([`Reconnect`]).
+pub async fn state_following(client: &mut super::Client, sweep_id: &str, reconnect: &mut Reconnect) -> anyhow::Result<String> {
     loop {
-        let fetched = reconnect.outcome(fetch(client, sweep_id).await).await?;
-        if timeout.is_some_and(|t| started.elapsed() >= t) && fetched.as_ref().is_none_or(|r| r.state == "running") {
-            bail!("sweep {sweep_id} still running after {:?}", timeout.unwrap_or_default());
+        let request = pb::GetSweepRequest { sweep_id: sweep_id.to_string(), offset: 0, limit: 1 };
+        let fetched = client.get_sweep(request).await.map_err(super::rpc_error).map(|reply| reply.into_inner().summary.unwrap_or_default().state);
+        if let Some(state) = reconnect.outcome(fetched).await? {
+            return Ok(sweep_state_name(state).to_string());
         }
-        let Some(results) = fetched else {
-            continue;
-        };
-        if results.state != "running" {
-            return Ok(results.state);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

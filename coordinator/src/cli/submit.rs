@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use cohort_coordinator::convert;
-use cohort_coordinator::core::{check_and_plan, dry_run_plan, Limits};
+use cohort_coordinator::core::{check_and_plan_with_command, dry_run_plan, Limits};
 use cohort_coordinator::domain::BlobRef;
 use cohort_coordinator::plan::{self, TrainSamples};
 use cohort_coordinator::service::client::MAX_LISTED_TRIALS;
@@ -22,6 +22,8 @@ pub struct LocalSweep {
     pub source_name: String,
     /// The dataset's files: name and local path.
     pub dataset_files: Vec<(String, PathBuf)>,
+    /// A command sweep's `[command] files`: name and local path.
+    pub command_files: Vec<(String, PathBuf)>,
     /// What will train but not as the file most likely means (each naming the file), printed
     /// when the coordinator accepts the sweep.
     pub warnings: Vec<String>,
@@ -35,22 +37,43 @@ pub fn read(path: &Path) -> anyhow::Result<LocalSweep> {
     let source_name = path.display().to_string();
     let sweep = SweepFile::parse(&source, &source_name)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let folder = base.join(&sweep.dataset.path);
-    if !folder.is_dir() {
-        bail!("{source_name}: dataset.path: {} is not a folder", folder.display());
-    }
     let mut dataset_files = Vec::new();
-    list_files(&folder, "", &mut dataset_files)?;
-    dataset_files.sort();
-    if dataset_files.is_empty() {
-        bail!("{source_name}: dataset.path: the folder {} holds no file", folder.display());
+    if sweep.has_dataset() {
+        let folder = base.join(&sweep.dataset.path);
+        if !folder.is_dir() {
+            bail!("{source_name}: dataset.path: {} is not a folder", folder.display());
+        }
+        list_files(&folder, "", &mut dataset_files)?;
+        dataset_files.sort();
+        if dataset_files.is_empty() {
+            bail!("{source_name}: dataset.path: the folder {} holds no file", folder.display());
+        }
+    }
+    let mut command_files = Vec::new();
+    if let Some(command) = sweep.command.as_ref().filter(|_| sweep.is_command()) {
+        let folder = base.join(&command.files);
+        if !folder.is_dir() {
+            bail!("{source_name}: command.files: {} is not a folder", folder.display());
+        }
+        list_files(&folder, "", &mut command_files)?;
+        command_files.sort();
+        let total: u64 = command_files.iter().map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len())).sum();
+        if total > cohort_coordinator::command::MAX_COMMAND_FILES_BYTES || command_files.len() > cohort_coordinator::command::MAX_COMMAND_FILES {
+            bail!(
+                "{source_name}: command.files: {} holds {} files, {total} bytes: more than the limit of {} files, {} bytes (hidden entries are skipped; point files at the program's own folder)",
+                folder.display(),
+                command_files.len(),
+                cohort_coordinator::command::MAX_COMMAND_FILES,
+                cohort_coordinator::command::MAX_COMMAND_FILES_BYTES
+            );
+        }
     }
     let mut warnings: Vec<String> = plan::schedule_warnings(&sweep, train_samples(&sweep, &dataset_files))
         .into_iter()
         .map(|warning| format!("{source_name}: {warning}"))
         .collect();
     warnings.extend(pooled_volumes_notice(&sweep, &dataset_files).map(|notice| format!("{source_name}: {notice}")));
-    Ok(LocalSweep { source, source_name, dataset_files, warnings, sweep })
+    Ok(LocalSweep { source, source_name, dataset_files, command_files, warnings, sweep })
 }
 
 /// Plans the sweep on this machine, as the coordinator would, with no coordinator and nothing
@@ -63,7 +86,12 @@ pub fn plan_offline(sweep: &LocalSweep) -> anyhow::Result<pb::SubmitSweepRespons
         let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
         files.push((name.clone(), BlobRef { sha256: String::new(), size }));
     }
-    let (trials, stages) = check_and_plan(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, &Limits::default())?;
+    let mut command_files = Vec::with_capacity(sweep.command_files.len());
+    for (name, path) in &sweep.command_files {
+        let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        command_files.push((name.clone(), BlobRef { sha256: String::new(), size }));
+    }
+    let (trials, stages) = check_and_plan_with_command(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, command_files, &Limits::default())?;
     let submitted = dry_run_plan(trials, stages);
     let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec, None)).collect();
     let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
@@ -78,15 +106,24 @@ fn largest_gang(sweep: &SweepFile) -> u32 {
     sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1))
 }
 
-/// Warns on stderr when the workers connected now could never run the sweep: none at all, or
-/// fewer than its gangs need. The sweep stays queued and starts when enough register.
+/// Warns on stderr when the workers connected now could never run the sweep: none at all, none
+/// with the device its gangs need, or fewer than its gangs need. The sweep stays queued and
+/// starts when enough register.
 pub async fn warn_if_unrunnable(client: &mut super::Client, sweep: &LocalSweep) -> anyhow::Result<()> {
-    let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(super::rpc_error)?.into_inner().workers.len() as u32;
+    let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(super::rpc_error)?.into_inner().workers;
     let gang = largest_gang(&sweep.sweep);
-    if workers == 0 {
+    let needs_cuda = gang > 1 && sweep.sweep.distributed.as_ref().is_some_and(|d| d.backend == "nccl");
+    let able = workers.iter().filter(|w| !needs_cuda || w.device.starts_with("cuda")).count() as u32;
+    if sweep.sweep.is_command() && !workers.is_empty() && !workers.iter().any(|w| w.allow_commands) {
+        eprintln!("warning: no connected worker allows command trials: the sweep waits until one does (start one with --allow-commands)");
+    }
+    if workers.is_empty() {
         eprintln!("warning: no worker is connected: the sweep waits until one registers (start one with `worker --coordinator URL --token-file FILE`)");
-    } else if gang > workers {
-        eprintln!("warning: the sweep's gangs need {gang} workers at once and {workers} connected: those trials wait until {gang} are");
+    } else if able == 0 {
+        eprintln!("warning: none of the {} connected workers has a CUDA device, which the sweep's nccl gangs need: they wait until enough GPU workers register (or set [distributed] backend = \"auto\")", workers.len());
+    } else if gang > able {
+        let with = if needs_cuda { " with a CUDA device" } else { "" };
+        eprintln!("warning: the sweep's gangs need {gang} workers{with} at once and {able} connected: those trials wait until {gang} are");
     }
     Ok(())
 }
@@ -228,11 +265,13 @@ async fn upload_dataset(client: &mut super::Client, files: &[(String, PathBuf)])
 /// Submits (or with `dry_run`, plans) the sweep; returns the response.
 pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: bool) -> anyhow::Result<pb::SubmitSweepResponse> {
     let dataset_files = upload_dataset(client, &sweep.dataset_files).await?;
+    let command_files = upload_dataset(client, &sweep.command_files).await?;
     let request = pb::SubmitSweepRequest {
         source: sweep.source.clone(),
         source_name: sweep.source_name.clone(),
         dataset_files,
         dry_run,
+        command_files,
     };
     let response = client.submit_sweep(request).await.map_err(super::rpc_error)?;
     // Once accepted, so that a refused sweep shows its error alone; on stderr, so that the dry
@@ -250,6 +289,7 @@ pub fn kind_name(kind: pb::TrialKind) -> &'static str {
         pb::TrialKind::DaeFinal => "dae-final",
         pb::TrialKind::Classifier => "classifier",
         pb::TrialKind::Wgan => "wgan",
+        pb::TrialKind::Command => "command",
         pb::TrialKind::Unspecified => "unknown",
     }
 }
@@ -275,8 +315,21 @@ pub fn print_plan(response: &pb::SubmitSweepResponse) {
     }
     println!();
     let planned = &response.planned;
-    println!("{:<14} {:<10} {:>9} {:>9} {:>6} {:>6} {:>6}", "trial", "kind", "lr", "wd", "batch", "epochs", "fold");
-    for task in planned {
+    if planned.iter().any(|task| task.command.is_some()) {
+        // A command's hyperparameters are its own: listed by name, as COHORT_HPARAMS gets them.
+        println!("{:<14} {:<10} {:>6} {:>6}  hyperparameters", "trial", "kind", "epochs", "fold");
+        for task in planned {
+            let epochs = task.config.as_ref().map_or(0, |c| c.epochs);
+            let fold = task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
+            let hparams = task.command.as_ref().map_or("", |c| c.hparams_json.as_str());
+            println!("{:<14} {:<10} {:>6} {:>6}  {hparams}", task.trial_name, kind_name(task.kind()), epochs, fold);
+        }
+    }
+    let planned_builtin: Vec<&pb::TaskSpec> = planned.iter().filter(|task| task.command.is_none()).collect();
+    if !planned_builtin.is_empty() {
+        println!("{:<14} {:<10} {:>9} {:>9} {:>6} {:>6} {:>6}", "trial", "kind", "lr", "wd", "batch", "epochs", "fold");
+    }
+    for task in planned_builtin {
         let config = task.config.clone().unwrap_or_default();
         let fold = task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
         println!(

@@ -1,12 +1,13 @@
 //! `coordinator watch ID` and `submit --watch`: live progress of a sweep, a bar per stage and a
-//! line per running trial (epoch, loss, samples/s, ETA), redrawn as metrics stream in; ends
-//! with the results.
+//! line per running trial (epoch, loss, samples/s, ETA), redrawn as the coordinator streams the
+//! sweep's progress (`WatchSweep`); ends with the results.
 
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
 
+use cohort_proto::v1 as pb;
 
-use super::results::{self, Results, TrialRow};
+use super::follow;
+use super::results::{self, TrialRow};
 
 /// Width of a progress bar in characters.
 const BAR: usize = 30;
@@ -45,27 +46,23 @@ fn mean_epoch_seconds(trial: &TrialRow) -> Option<f64> {
     Some(trial.epochs.iter().map(|e| e.seconds).sum::<f64>() / trial.epochs.len() as f64)
 }
 
-/// The lines describing a sweep's progress now.
-pub fn render(results: &Results) -> Vec<String> {
-    let mut lines = vec![format!("sweep {} ({}): {}", results.sweep_id, results.name, results.state)];
-    for stage in results.stages() {
-        let trials = results.stage_trials(stage);
-        let done = trials.iter().filter(|t| matches!(t.state.as_str(), "succeeded" | "failed" | "cancelled")).count();
-        let running: Vec<&&TrialRow> = trials.iter().filter(|t| t.state == "running").collect();
-        // Stage ETA: remaining epochs of all unfinished trials at the observed mean epoch time,
-        // spread over the trials running in parallel.
-        let epoch_seconds: Vec<f64> = trials.iter().filter_map(|t| mean_epoch_seconds(t)).collect();
-        let mean = (!epoch_seconds.is_empty()).then(|| epoch_seconds.iter().sum::<f64>() / epoch_seconds.len() as f64);
-        let remaining_epochs: usize =
-            trials.iter().filter(|t| matches!(t.state.as_str(), "queued" | "running")).map(|t| t.planned_epochs.saturating_sub(t.epochs.len() as u32) as usize).sum();
-        let eta = match mean {
-            Some(mean) if remaining_epochs > 0 => format!("  eta {}", duration(mean * remaining_epochs as f64 / running.len().max(1) as f64)),
+/// The lines describing a sweep's progress now: a bar per stage (with its time left, from the
+/// epochs its unfinished trials have still to train at the stage's mean epoch time, spread over
+/// its running trials, and why its next trial waits), and a line per running trial.
+pub fn render(progress: &pb::SweepProgress) -> Vec<String> {
+    let summary = progress.summary.clone().unwrap_or_default();
+    let mut lines = vec![format!("sweep {} ({}): {}", summary.sweep_id, summary.name, follow::state_of(progress))];
+    let running: Vec<TrialRow> = progress.running.iter().cloned().map(results::trial_row).collect();
+    for stage in &progress.stages {
+        let eta = match stage.mean_epoch_seconds {
+            mean if mean > 0.0 && stage.remaining_epochs > 0 => {
+                format!("  eta {}", duration(mean * stage.remaining_epochs as f64 / f64::from(stage.running.max(1))))
+            }
             _ => String::new(),
         };
-        // Why the stage's next trial has not started (the first queued trial's reason).
-        let waiting = trials.iter().find(|t| t.state == "queued" && !t.waiting.is_empty()).map(|t| format!("  ({})", t.waiting)).unwrap_or_default();
-        lines.push(format!("{stage:<9} {} {done}/{} trials{eta}{waiting}", bar(done, trials.len()), trials.len()));
-        for trial in running {
+        let waiting = if stage.waiting.is_empty() { String::new() } else { format!("  ({})", stage.waiting) };
+        lines.push(format!("{:<9} {} {}/{} trials{eta}{waiting}", stage.stage, bar(stage.ended as usize, stage.total as usize), stage.ended, stage.total));
+        for trial in running.iter().filter(|t| t.stage == stage.stage) {
             let epochs = trial.epochs.len() as u32;
             let speed = trial.epochs.last().filter(|e| e.seconds > 0.0).map(|e| e.samples as f64 / e.seconds).unwrap_or(0.0);
             let eta = mean_epoch_seconds(trial).map(|m| duration(m * f64::from(trial.planned_epochs.saturating_sub(epochs)))).unwrap_or_else(|| "?".into());
@@ -80,18 +77,23 @@ pub fn render(results: &Results) -> Vec<String> {
             ));
         }
     }
+    let hidden = summary.running as usize - running.len().min(summary.running as usize);
+    if hidden > 0 {
+        lines.push(format!("  … and {hidden} more running"));
+    }
     lines
 }
 
-/// Follows the sweep until it ends, then prints its results; returns its final state.
+/// Follows the sweep as the coordinator streams its progress until it ends, then prints its
+/// results; returns its final state.
 pub async fn watch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<String> {
     let mut stderr = std::io::stderr();
     let redraw = stderr.is_terminal();
     let mut previous: Vec<String> = Vec::new();
-    let mut reconnect = results::Reconnect::default();
+    let mut follower = follow::Follower::new(sweep_id, None);
     loop {
-        let current = results::fetch_following(client, sweep_id, &mut reconnect).await?;
-        let lines = render(&current);
+        let progress = follower.next(client).await?;
+        let lines = render(&progress);
         if lines != previous {
             if redraw && !previous.is_empty() {
                 write!(stderr, "\x1b[{}A\x1b[J", previous.len())?;
@@ -101,10 +103,11 @@ pub async fn watch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result
             }
             previous = lines;
         }
-        if current.state != "running" {
-            results::print_table(&current);
-            return Ok(current.state);
+        let state = follow::state_of(&progress);
+        if state != "running" {
+            let mut reconnect = results::Reconnect::default();
+            results::print_table(&results::fetch_following(client, sweep_id, &mut reconnect).await?);
+            return Ok(state.to_string());
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -127,14 +127,22 @@ fn sweep_json(row: &SweepRow, stages: Value, winner: Value, last_activity_ms: Op
     })
 }
 
-/// The cross-validation table of a sweep: each config's fold minima (of succeeded trials), mean,
-/// standard deviation, and the winner.
-fn cv_summaries(store: &Store, sweep_id: &str) -> Result<(Vec<ConfigSummary>, u32), crate::store::StoreError> {
+/// The metric the sweep's cross-validation minimises: a command sweep's `[command] metric`, else
+/// `val_mse`.
+fn cv_metric(store: &Store, sweep_id: &str) -> Result<String, crate::store::StoreError> {
+    let source = store.sweep(sweep_id)?.map(|record| record.source).unwrap_or_default();
+    let command = crate::sweep::SweepFile::parse(&source, "sweep").ok().and_then(|sweep| sweep.command);
+    Ok(command.map_or_else(|| "val_mse".to_string(), |command| command.metric))
+}
+
+/// The cross-validation table of a sweep: each config's fold minima (of succeeded trials) of
+/// `metric`, mean, standard deviation, and the winner.
+fn cv_summaries(store: &Store, sweep_id: &str, metric: &str) -> Result<(Vec<ConfigSummary>, u32), crate::store::StoreError> {
     let tasks = store.fold_tasks(sweep_id, stages::CV)?;
     if tasks.is_empty() {
         return Ok((Vec::new(), 0));
     }
-    let mut minima = store.min_metric_by_task(sweep_id, "val_mse")?;
+    let mut minima = store.min_metric_by_task(sweep_id, metric)?;
     let folds = tasks.iter().filter_map(|t| t.fold).max().map_or(0, |f| f + 1);
     let results: Vec<FoldResult> = tasks
         .into_iter()
@@ -147,8 +155,9 @@ fn cv_summaries(store: &Store, sweep_id: &str) -> Result<(Vec<ConfigSummary>, u3
     Ok((selection::summarize(&results), folds))
 }
 
-/// Why the winner won, in words: "lowest mean; 2nd (c1) is 0.4 std behind".
-pub fn explain_winner(summaries: &[ConfigSummary]) -> Option<String> {
+/// Why the winner won, in words: "lowest mean validation MSE; 2nd (c1) is 0.4 std behind"
+/// (for another `metric`: "lowest mean val_loss; …").
+pub fn explain_winner(summaries: &[ConfigSummary], metric: &str) -> Option<String> {
     let winner = summaries.iter().find(|s| s.winner)?;
     let mean = winner.mean?;
     let mut others: Vec<&ConfigSummary> = summaries.iter().filter(|s| !s.winner && s.mean.is_some()).collect();
@@ -159,7 +168,8 @@ pub fn explain_winner(summaries: &[ConfigSummary]) -> Option<String> {
     let gap = second.mean.unwrap_or(mean) - mean;
     let std = winner.std.unwrap_or(0.0);
     let behind = if std > 0.0 { format!("{:.1} std behind", gap / std) } else { format!("{gap:.3e} behind") };
-    Some(format!("lowest mean validation MSE; 2nd ({}) is {behind}", second.config))
+    let metric = if metric == "val_mse" { "validation MSE" } else { metric };
+    Some(format!("lowest mean {metric}; 2nd ({}) is {behind}", second.config))
 }
 
 /// `GET /api/sweeps?state=&q=&offset=&limit=`: a page of sweeps, newest first.
@@ -198,7 +208,7 @@ fn summary_of(console: &Console, row: &SweepRow) -> Result<Value, ApiError> {
             // A winner is known once cross-validation has no trial left to run.
             let cv_done = rows.iter().any(|row| row.stage == stages::CV && count(&row.counts, "queued") + count(&row.counts, "running") == 0);
             let winner = match cv_done {
-                true => cv_summaries(store, &id)?.0.into_iter().find(|s| s.winner).map(|s| s.config),
+                true => cv_summaries(store, &id, &cv_metric(store, &id)?)?.0.into_iter().find(|s| s.winner).map(|s| s.config),
                 false => None,
             };
             let stages: Vec<Value> = rows.iter().map(stage_json).collect();
@@ -297,10 +307,15 @@ pub async fn trials(State(console): State<Arc<Console>>, headers: HeaderMap, Pat
 pub async fn cross_validation(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let limit = query::number(&query::parse(raw.as_deref()), "limit", 200, 100_000).max(1) as usize;
-    let (summaries, folds) = read(&console.core, move |store| cv_summaries(store, &id)).await?;
-    let explanation = explain_winner(&summaries);
+    let (summaries, folds, metric) = read(&console.core, move |store| {
+        let metric = cv_metric(store, &id)?;
+        let (summaries, folds) = cv_summaries(store, &id, &metric)?;
+        Ok((summaries, folds, metric))
+    })
+    .await?;
+    let explanation = explain_winner(&summaries, &metric);
     let total = summaries.len();
-    Ok(json_response(&json!({"folds": folds, "configs": best_configs(summaries, limit), "total": total, "explanation": explanation})))
+    Ok(json_response(&json!({"folds": folds, "configs": best_configs(summaries, limit), "total": total, "explanation": explanation, "metric": metric})))
 }
 
 /// The `limit` configs with the lowest means (unfinished ones last), kept in grid order.
@@ -325,12 +340,20 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
 }
 
 /// `GET /api/sweeps/{id}/curves?metric=val_mse`: each config's mean curve over its folds, with
-/// the folds' spread (mean ± one standard deviation) per epoch.
+/// the folds' spread (mean ± one standard deviation) per epoch; by default of the metric the
+/// sweep's cross-validation minimises.
 pub async fn config_curves(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let params = query::parse(raw.as_deref());
-    let metric = query::text(&params, "metric").unwrap_or("val_mse").to_string();
-    let epochs = read(&console.core, move |store| store.stage_epochs(&id, stages::CV)).await?;
+    let asked = query::text(&params, "metric").map(str::to_string);
+    let (metric, epochs) = read(&console.core, move |store| {
+        let metric = match asked {
+            Some(metric) => metric,
+            None => cv_metric(store, &id)?,
+        };
+        Ok((metric, store.stage_epochs(&id, stages::CV)?))
+    })
+    .await?;
     let mut by_config: Vec<(String, BTreeMap<u32, Vec<f64>>)> = Vec::new();
     for epoch in epochs {
         let Some(value) = epoch.values.iter().find(|(k, _)| *k == metric).map(|(_, v)| *v) else {
@@ -424,26 +447,37 @@ pub async fn logs(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
     Ok(json_response(&json!({"lines": lines})))
 }
 
-/// `GET /api/workers`: every registered worker, what it runs and when it was last heard of.
+/// `GET /api/workers`: every registered worker: its device, what it runs, time by phase and
+/// when it was last heard of.
 pub async fn workers(State(console): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
-    let workers = console.core.workers();
-    let task_ids: Vec<String> = workers.iter().filter_map(|(_, _, _, task)| task.clone()).collect();
-    let names = read(&console.core, move |store| {
-        let mut names = HashMap::new();
+    let core = console.core.clone();
+    let workers = tokio::task::spawn_blocking(move || core.workers()).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let task_ids: Vec<String> = workers.iter().filter_map(|w| w.task.as_ref().map(|t| t.task_id.clone())).collect();
+    let trials = read(&console.core, move |store| {
+        let mut trials = HashMap::new();
         for task_id in task_ids {
             if let Some(row) = store.trial_row(&task_id)? {
-                names.insert(task_id, trial_json(&row));
+                trials.insert(task_id, trial_json(&row));
             }
         }
-        Ok(names)
+        Ok(trials)
     })
     .await?;
     let rows: Vec<Value> = workers
         .into_iter()
-        .map(|(id, name, last_seen, task)| {
-            let trial = task.as_ref().and_then(|t| names.get(t)).cloned();
-            json!({"id": id, "name": name, "last_seen_s": last_seen, "task_id": task, "trial": trial})
+        .map(|w| {
+            let trial = w.task.as_ref().and_then(|t| trials.get(&t.task_id)).cloned();
+            let phases: serde_json::Map<String, Value> = w.phases.iter().map(|(phase, seconds)| (phase.clone(), json!(seconds))).collect();
+            json!({
+                "id": w.id,
+                "name": w.name,
+                "device": w.device,
+                "allow_commands": w.allow_commands,
+                "last_seen_s": w.last_seen_secs,
+                "trial": trial,
+                "phases": phases,
+            })
         })
         .collect();
     Ok(json_response(&json!({"workers": rows})))
@@ -479,10 +513,12 @@ mod tests {
 
     #[test]
     fn the_winner_is_explained_against_the_runner_up() {
-        let text = explain_winner(&[summary("c0", 0.30, 0.1, false), summary("c1", 0.20, 0.1, true), summary("c2", 0.24, 0.2, false)]).unwrap();
+        let text = explain_winner(&[summary("c0", 0.30, 0.1, false), summary("c1", 0.20, 0.1, true), summary("c2", 0.24, 0.2, false)], "val_mse").unwrap();
         assert_eq!(text, "lowest mean validation MSE; 2nd (c2) is 0.4 std behind");
-        assert_eq!(explain_winner(&[summary("c0", 0.3, 0.0, true)]).unwrap(), "the only config with every fold finished");
-        assert!(explain_winner(&[summary("c0", 0.3, 0.0, false)]).is_none());
+        assert_eq!(explain_winner(&[summary("c0", 0.3, 0.0, true)], "val_mse").unwrap(), "the only config with every fold finished");
+        assert!(explain_winner(&[summary("c0", 0.3, 0.0, false)], "val_mse").is_none());
+        let text = explain_winner(&[summary("c0", 0.30, 0.1, false), summary("c1", 0.20, 0.1, true)], "val_loss").unwrap();
+        assert!(text.starts_with("lowest mean val_loss; 2nd (c0)"), "{text}");
     }
 
     #[test]

@@ -71,6 +71,11 @@ fn draw_artifact(name: &str, tensors: &BTreeMap<String, ArtifactTensor>) -> Resu
         let points: Vec<(f64, f64, i64)> = projected.into_iter().zip(&labels.values).map(|((x, y), &label)| (x, y, label as i64)).collect();
         return draw(|path| figures::scatter(path, "latent codes (first two principal components)", &points));
     }
+    // A conditional generator's samples (and its real batch): one row per class, as in the report.
+    if let (Some(images), Some(labels)) = (tensors.get("images"), tensors.get("labels")) {
+        let rows = report::sample_rows(name, images, Some(labels));
+        return draw(|path| figures::image_rows(path, name, &rows, 2));
+    }
     // Digits lie in [0, 1]; generated and real slices in [-1, 1].
     let (low, high) = if name.starts_with("reconstructions") { (0.0, 1.0) } else { (-1.0, 1.0) };
     let rows: Vec<(String, Vec<report::GreyImage>)> = ["noisy", "output", "clean", "images"]
@@ -221,4 +226,26 @@ pub async fn download(State(console): State<Arc<Console>>, headers: HeaderMap, P
     let disposition = format!("attachment; filename=\"{name}\"");
     headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(internal)?);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid_height(tensors: &BTreeMap<String, ArtifactTensor>) -> u32 {
+        let png = draw_artifact("samples-e1", tensors).unwrap();
+        image::load_from_memory(&png).unwrap().height()
+    }
+
+    /// A conditional generator's samples are drawn one row per class, like the report's fig. 5.
+    #[test]
+    fn class_labelled_samples_draw_a_row_per_class() {
+        let images = ArtifactTensor { shape: vec![6, 1, 8, 8], values: vec![0.0; 6 * 64] };
+        let mut tensors = BTreeMap::from([("images".to_string(), images)]);
+        let one_row = grid_height(&tensors);
+        tensors.insert("labels".to_string(), ArtifactTensor { shape: vec![6], values: vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0] });
+        let three_rows = grid_height(&tensors);
+        // Two more rows of 8-pixel images drawn at twice their size.
+        assert!(three_rows >= one_row + 2 * 16, "{one_row} px for one row, {three_rows} px for three classes");
+    }
 }

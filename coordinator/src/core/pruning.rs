@@ -24,9 +24,15 @@ use crate::sweep::SweepFile;
 /// per sweep: a sweep file never changes.
 pub(super) type PruneSettings = HashMap<String, Option<(PruneSection, u32)>>;
 
-/// The validation error an epoch reported, if any.
-fn val_mse(epoch: &EpochRecord) -> Option<f64> {
-    epoch.values.iter().find(|(name, _)| name == "val_mse").map(|&(_, value)| value)
+/// The value an epoch reported of the metric cross-validation minimises (`val_mse`, or a
+/// command sweep's `[command] metric`), if any.
+fn metric_value(epoch: &EpochRecord, metric: &str) -> Option<f64> {
+    epoch.values.iter().find(|(name, _)| name == metric).map(|&(_, value)| value)
+}
+
+/// The metric a trial's cross-validation minimises.
+fn selection_metric(spec: &crate::domain::TrialSpec) -> &str {
+    spec.command.as_ref().map_or("val_mse", |command| command.metric.as_str())
 }
 
 /// The sweep's pruning settings, while its cross-validation stage is the latest one.
@@ -50,7 +56,8 @@ fn settings_while_in_cv(inner: &mut Inner, sweep_id: &str) -> Result<Option<(Pru
 
 /// The sweep's cross-validation trials as the pruner sees them (states from memory, curves from
 /// the store), with their task ids in the same order. Configs are numbered in plan order.
-fn snapshot(inner: &Inner, sweep_id: &str) -> Result<(Snapshot, Vec<String>), CoreError> {
+fn snapshot(inner: &Inner, sweep_id: &str) -> Result<(Snapshot, Vec<String>, String), CoreError> {
+    let mut metric = String::from("val_mse");
     let mut snapshot = Snapshot::default();
     let mut ids = Vec::new();
     for task in inner.store.tasks(Some(sweep_id))?.into_iter().filter(|t| t.spec.stage == stages::CV) {
@@ -65,11 +72,13 @@ fn snapshot(inner: &Inner, sweep_id: &str) -> Result<(Snapshot, Vec<String>), Co
             }
         };
         let state = inner.scheduler.task(&task.entry.id).map_or(task.entry.state, |t| t.state);
-        let curve = inner.store.metrics(&task.entry.id)?.iter().filter_map(|e| val_mse(e).map(|value| (e.epoch, value))).collect();
+        metric = selection_metric(&task.spec).to_string();
+        let curve = inner.store.metrics(&task.entry.id)?.iter().filter_map(|e| metric_value(e, &metric).map(|value| (e.epoch, value))).collect();
         snapshot.trials.push(FoldTrial { config, fold: fold.index, state, curve });
         ids.push(task.entry.id);
     }
-    Ok((snapshot, ids))
+    snapshot.metric = metric.clone();
+    Ok((snapshot, ids, metric))
 }
 
 /// Ends every unfinished trial of each decided config as pruned, in the scheduler and in
@@ -110,7 +119,7 @@ impl Core {
             let Some((settings, _)) = settings_while_in_cv(inner, &sweep_id)?.filter(|(settings, _)| settings.rule.races()) else {
                 continue;
             };
-            let (mut snapshot, ids) = snapshot(inner, &sweep_id)?;
+            let (mut snapshot, ids, _) = snapshot(inner, &sweep_id)?;
             let decisions = prune::race(&settings, &snapshot);
             pruned.extend(apply(inner, &mut snapshot, &ids, &decisions));
         }
@@ -128,7 +137,7 @@ impl Core {
             inner.store.record_metrics(task_id, epochs)?;
             return Ok(Vec::new());
         };
-        let (mut snapshot, ids) = snapshot(inner, &sweep_id)?;
+        let (mut snapshot, ids, metric) = snapshot(inner, &sweep_id)?;
         let Some(index) = ids.iter().position(|id| id == task_id) else {
             inner.store.record_metrics(task_id, epochs)?;
             return Ok(Vec::new());
@@ -138,7 +147,7 @@ impl Core {
         let curve = &mut snapshot.trials[index].curve;
         let reported: Vec<u32> = epochs.iter().map(|e| e.epoch).filter(|epoch| !curve.iter().any(|(e, _)| e == epoch)).collect();
         for epoch in epochs {
-            if let Some(value) = val_mse(epoch) {
+            if let Some(value) = metric_value(epoch, &metric) {
                 curve.retain(|(e, _)| *e != epoch.epoch);
                 curve.push((epoch.epoch, value));
             }
@@ -251,7 +260,7 @@ epochs = 1
         assert!(refused.to_string().contains("is not leased to this worker"), "{refused}");
         assert!(core.complete(&proof(&worker, &doomed)).is_err(), "a pruned trial cannot succeed");
         let lease = Lease { task_id: doomed.task_id.clone(), attempt: doomed.attempt, rank: 0, world: 1, secret: doomed.lease_secret.clone() };
-        assert_eq!(core.heartbeat(&worker.id, &worker.session, &[lease]).unwrap(), vec![doomed.task_id.clone()], "its worker is told to stop");
+        assert_eq!(core.heartbeat(&worker.id, &worker.session, &[lease], vec![]).unwrap(), vec![doomed.task_id.clone()], "its worker is told to stop");
         drop(core);
 
         // A restarted coordinator holds the same decisions.
@@ -276,5 +285,40 @@ epochs = 1
         assert_eq!((view.summary.counts.pruned, view.summary.counts.succeeded, view.summary.counts.failed), (4, 6, 0));
         let trial_epochs: usize = view.tasks.iter().filter(|t| t.task.spec.stage == "cv").map(|t| t.epochs.len()).sum();
         assert_eq!(trial_epochs, 4 * 5 + 1, "21 of the full grid's 36 trial-epochs");
+    }
+
+    /// A command sweep prunes on its own `[command] metric`, and only a worker that allows
+    /// commands is given its trials.
+    #[tokio::test]
+    async fn a_command_sweep_prunes_on_its_own_metric() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, _) = open_with_dataset(dir.path());
+        let text = "name = \"cmd\"\n[model]\nkind = \"command\"\n[command]\nrun = [\"python3\", \"train.py\"]\nmetric = \"loss\"\n\
+                    [cv]\nfolds = 3\nepochs = 4\n[cv.grid]\nwidth = [1, 2, 3]\n[cv.prune]\nrule = \"asha\"\ngrace_epochs = 1\nreduction = 2\n";
+        let sweep_id = core.submit(text, "cmd.toml", vec![], false).unwrap().sweep_id.unwrap();
+        let plain = register(&core, "plain");
+        assert!(core.acquire(&plain.id, &plain.session, Duration::ZERO).await.unwrap().is_none(), "a plain worker gets no command trial");
+        let (id, session, _) = core.register("trusted", "cpu", crate::scheduler::Abilities { cuda: false, commands: true }, &[]).unwrap();
+        let worker = TestWorker { id, session };
+        let report = |dispatch: &Dispatch, number: u32, loss: f64| EpochRecord {
+            epoch: number,
+            attempt: dispatch.attempt,
+            values: vec![("loss".into(), loss), ("val_mse".into(), 0.0)],
+            seconds: 0.1,
+            samples: 1,
+        };
+        for (name, first) in [("cv/c0/f0", 0.5), ("cv/c1/f0", 0.45), ("cv/c2/f0", 0.9)] {
+            let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("a trial is queued");
+            assert_eq!(dispatch.spec.name, name);
+            core.report_metrics(&proof(&worker, &dispatch), &[report(&dispatch, 1, first)]).unwrap();
+            if name != "cv/c2/f0" {
+                core.complete(&proof(&worker, &dispatch)).unwrap();
+            }
+        }
+        let pruned: Vec<(String, String)> =
+            states(&core, &sweep_id).into_iter().filter(|t| t.1 == TaskState::Pruned).map(|t| (t.0, t.3)).collect();
+        let names: Vec<&str> = pruned.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["cv/c2/f0", "cv/c2/f1", "cv/c2/f2"], "ranked on loss (val_mse, 0 everywhere, would tie)");
+        assert!(pruned[0].1.contains("best loss 0.90000"), "the reason names the sweep's metric: {}", pruned[0].1);
     }
 }

@@ -151,6 +151,20 @@ fn samples_by_epoch<'a>(input: &'a ReportInput, stage: &str) -> Vec<(u32, &'a BT
     samples
 }
 
+/// The rows of a sample grid: one row labelled `label`, or for a conditional generator's grid
+/// (with its `labels`) one row per class.
+pub fn sample_rows(label: &str, images: &ArtifactTensor, labels: Option<&ArtifactTensor>) -> Vec<(String, Vec<GreyImage>)> {
+    let images = images.images(-1.0, 1.0);
+    let Some(labels) = labels.filter(|l| l.values.len() == images.len()) else {
+        return vec![(label.to_string(), images)];
+    };
+    let mut rows: BTreeMap<i64, Vec<GreyImage>> = BTreeMap::new();
+    for (image, class) in images.into_iter().zip(&labels.values) {
+        rows.entry(*class as i64).or_default().push(image);
+    }
+    rows.into_iter().map(|(class, images)| (format!("{label}, class {class}"), images)).collect()
+}
+
 /// A drawn figure: its file name and caption.
 pub type Figure = (String, String);
 
@@ -243,7 +257,7 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
     if let (Some(real), false) = (input.artifacts.get(&("train".to_string(), "real".to_string())), samples.is_empty()) {
         let mut rows = Vec::new();
         if let Some(images) = real.get("images") {
-            rows.push(("real slices".to_string(), images.images(-1.0, 1.0)));
+            rows.extend(sample_rows("real", images, real.get("labels")));
         }
         let picks: Vec<usize> = match samples.len() {
             1 => vec![0],
@@ -253,11 +267,14 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
         for index in picks {
             let (epoch, tensors) = samples[index];
             if let Some(images) = tensors.get("images") {
-                rows.push((format!("epoch {epoch}"), images.images(-1.0, 1.0)));
+                rows.extend(sample_rows(&format!("epoch {epoch}"), images, tensors.get("labels")));
             }
         }
+        // Cells of about 128 pixels whatever the image size (32, 64 or 128).
+        let side = rows.iter().flat_map(|(_, images)| images.first()).map(|i| i.width).max().unwrap_or(64).max(1);
+        let scale = (128 / side as u32).max(1);
         let file = "fig5-samples.png";
-        figures::image_rows(&out.join(file), "Fig. 5: real slices and generated ones (first, early, last epoch)", &rows, 2)?;
+        figures::image_rows(&out.join(file), "Fig. 5: real slices and generated ones (first, early, last epoch)", &rows, scale)?;
         drawn.push((file.into(), "Fig. 5: a grid of real slices next to generated ones at the first, an early and the last epoch".into()));
 
         let (epoch, last) = samples[samples.len() - 1];
@@ -271,6 +288,17 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
                 drawn.push((file.into(), "Fig. 7: the image generated from the vector of fig. 6, upscaled".into()));
             }
         }
+    }
+    if let Some(swd) = series("train", "swd") {
+        let mut lines = vec![("mean".to_string(), swd)];
+        for ((stage, key), points) in &input.series {
+            if stage == "train" && key.starts_with("swd_") {
+                lines.push((key.trim_start_matches("swd_").to_string(), points.clone()));
+            }
+        }
+        let file = "fig8-swd.png";
+        figures::line_chart(&out.join(file), "Fig. 8: sliced Wasserstein distance to the test set", "SWD", &lines)?;
+        drawn.push((file.into(), "Fig. 8: sliced Wasserstein distance between generated and test images, per pyramid level (by resolution), per class (classN) and their mean".into()));
     }
     let page = html::page(input, &drawn);
     let index = out.join("index.html");

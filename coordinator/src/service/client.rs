@@ -45,9 +45,10 @@ impl ClientService for ClientApi {
     async fn submit_sweep(&self, request: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
         let request = request.into_inner();
         let files = convert::dataset_files(request.dataset_files).map_err(Status::invalid_argument)?;
+        let command_files = convert::dataset_files(request.command_files).map_err(Status::invalid_argument)?;
         // Checking the dataset reads (and un-gzips) its files: keep that off the async runtime.
         let core = self.core.clone();
-        let submitted = tokio::task::spawn_blocking(move || core.submit(&request.source, &request.source_name, files, request.dry_run))
+        let submitted = tokio::task::spawn_blocking(move || core.submit_with_command(&request.source, &request.source_name, files, command_files, request.dry_run))
             .await
             .map_err(|e| Status::internal(format!("submit task failed: {e}")))?
             .map_err(status)?;
@@ -140,12 +141,33 @@ impl ClientService for ClientApi {
         Ok(Response::new(pb::GetLogsResponse { entries }))
     }
 
+    type WatchSweepStream = super::progress::ProgressStream;
+
+    async fn watch_sweep(&self, request: Request<pb::WatchSweepRequest>) -> Result<Response<Self::WatchSweepStream>, Status> {
+        let stream = super::progress::watch(self.core.clone(), request.into_inner().sweep_id).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self
             .core
             .workers()
+            .map_err(status)?
             .into_iter()
-            .map(|(worker_id, name, last_seen_secs, task)| pb::WorkerInfo { worker_id, name, last_seen_secs, task_id: task.unwrap_or_default() })
+            .map(|w| {
+                let task = w.task.unwrap_or_default();
+                pb::WorkerInfo {
+                    worker_id: w.id,
+                    name: w.name,
+                    last_seen_secs: w.last_seen_secs,
+                    task_id: task.task_id,
+                    device: w.device,
+                    allow_commands: w.allow_commands,
+                    trial_name: task.trial_name,
+                    sweep_id: task.sweep_id,
+                    phase_seconds: w.phases.into_iter().collect(),
+                }
+            })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
@@ -169,7 +191,7 @@ mod tests {
              [cv]\nfolds = 2\nepochs = 1\nbatch_size = 16\n[cv.random]\nsamples = {configs}\nlr = {{ min = 1e-4, max = 1e-2, log = true }}\n"
         );
         let dataset_files = files.into_iter().map(|(name, blob)| pb::DatasetFile { name, blob: Some(blob.into()) }).collect();
-        let request = pb::SubmitSweepRequest { source, source_name: "large.toml".into(), dataset_files, dry_run: false };
+        let request = pb::SubmitSweepRequest { source, source_name: "large.toml".into(), dataset_files, dry_run: false, command_files: vec![] };
         let api = ClientApi::new(Arc::new(core));
         let response = api.submit_sweep(Request::new(request)).await.unwrap().into_inner();
         assert!(!response.sweep_id.is_empty());

@@ -1,6 +1,7 @@
 //! The gRPC edge: thin handlers that convert messages and call [`crate::core::Core`].
 
 pub mod client;
+pub mod progress;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::St
         .await
         .map_err(|_| Status::deadline_exceeded(format!("no data within {} s of the upload's start", limits.upload_idle.as_secs())))?
         .ok_or_else(|| Status::invalid_argument("empty upload"))??;
+    if first.sha256.is_empty() {
+        return receive_hashed_at_end(core, proof.as_ref(), first, stream).await;
+    }
     let destination: PathBuf =
         core.blobs().path(&first.sha256).ok_or_else(|| Status::invalid_argument(format!("not a sha256: {:?}", first.sha256)))?;
     let blob = pb::BlobRef { sha256: first.sha256.clone(), size: first.size };
@@ -92,6 +96,40 @@ pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::St
         transfer::receive_to_file_within(chunks, &destination, None, limits.max_blob_bytes, timeouts).await.map_err(transfer_status)?;
     }
     if let Some(proof) = &proof {
+        let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
+        core.record_lease_upload(proof, &stored).map_err(status)?;
+    }
+    Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: present })
+}
+
+/// [`receive_blob`] of a stream that names its hash in its last chunk (hashed while sent, see
+/// [`transfer::file_chunks_hash_at_end`]): received into a hidden file in the store's folder,
+/// verified against the hash it ends with, and only then renamed to the blob's path. A blob
+/// already stored stays as it is (the verified copy is dropped), and the answer says so.
+async fn receive_hashed_at_end(
+    core: &Core,
+    proof: Option<&LeaseProof<'_>>,
+    first: pb::BlobChunk,
+    stream: tonic::Streaming<pb::BlobChunk>,
+) -> Result<pb::UploadBlobResponse, Status> {
+    let limits = core.limits();
+    let timeouts = transfer::ReceiveTimeouts { idle: limits.upload_idle, total: limits.upload_total };
+    core.blobs()
+        .check_room(first.size, limits.blob_quota_bytes, limits.blob_reserve_bytes)
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    let chunks = tokio_stream::once(Ok(first)).chain(stream);
+    let verified = transfer::receive_verified_within(chunks, core.blobs().incoming_folder(), None, limits.max_blob_bytes, timeouts)
+        .await
+        .map_err(transfer_status)?;
+    let blob = pb::BlobRef { sha256: verified.blob.sha256.clone(), size: verified.blob.size };
+    let destination = core.blobs().path(&blob.sha256).ok_or_else(|| Status::internal("a verified blob without a sha256 name"))?;
+    let present = core.blobs().size(&blob.sha256) == Some(blob.size);
+    if present {
+        drop(verified);
+    } else {
+        verified.persist(&destination).await.map_err(transfer_status)?;
+    }
+    if let Some(proof) = proof {
         let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
         core.record_lease_upload(proof, &stored).map_err(status)?;
     }

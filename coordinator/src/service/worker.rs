@@ -10,8 +10,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{receive_blob, send_blob, status, BlobStream};
 use crate::convert;
 use crate::core::{Core, CoreError, LeaseProof};
-use crate::scheduler::Refusal;
+use crate::scheduler::{Abilities, Refusal};
 use crate::store::{ArtifactRecord, CheckpointRecord};
+
+/// Phase counters kept from a heartbeat (the worker has five), and the longest phase name.
+const MAX_PHASES: usize = 8;
+const MAX_PHASE_NAME: usize = 32;
 
 /// Longest long-poll of an acquire call.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
@@ -34,14 +38,17 @@ impl WorkerService for WorkerApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let request = request.into_inner();
         let name = if request.name.is_empty() { "unnamed".to_string() } else { request.name };
-        let (worker_id, session, abandon) = self.core.register(&name, &convert::leases(request.running)).map_err(status)?;
+        let abilities = Abilities { cuda: request.device.starts_with("cuda"), commands: request.allow_commands };
+        let (worker_id, session, abandon) =
+            self.core.register(&name, &request.device, abilities, &convert::leases(request.running)).map_err(status)?;
         let heartbeat_interval_ms = self.core.heartbeat_interval().as_millis() as u32;
         Ok(Response::new(pb::RegisterResponse { worker_id, heartbeat_interval_ms, abandon, session }))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let request = request.into_inner();
-        match self.core.heartbeat(&request.worker_id, &request.session, &convert::leases(request.running)) {
+        let phases = request.phase_seconds.into_iter().filter(|(name, seconds)| name.len() <= MAX_PHASE_NAME && seconds.is_finite()).take(MAX_PHASES).collect();
+        match self.core.heartbeat(&request.worker_id, &request.session, &convert::leases(request.running), phases) {
             Ok(abandon) => Ok(Response::new(pb::HeartbeatResponse { abandon, reregister: false })),
             Err(CoreError::Refused(Refusal::UnknownWorker(_))) => {
                 Ok(Response::new(pb::HeartbeatResponse { abandon: vec![], reregister: true }))

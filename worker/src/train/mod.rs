@@ -7,6 +7,7 @@ pub mod classifier;
 pub mod dae;
 pub mod data_parallel;
 pub mod wgan;
+pub mod wgan_eval;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -94,6 +95,10 @@ pub enum TrainError {
     /// The daemon asked the recipe to stop (cancel, lease lost, shutdown).
     #[error("stopped on request")]
     Stopped,
+    /// A command trial's program failed on its own: a non-zero exit, a malformed or non-finite
+    /// `cohort-metrics` line, a limit passed (user error, not retried).
+    #[error("{0}")]
+    Program(String),
     /// The machine, the network or the coordinator failed (an input that could not be
     /// fetched, local disk trouble, a thread that could not start): retried elsewhere.
     #[error("{0}")]
@@ -103,7 +108,7 @@ pub enum TrainError {
 impl TrainError {
     /// True for errors that come from the trial itself, which retrying on another worker cannot fix.
     pub fn is_user_error(&self) -> bool {
-        matches!(self, TrainError::Data(_) | TrainError::Diverged { .. } | TrainError::Invalid(_))
+        matches!(self, TrainError::Data(_) | TrainError::Diverged { .. } | TrainError::Invalid(_) | TrainError::Program(_))
     }
 }
 
@@ -201,6 +206,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         TrialKind::DaeFinal => dae::run_final(task, inputs, events),
         TrialKind::Classifier => classifier::run(task, inputs, events),
         TrialKind::Wgan => wgan::run(task, inputs, events),
+        // The daemon runs command trials through crate::command, never as a recipe.
+        TrialKind::Command => Err(TrainError::Invalid("a command trial is not a built-in recipe".into())),
     }
 }
 
@@ -212,6 +219,9 @@ pub(crate) mod streams {
     pub const NOISE: u64 = 2 << 32;
     /// The fixed noise of evaluation sets and sample grids.
     pub const EVALUATION: u64 = u64::MAX;
+    /// The generated images and the patches and directions of the WGAN-GP's sliced Wasserstein
+    /// distance (the same at every evaluation, so the figures compare across epochs).
+    pub const SWD: u64 = u64::MAX - 1;
 }
 
 /// The trainable variables of `vars`, by name, sorted (so optimizer state keys are stable).

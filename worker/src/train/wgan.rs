@@ -7,6 +7,12 @@
 //! never reach it and the generator would never train. The count is the critic optimizer's step
 //! count, which checkpoints save and resumes restore, so a resumed trial keeps the schedule.
 //!
+//! Class-conditional (`conditional`), the generator takes each row's class from the image
+//! folder's labels and the critic is a projection critic (`model/wgan.rs`): a critic step's fakes
+//! are made for the real batch's classes, and a generator step's for the same classes.
+//! Every `eval_every` epochs, rank 0 reports the sliced Wasserstein distance of generated images
+//! to the test set (`wgan_eval.rs`).
+//!
 //! Data parallel over a gang of `world` replicas, it computes what one process would on the
 //! global batch: every replica walks the same shuffled order and draws the same global noise
 //! (shared seeds), takes its rows of each global batch for the critic, and averages gradients
@@ -17,10 +23,11 @@
 
 use std::time::Instant;
 
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::data_parallel::{self, Shard};
+use super::wgan_eval;
 use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
 use crate::checkpoint;
 use crate::collective::{CollectiveError, Communicator};
@@ -29,7 +36,7 @@ use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
 use crate::task::{Task, WganConfig};
 
-/// The side of the images the generator makes.
+/// The side of the images the seed's generator (four widths) makes.
 pub const IMAGE_SIZE: i64 = 64;
 
 /// Generator and critic with their optimizers.
@@ -44,21 +51,38 @@ pub struct Gan {
     critic_params: Vec<Tensor>,
     generator_optimizer: Adam,
     critic_optimizer: Adam,
+    classes: i64,
 }
 
 impl Gan {
     /// Builds both networks (initialised from libtorch's generator) and their optimizers.
-    pub fn new(widths: [i64; 4], lr: f64, betas: (f64, f64), device: Device) -> Self {
+    pub fn new(widths: impl AsRef<[i64]>, lr: f64, betas: (f64, f64), device: Device) -> Self {
+        Self::conditional(widths, 0, lr, betas, device)
+    }
+
+    /// Builds class-conditional networks for `classes` classes (0: unconditional).
+    pub fn conditional(widths: impl AsRef<[i64]>, classes: i64, lr: f64, betas: (f64, f64), device: Device) -> Self {
+        let widths = widths.as_ref();
         let vars = nn::VarStore::new(device);
-        let generator = Generator::new(&(vars.root() / "generator"), widths);
-        let critic = Critic::new(&(vars.root() / "critic"), widths);
+        let generator = Generator::conditional(&(vars.root() / "generator"), widths, classes);
+        let critic = Critic::conditional(&(vars.root() / "critic"), widths, classes);
         let (generator_named, critic_named): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
         let generator_params = generator_named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let critic_params = critic_named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let group = |params| vec![ParamGroup { params, lr, weight_decay: 0.0 }];
         let generator_optimizer = Adam::new(group(generator_named), betas, 1e-8).with_state_prefix("optim.generator.");
         let critic_optimizer = Adam::new(group(critic_named), betas, 1e-8).with_state_prefix("optim.critic.");
-        Self { vars, generator, critic, generator_params, critic_params, generator_optimizer, critic_optimizer }
+        Self { vars, generator, critic, generator_params, critic_params, generator_optimizer, critic_optimizer, classes }
+    }
+
+    /// The number of classes (0: unconditional).
+    pub fn classes(&self) -> i64 {
+        self.classes
+    }
+
+    /// The labels to condition on: `labels` for a conditional GAN, none otherwise.
+    fn condition<'a>(&self, labels: Option<&'a Tensor>) -> Option<&'a Tensor> {
+        labels.filter(|_| self.classes > 0)
     }
 
     /// Draws noise for `count` generator inputs from libtorch's (seeded) generator.
@@ -78,8 +102,27 @@ impl Gan {
         shard: Shard,
         comm: Option<&mut (dyn Communicator + 'static)>,
     ) -> Result<(f64, f64, f64), CollectiveError> {
-        let fake = tch::no_grad(|| self.generator.forward_t(noise, true));
-        let (loss, wasserstein, penalty) = wgan::critic_loss(&self.critic, &shard.slice(real), &shard.slice(&fake), &shard.slice(epsilon), lambda);
+        self.critic_gradients_given(real, None, noise, epsilon, lambda, shard, comm)
+    }
+
+    /// [`Gan::critic_gradients`] with the global batch's class `labels` (conditional GANs: the
+    /// fakes are generated for the real rows' classes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn critic_gradients_given(
+        &mut self,
+        real: &Tensor,
+        labels: Option<&Tensor>,
+        noise: &Tensor,
+        epsilon: &Tensor,
+        lambda: f64,
+        shard: Shard,
+        comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<(f64, f64, f64), CollectiveError> {
+        let labels = self.condition(labels);
+        let fake = tch::no_grad(|| self.generator.generate(noise, labels, true));
+        let own_labels = labels.map(|l| shard.slice(l));
+        let (loss, wasserstein, penalty) =
+            wgan::critic_loss_given(&self.critic, &shard.slice(real), &shard.slice(&fake), own_labels.as_ref(), &shard.slice(epsilon), lambda);
         self.critic_optimizer.zero_grad();
         loss.backward();
         if let Some(comm) = comm {
@@ -92,8 +135,21 @@ impl Gan {
     /// generator itself runs on all of it, so BatchNorm sees the global batch), back-propagated;
     /// gradients then averaged over the gang. Returns this replica's loss.
     pub fn generator_gradients(&mut self, noise: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<f64, CollectiveError> {
-        let fake = self.generator.forward_t(noise, true);
-        let loss = wgan::generator_loss(&self.critic, &shard.slice(&fake));
+        self.generator_gradients_given(noise, None, shard, comm)
+    }
+
+    /// [`Gan::generator_gradients`] for the global batch's class `labels` (conditional GANs).
+    pub fn generator_gradients_given(
+        &mut self,
+        noise: &Tensor,
+        labels: Option<&Tensor>,
+        shard: Shard,
+        comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<f64, CollectiveError> {
+        let labels = self.condition(labels);
+        let fake = self.generator.generate(noise, labels, true);
+        let own_labels = labels.map(|l| shard.slice(l));
+        let loss = wgan::generator_loss_given(&self.critic, &shard.slice(&fake), own_labels.as_ref());
         self.generator_optimizer.zero_grad();
         loss.backward();
         if let Some(comm) = comm {
@@ -152,11 +208,19 @@ struct Sums {
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
     let config = &task.config;
     let recipe: &WganConfig = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
-    let train = super::load_dataset(task, inputs)?.train;
+    let data = super::load_dataset(task, inputs)?;
+    let (train, test) = (data.train, data.test);
     let size = train.images.size();
-    if size[2] != IMAGE_SIZE || size[3] != IMAGE_SIZE {
-        return Err(TrainError::Invalid(format!("the generator makes {IMAGE_SIZE}×{IMAGE_SIZE} images, the data is {}×{}", size[2], size[3])));
+    let side = wgan::image_size_for(recipe.widths.len());
+    if size[2] != side || size[3] != side {
+        return Err(TrainError::Invalid(format!(
+            "{} widths make {side}×{side} images, the data is {}×{}",
+            recipe.widths.len(),
+            size[2],
+            size[3]
+        )));
     }
+    let classes = if recipe.conditional { train.labels.max().int64_value(&[]) + 1 } else { 0 };
     let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
     let n = train.len();
     let batch = config.batch_size;
@@ -167,7 +231,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         )));
     }
     tch::manual_seed(config.seed as i64);
-    let mut gan = Gan::new(recipe.widths, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
+    let mut gan = Gan::conditional(&recipe.widths, classes, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
     let done_epochs = checkpoint::resume(inputs.resume_from, &mut gan.vars, &mut [&mut gan.generator_optimizer, &mut gan.critic_optimizer])?;
     if let Some(comm) = comm.as_deref_mut() {
         data_parallel::broadcast_variables(comm, &gan.vars)?;
@@ -175,13 +239,23 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     let leader = shard.rank == 0;
     tch::manual_seed(derive_seed(config.seed, streams::EVALUATION) as i64);
     let sample_count = i64::from(recipe.sample_count.max(1));
-    let fixed_noise = gan.noise(sample_count);
+    // Conditional grids: one row per class, sample_count / classes columns (at least one).
+    let sample_labels = (classes > 0).then(|| {
+        let columns = (sample_count / classes).max(1);
+        Tensor::arange(classes, (Kind::Int64, inputs.device)).repeat_interleave_self_int(columns, Some(0), None::<i64>)
+    });
+    let fixed_noise = gan.noise(sample_labels.as_ref().map_or(sample_count, |l| l.size()[0]));
     if done_epochs == 0 && leader {
         // Evenly spaced through the training set (a volume's slices run bottom to top).
         let count = sample_count.min(n as i64);
         let picks: Vec<i64> = (0..count).map(|i| i * n as i64 / count).collect();
-        let real = train.images.index_select(0, &Tensor::from_slice(&picks).to_device(train.images.device()));
-        emit_artifact(task, inputs, "real", 0, &[("images", real)], events)?;
+        let picks = Tensor::from_slice(&picks).to_device(train.images.device());
+        let mut tensors = vec![("images", train.images.index_select(0, &picks))];
+        if classes > 0 {
+            // The report draws them one row per class, as the samples.
+            tensors.push(("labels", train.labels.index_select(0, &picks)));
+        }
+        emit_artifact(task, inputs, "real", 0, &tensors, events)?;
     }
     for epoch in done_epochs + 1..=config.epochs {
         let started = Instant::now();
@@ -192,10 +266,13 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         for step in 0..n / batch {
             events.check_stop()?;
             let timer = crate::metrics::metrics().step_seconds.start_timer();
-            let real = train.images.index_select(0, &order.narrow(0, (step * batch) as i64, batch as i64));
+            let rows = order.narrow(0, (step * batch) as i64, batch as i64);
+            let real = train.images.index_select(0, &rows);
+            let labels = (classes > 0).then(|| train.labels.index_select(0, &rows));
             let noise = gan.noise(batch as i64);
             let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
-            let (loss, wasserstein, penalty) = gan.critic_gradients(&real, &noise, &epsilon, recipe.gp_lambda, shard, comm.as_deref_mut())?;
+            let (loss, wasserstein, penalty) =
+                gan.critic_gradients_given(&real, labels.as_ref(), &noise, &epsilon, recipe.gp_lambda, shard, comm.as_deref_mut())?;
             gan.step_critic();
             for (sum, value) in sums.critic.iter_mut().zip([loss, wasserstein, penalty]) {
                 *sum += value;
@@ -204,7 +281,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             // The trial's count, not the epoch's (see the module's documentation).
             if generator_step_due(gan.critic_steps_taken(), recipe.critic_steps) {
                 let noise = gan.noise(batch as i64);
-                sums.generator += gan.generator_gradients(&noise, shard, comm.as_deref_mut())?;
+                sums.generator += gan.generator_gradients_given(&noise, labels.as_ref(), shard, comm.as_deref_mut())?;
                 gan.step_generator();
                 sums.generator_steps += 1.0;
             }
@@ -238,8 +315,13 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         let periodic = recipe.sample_every > 0 && epoch % recipe.sample_every == 0;
         // Every replica samples (in training mode the forward pass also moves BatchNorm's running
         // statistics, which must stay identical across replicas); rank 0 keeps the grid.
+        // Every replica evaluates (the same figures): a rank 0 evaluating alone would keep the
+        // others waiting in the next epoch's first collective, past its timeout on a large test set.
+        if wgan_eval::due(recipe.eval_every, epoch, config.epochs) && !test.is_empty() {
+            values.extend(wgan_eval::evaluate(&gan, &test, config.seed)?);
+        }
         let samples = (epoch == 1 || periodic || epoch == config.epochs)
-            .then(|| tch::no_grad(|| gan.generator.forward_t(&fixed_noise, true)));
+            .then(|| tch::no_grad(|| gan.generator.generate(&fixed_noise, sample_labels.as_ref(), true)));
         if !leader {
             if events.draining() {
                 return Err(TrainError::Stopped);
@@ -250,7 +332,11 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         if let Some(samples) = samples {
             // Batch statistics, as in training: early on the running statistics are still far
             // from them and would show a blank image instead of the generator's output.
-            emit_artifact(task, inputs, &format!("samples-e{epoch}"), epoch, &[("images", samples), ("noise", fixed_noise.shallow_clone())], events)?;
+            let mut tensors = vec![("images", samples), ("noise", fixed_noise.shallow_clone())];
+            if let Some(labels) = &sample_labels {
+                tensors.push(("labels", labels.shallow_clone()));
+            }
+            emit_artifact(task, inputs, &format!("samples-e{epoch}"), epoch, &tensors, events)?;
         }
         let due = checkpoint_due(task, epoch);
         if let Some(is_final) = due {

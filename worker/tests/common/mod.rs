@@ -65,6 +65,7 @@ pub fn fold_task(index: usize, epochs: u32, checkpoint_every: u32, augment: Opti
         rank: 0,
         world: 1,
         collective_backend: String::new(),
+        command: None,
     }
 }
 

@@ -1,0 +1,129 @@
+//! `coordinator generate`: samples a trained WGAN-GP's generator on demand. The checkpoint (a
+//! sweep's `train` trial's final one, a task's final one, or a named blob) is downloaded from
+//! the coordinator, then the generator runs with libtorch on the CPU in this process
+//! (`cohort_worker::generate`): no worker takes part.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cohort_proto::v1 as pb;
+use cohort_worker::generate::{self, Latents, Request};
+
+use super::results::{self, Download};
+
+/// What `generate` was asked for.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// A sweep id (its `train` trial) or a task id.
+    pub target: String,
+    /// A checkpoint blob (SHA-256) to load instead of the final one.
+    pub checkpoint: Option<String>,
+    /// A class by name (or index): only its row.
+    pub class: Option<String>,
+    /// Random vectors drawn.
+    pub count: i64,
+    /// Seeds them.
+    pub seed: u64,
+    /// Vectors from a latent file instead.
+    pub latent: Option<PathBuf>,
+    /// Write the vectors used here.
+    pub save_latent: Option<PathBuf>,
+    /// A row from the first vector of one latent file to the first of another.
+    pub interpolate: Option<(PathBuf, PathBuf)>,
+    /// Images of the interpolation.
+    pub steps: i64,
+    /// The PNG.
+    pub out: PathBuf,
+}
+
+/// The class names of an image-folder dataset from its file names: the folders under `train/`
+/// (or at the top without one), sorted, as the worker labels them.
+pub fn class_names(files: &[pb::DatasetFile]) -> Vec<String> {
+    let has_train = files.iter().any(|f| f.name.starts_with("train/"));
+    let names: BTreeSet<String> = files
+        .iter()
+        .filter_map(|f| {
+            let parts: Vec<&str> = f.name.split('/').collect();
+            match (has_train, parts.as_slice()) {
+                (true, ["train", class, _file]) => Some((*class).to_string()),
+                (false, [class, _file]) => Some((*class).to_string()),
+                _ => None,
+            }
+        })
+        .collect();
+    names.into_iter().collect()
+}
+
+/// The sweep's WGAN-GP task spec (`task` names a task; else the sweep's `train` trial).
+async fn wgan_spec(client: &mut super::Client, sweep_id: &str, task: Option<&str>) -> anyhow::Result<pb::TaskSpec> {
+    let detail = results::fetch_detail(client, sweep_id).await?;
+    detail
+        .tasks
+        .into_iter()
+        .filter_map(|t| t.spec)
+        .find(|spec| match task {
+            Some(task) => spec.task_id == task,
+            None => spec.kind() == pb::TrialKind::Wgan,
+        })
+        .with_context(|| format!("sweep {sweep_id} has no WGAN-GP trial{}", task.map(|t| format!(" {t}")).unwrap_or_default()))
+}
+
+/// Runs the command; returns the line to print.
+pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow::Result<String> {
+    let is_task = options.target.contains('.');
+    let sweep_id = options.target.split('.').next().unwrap_or_default().to_string();
+    let spec = wgan_spec(client, &sweep_id, is_task.then_some(options.target.as_str())).await?;
+    anyhow::ensure!(spec.kind() == pb::TrialKind::Wgan, "{} is not a WGAN-GP trial", options.target);
+    let names = class_names(spec.dataset.as_ref().map(|d| d.files.as_slice()).unwrap_or_default());
+    let classes = match &options.class {
+        None => Vec::new(),
+        Some(class) => {
+            let index = names.iter().position(|n| n == class).or_else(|| class.parse::<usize>().ok().filter(|&i| i < names.len().max(1)));
+            let index = index.with_context(|| format!("no class {class:?}: the classes are {names:?}"))?;
+            vec![index as i64]
+        }
+    };
+    let what = match &options.checkpoint {
+        Some(blob) => Download::Named(blob.clone()),
+        None => Download::Named(spec.task_id.clone()),
+    };
+    let dir = tempfile::tempdir()?;
+    let checkpoint = dir.path().join("checkpoint.safetensors");
+    results::download(client, &what, &checkpoint).await.with_context(|| format!("downloading the checkpoint of {}", options.target))?;
+    let latents = match (&options.interpolate, &options.latent) {
+        (Some((from, to)), _) => Latents::Interpolate { from: from.clone(), to: to.clone(), steps: options.steps },
+        (None, Some(file)) => Latents::File(file.clone()),
+        (None, None) => Latents::Random { count: options.count, seed: options.seed },
+    };
+    let request = Request { latents, classes, save_latent: options.save_latent.clone() };
+    let out = options.out.clone();
+    // libtorch on a thread of its own, not the runtime's.
+    let grid = tokio::task::spawn_blocking(move || -> anyhow::Result<(i64, i64, Vec<i64>)> {
+        let generator = generate::load_generator(&checkpoint)?;
+        let grid = generator.draw(&request)?;
+        generate::write_png(&grid, &out)?;
+        Ok((grid.rows, grid.columns, grid.row_classes))
+    })
+    .await??;
+    let (rows, columns, row_classes) = grid;
+    let labels: Vec<String> = row_classes.iter().map(|&c| names.get(c as usize).cloned().unwrap_or_else(|| c.to_string())).collect();
+    let rows_text = if labels.is_empty() { format!("{rows} rows") } else { format!("rows: {}", labels.join(", ")) };
+    Ok(format!("wrote {} ({rows_text}; {columns} columns)", options.out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> pb::DatasetFile {
+        pb::DatasetFile { name: name.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn classes_are_the_sorted_training_folders() {
+        let files = [file("train/b/1.png"), file("train/a/2.png"), file("test/c/1.png"), file("train/b/3.png")];
+        assert_eq!(class_names(&files), ["a", "b"]);
+        assert_eq!(class_names(&[file("x/1.png"), file("w/1.png")]), ["w", "x"]);
+    }
+}
