@@ -162,7 +162,12 @@ fn a_finished_sweep_reads_back_by_name_and_as_data() {
         .stderr(std::fs::File::create(&watch_err).unwrap())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Its first message says why nothing runs yet; only then does a worker come.
+    let started = Instant::now();
+    while !std::fs::read_to_string(&watch_err).unwrap_or_default().contains("(waiting: no worker connected)") {
+        assert!(started.elapsed() < Duration::from_secs(60), "watch drew no waiting stage: {}", std::fs::read_to_string(&watch_err).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     cluster.add_worker("alpha");
     assert_eq!(cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]).trim(), "succeeded");
     assert!(wait_exit(&mut follow, Duration::from_secs(60), "logs --follow").success());
