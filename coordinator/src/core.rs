@@ -1379,8 +1379,7 @@ impl Core {
         let mut tasks = Vec::with_capacity(page.tasks.len());
         for task in std::mem::take(&mut page.tasks) {
             let id = &task.entry.id;
-            let worker_names =
-                task.entry.members.iter().map(|id| inner.scheduler.worker_name(id).map_or_else(|| id.clone(), str::to_string)).collect();
+            let worker_names = inner.scheduler.member_names(&task.entry);
             let (started_ms, ended_ms) = page.times.get(id).copied().unwrap_or_default();
             tasks.push(TaskView {
                 epochs: page.epochs.remove(id).unwrap_or_default(),

@@ -750,9 +750,20 @@ impl Scheduler {
         self.waiting_in(sweep_id, 0..=Millis::MAX, now)
     }
 
-    /// [`Self::waiting`] for the sweep's tasks whose order lies in `orders` (a page of them):
-    /// walks the queue only up to the span's end, and words only the span's reasons.
+    /// [`Self::waiting`] for the sweep's tasks whose order lies in `orders` (a page of them).
     pub fn waiting_in(&self, sweep_id: &str, orders: std::ops::RangeInclusive<u64>, now: Millis) -> HashMap<String, String> {
+        self.waiting_where(sweep_id, *orders.end(), |order| orders.contains(&order), now)
+    }
+
+    /// [`Self::waiting`] for the sweep's tasks at the given orders (the trials a view shows).
+    pub fn waiting_at(&self, sweep_id: &str, orders: &BTreeSet<u64>, now: Millis) -> HashMap<String, String> {
+        let last = orders.last().copied().unwrap_or(0);
+        self.waiting_where(sweep_id, last, |order| orders.contains(&order), now)
+    }
+
+    /// Why the sweep's `wanted` tasks (none past order `last`) are not making progress: walks the
+    /// queue only up to `last`, and words only the wanted tasks' reasons.
+    fn waiting_where(&self, sweep_id: &str, last: u64, wanted: impl Fn(u64) -> bool, now: Millis) -> HashMap<String, String> {
         let registered = self.workers.len() as u32;
         let busy = self.leases_by_worker();
         let reserved: &[String] = self.collecting.as_ref().map_or(&[], |c| &c.reserved);
@@ -768,7 +779,7 @@ impl Scheduler {
         // The workers each kind of task could use (at most four kinds of needs).
         let mut counts_by_needs: Vec<(Needs, WorkerCounts)> = Vec::new();
         for (order, id) in &self.queue {
-            if order > orders.end() {
+            if *order > last {
                 break;
             }
             let task = &self.tasks[id];
@@ -782,7 +793,7 @@ impl Scheduler {
                     0
                 }
             };
-            if task.sweep_id != sweep_id || !orders.contains(order) {
+            if task.sweep_id != sweep_id || !wanted(*order) {
                 continue;
             }
             let ahead = if self.collecting.as_ref().is_some_and(|c| &c.task_id == id) { 0 } else { ahead };
@@ -800,7 +811,7 @@ impl Scheduler {
         }
         for (_, id) in &self.running {
             let task = &self.tasks[id];
-            if task.sweep_id != sweep_id || !orders.contains(&task.order) {
+            if task.sweep_id != sweep_id || !wanted(task.order) {
                 continue;
             }
             let silent = task
@@ -815,6 +826,12 @@ impl Scheduler {
             }
         }
         reasons
+    }
+
+    /// The workers holding the task (the last ones, after it ended), by the names they
+    /// registered with where known, else by id.
+    pub fn member_names(&self, task: &TaskEntry) -> Vec<String> {
+        task.members.iter().map(|id| self.worker_name(id).map_or_else(|| id.clone(), str::to_string)).collect()
     }
 
     /// The name a worker registered with, if it is registered.

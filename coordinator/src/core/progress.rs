@@ -3,7 +3,7 @@
 //! grow with the sweep (a few per stage, and one per running trial), so that following a sweep of
 //! 100,000 trials costs what following a small one does.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::{Core, CoreError, SweepSummary, TaskView};
 use crate::domain::TaskState;
@@ -60,18 +60,14 @@ impl Core {
         }
         let spans = inner.store.stage_spans(sweep_id)?;
         // Reasons are worded only for the trials shown: each stage's next queued one and the
-        // running ones.
-        let mut waiting = HashMap::new();
-        let now = self.now();
-        for span in &spans {
-            let next_queued = unfinished.iter().find(|t| t.state == TaskState::Queued && (span.first..=span.last).contains(&(t.order as i64)));
-            if let Some(task) = next_queued {
-                waiting.extend(inner.scheduler.waiting_in(sweep_id, task.order..=task.order, now));
-            }
-        }
-        for task in unfinished.iter().filter(|t| t.state == TaskState::Running).take(MAX_RUNNING_SHOWN) {
-            waiting.extend(inner.scheduler.waiting_in(sweep_id, task.order..=task.order, now));
-        }
+        // running ones, in one walk of the queue.
+        let mut shown: BTreeSet<u64> = spans
+            .iter()
+            .filter_map(|span| unfinished.iter().find(|t| t.state == TaskState::Queued && (span.first..=span.last).contains(&(t.order as i64))))
+            .map(|task| task.order)
+            .collect();
+        shown.extend(unfinished.iter().filter(|t| t.state == TaskState::Running).take(MAX_RUNNING_SHOWN).map(|task| task.order));
+        let mut waiting = inner.scheduler.waiting_at(sweep_id, &shown, self.now());
         let mut stages = Vec::new();
         // The stages cover the sweep: their counts add up to its own.
         let mut states = Vec::new();
@@ -100,8 +96,7 @@ impl Core {
             let Some(entry) = inner.scheduler.task(&task_id).cloned() else { continue };
             let Some(spec) = inner.store.spec_json(&task_id)? else { continue };
             let spec = crate::store::Store::parse_spec(&spec)?;
-            let worker_names =
-                entry.members.iter().map(|id| inner.scheduler.worker_name(id).map_or_else(|| id.clone(), str::to_string)).collect();
+            let worker_names = inner.scheduler.member_names(&entry);
             views.push(TaskView {
                 waiting: waiting.remove(&task_id),
                 task: crate::store::StoredTask { entry, spec },

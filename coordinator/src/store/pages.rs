@@ -28,6 +28,11 @@ pub struct TaskPage {
 /// Tasks of a sweep whose order lies in `?1`'s span `?2..=?3` (a page).
 const PAGE_TASKS: &str = "SELECT id FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3";
 
+/// A state name as stored.
+fn parse_state(name: &str) -> Result<TaskState, StoreError> {
+    TaskState::parse(name).ok_or_else(|| super::corrupt("task state", name))
+}
+
 impl Store {
     /// Tasks counted by state, for every sweep: one grouped query.
     pub fn state_counts(&self) -> Result<HashMap<String, Vec<(TaskState, u32)>>, StoreError> {
@@ -36,8 +41,7 @@ impl Store {
         let mut counts: HashMap<String, Vec<(TaskState, u32)>> = HashMap::new();
         for row in rows {
             let (sweep_id, state, count) = row?;
-            let state = TaskState::parse(&state).ok_or_else(|| super::corrupt("task state", &state))?;
-            counts.entry(sweep_id).or_default().push((state, count));
+            counts.entry(sweep_id).or_default().push((parse_state(&state)?, count));
         }
         Ok(counts)
     }
@@ -49,7 +53,20 @@ impl Store {
         let mut counts = Vec::new();
         for row in rows {
             let (state, count) = row?;
-            counts.push((TaskState::parse(&state).ok_or_else(|| super::corrupt("task state", &state))?, count));
+            counts.push((parse_state(&state)?, count));
+        }
+        Ok(counts)
+    }
+
+    /// The tasks of a span of a sweep's plan order (a stage), counted by state: one grouped
+    /// query over the index.
+    pub fn span_state_counts(&self, sweep_id: &str, first: i64, last: i64) -> Result<Vec<(TaskState, u32)>, StoreError> {
+        let mut query = self.conn.prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 GROUP BY state")?;
+        let rows = query.query_map(params![sweep_id, first, last], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (state, count) = row?;
+            counts.push((parse_state(&state)?, count));
         }
         Ok(counts)
     }
@@ -137,13 +154,7 @@ impl Store {
     /// A span of a sweep's plan order (a stage): its tasks counted by state and its reported
     /// epochs' total time, in two grouped queries.
     pub fn span_progress(&self, sweep_id: &str, first: i64, last: i64) -> Result<SpanProgress, StoreError> {
-        let mut query = self.conn.prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 GROUP BY state")?;
-        let rows = query.query_map(params![sweep_id, first, last], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
-        let mut states = Vec::new();
-        for row in rows {
-            let (state, count) = row?;
-            states.push((TaskState::parse(&state).ok_or_else(|| super::corrupt("task state", &state))?, count));
-        }
+        let states = self.span_state_counts(sweep_id, first, last)?;
         // A join, not `IN (…)`: the span may hold 100,000 tasks of which few reported anything.
         let epoch_seconds = self.conn.query_row(
             "SELECT COALESCE(SUM(m.seconds), 0.0), COUNT(*) FROM metrics m JOIN tasks t ON t.id = m.task_id

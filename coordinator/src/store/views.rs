@@ -114,16 +114,16 @@ pub struct FoldTask {
     pub state: String,
 }
 
+/// Counts by state, keyed by the states' names (as the console's JSON shows them).
+fn by_name(states: &[(crate::domain::TaskState, u32)]) -> HashMap<String, u32> {
+    states.iter().map(|(state, count)| (state.as_str().to_string(), *count)).collect()
+}
+
 impl Store {
     /// Every sweep, oldest first, with its tasks counted by state: two queries.
     pub fn sweep_rows(&self) -> Result<Vec<SweepRow>, StoreError> {
-        let mut counts: HashMap<String, HashMap<String, u32>> = HashMap::new();
-        let mut query = self.conn.prepare_cached("SELECT sweep_id, state, COUNT(*) FROM tasks GROUP BY sweep_id, state")?;
-        let rows = query.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?)))?;
-        for row in rows {
-            let (sweep_id, state, count) = row?;
-            counts.entry(sweep_id).or_default().insert(state, count);
-        }
+        let mut counts: HashMap<String, HashMap<String, u32>> =
+            self.state_counts()?.into_iter().map(|(sweep_id, states)| (sweep_id, by_name(&states))).collect();
         let mut query = self.conn.prepare_cached("SELECT id, seq, name, created_ms, cancelled FROM sweeps ORDER BY seq")?;
         let rows = query.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, bool>(4)?)))?;
         let mut sweeps = Vec::new();
@@ -179,13 +179,7 @@ impl Store {
     pub fn stage_rows(&self, sweep_id: &str) -> Result<Vec<StageRow>, StoreError> {
         let mut stages = Vec::new();
         for span in self.stage_spans(sweep_id)? {
-            let mut counts = HashMap::new();
-            let mut query = self.conn.prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 GROUP BY state")?;
-            let rows = query.query_map(params![sweep_id, span.first, span.last], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
-            for row in rows {
-                let (state, count) = row?;
-                counts.insert(state, count);
-            }
+            let counts = by_name(&self.span_state_counts(sweep_id, span.first, span.last)?);
             let finished_seconds = self.conn.query_row(
                 "SELECT COALESCE(SUM(m.seconds), 0.0), COUNT(DISTINCT t.id) FROM tasks t JOIN metrics m ON m.task_id = t.id
                  WHERE t.sweep_id = ?1 AND t.ord BETWEEN ?2 AND ?3 AND t.state = 'succeeded'",
