@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: all build browser-deps test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-shared-host bench-gang bench-seed bench-prune bench-command soak soak-hog gpu-check stand-in clean-runs
+.PHONY: all build browser-deps lint test demo bench bench-examples bench-steps bench-allreduce bench-scheduler bench-transfer bench-sweep bench-shared-host bench-gang bench-seed bench-prune bench-command soak soak-hog gpu-check stand-in clean-runs
 
 all: build
 
@@ -44,8 +44,13 @@ build: $(TORCH_STAMP) $(NCCL_LINK)
 browser-deps:
 	command -v chromedriver >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
+# The house style (docs/architecture.md): rustfmt.toml, and clippy with every warning an error.
+lint: build
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
 # Cluster tests start several processes each: one test at a time keeps 2-core machines responsive.
-test: build $(DEV_TOOLS) browser-deps
+test: build $(DEV_TOOLS) browser-deps lint
 	RUST_TEST_THREADS=1 $(CARGO) test --release --locked --workspace
 	$(VENV)/bin/python deploy/tests/check_manifests.py
 

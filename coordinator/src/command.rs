@@ -13,9 +13,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::domain::{BlobRef, CommandSpec, DatasetSpec, FoldSpec, TrainingConfig, TrialKind, TrialSpec};
-use crate::plan::stages;
-use crate::search::{GridSection, RandomSection};
-use crate::sweep::{CvSection, SweepFile};
+use crate::domain::{CollectiveBackend, DatasetFormat, InitPolicy, Stage};
+use crate::sweep::{CvSection, GridSection, RandomSection, SweepFile};
 
 /// One config of a command sweep: hyperparameter name → value, in name order.
 pub type Hparams = BTreeMap<String, Value>;
@@ -244,8 +243,8 @@ pub fn problem(sweep: &SweepFile) -> Option<Problem> {
             return Some((key.into(), format!("[{key}] belongs to the built-in recipes; a command sweep uses [cv] and [final]")));
         }
     }
-    if sweep.has_dataset() && !matches!(sweep.dataset.format.as_str(), "files" | "idx" | "image-folder" | "nifti") {
-        return Some(("dataset.format".into(), format!("{:?} is not supported (supported: \"files\", \"idx\", \"image-folder\", \"nifti\")", sweep.dataset.format)));
+    if sweep.has_dataset() && matches!(DatasetFormat::parse(&sweep.dataset.format_name), None | Some(DatasetFormat::None)) {
+        return Some(("dataset.format".into(), format!("{:?} is not supported (supported: \"files\", \"idx\", \"image-folder\", \"nifti\")", sweep.dataset.format_name)));
     }
     if sweep.cv.is_none() && sweep.final_stage.is_none() {
         return fail("cv", "a command sweep needs [cv], [final] or both");
@@ -322,6 +321,7 @@ fn config(sweep: &SweepFile, epochs: u32) -> TrainingConfig {
         noise_std: 0.0,
         latent: 0,
         seed: sweep.seed,
+        init_seed: None,
         lr_encoder: 0.0,
         augment: None,
         wgan: None,
@@ -342,19 +342,23 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, BlobRe
             labels.insert(config_label.clone());
         }
         for fold in 0..cv.folds {
+            let mut config = config(sweep, cv.epochs);
+            if cv.init == InitPolicy::PerTrial {
+                config.init_seed = Some(crate::plan::trial_seed(sweep.seed, index as u64, u64::from(fold)));
+            }
             trials.push(TrialSpec {
-                stage: stages::CV.into(),
+                stage: Stage::Cv,
                 name: format!("cv/c{index}/f{fold}"),
                 config_label: config_label.clone(),
                 kind: TrialKind::Command,
-                config: config(sweep, cv.epochs),
+                config,
                 dataset: dataset.clone(),
                 fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
                 checkpoint_every: 1,
                 max_attempts: cv.max_attempts,
                 init_from: None,
                 replicas: 1,
-                collective_backend: String::new(),
+                collective_backend: CollectiveBackend::Auto,
                 command: Some(command_spec(sweep, files, hparams)),
             });
         }
@@ -371,7 +375,7 @@ pub fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, Bl
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1));
     TrialSpec {
-        stage: stages::FINAL.into(),
+        stage: Stage::Final,
         name: "final".into(),
         config_label,
         kind: TrialKind::Command,
@@ -382,7 +386,7 @@ pub fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, Bl
         max_attempts: stage.max_attempts,
         init_from: None,
         replicas,
-        collective_backend: "ring".into(),
+        collective_backend: CollectiveBackend::Ring,
         command: Some(command_spec(sweep, files, hparams)),
     }
 }
@@ -407,12 +411,12 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
         if let Some(prune) = &cv.prune {
             what.push_str(&format!("; {}", prune.describe(cv.epochs)));
         }
-        described.push((stages::CV.into(), (configs as u32) * cv.folds, what));
+        described.push((Stage::Cv.to_string(), (configs as u32) * cv.folds, what));
     }
     if let Some(stage) = &sweep.final_stage {
         let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1));
         let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the program's defaults" };
-        described.push((stages::FINAL.into(), 1, format!("`{program}` on the whole training set with {source}, up to {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((Stage::Final.to_string(), 1, format!("`{program}` on the whole training set with {source}, up to {} epochs, {replicas} replica(s)", stage.epochs)));
     }
     described
 }

@@ -1,28 +1,17 @@
 //! Conversions between protocol messages and the coordinator's domain types: the only place
 //! where both meet.
 
+use cohort_proto::task::task_message;
 use cohort_proto::v1 as pb;
 
 use crate::core::{Counts, Dispatch, StageProgressView, SweepProgressView, SweepState, SweepSummary, SweepView, TaskView};
-use crate::domain::{AugmentSpec, BlobRef, CommandSpec, DatasetSpec, FailureKind, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use crate::domain::{BlobRef, FailureKind, TaskState, TrialSpec};
 use crate::scheduler::Lease;
 use crate::store::{ArtifactRecord, CheckpointRecord, EpochRecord};
 
-impl From<BlobRef> for pb::BlobRef {
-    fn from(blob: BlobRef) -> Self {
-        pb::BlobRef { sha256: blob.sha256, size: blob.size }
-    }
-}
-
-impl From<pb::BlobRef> for BlobRef {
-    fn from(blob: pb::BlobRef) -> Self {
-        BlobRef { sha256: blob.sha256, size: blob.size }
-    }
-}
-
 /// The blob a message names, or an error naming the field.
 pub fn require_blob(blob: Option<pb::BlobRef>, field: &str) -> Result<BlobRef, String> {
-    blob.filter(|b| !b.sha256.is_empty()).map(BlobRef::from).ok_or_else(|| format!("{field} names no blob"))
+    BlobRef::from_wire(blob).ok_or_else(|| format!("{field} names no blob"))
 }
 
 /// Dataset files from a submit request.
@@ -55,105 +44,16 @@ pub fn epochs(attempt: u32, epochs: Vec<pb::EpochMetrics>) -> Vec<EpochRecord> {
         .collect()
 }
 
-fn trial_kind(kind: TrialKind) -> pb::TrialKind {
-    match kind {
-        TrialKind::DaeFold => pb::TrialKind::DaeFold,
-        TrialKind::DaeFinal => pb::TrialKind::DaeFinal,
-        TrialKind::Classifier => pb::TrialKind::Classifier,
-        TrialKind::Wgan => pb::TrialKind::Wgan,
-        TrialKind::Command => pb::TrialKind::Command,
-    }
-}
-
-fn augment(a: &AugmentSpec) -> pb::AugmentSpec {
-    pb::AugmentSpec { copies: a.copies, rotate_deg: a.rotate_deg, translate: a.translate, shear_deg: a.shear_deg, seed: a.seed }
-}
-
-fn wgan(w: &WganSpec) -> pb::WganSpec {
-    pb::WganSpec {
-        widths: w.widths.to_vec(),
-        critic_steps: w.critic_steps,
-        gp_lambda: w.gp_lambda,
-        beta1: w.beta1,
-        beta2: w.beta2,
-        sample_every: w.sample_every,
-        sample_count: w.sample_count,
-        conditional: w.conditional,
-        eval_every: w.eval_every,
-    }
-}
-
-fn training_config(config: &TrainingConfig) -> pb::TrainingConfig {
-    pb::TrainingConfig {
-        lr: config.lr,
-        weight_decay: config.weight_decay,
-        batch_size: config.batch_size,
-        epochs: config.epochs,
-        noise_std: config.noise_std,
-        latent: config.latent,
-        seed: config.seed,
-        lr_encoder: config.lr_encoder,
-        augment: config.augment.as_ref().map(augment),
-        wgan: config.wgan.as_ref().map(wgan),
-    }
-}
-
-fn dataset(dataset: &DatasetSpec) -> pb::Dataset {
-    pb::Dataset {
-        format: dataset.format.clone(),
-        files: dataset.files.iter().map(|(name, blob)| pb::DatasetFile { name: name.clone(), blob: Some(blob.clone().into()) }).collect(),
-        train_limit: dataset.train_limit,
-        test_limit: dataset.test_limit,
-        image_size: dataset.image_size,
-        min_foreground: dataset.min_foreground,
-    }
-}
-
-fn command(command: &CommandSpec) -> pb::CommandSpec {
-    pb::CommandSpec {
-        run: command.run.clone(),
-        files: command.files.iter().map(|(name, blob)| pb::DatasetFile { name: name.clone(), blob: Some(blob.clone().into()) }).collect(),
-        metric: command.metric.clone(),
-        timeout_minutes: command.timeout_minutes,
-        hparams_json: command.hparams_json.clone(),
-    }
-}
-
-fn fold(fold: &FoldSpec) -> pb::FoldSpec {
-    pb::FoldSpec { folds: fold.folds, index: fold.index, shuffle_seed: fold.shuffle_seed }
-}
-
-/// A task spec for the wire (rank 0 of `spec.replicas`; a dispatch sets the worker's own rank).
-pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec, resume_from: Option<BlobRef>) -> pb::TaskSpec {
-    pb::TaskSpec {
-        task_id: task_id.to_string(),
-        sweep_id: sweep_id.to_string(),
-        trial_name: spec.name.clone(),
-        kind: trial_kind(spec.kind) as i32,
-        config: Some(training_config(&spec.config)),
-        dataset: Some(dataset(&spec.dataset)),
-        fold: spec.fold.as_ref().map(fold),
-        attempt,
-        resume_from: resume_from.map(Into::into),
-        checkpoint_every: spec.checkpoint_every,
-        init_from: spec.init_from.clone().map(Into::into),
-        stage: spec.stage.clone(),
-        config_label: spec.config_label.clone(),
-        rank: 0,
-        world_size: spec.replicas,
-        collective_backend: spec.collective_backend.clone(),
-        lease_secret: String::new(),
-        command: spec.command.as_ref().map(command),
-    }
+/// A stored trial as a task message (rank 0 of `spec.replicas`), for listings.
+pub fn task_spec(task_id: &str, sweep_id: &str, attempt: u32, spec: &TrialSpec) -> pb::TaskSpec {
+    pb::TaskSpec { world_size: spec.replicas, ..task_message(task_id, sweep_id, attempt, spec.to_json(), None) }
 }
 
 impl From<Dispatch> for pb::TaskSpec {
     fn from(d: Dispatch) -> Self {
-        let mut spec = task_spec(&d.task_id, &d.sweep_id, d.attempt, &d.spec, d.resume_from);
-        spec.rank = d.rank;
-        spec.world_size = d.world;
-        spec.lease_secret = d.lease_secret;
-        spec
+        // The stored JSON goes out as it was stored: a dispatch parses nothing.
+        let message = task_message(&d.task_id, &d.sweep_id, d.attempt, d.spec_json, d.resume_from);
+        pb::TaskSpec { rank: d.rank, world_size: d.world, lease_secret: d.lease_secret, ..message }
     }
 }
 
@@ -211,7 +111,7 @@ impl From<TaskView> for pb::TaskResult {
     fn from(view: TaskView) -> Self {
         let entry = &view.task.entry;
         pb::TaskResult {
-            spec: Some(task_spec(&entry.id, &entry.sweep_id, entry.attempt, &view.task.spec, None)),
+            spec: Some(task_spec(&entry.id, &entry.sweep_id, entry.attempt, &view.task.spec)),
             state: task_state(entry.state) as i32,
             worker: entry.members.join(","),
             error: entry.error.clone().unwrap_or_default(),

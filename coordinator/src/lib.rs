@@ -22,7 +22,6 @@ pub mod plan;
 pub mod prune;
 pub mod report;
 pub mod scheduler;
-pub mod search;
 pub mod selection;
 pub mod server;
 pub mod service;

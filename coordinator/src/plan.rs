@@ -5,22 +5,10 @@
 //! [`next_stage`] from the outcomes of the earlier ones, when the coordinator sees a stage end:
 //! `final` trains the cross-validation winner, `finetune` starts from `final`'s checkpoint.
 
-use crate::domain::{AugmentSpec, BlobRef, DatasetSpec, FoldSpec, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
-use crate::search::{self, Hyper};
+use crate::domain::{AugmentSpec, BlobRef, CollectiveBackend, DatasetSpec, FoldSpec, InitPolicy, Stage, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use crate::sweep::search::{self, Hyper};
 use crate::selection::{self, FoldResult};
 use crate::sweep::SweepFile;
-
-/// Stage names.
-pub mod stages {
-    /// Cross-validation.
-    pub const CV: &str = "cv";
-    /// Retraining with the winner.
-    pub const FINAL: &str = "final";
-    /// Classifier fine-tune.
-    pub const FINETUNE: &str = "finetune";
-    /// WGAN-GP training.
-    pub const TRAIN: &str = "train";
-}
 
 fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
     sweep.augment.as_ref().map(|a| AugmentSpec {
@@ -40,8 +28,8 @@ fn dae_config(sweep: &SweepFile, hyper: &Hyper, epochs: u32) -> TrainingConfig {
         epochs,
         noise_std: hyper.noise_std,
         latent: hyper.latent,
-        // Every config starts from the same initialisation: configs differ only in hyperparameters.
         seed: sweep.seed,
+        init_seed: None,
         lr_encoder: 0.0,
         augment: augment(sweep),
         wgan: None,
@@ -67,7 +55,7 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
             latent: sweep.model.latent,
         };
         let label = search::base_label(&hyper);
-        return vec![final_trial(sweep, dataset, &hyper, label)];
+        return vec![final_trial(sweep, dataset, &dae_config(sweep, &hyper, stage.epochs), label)];
     };
     let mut trials = Vec::new();
     let mut labels = std::collections::BTreeSet::new();
@@ -79,19 +67,23 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
             labels.insert(label.clone());
         }
         for fold in 0..cv.folds {
+            let mut config = dae_config(sweep, hyper, cv.epochs);
+            if cv.init == InitPolicy::PerTrial {
+                config.init_seed = Some(trial_seed(sweep.seed, config_index as u64, u64::from(fold)));
+            }
             trials.push(TrialSpec {
-                stage: stages::CV.into(),
+                stage: Stage::Cv,
                 name: format!("cv/c{config_index}/f{fold}"),
                 config_label: label.clone(),
                 kind: TrialKind::DaeFold,
-                config: dae_config(sweep, hyper, cv.epochs),
+                config,
                 dataset: dataset.clone(),
                 fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
                 checkpoint_every: cv.checkpoint_every,
                 max_attempts: cv.max_attempts,
                 init_from: None,
                 replicas: 1,
-                collective_backend: String::new(),
+                collective_backend: CollectiveBackend::Auto,
                 command: None,
             });
         }
@@ -105,28 +97,33 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
     trials
 }
 
+/// The initialisation seed of cross-validation trial (`config`, `fold`) under
+/// `init = "per-trial"`: a SplitMix64 mix, so that neighbouring trials get unrelated seeds.
+pub fn trial_seed(seed: u64, config: u64, fold: u64) -> u64 {
+    let mut z = seed ^ config.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ fold.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The gang of the stages `[distributed]` applies to (the WGAN-GP's training, the autoencoder's
 /// `final` and `finetune`): replicas and collective backend; one replica without it.
-fn gang(sweep: &SweepFile) -> (u32, String) {
-    match &sweep.distributed {
-        Some(distributed) => (distributed.replicas, distributed.backend.clone()),
-        None => (1, "auto".to_string()),
-    }
+fn gang(sweep: &SweepFile) -> (u32, CollectiveBackend) {
+    sweep.distributed.as_ref().map_or((1, CollectiveBackend::Auto), |distributed| (distributed.replicas, distributed.backend()))
 }
 
-fn hyper_of(config: &TrainingConfig) -> Hyper {
-    Hyper { lr: config.lr, weight_decay: config.weight_decay, batch_size: config.batch_size, noise_std: config.noise_std, latent: config.latent }
-}
-
-fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, hyper: &Hyper, label: String) -> TrialSpec {
+/// The final training: `config`'s hyperparameters (the cross-validation winner's, or the ones
+/// `[final]` gives) for `[final]`'s epochs, from the sweep's shared initialisation.
+fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, config: &TrainingConfig, label: String) -> TrialSpec {
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
-        stage: stages::FINAL.into(),
+        stage: Stage::Final,
         name: "final".into(),
         config_label: label,
         kind: TrialKind::DaeFinal,
-        config: dae_config(sweep, hyper, stage.epochs),
+        config: TrainingConfig { epochs: stage.epochs, init_seed: None, ..config.clone() },
         dataset,
         fold: None,
         checkpoint_every: stage.checkpoint_every,
@@ -153,7 +150,7 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
     config.lr_encoder = stage.lr_encoder;
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
-        stage: stages::FINETUNE.into(),
+        stage: Stage::Finetune,
         name: "finetune".into(),
         config_label: format!("lr_head={:e} lr_encoder={:e} wd={:e} bs={}", stage.lr_head, stage.lr_encoder, stage.weight_decay, stage.batch_size),
         kind: TrialKind::Classifier,
@@ -184,7 +181,7 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
     };
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
-        stage: stages::TRAIN.into(),
+        stage: Stage::Train,
         name: "train".into(),
         config_label: format!("lr={:e} bs={} betas=({}, {})", train.lr, train.batch_size, train.beta1, train.beta2),
         kind: TrialKind::Wgan,
@@ -196,6 +193,7 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
             noise_std: 0.0,
             latent: 0,
             seed: sweep.seed,
+            init_seed: None,
             lr_encoder: 0.0,
             augment: augment(sweep),
             wgan: Some(wgan),
@@ -219,7 +217,7 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     let (replicas, _) = gang(sweep);
     if let Some(train) = &sweep.train {
         let what = format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
-        return vec![(stages::TRAIN.into(), 1, what)];
+        return vec![(Stage::Train.to_string(), 1, what)];
     }
     let mut described = Vec::new();
     if let Some(cv) = &sweep.cv {
@@ -229,14 +227,14 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
         if let Some(prune) = &cv.prune {
             what.push_str(&format!("; {}", prune.describe(cv.epochs)));
         }
-        described.push((stages::CV.into(), (configs as u32) * cv.folds, what));
+        described.push((Stage::Cv.to_string(), (configs as u32) * cv.folds, what));
     }
     if let Some(stage) = &sweep.final_stage {
         let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the given hyperparameters" };
-        described.push((stages::FINAL.into(), 1, format!("autoencoder on the whole training set with {source}, {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((Stage::Final.to_string(), 1, format!("autoencoder on the whole training set with {source}, {} epochs, {replicas} replica(s)", stage.epochs)));
     }
     if let Some(stage) = &sweep.finetune {
-        described.push((stages::FINETUNE.into(), 1, format!("classifier from the final autoencoder's encoder, {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((Stage::Finetune.to_string(), 1, format!("classifier from the final autoencoder's encoder, {} epochs, {replicas} replica(s)", stage.epochs)));
     }
     described
 }
@@ -372,11 +370,11 @@ pub enum Next {
 
 /// Whether `stage` is followed by another stage in this sweep (`final` after `cv`, `finetune`
 /// after `final`). When it is not, the sweep ends with it whatever its trials' outcomes.
-pub fn has_next_stage(sweep: &SweepFile, stage: &str) -> bool {
+pub fn has_next_stage(sweep: &SweepFile, stage: Stage) -> bool {
     match stage {
-        stages::CV => sweep.final_stage.is_some(),
-        stages::FINAL => sweep.finetune.is_some(),
-        _ => false,
+        Stage::Cv => sweep.final_stage.is_some(),
+        Stage::Final => sweep.finetune.is_some(),
+        Stage::Finetune | Stage::Train => false,
     }
 }
 
@@ -385,7 +383,7 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
     let Some(last) = outcomes.last() else {
         return Next::Done;
     };
-    let current = last.spec.stage.as_str();
+    let current = last.spec.stage;
     let in_stage: Vec<&Outcome<'_>> = outcomes.iter().filter(|o| o.spec.stage == current).collect();
     if in_stage.iter().any(|o| !o.state.is_terminal()) {
         return Next::Wait;
@@ -395,31 +393,33 @@ pub fn next_stage(sweep: &SweepFile, outcomes: &[Outcome<'_>]) -> Next {
     }
     let dataset = last.spec.dataset.clone();
     match current {
-        stages::CV => {
-            let folds: Vec<FoldResult> = in_stage
-                .iter()
-                .filter_map(|o| {
-                    let fold = o.spec.fold?;
-                    let min_val_mse = o.min_val_mse.filter(|_| o.state == TaskState::Succeeded);
-                    Some(FoldResult { config: o.spec.config_label.clone(), fold: fold.index, min_val_mse })
-                })
-                .collect();
-            let summaries = selection::summarize(&folds);
-            let Some(winner) = summaries.iter().find(|s| s.winner) else {
+        Stage::Cv => {
+            // One spec per config, in the order the summaries list configs (first appearance):
+            // the winner's row index is its spec, whose hyperparameters the final trial takes.
+            let mut configs: Vec<&TrialSpec> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut folds = Vec::with_capacity(in_stage.len());
+            for outcome in &in_stage {
+                let Some(fold) = outcome.spec.fold else { continue };
+                if seen.insert(outcome.spec.config_label.as_str()) {
+                    configs.push(outcome.spec);
+                }
+                let min_val_mse = outcome.min_val_mse.filter(|_| outcome.state == TaskState::Succeeded);
+                folds.push(FoldResult { config: outcome.spec.config_label.clone(), fold: fold.index, min_val_mse });
+            }
+            let Some(winner) = selection::summarize(&folds).iter().position(|s| s.winner).map(|index| configs[index]) else {
                 return Next::Done;
             };
-            let winner_spec = in_stage.iter().find(|o| o.spec.config_label == winner.config).expect("winner has trials").spec;
             if sweep.is_command() {
-                return Next::Start(vec![crate::command::final_for_winner(sweep, winner_spec)]);
+                return Next::Start(vec![crate::command::final_for_winner(sweep, winner)]);
             }
-            let config = &winner_spec.config;
-            Next::Start(vec![final_trial(sweep, dataset, &hyper_of(config), winner.config.clone())])
+            Next::Start(vec![final_trial(sweep, dataset, &winner.config, winner.config_label.clone())])
         }
-        stages::FINAL => match (&last.state, &last.final_checkpoint) {
+        Stage::Final => match (&last.state, &last.final_checkpoint) {
             (TaskState::Succeeded, Some(checkpoint)) => Next::Start(vec![finetune_trial(sweep, dataset, last.spec, checkpoint.clone())]),
             _ => Next::Done,
         },
-        _ => Next::Done,
+        Stage::Finetune | Stage::Train => Next::Done,
     }
 }
 
@@ -429,7 +429,7 @@ mod tests {
     use crate::sweep::tests::{GAN, GOOD, SEED};
 
     fn dataset() -> DatasetSpec {
-        DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0, image_size: 64, min_foreground: 0.05 }
+        DatasetSpec { format: crate::domain::DatasetFormat::Idx, files: vec![], train_limit: 0, test_limit: 0, image_size: 64, min_foreground: 0.05 }
     }
 
     #[test]
@@ -497,20 +497,41 @@ mod tests {
         assert!(described[1].2.ends_with("40 epochs, 2 replica(s)") && described[2].2.ends_with("10 epochs, 2 replica(s)"), "{described:?}");
 
         let plain = SweepFile::parse(SEED, "s").unwrap();
-        let final_spec = final_trial(&plain, dataset(), &hyper_of(&finals[0].config), "x".into());
+        let final_spec = final_trial(&plain, dataset(), &finals[0].config, "x".into());
         assert_eq!((final_spec.replicas, final_spec.collective_backend.as_str()), (1, "auto"));
         assert!(describe_stages(&plain)[1].2.ends_with("40 epochs, 1 replica(s)"));
+    }
+
+    /// `[cv] init = "per-trial"`: each cv trial starts from its own initialisation, the configs
+    /// stay the same configs, and the final trial starts from the sweep's shared one.
+    #[test]
+    fn per_trial_init_gives_each_cv_trial_its_own_weights_seed() {
+        let shared = initial(&SweepFile::parse(SEED, "s").unwrap(), dataset());
+        assert!(shared.iter().all(|t| t.config.init_seed.is_none() && t.config.weights_seed() == 7));
+        let sweep = SweepFile::parse(&SEED.replace("[cv]\n", "[cv]\ninit = \"per-trial\"\n"), "s").unwrap();
+        let own = initial(&sweep, dataset());
+        let seeds: std::collections::HashSet<u64> = own.iter().map(|t| t.config.weights_seed()).collect();
+        assert_eq!(seeds.len(), 32, "32 trials, 32 initialisations");
+        assert_eq!(own, initial(&sweep, dataset()), "a rerun draws the same ones");
+        for (a, b) in shared.iter().zip(&own) {
+            assert!(a.config.same_hyperparameters(&b.config) && a.config_label == b.config_label, "{} keeps its config", b.name);
+        }
+        let outcomes: Vec<Outcome<'_>> = own.iter().map(|t| outcome(t, TaskState::Succeeded, Some(t.config.lr), None)).collect();
+        let Next::Start(finals) = next_stage(&sweep, &outcomes) else { panic!("final follows cv") };
+        assert_eq!((finals[0].config.lr, finals[0].config.init_seed, finals[0].config.epochs), (1e-4, None, 40), "the winner's hyperparameters, shared init");
+        let err = SweepFile::parse(&SEED.replace("[cv]\n", "[cv]\ninit = \"random\"\n"), "s").unwrap_err().to_string();
+        assert!(err.contains("init") && err.contains("per-trial"), "{err}");
     }
 
     #[test]
     fn only_a_configured_stage_follows_another() {
         let seed = SweepFile::parse(SEED, "s").unwrap();
-        assert!(has_next_stage(&seed, stages::CV) && has_next_stage(&seed, stages::FINAL));
-        assert!(!has_next_stage(&seed, stages::FINETUNE));
+        assert!(has_next_stage(&seed, Stage::Cv) && has_next_stage(&seed, Stage::Final));
+        assert!(!has_next_stage(&seed, Stage::Finetune));
         let cv_only = SweepFile::parse(GOOD, "g").unwrap();
         assert!(cv_only.final_stage.is_none(), "GOOD has [cv] alone");
-        assert!(!has_next_stage(&cv_only, stages::CV));
-        assert!(!has_next_stage(&SweepFile::parse(GAN, "w").unwrap(), stages::TRAIN));
+        assert!(!has_next_stage(&cv_only, Stage::Cv));
+        assert!(!has_next_stage(&SweepFile::parse(GAN, "w").unwrap(), Stage::Train));
     }
 
     #[test]
@@ -520,7 +541,7 @@ mod tests {
         let failed: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Failed, None, None)).collect();
         assert_eq!(next_stage(&sweep, &failed), Next::Done);
         let hyper = Hyper { lr: 1e-3, weight_decay: 0.0, batch_size: 256, noise_std: 0.3, latent: 4 };
-        let final_spec = final_trial(&sweep, dataset(), &hyper, "x".into());
+        let final_spec = final_trial(&sweep, dataset(), &dae_config(&sweep, &hyper, 40), "x".into());
         assert_eq!(next_stage(&sweep, &[outcome(&final_spec, TaskState::Failed, None, None)]), Next::Done);
     }
 

@@ -99,8 +99,11 @@ impl BoundServer {
             let mut ticker = tokio::time::interval(EXPIRY_PERIOD);
             loop {
                 ticker.tick().await;
-                if let Err(error) = expiry_core.expire_leases() {
-                    tracing::error!(%error, "lease expiry failed");
+                // A commit: off the runtime, like every handler's (`crate::service::blocking`).
+                match crate::service::off_runtime(&expiry_core, |core| core.expire_leases()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(%error, "lease expiry failed"),
+                    Err(error) => tracing::error!(%error, "lease expiry failed"),
                 }
             }
         });

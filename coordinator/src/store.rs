@@ -12,7 +12,11 @@ use crate::domain::{BlobRef, TaskState, TrialSpec};
 use crate::scheduler::TaskEntry;
 
 pub mod pages;
+mod records;
+mod schema;
 pub mod views;
+
+pub use records::{ArtifactRecord, CheckpointRecord, EpochRecord, LogRecord, StoredTask, SweepRecord};
 
 /// Why the store failed. Always an internal error: the database is ours.
 #[derive(Debug, thiserror::Error)]
@@ -28,173 +32,6 @@ pub enum StoreError {
         /// Why.
         message: String,
     },
-}
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS sweeps (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    cancelled INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY,
-    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
-    ord INTEGER NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    max_attempts INTEGER NOT NULL,
-    gang_size INTEGER NOT NULL,
-    members TEXT NOT NULL,
-    error TEXT
-);
--- A sweep's tasks in plan order, with their state: counting a sweep's (or a stage's) tasks by
--- state reads this index alone, never the rows with their specs.
-CREATE INDEX IF NOT EXISTS tasks_by_sweep_order_state ON tasks(sweep_id, ord, state);
-DROP INDEX IF EXISTS tasks_by_sweep;
-CREATE TABLE IF NOT EXISTS metrics (
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    epoch INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    vals TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    samples INTEGER NOT NULL,
-    PRIMARY KEY (task_id, epoch)
-);
-CREATE TABLE IF NOT EXISTS logs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    attempt INTEGER NOT NULL,
-    unix_ms INTEGER NOT NULL,
-    level TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS logs_by_task ON logs(task_id, id);
-CREATE TABLE IF NOT EXISTS artifacts (
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    name TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    PRIMARY KEY (task_id, name)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    epoch INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    is_final INTEGER NOT NULL,
-    PRIMARY KEY (task_id, epoch)
-);
-CREATE TABLE IF NOT EXISTS lease_uploads (
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    attempt INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    PRIMARY KEY (task_id, attempt, sha256)
-);
-CREATE TABLE IF NOT EXISTS probe (
-    id INTEGER PRIMARY KEY,
-    unix_ms INTEGER NOT NULL
-);
-"#;
-
-/// Columns added after the first release, with their definitions: added to older files at open.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("tasks", "secrets", "TEXT NOT NULL DEFAULT '[]'"),
-    ("tasks", "lapses", "INTEGER NOT NULL DEFAULT 0"),
-    // When the latest attempt started and when the task ended (Unix ms; 0: not yet).
-    ("tasks", "started_ms", "INTEGER NOT NULL DEFAULT 0"),
-    ("tasks", "ended_ms", "INTEGER NOT NULL DEFAULT 0"),
-];
-
-/// A sweep's row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SweepRecord {
-    /// Sweep id.
-    pub id: String,
-    /// Submission order.
-    pub seq: u64,
-    /// Name from the file.
-    pub name: String,
-    /// The sweep file's text.
-    pub source: String,
-    /// Submission time, Unix milliseconds.
-    pub created_ms: i64,
-    /// Cancelled by the user.
-    pub cancelled: bool,
-}
-
-/// One epoch's stored figures.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EpochRecord {
-    /// Epoch number.
-    pub epoch: u32,
-    /// Attempt that produced it.
-    pub attempt: u32,
-    /// Named values.
-    pub values: Vec<(String, f64)>,
-    /// Wall time.
-    pub seconds: f64,
-    /// Samples processed.
-    pub samples: u64,
-}
-
-/// One stored checkpoint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckpointRecord {
-    /// Task.
-    pub task_id: String,
-    /// Last epoch in it.
-    pub epoch: u32,
-    /// Attempt that wrote it.
-    pub attempt: u32,
-    /// Its blob.
-    pub blob: BlobRef,
-    /// The trial's final weights.
-    pub is_final: bool,
-}
-
-/// One stored artifact.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ArtifactRecord {
-    /// Task.
-    pub task_id: String,
-    /// Name, unique within the task.
-    pub name: String,
-    /// Epoch it belongs to.
-    pub epoch: u32,
-    /// Its blob.
-    pub blob: BlobRef,
-}
-
-/// A forwarded log line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogRecord {
-    /// Increasing id.
-    pub id: i64,
-    /// Task.
-    pub task_id: String,
-    /// Attempt.
-    pub attempt: u32,
-    /// When, Unix milliseconds.
-    pub unix_ms: i64,
-    /// Level (`INFO`, `WARN`, …).
-    pub level: String,
-    /// The line.
-    pub message: String,
-}
-
-/// A task row with its spec.
-#[derive(Debug, Clone)]
-pub struct StoredTask {
-    /// Scheduling state.
-    pub entry: TaskEntry,
-    /// What it runs.
-    pub spec: TrialSpec,
 }
 
 /// The database.
@@ -225,17 +62,7 @@ impl Store {
         // of rows, and reads of it (status, a page of results, a watch update) then stay in
         // memory instead of copying every page in from the file again (most of their time).
         conn.pragma_update(None, "cache_size", -65536)?;
-        conn.execute_batch(SCHEMA)?;
-        for (table, column, definition) in ADDED_COLUMNS {
-            let exists: bool = conn.query_row(
-                &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
-                params![column],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
-            }
-        }
+        schema::create(&conn)?;
         // Room for every statement this file prepares, so none is parsed again per call.
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Self { conn })
@@ -686,11 +513,11 @@ fn sweep_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SweepRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{DatasetSpec, TrainingConfig, TrialKind};
+    use crate::domain::{CollectiveBackend, DatasetFormat, DatasetSpec, Stage, TrainingConfig, TrialKind};
 
     pub(super) fn spec() -> TrialSpec {
         TrialSpec {
-            stage: "cv".into(),
+            stage: Stage::Cv,
             name: "cv/c0/f0".into(),
             config_label: "lr=1e-3".into(),
             kind: TrialKind::DaeFold,
@@ -702,17 +529,18 @@ mod tests {
                 noise_std: 0.3,
                 latent: 4,
                 seed: 1,
+                init_seed: None,
                 lr_encoder: 0.0,
                 augment: None,
                 wgan: None,
             },
-            dataset: DatasetSpec { format: "idx".into(), files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
+            dataset: DatasetSpec { format: DatasetFormat::Idx, files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
             fold: None,
             checkpoint_every: 1,
             max_attempts: 3,
             init_from: None,
             replicas: 1,
-            collective_backend: String::new(),
+            collective_backend: CollectiveBackend::Auto,
             command: None,
         }
     }
@@ -788,7 +616,7 @@ mod tests {
             entry.members = vec!["w".into()];
             store.save_tasks([&entry]).unwrap();
             let epoch = EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), 0.5)], seconds: 1.0, samples: 10 };
-            store.record_metrics("s.t0", &[epoch.clone()]).unwrap();
+            store.record_metrics("s.t0", std::slice::from_ref(&epoch)).unwrap();
             store.record_metrics("s.t0", &[EpochRecord { values: vec![("val_mse".into(), 0.25)], ..epoch }]).unwrap();
             let blob = BlobRef { sha256: "ab".repeat(32), size: 3 };
             store.record_checkpoint(&CheckpointRecord { task_id: "s.t0".into(), epoch: 1, attempt: 1, blob, is_final: false }).unwrap();

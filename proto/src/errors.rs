@@ -64,6 +64,30 @@ pub fn colour_on_stderr() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()) && std::io::stderr().is_terminal()
 }
 
+/// The metadata key under which the coordinator says, for a program to read, why it refused a
+/// call. The status's message stays for people; a caller that acts on the reason reads this.
+pub const REASON_KEY: &str = "cohort-reason";
+
+/// [`REASON_KEY`]'s value when the coordinator does not know the calling worker (it restarted,
+/// or declared the worker dead): the worker registers again.
+pub const UNKNOWN_WORKER: &str = "unknown-worker";
+
+/// `status` marked with `reason` under [`REASON_KEY`].
+pub fn with_reason(mut status: tonic::Status, reason: &'static str) -> tonic::Status {
+    status.metadata_mut().insert(REASON_KEY, tonic::metadata::MetadataValue::from_static(reason));
+    status
+}
+
+/// The reason the coordinator attached to `status` under [`REASON_KEY`], if any.
+pub fn reason(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get(REASON_KEY).and_then(|value| value.to_str().ok())
+}
+
+/// Whether the coordinator refused the call because it does not know the calling worker.
+pub fn is_unknown_worker(status: &tonic::Status) -> bool {
+    reason(status) == Some(UNKNOWN_WORKER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +113,19 @@ mod tests {
         assert!(!is_broken_pipe(&error));
         let pipe = Repeating { path: "stdout".into(), source: std::io::Error::from(std::io::ErrorKind::BrokenPipe) };
         assert!(is_broken_pipe(&pipe));
+    }
+
+    #[test]
+    fn a_reason_travels_apart_from_the_message() {
+        let marked = with_reason(tonic::Status::not_found("unknown worker w-1"), UNKNOWN_WORKER);
+        assert!(is_unknown_worker(&marked));
+        assert_eq!(marked.message(), "unknown worker w-1", "the text for people is kept");
+        // Through the wire form (headers and trailers) as a client receives it.
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        marked.add_header(&mut headers).unwrap();
+        let received = tonic::Status::from_header_map(&headers).unwrap();
+        assert!(is_unknown_worker(&received));
+        assert!(!is_unknown_worker(&tonic::Status::not_found("unknown worker w-1")), "the message alone says nothing");
+        assert_eq!(reason(&tonic::Status::not_found("unknown task t-1")), None);
     }
 }

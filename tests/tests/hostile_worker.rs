@@ -228,7 +228,8 @@ async fn a_lease_holder_cannot_store_bad_or_unbounded_input() {
     refused(attacker.client.report_metrics(report(epochs(0..=0, "val_mse", 0.5))).await, Code::InvalidArgument, "outside the trial's plan");
 
     // A blob it did not upload (a dataset file, by its hash), and an epoch not yet reported.
-    let foreign = task.dataset.as_ref().unwrap().files[0].blob.clone();
+    let trial = cohort_proto::task::TrialSpec::from_wire(&task).unwrap();
+    let foreign = Some(pb::BlobRef::from(trial.dataset.files[0].1.clone()));
     let attach = |epoch: u32, blob: Option<pb::BlobRef>| pb::AttachCheckpointRequest {
         worker_id: attacker.worker_id.clone(),
         task_id: task_id.clone(),

@@ -88,13 +88,14 @@ fn main() {
     tch::manual_seed(0);
     // `--only NAME` runs one step (for profiling it alone).
     let only = value_of("--only");
-    let steps: [(&str, fn() -> f64); 4] = [
+    type Step = (&'static str, fn() -> f64);
+    let steps: [Step; 4] = [
         ("dae_b256", || dae(256)),
         ("classifier_b256", || classifier(256)),
         ("wgan_reduced_b64", || wgan([128, 64, 32, 16], 64, 30)),
         ("wgan_full_b16", || wgan([1024, 512, 256, 128], 16, 6)),
     ];
-    let selected: Vec<(&'static str, fn() -> f64)> = steps.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name)).collect();
+    let selected: Vec<Step> = steps.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name)).collect();
     // On a dedicated thread, as the worker trains (its own malloc arena, not the main heap).
     let results = std::thread::spawn(move || selected.into_iter().map(|(name, run)| (name, run())).collect::<Vec<_>>()).join().expect("bench thread");
     println!("{}", serde_json_like(&results));

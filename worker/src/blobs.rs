@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use cohort_proto::transfer::{self, is_plain_relative_name, TransferError};
 use cohort_proto::v1::FetchBlobRequest;
 
-use crate::daemon::WorkerClient;
+use crate::client::WorkerClient;
 
 use crate::task::BlobRef;
 

@@ -2,14 +2,17 @@
 //! coordinator that leases it tasks.
 //!
 //! - [`daemon`]: the network side (register, lease, relay), on tokio.
+//!   [`config`] is how it is set up; [`client`] the coordinator client it shares with [`blobs`].
 //! - [`train`]: the recipes, run on a dedicated thread.
 //! - [`model`], [`optim`], [`data`], [`checkpoint`]: what the recipes are built from.
 
 pub mod allocator;
 pub mod blobs;
 pub mod checkpoint;
+pub mod client;
 pub mod collective;
 pub mod command;
+pub mod config;
 pub mod daemon;
 pub mod generate;
 pub mod host_threads;

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 
 use cohort_worker::data::cache::{TensorCache, DEFAULT_BUDGET_BYTES};
 use cohort_worker::metrics::{metrics, Phase};
-use cohort_worker::task::{Augment, Task};
+use cohort_worker::task::{AugmentSpec, Task};
 use tch::Tensor;
 
 /// A fold of the cross-validation, augmented, with only a final checkpoint.
 fn fold_task(index: usize) -> Task {
-    let augment = Augment { copies: 1, rotate_deg: 15.0, translate: 0.1, shear_deg: 10.0, seed: 5 };
+    let augment = AugmentSpec { copies: 1, rotate_deg: 15.0, translate: 0.1, shear_deg: 10.0, seed: 5 };
     common::fold_task(index, 2, 0, Some(augment))
 }
 

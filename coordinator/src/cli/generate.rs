@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cohort_proto::v1 as pb;
+use cohort_proto::task::{TrialKind, TrialSpec};
 use cohort_worker::generate::{self, Latents, Request};
 
 use super::results::{self, Download};
@@ -39,12 +39,11 @@ pub struct GenerateOptions {
 
 /// The class names of an image-folder dataset from its file names: the folders under `train/`
 /// (or at the top without one), sorted, as the worker labels them.
-pub fn class_names(files: &[pb::DatasetFile]) -> Vec<String> {
-    let has_train = files.iter().any(|f| f.name.starts_with("train/"));
+pub fn class_names<'a>(files: impl Iterator<Item = &'a str> + Clone) -> Vec<String> {
+    let has_train = files.clone().any(|name| name.starts_with("train/"));
     let names: BTreeSet<String> = files
-        .iter()
-        .filter_map(|f| {
-            let parts: Vec<&str> = f.name.split('/').collect();
+        .filter_map(|name| {
+            let parts: Vec<&str> = name.split('/').collect();
             match (has_train, parts.as_slice()) {
                 (true, ["train", class, _file]) => Some((*class).to_string()),
                 (false, [class, _file]) => Some((*class).to_string()),
@@ -55,27 +54,29 @@ pub fn class_names(files: &[pb::DatasetFile]) -> Vec<String> {
     names.into_iter().collect()
 }
 
-/// The sweep's WGAN-GP task spec (`task` names a task; else the sweep's `train` trial).
-async fn wgan_spec(client: &mut super::Client, sweep_id: &str, task: Option<&str>) -> anyhow::Result<pb::TaskSpec> {
+/// The sweep's WGAN-GP task id and trial (`task` names a task; else the sweep's `train` trial).
+async fn wgan_spec(client: &mut super::Client, sweep_id: &str, task: Option<&str>) -> anyhow::Result<(String, TrialSpec)> {
     let detail = results::fetch_detail(client, sweep_id).await?;
-    detail
-        .tasks
-        .into_iter()
-        .filter_map(|t| t.spec)
-        .find(|spec| match task {
-            Some(task) => spec.task_id == task,
-            None => spec.kind() == pb::TrialKind::Wgan,
-        })
-        .with_context(|| format!("sweep {sweep_id} has no WGAN-GP trial{}", task.map(|t| format!(" {t}")).unwrap_or_default()))
+    for message in detail.tasks.into_iter().filter_map(|t| t.spec) {
+        let trial = TrialSpec::from_wire(&message)?;
+        let wanted = match task {
+            Some(task) => message.task_id == task,
+            None => trial.kind == TrialKind::Wgan,
+        };
+        if wanted {
+            return Ok((message.task_id, trial));
+        }
+    }
+    anyhow::bail!("sweep {sweep_id} has no WGAN-GP trial{}", task.map(|t| format!(" {t}")).unwrap_or_default())
 }
 
 /// Runs the command; returns the line to print.
 pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow::Result<String> {
     let is_task = options.target.contains('.');
     let sweep_id = options.target.split('.').next().unwrap_or_default().to_string();
-    let spec = wgan_spec(client, &sweep_id, is_task.then_some(options.target.as_str())).await?;
-    anyhow::ensure!(spec.kind() == pb::TrialKind::Wgan, "{} is not a WGAN-GP trial", options.target);
-    let names = class_names(spec.dataset.as_ref().map(|d| d.files.as_slice()).unwrap_or_default());
+    let (task_id, spec) = wgan_spec(client, &sweep_id, is_task.then_some(options.target.as_str())).await?;
+    anyhow::ensure!(spec.kind == TrialKind::Wgan, "{} is not a WGAN-GP trial", options.target);
+    let names = class_names(spec.dataset.files.iter().map(|(name, _)| name.as_str()));
     let classes = match &options.class {
         None => Vec::new(),
         Some(class) => {
@@ -86,7 +87,7 @@ pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow
     };
     let what = match &options.checkpoint {
         Some(blob) => Download::Named(blob.clone()),
-        None => Download::Named(spec.task_id.clone()),
+        None => Download::Named(task_id),
     };
     let dir = tempfile::tempdir()?;
     let checkpoint = dir.path().join("checkpoint.safetensors");
@@ -116,14 +117,10 @@ pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow
 mod tests {
     use super::*;
 
-    fn file(name: &str) -> pb::DatasetFile {
-        pb::DatasetFile { name: name.into(), ..Default::default() }
-    }
-
     #[test]
     fn classes_are_the_sorted_training_folders() {
-        let files = [file("train/b/1.png"), file("train/a/2.png"), file("test/c/1.png"), file("train/b/3.png")];
-        assert_eq!(class_names(&files), ["a", "b"]);
-        assert_eq!(class_names(&[file("x/1.png"), file("w/1.png")]), ["w", "x"]);
+        let files = ["train/b/1.png", "train/a/2.png", "test/c/1.png", "train/b/3.png"];
+        assert_eq!(class_names(files.into_iter()), ["a", "b"]);
+        assert_eq!(class_names(["x/1.png", "w/1.png"].into_iter()), ["w", "x"]);
     }
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cohort_coordinator::selection::{self, ConfigSummary, FoldResult};
+use cohort_proto::task::{CommandSpec, MalformedTask, TrainingConfig, TrialKind, TrialSpec};
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
 use serde::Serialize;
@@ -145,10 +146,12 @@ fn task_state_name(state: i32) -> &'static str {
     }
 }
 
-impl From<pb::SweepDetail> for Results {
-    fn from(detail: pb::SweepDetail) -> Self {
+impl TryFrom<pb::SweepDetail> for Results {
+    type Error = MalformedTask;
+
+    fn try_from(detail: pb::SweepDetail) -> Result<Self, MalformedTask> {
         let summary = detail.summary.unwrap_or_default();
-        let trials: Vec<TrialRow> = detail.tasks.into_iter().map(trial_row).collect();
+        let trials: Vec<TrialRow> = detail.tasks.into_iter().map(trial_row).collect::<Result<_, _>>()?;
         let folds: Vec<FoldResult> = trials
             .iter()
             .filter_map(|t| t.fold.map(|fold| (t, fold)))
@@ -172,7 +175,7 @@ impl From<pb::SweepDetail> for Results {
         let state = sweep_state_name(summary.state).to_string();
         let ended_unix_ms = if state == "running" { None } else { trials.iter().filter_map(|t| t.ended_unix_ms).max() };
         let duration_secs = ended_unix_ms.map(|end| (end - summary.created_unix_ms).max(0) as f64 / 1000.0);
-        Results {
+        Ok(Results {
             sweep_id: summary.sweep_id,
             name: summary.name,
             state,
@@ -181,26 +184,26 @@ impl From<pb::SweepDetail> for Results {
             duration_secs,
             trials,
             configs,
-        }
+        })
     }
 }
 
 /// A trial's training config as named numbers: what `results --format json` lists per trial.
-fn hyperparameters(config: &pb::TrainingConfig, kind: pb::TrialKind) -> std::collections::BTreeMap<String, f64> {
+fn hyperparameters(config: &TrainingConfig, kind: TrialKind) -> std::collections::BTreeMap<String, f64> {
     let mut values = std::collections::BTreeMap::new();
     values.insert("lr".to_string(), config.lr);
     values.insert("weight_decay".to_string(), config.weight_decay);
     values.insert("batch_size".to_string(), f64::from(config.batch_size));
     values.insert("epochs".to_string(), f64::from(config.epochs));
     match kind {
-        pb::TrialKind::DaeFold | pb::TrialKind::DaeFinal => {
+        TrialKind::DaeFold | TrialKind::DaeFinal => {
             values.insert("noise_std".to_string(), config.noise_std);
             values.insert("latent".to_string(), f64::from(config.latent));
         }
-        pb::TrialKind::Classifier => {
+        TrialKind::Classifier => {
             values.insert("lr_encoder".to_string(), config.lr_encoder);
         }
-        pb::TrialKind::Wgan => {
+        TrialKind::Wgan => {
             if let Some(wgan) = &config.wgan {
                 values.insert("critic_steps".to_string(), f64::from(wgan.critic_steps));
                 values.insert("gp_lambda".to_string(), wgan.gp_lambda);
@@ -209,14 +212,13 @@ fn hyperparameters(config: &pb::TrainingConfig, kind: pb::TrialKind) -> std::col
             }
         }
         // A command's hyperparameters are its own (added from its spec by the caller).
-        pb::TrialKind::Command => values.retain(|name, _| name == "epochs"),
-        pb::TrialKind::Unspecified => {}
+        TrialKind::Command => values.retain(|name, _| name == "epochs"),
     }
     values
 }
 
 /// A command trial's numeric hyperparameters (COHORT_HPARAMS), by name.
-fn command_hyperparameters(command: &pb::CommandSpec) -> std::collections::BTreeMap<String, f64> {
+fn command_hyperparameters(command: &CommandSpec) -> std::collections::BTreeMap<String, f64> {
     let parsed: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_str(&command.hparams_json).unwrap_or_default();
     parsed.into_iter().filter_map(|(name, value)| Some((name, value.as_f64()?))).collect()
 }
@@ -239,8 +241,9 @@ impl Results {
     }
 }
 
-pub(crate) fn trial_row(task: pb::TaskResult) -> TrialRow {
-    let spec = task.spec.unwrap_or_default();
+pub(crate) fn trial_row(task: pb::TaskResult) -> Result<TrialRow, MalformedTask> {
+    let message = task.spec.unwrap_or_default();
+    let spec = TrialSpec::from_wire(&message)?;
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
@@ -250,25 +253,25 @@ pub(crate) fn trial_row(task: pb::TaskResult) -> TrialRow {
     let metric = spec.command.as_ref().map_or("val_mse", |c| c.metric.as_str());
     let min_val_mse = epochs.iter().filter_map(|e| e.values.get(metric).copied()).reduce(f64::min);
     let metric = spec.command.as_ref().map(|c| c.metric.clone());
-    let kind = super::submit::kind_name(spec.kind()).to_string();
-    let planned_epochs = spec.config.as_ref().map_or(0, |c| c.epochs);
-    let mut hyperparameters = spec.config.as_ref().map(|c| hyperparameters(c, spec.kind())).unwrap_or_default();
+    let kind = spec.kind.to_string();
+    let planned_epochs = spec.config.epochs;
+    let mut hyperparameters = hyperparameters(&spec.config, spec.kind);
     if let Some(command) = &spec.command {
         hyperparameters.extend(command_hyperparameters(command));
     }
     let started_unix_ms = Some(task.started_unix_ms).filter(|&ms| ms > 0);
     let ended_unix_ms = Some(task.ended_unix_ms).filter(|&ms| ms > 0);
     let duration_secs = started_unix_ms.zip(ended_unix_ms).map(|(start, end)| (end - start).max(0) as f64 / 1000.0);
-    TrialRow {
+    Ok(TrialRow {
         planned_epochs,
-        task_id: spec.task_id,
-        stage: spec.stage,
+        task_id: message.task_id,
+        stage: spec.stage.to_string(),
         kind,
-        trial: spec.trial_name,
+        trial: spec.name,
         config: spec.config_label,
         fold: spec.fold.map(|f| f.index),
         state: task_state_name(task.state).into(),
-        attempts: spec.attempt,
+        attempts: message.attempt,
         epochs,
         min_val_mse,
         metric,
@@ -282,12 +285,12 @@ pub(crate) fn trial_row(task: pb::TaskResult) -> TrialRow {
         started_unix_ms,
         ended_unix_ms,
         duration_secs,
-    }
+    })
 }
 
 /// Fetches a sweep's results.
 pub async fn fetch(client: &mut super::Client, sweep_id: &str) -> anyhow::Result<Results> {
-    Ok(fetch_detail(client, sweep_id).await?.into())
+    Ok(fetch_detail(client, sweep_id).await?.try_into()?)
 }
 
 /// Fetches a sweep with all its tasks, page by page (each reply is bounded).
@@ -439,11 +442,12 @@ pub async fn print_checkpoints(client: &mut super::Client, sweep_id: &str, forma
     let detail = fetch_detail(client, sweep_id).await?;
     let mut rows = Vec::new();
     for task in &detail.tasks {
-        let spec = task.spec.clone().unwrap_or_default();
+        let message = task.spec.clone().unwrap_or_default();
+        let trial = TrialSpec::from_wire(&message)?.name;
         for c in &task.checkpoints {
             let blob = c.blob.clone().unwrap_or_default();
             rows.push(serde_json::json!({
-                "task_id": spec.task_id, "trial": spec.trial_name, "epoch": c.epoch,
+                "task_id": message.task_id, "trial": trial, "epoch": c.epoch,
                 "sha256": blob.sha256, "size": blob.size, "final": c.is_final,
             }));
         }
@@ -685,12 +689,15 @@ mod tests {
         let task = |name: &str, fold: Option<u32>, stage: &str| pb::TaskResult {
             spec: Some(pb::TaskSpec {
                 task_id: format!("s1.{name}"),
-                trial_name: name.into(),
-                stage: stage.into(),
-                kind: if fold.is_some() { pb::TrialKind::DaeFold as i32 } else { pb::TrialKind::DaeFinal as i32 },
-                config: Some(pb::TrainingConfig { lr: 1e-3, batch_size: 32, epochs: 2, latent: 4, noise_std: 0.3, ..Default::default() }),
-                fold: fold.map(|index| pb::FoldSpec { folds: 2, index, shuffle_seed: 0 }),
-                config_label: "lr=1e-3".into(),
+                spec_json: serde_json::json!({
+                    "name": name, "stage": stage, "config_label": "lr=1e-3",
+                    "kind": if fold.is_some() { "dae-fold" } else { "dae-final" },
+                    "config": {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32, "epochs": 2, "latent": 4, "noise_std": 0.3, "seed": 0},
+                    "dataset": {"format": "idx", "files": [], "train_limit": 0, "test_limit": 0},
+                    "fold": fold.map(|index| serde_json::json!({"folds": 2, "index": index, "shuffle_seed": 0})),
+                    "checkpoint_every": 1, "max_attempts": 3,
+                })
+                .to_string(),
                 ..Default::default()
             }),
             state: pb::TaskState::Succeeded as i32,
@@ -707,7 +714,7 @@ mod tests {
             tasks: vec![task("cv/c0/f0", Some(0), "cv"), task("cv/c0/f1", Some(1), "cv"), task("final", None, "final")],
             ..Default::default()
         };
-        let results = Results::from(detail);
+        let results = Results::try_from(detail).unwrap();
         let trial = &results.trials[0];
         assert_eq!(trial.hyperparameters["lr"], 1e-3);
         assert_eq!(trial.hyperparameters["latent"], 4.0);

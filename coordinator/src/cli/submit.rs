@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use cohort_coordinator::convert;
 use cohort_coordinator::core::{check_and_plan_with_command, dry_run_plan, Limits};
-use cohort_coordinator::domain::BlobRef;
+use cohort_coordinator::domain::{BlobRef, DatasetFormat, TrialSpec};
+use cohort_proto::task::MalformedTask;
 use cohort_coordinator::plan::{self, TrainSamples};
 use cohort_coordinator::service::client::MAX_LISTED_TRIALS;
 use cohort_coordinator::sweep::SweepFile;
@@ -93,7 +94,7 @@ pub fn plan_offline(sweep: &LocalSweep) -> anyhow::Result<pb::SubmitSweepRespons
     }
     let (trials, stages) = check_and_plan_with_command(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, command_files, &Limits::default())?;
     let submitted = dry_run_plan(trials, stages);
-    let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec, None)).collect();
+    let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec)).collect();
     let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
     for warning in &sweep.warnings {
         eprintln!("warning: {warning}");
@@ -136,13 +137,13 @@ fn train_samples(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<Train
     if !sweep.is_gan() {
         return None;
     }
-    match sweep.dataset.format.as_str() {
-        "nifti" => {
+    match sweep.dataset.format() {
+        DatasetFormat::Nifti => {
             let slices = nifti_slices(files)?;
             // Every slice has at least no foreground: with 0 the workers keep them all.
             Some(if sweep.dataset.min_foreground <= 0.0 { TrainSamples::Exact(slices) } else { TrainSamples::AtMost(slices) })
         }
-        "image-folder" => Some(TrainSamples::Exact(image_folder_images(files))),
+        DatasetFormat::ImageFolder => Some(TrainSamples::Exact(image_folder_images(files))),
         // A WGAN-GP does not train on IDX data (the sweep's validation refuses it).
         _ => None,
     }
@@ -152,7 +153,7 @@ fn train_samples(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<Train
 /// slices into one training set, which is what a folder of one subject's scans means but not
 /// what a folder of unrelated volumes might.
 fn pooled_volumes_notice(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Option<String> {
-    if sweep.dataset.format != "nifti" {
+    if sweep.dataset.format() != DatasetFormat::Nifti {
         return None;
     }
     let volumes: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).filter(|name| name.ends_with(".nii") || name.ends_with(".nii.gz")).collect();
@@ -282,65 +283,55 @@ pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: boo
     Ok(response.into_inner())
 }
 
-/// A trial kind's name.
-pub fn kind_name(kind: pb::TrialKind) -> &'static str {
-    match kind {
-        pb::TrialKind::DaeFold => "dae-fold",
-        pb::TrialKind::DaeFinal => "dae-final",
-        pb::TrialKind::Classifier => "classifier",
-        pb::TrialKind::Wgan => "wgan",
-        pb::TrialKind::Command => "command",
-        pb::TrialKind::Unspecified => "unknown",
-    }
-}
-
 /// Prints a dry run's plan: as a table, or as JSON (the stages, and the first stage's trials
 /// with their hyperparameters).
 pub fn print_dry_run(response: &pb::SubmitSweepResponse, json: bool) -> anyhow::Result<()> {
     if !json {
-        print_plan(response);
-        return Ok(());
+        return print_plan(response);
     }
     let stages: Vec<serde_json::Value> =
         response.stages.iter().map(|s| serde_json::json!({"stage": s.name, "trials": s.trials, "description": s.description})).collect();
-    let trials: Vec<&str> = response.planned.iter().map(|t| t.trial_name.as_str()).collect();
+    let trials: Vec<String> = planned_trials(response)?.into_iter().map(|t| t.name).collect();
     println!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": stages, "first_stage_trials": trials}))?);
     Ok(())
 }
 
+/// The first stage's trials a submit answered with.
+fn planned_trials(response: &pb::SubmitSweepResponse) -> Result<Vec<TrialSpec>, MalformedTask> {
+    response.planned.iter().map(TrialSpec::from_wire).collect()
+}
+
 /// Prints a plan: the stages, then one line per task of the first stage.
-pub fn print_plan(response: &pb::SubmitSweepResponse) {
+pub fn print_plan(response: &pb::SubmitSweepResponse) -> anyhow::Result<()> {
     for stage in &response.stages {
         println!("stage {:<9} {:>5} trial(s)  {}", stage.name, stage.trials, stage.description);
     }
     println!();
-    let planned = &response.planned;
+    let planned = planned_trials(response)?;
+    let fold = |task: &TrialSpec| task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
     if planned.iter().any(|task| task.command.is_some()) {
         // A command's hyperparameters are its own: listed by name, as COHORT_HPARAMS gets them.
         println!("{:<14} {:<10} {:>6} {:>6}  hyperparameters", "trial", "kind", "epochs", "fold");
-        for task in planned {
-            let epochs = task.config.as_ref().map_or(0, |c| c.epochs);
-            let fold = task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
+        for task in &planned {
             let hparams = task.command.as_ref().map_or("", |c| c.hparams_json.as_str());
-            println!("{:<14} {:<10} {:>6} {:>6}  {hparams}", task.trial_name, kind_name(task.kind()), epochs, fold);
+            println!("{:<14} {:<10} {:>6} {:>6}  {hparams}", task.name, task.kind, task.config.epochs, fold(task));
         }
     }
-    let planned_builtin: Vec<&pb::TaskSpec> = planned.iter().filter(|task| task.command.is_none()).collect();
+    let planned_builtin: Vec<&TrialSpec> = planned.iter().filter(|task| task.command.is_none()).collect();
     if !planned_builtin.is_empty() {
         println!("{:<14} {:<10} {:>9} {:>9} {:>6} {:>6} {:>6}", "trial", "kind", "lr", "wd", "batch", "epochs", "fold");
     }
     for task in planned_builtin {
-        let config = task.config.clone().unwrap_or_default();
-        let fold = task.fold.as_ref().map(|f| format!("{}/{}", f.index, f.folds)).unwrap_or_else(|| "-".into());
+        let config = &task.config;
         println!(
             "{:<14} {:<10} {:>9.1e} {:>9.1e} {:>6} {:>6} {:>6}",
-            task.trial_name,
-            kind_name(task.kind()),
+            task.name,
+            task.kind.as_str(),
             config.lr,
             config.weight_decay,
             config.batch_size,
             config.epochs,
-            fold
+            fold(task)
         );
     }
     let first_stage_trials = response.stages.first().map_or(planned.len(), |stage| stage.trials as usize);
@@ -348,6 +339,7 @@ pub fn print_plan(response: &pb::SubmitSweepResponse) {
         println!("… and {} more", first_stage_trials - planned.len());
     }
     println!("{first_stage_trials} trials in the first stage; each later stage is planned when the one before it ends");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -52,7 +52,8 @@ fn mean_epoch_seconds(trial: &TrialRow) -> Option<f64> {
 pub fn render(progress: &pb::SweepProgress) -> Vec<String> {
     let summary = progress.summary.clone().unwrap_or_default();
     let mut lines = vec![format!("sweep {} ({}): {}", summary.sweep_id, summary.name, follow::state_of(progress))];
-    let running: Vec<TrialRow> = progress.running.iter().cloned().map(results::trial_row).collect();
+    // A trial this CLI cannot read (a newer coordinator's) is left out of the live view.
+    let running: Vec<TrialRow> = progress.running.iter().cloned().filter_map(|task| results::trial_row(task).ok()).collect();
     for stage in &progress.stages {
         let eta = match stage.mean_epoch_seconds {
             mean if mean > 0.0 && stage.remaining_epochs > 0 => {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{json as json_response, query, ApiError, Console};
 use crate::core::Core;
 use crate::events::sweep_of;
-use crate::plan::stages;
+use crate::domain::Stage;
 use crate::selection::{self, ConfigSummary, FoldResult};
 use crate::store::views::{StageRow, SweepRow, TrialRow};
 use crate::store::Store;
@@ -55,8 +55,15 @@ impl Memo {
 
 /// Runs a store query on the blocking pool.
 pub async fn read<T: Send + 'static>(core: &Arc<Core>, query: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static) -> Result<T, ApiError> {
+    off_runtime(core, move |core| core.read(query)).await?.map_err(ApiError::from)
+}
+
+/// Runs `call` on the core on the blocking pool, as the gRPC handlers do
+/// ([`crate::service::blocking`]): the core's lock may be held for a commit's fsync, which must
+/// not hold up the runtime. A call that panicked is an internal error.
+pub async fn off_runtime<T: Send + 'static>(core: &Arc<Core>, call: impl FnOnce(&Core) -> T + Send + 'static) -> Result<T, ApiError> {
     let core = core.clone();
-    tokio::task::spawn_blocking(move || core.read(query)).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || call(&core)).await.map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 fn now_ms() -> i64 {
@@ -138,7 +145,7 @@ fn cv_metric(store: &Store, sweep_id: &str) -> Result<String, crate::store::Stor
 /// The cross-validation table of a sweep: each config's fold minima (of succeeded trials) of
 /// `metric`, mean, standard deviation, and the winner.
 fn cv_summaries(store: &Store, sweep_id: &str, metric: &str) -> Result<(Vec<ConfigSummary>, u32), crate::store::StoreError> {
-    let tasks = store.fold_tasks(sweep_id, stages::CV)?;
+    let tasks = store.fold_tasks(sweep_id, Stage::Cv.as_str())?;
     if tasks.is_empty() {
         return Ok((Vec::new(), 0));
     }
@@ -206,7 +213,7 @@ fn summary_of(console: &Console, row: &SweepRow) -> Result<Value, ApiError> {
         console.core.read(move |store| {
             let rows = store.stage_rows(&id)?;
             // A winner is known once cross-validation has no trial left to run.
-            let cv_done = rows.iter().any(|row| row.stage == stages::CV && count(&row.counts, "queued") + count(&row.counts, "running") == 0);
+            let cv_done = rows.iter().any(|row| row.stage == Stage::Cv.as_str() && count(&row.counts, "queued") + count(&row.counts, "running") == 0);
             let winner = match cv_done {
                 true => cv_summaries(store, &id, &cv_metric(store, &id)?)?.0.into_iter().find(|s| s.winner).map(|s| s.config),
                 false => None,
@@ -254,7 +261,7 @@ fn trial_json(row: &TrialRow) -> Value {
         "id": row.id,
         "sweep_id": sweep_of(&row.id),
         "name": spec.as_ref().map(|s| s.name.clone()),
-        "stage": spec.as_ref().map(|s| s.stage.clone()),
+        "stage": spec.as_ref().map(|s| s.stage),
         "config": spec.as_ref().map(|s| s.config_label.clone()),
         "kind": spec.as_ref().map(|s| s.kind.as_str()),
         "fold": spec.as_ref().and_then(|s| s.fold).map(|f| f.index),
@@ -289,7 +296,12 @@ pub async fn trials(State(console): State<Arc<Console>>, headers: HeaderMap, Pat
         store.trial_rows(&sweep_id, span, state.as_deref(), offset, limit)
     })
     .await?;
-    let mut waiting = if rows.iter().any(|row| row.state == "queued" || row.state == "running") { console.core.waiting_reasons(&id) } else { HashMap::new() };
+    let mut waiting = if rows.iter().any(|row| row.state == "queued" || row.state == "running") {
+        let sweep_id = id.clone();
+        off_runtime(&console.core, move |core| core.waiting_reasons(&sweep_id)).await?
+    } else {
+        HashMap::new()
+    };
     let trials: Vec<Value> = rows
         .iter()
         .map(|row| {
@@ -351,7 +363,7 @@ pub async fn config_curves(State(console): State<Arc<Console>>, headers: HeaderM
             Some(metric) => metric,
             None => cv_metric(store, &id)?,
         };
-        Ok((metric, store.stage_epochs(&id, stages::CV)?))
+        Ok((metric, store.stage_epochs(&id, Stage::Cv.as_str())?))
     })
     .await?;
     let mut by_config: Vec<(String, BTreeMap<u32, Vec<f64>>)> = Vec::new();
@@ -451,8 +463,7 @@ pub async fn logs(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
 /// when it was last heard of.
 pub async fn workers(State(console): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
-    let core = console.core.clone();
-    let workers = tokio::task::spawn_blocking(move || core.workers()).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let workers = off_runtime(&console.core, |core| core.workers()).await??;
     let task_ids: Vec<String> = workers.iter().filter_map(|w| w.task.as_ref().map(|t| t.task_id.clone())).collect();
     let trials = read(&console.core, move |store| {
         let mut trials = HashMap::new();
@@ -486,9 +497,8 @@ pub async fn workers(State(console): State<Arc<Console>>, headers: HeaderMap) ->
 /// `POST /api/sweeps/{id}/cancel`: cancels the sweep's unfinished trials (client token and CSRF).
 pub async fn cancel(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     console.auth.actor(&headers)?;
-    let core = console.core.clone();
     let sweep_id = id.clone();
-    let cancelled = tokio::task::spawn_blocking(move || core.cancel(&sweep_id)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let cancelled = off_runtime(&console.core, move |core| core.cancel(&sweep_id)).await??;
     tracing::info!(sweep = %id, cancelled, "sweep cancelled from the console");
     Ok(json_response(&json!({"cancelled": cancelled})))
 }
@@ -496,9 +506,8 @@ pub async fn cancel(State(console): State<Arc<Console>>, headers: HeaderMap, Pat
 /// `POST /api/sweeps/{id}/retry`: queues the sweep's failed and cancelled trials again.
 pub async fn retry(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     console.auth.actor(&headers)?;
-    let core = console.core.clone();
     let sweep_id = id.clone();
-    let requeued = tokio::task::spawn_blocking(move || core.retry(&sweep_id)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let requeued = off_runtime(&console.core, move |core| core.retry(&sweep_id)).await??;
     tracing::info!(sweep = %id, requeued, "sweep retried from the console");
     Ok(json_response(&json!({"requeued": requeued})))
 }

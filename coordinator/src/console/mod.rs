@@ -118,8 +118,11 @@ pub fn router(core: Arc<Core>, tokens: Tokens) -> Router {
 
 /// `GET /metrics`: the Prometheus exposition, open like `--metrics-listen` (scrapers send no token).
 async fn metrics(axum::extract::State(console): axum::extract::State<Arc<Console>>) -> Response {
-    let text = console.core.metrics().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    // The gauges are read under the core's lock: off the runtime, like every core call.
+    match api::off_runtime(&console.core, |core| core.metrics().render()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(error) => error.into_response(),
+    }
 }
 
 /// Binds `address` and serves the console in the background; returns the bound address.

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use super::{Core, CoreError, Inner};
-use crate::plan::stages;
+use crate::domain::Stage;
 use crate::prune::{self, Decision, FoldTrial, PruneSection, Snapshot};
 use crate::store::EpochRecord;
 use crate::sweep::SweepFile;
@@ -37,7 +37,7 @@ fn selection_metric(spec: &crate::domain::TrialSpec) -> &str {
 
 /// The sweep's pruning settings, while its cross-validation stage is the latest one.
 fn settings_while_in_cv(inner: &mut Inner, sweep_id: &str) -> Result<Option<(PruneSection, u32)>, CoreError> {
-    if inner.stages.get(sweep_id).is_some_and(|stage| stage.name != stages::CV) {
+    if inner.stages.get(sweep_id).is_some_and(|stage| stage.name != Stage::Cv) {
         return Ok(None);
     }
     if let Some(cached) = inner.pruning.get(sweep_id) {
@@ -60,7 +60,7 @@ fn snapshot(inner: &Inner, sweep_id: &str) -> Result<(Snapshot, Vec<String>, Str
     let mut metric = String::from("val_mse");
     let mut snapshot = Snapshot::default();
     let mut ids = Vec::new();
-    for task in inner.store.tasks(Some(sweep_id))?.into_iter().filter(|t| t.spec.stage == stages::CV) {
+    for task in inner.store.tasks(Some(sweep_id))?.into_iter().filter(|t| t.spec.stage == Stage::Cv) {
         let Some(fold) = task.spec.fold else {
             continue;
         };
@@ -106,16 +106,8 @@ impl Core {
     /// ends the configs the race drops as pruned (in memory: the caller persists them with the
     /// rest of `changed`); returns their task ids.
     pub(super) fn race_after(inner: &mut Inner, changed: &[String]) -> Result<Vec<String>, CoreError> {
-        let mut sweeps: Vec<String> = changed
-            .iter()
-            .filter_map(|id| inner.scheduler.task(id))
-            .filter(|task| task.state.is_terminal())
-            .map(|task| task.sweep_id.clone())
-            .collect();
-        sweeps.sort();
-        sweeps.dedup();
         let mut pruned = Vec::new();
-        for sweep_id in sweeps {
+        for sweep_id in inner.sweeps_with_ended(changed) {
             let Some((settings, _)) = settings_while_in_cv(inner, &sweep_id)?.filter(|(settings, _)| settings.rule.races()) else {
                 continue;
             };
@@ -216,7 +208,7 @@ epochs = 1
     /// Leases the next trial, checks its name, and reports `curve` epoch by epoch.
     async fn start(core: &Core, worker: &TestWorker, name: &str, curve: &[f64]) -> Dispatch {
         let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("a trial is queued");
-        assert_eq!(dispatch.spec.name, name, "fold-first order");
+        assert_eq!(dispatch.trial().name, name, "fold-first order");
         for (index, value) in curve.iter().enumerate() {
             core.report_metrics(&proof(worker, &dispatch), &[epoch(&dispatch, index as u32 + 1, *value)]).unwrap();
         }
@@ -278,12 +270,12 @@ epochs = 1
         assert_eq!(core.retry(&sweep_id).unwrap(), 0, "retry leaves pruned trials alone");
         run(&core, &worker, "cv/c0/f2", &[0.5, 0.4, 0.3, 0.19]).await;
         let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("final");
-        assert_eq!((dispatch.spec.name.as_str(), dispatch.spec.config.lr), ("final", 1e-3), "the only complete config wins");
+        assert_eq!((dispatch.trial().name.as_str(), dispatch.trial().config.lr), ("final", 1e-3), "the only complete config wins");
         core.complete(&proof(&worker, &dispatch)).unwrap();
         let view = core.sweep(&sweep_id).unwrap();
         assert_eq!(view.summary.state, SweepState::Succeeded, "pruned trials are no failures");
         assert_eq!((view.summary.counts.pruned, view.summary.counts.succeeded, view.summary.counts.failed), (4, 6, 0));
-        let trial_epochs: usize = view.tasks.iter().filter(|t| t.task.spec.stage == "cv").map(|t| t.epochs.len()).sum();
+        let trial_epochs: usize = view.tasks.iter().filter(|t| t.task.spec.stage == crate::domain::Stage::Cv).map(|t| t.epochs.len()).sum();
         assert_eq!(trial_epochs, 4 * 5 + 1, "21 of the full grid's 36 trial-epochs");
     }
 
@@ -309,7 +301,7 @@ epochs = 1
         };
         for (name, first) in [("cv/c0/f0", 0.5), ("cv/c1/f0", 0.45), ("cv/c2/f0", 0.9)] {
             let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("a trial is queued");
-            assert_eq!(dispatch.spec.name, name);
+            assert_eq!(dispatch.trial().name, name);
             core.report_metrics(&proof(&worker, &dispatch), &[report(&dispatch, 1, first)]).unwrap();
             if name != "cv/c2/f0" {
                 core.complete(&proof(&worker, &dispatch)).unwrap();

@@ -112,8 +112,11 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(String, Ve
     root.present().map_err(draw_error)
 }
 
+/// A line chart's named series of (x, y) points.
+pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+
 /// Side-by-side line charts, one per (title, y label, series).
-pub fn panels(path: &Path, panels: &[(String, String, Vec<(String, Vec<(f64, f64)>)>)]) -> Result<(), ReportError> {
+pub fn panels(path: &Path, panels: &[(String, String, Series)]) -> Result<(), ReportError> {
     let root = canvas(path, (560 * panels.len().max(1) as u32, 480))?;
     for (area, (title, y_label, series)) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
         lines_into(area, title, y_label, series)?;

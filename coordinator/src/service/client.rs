@@ -6,7 +6,7 @@ use cohort_proto::v1 as pb;
 use cohort_proto::v1::client_service_server::ClientService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{receive_blob, send_blob, status, BlobStream};
+use super::{blocking, receive_blob, send_blob, BlobStream};
 use crate::convert;
 use crate::core::Core;
 
@@ -46,18 +46,17 @@ impl ClientService for ClientApi {
         let request = request.into_inner();
         let files = convert::dataset_files(request.dataset_files).map_err(Status::invalid_argument)?;
         let command_files = convert::dataset_files(request.command_files).map_err(Status::invalid_argument)?;
-        // Checking the dataset reads (and un-gzips) its files: keep that off the async runtime.
-        let core = self.core.clone();
-        let submitted = tokio::task::spawn_blocking(move || core.submit_with_command(&request.source, &request.source_name, files, command_files, request.dry_run))
-            .await
-            .map_err(|e| Status::internal(format!("submit task failed: {e}")))?
-            .map_err(status)?;
+        // Checking the dataset also reads (and un-gzips) its files.
+        let submitted = blocking(&self.core, move |core| {
+            core.submit_with_command(&request.source, &request.source_name, files, command_files, request.dry_run)
+        })
+        .await?;
         let sweep_id = submitted.sweep_id.unwrap_or_default();
         let planned = submitted
             .planned
             .into_iter()
             .take(MAX_LISTED_TRIALS)
-            .map(|(id, spec)| convert::task_spec(&id, &sweep_id, 0, &spec, None))
+            .map(|(id, spec)| convert::task_spec(&id, &sweep_id, 0, &spec))
             .collect();
         let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
         Ok(Response::new(pb::SubmitSweepResponse { sweep_id, planned, stages }))
@@ -80,7 +79,7 @@ impl ClientService for ClientApi {
     }
 
     async fn list_sweeps(&self, _request: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
-        let sweeps = self.core.sweeps().map_err(status)?.into_iter().map(Into::into).collect();
+        let sweeps = blocking(&self.core, |core| core.sweeps()).await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListSweepsResponse { sweeps }))
     }
 
@@ -91,7 +90,7 @@ impl ClientService for ClientApi {
             0 => MAX_TASKS_LISTED,
             limit => limit.min(MAX_TASKS_LISTED),
         };
-        let view = self.core.sweep_page(&request.sweep_id, offset, limit).map_err(status)?;
+        let view = blocking(&self.core, move |core| core.sweep_page(&request.sweep_id, offset, limit)).await?;
         let total = view.summary.counts.total as usize;
         let mut detail: pb::SweepDetail = view.into();
         // Keep the reply far below any message limit: stop before the page passes its budget
@@ -114,22 +113,25 @@ impl ClientService for ClientApi {
     }
 
     async fn cancel_sweep(&self, request: Request<pb::CancelSweepRequest>) -> Result<Response<pb::CancelSweepResponse>, Status> {
-        let cancelled = self.core.cancel(&request.into_inner().sweep_id).map_err(status)?;
+        let sweep_id = request.into_inner().sweep_id;
+        let cancelled = blocking(&self.core, move |core| core.cancel(&sweep_id)).await?;
         Ok(Response::new(pb::CancelSweepResponse { cancelled }))
     }
 
     async fn retry_sweep(&self, request: Request<pb::RetrySweepRequest>) -> Result<Response<pb::RetrySweepResponse>, Status> {
-        let requeued = self.core.retry(&request.into_inner().sweep_id).map_err(status)?;
+        let sweep_id = request.into_inner().sweep_id;
+        let requeued = blocking(&self.core, move |core| core.retry(&sweep_id)).await?;
         Ok(Response::new(pb::RetrySweepResponse { requeued }))
     }
 
     async fn get_logs(&self, request: Request<pb::GetLogsRequest>) -> Result<Response<pb::GetLogsResponse>, Status> {
         let r = request.into_inner();
-        let task = Some(r.task_id.as_str()).filter(|t| !t.is_empty());
-        let entries = self
-            .core
-            .logs(&r.sweep_id, task, r.after_id, MAX_LOG_LINES_LISTED, MAX_LOG_REPLY_BYTES)
-            .map_err(status)?
+        let lines = blocking(&self.core, move |core| {
+            let task = Some(r.task_id.as_str()).filter(|t| !t.is_empty());
+            core.logs(&r.sweep_id, task, r.after_id, MAX_LOG_LINES_LISTED, MAX_LOG_REPLY_BYTES)
+        })
+        .await?;
+        let entries = lines
             .into_iter()
             .map(|l| pb::LogEntry {
                 id: l.id,
@@ -149,10 +151,8 @@ impl ClientService for ClientApi {
     }
 
     async fn list_workers(&self, _request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self
-            .core
-            .workers()
-            .map_err(status)?
+        let workers = blocking(&self.core, |core| core.workers())
+            .await?
             .into_iter()
             .map(|w| {
                 let task = w.task.unwrap_or_default();

@@ -1,11 +1,15 @@
 //! The gRPC edge: thin handlers that convert messages and call [`crate::core::Core`].
 
+mod blocking;
 pub mod client;
 pub mod progress;
 pub mod worker;
 
+pub use blocking::{blocking, off_runtime};
+
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use cohort_proto::transfer::{self, TransferError};
 use cohort_proto::v1 as pb;
@@ -37,7 +41,13 @@ pub fn status(error: CoreError) -> Status {
     if code == Code::Internal {
         tracing::error!(%error, "internal error");
     }
-    Status::new(code, error.to_string())
+    let unknown_worker = matches!(error, CoreError::Refused(Refusal::UnknownWorker(_)));
+    let status = Status::new(code, error.to_string());
+    // Said for programs too: a worker registers again on it, whatever the message's wording.
+    if unknown_worker {
+        return cohort_proto::errors::with_reason(status, cohort_proto::errors::UNKNOWN_WORKER);
+    }
+    status
 }
 
 fn transfer_status(error: TransferError) -> Status {
@@ -58,11 +68,10 @@ fn transfer_status(error: TransferError) -> Status {
 /// recorded as uploaded under it once received whole, so that only it can become that trial's
 /// checkpoint or artifact. Such an upload is received in full even when the blob is already
 /// stored: naming a hash proves nothing, sending the bytes does.
-pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::Streaming<pb::BlobChunk>) -> Result<pb::UploadBlobResponse, Status> {
+pub async fn receive_blob(core: &Arc<Core>, metadata: &MetadataMap, stream: tonic::Streaming<pb::BlobChunk>) -> Result<pb::UploadBlobResponse, Status> {
     let lease = UploadLease::read(metadata)?;
-    let proof = lease.as_ref().map(|l| LeaseProof { worker_id: &l.worker_id, task_id: &l.task_id, attempt: l.attempt, secret: &l.secret });
-    if let Some(proof) = &proof {
-        core.check_upload_lease(proof).map_err(status)?;
+    if let Some(lease) = lease.clone() {
+        blocking(core, move |core| core.check_upload_lease(&proof_of(&lease))).await?;
     }
     let limits = core.limits();
     let timeouts = transfer::ReceiveTimeouts { idle: limits.upload_idle, total: limits.upload_total };
@@ -72,13 +81,13 @@ pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::St
         .map_err(|_| Status::deadline_exceeded(format!("no data within {} s of the upload's start", limits.upload_idle.as_secs())))?
         .ok_or_else(|| Status::invalid_argument("empty upload"))??;
     if first.sha256.is_empty() {
-        return receive_hashed_at_end(core, proof.as_ref(), first, stream).await;
+        return receive_hashed_at_end(core, lease, first, stream).await;
     }
     let destination: PathBuf =
         core.blobs().path(&first.sha256).ok_or_else(|| Status::invalid_argument(format!("not a sha256: {:?}", first.sha256)))?;
     let blob = pb::BlobRef { sha256: first.sha256.clone(), size: first.size };
     let present = core.blobs().size(&first.sha256) == Some(first.size);
-    if present && proof.is_none() {
+    if present && lease.is_none() {
         return Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: true });
     }
     if !present {
@@ -95,11 +104,22 @@ pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::St
     } else {
         transfer::receive_to_file_within(chunks, &destination, None, limits.max_blob_bytes, timeouts).await.map_err(transfer_status)?;
     }
-    if let Some(proof) = &proof {
-        let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
-        core.record_lease_upload(proof, &stored).map_err(status)?;
-    }
+    record_upload(core, lease, &blob).await?;
     Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: present })
+}
+
+/// The lease proof an upload's metadata presents.
+fn proof_of(lease: &UploadLease) -> LeaseProof<'_> {
+    LeaseProof { worker_id: &lease.worker_id, task_id: &lease.task_id, attempt: lease.attempt, secret: &lease.secret }
+}
+
+/// Records a blob received under `lease` (none: a client's upload, nothing to record).
+async fn record_upload(core: &Arc<Core>, lease: Option<UploadLease>, blob: &pb::BlobRef) -> Result<(), Status> {
+    let Some(lease) = lease else {
+        return Ok(());
+    };
+    let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
+    blocking(core, move |core| core.record_lease_upload(&proof_of(&lease), &stored)).await
 }
 
 /// [`receive_blob`] of a stream that names its hash in its last chunk (hashed while sent, see
@@ -107,8 +127,8 @@ pub async fn receive_blob(core: &Core, metadata: &MetadataMap, stream: tonic::St
 /// verified against the hash it ends with, and only then renamed to the blob's path. A blob
 /// already stored stays as it is (the verified copy is dropped), and the answer says so.
 async fn receive_hashed_at_end(
-    core: &Core,
-    proof: Option<&LeaseProof<'_>>,
+    core: &Arc<Core>,
+    lease: Option<UploadLease>,
     first: pb::BlobChunk,
     stream: tonic::Streaming<pb::BlobChunk>,
 ) -> Result<pb::UploadBlobResponse, Status> {
@@ -129,10 +149,7 @@ async fn receive_hashed_at_end(
     } else {
         verified.persist(&destination).await.map_err(transfer_status)?;
     }
-    if let Some(proof) = proof {
-        let stored = crate::domain::BlobRef { sha256: blob.sha256.clone(), size: blob.size };
-        core.record_lease_upload(proof, &stored).map_err(status)?;
-    }
+    record_upload(core, lease, &blob).await?;
     Ok(pb::UploadBlobResponse { blob: Some(blob), already_present: present })
 }
 
@@ -142,4 +159,22 @@ pub fn send_blob(core: &Core, sha256: &str) -> Result<BlobStream, Status> {
     let size = core.blobs().size(sha256).ok_or_else(|| Status::not_found(format!("blob {sha256} not found")))?;
     let blob = pb::BlobRef { sha256: sha256.to_string(), size };
     Ok(Box::pin(transfer::file_chunks(path, blob).map(Ok)))
+}
+
+#[cfg(test)]
+mod tests {
+    use cohort_proto::errors::is_unknown_worker;
+
+    use super::*;
+
+    #[test]
+    fn an_unknown_worker_is_marked_for_the_worker_to_register_again() {
+        let refused = status(CoreError::Refused(Refusal::UnknownWorker("w-1".into())));
+        assert_eq!(refused.code(), Code::NotFound);
+        assert!(is_unknown_worker(&refused));
+        assert!(refused.message().contains("unknown worker w-1"), "the message for people stays: {}", refused.message());
+        for other in [CoreError::Refused(Refusal::UnknownTask("t-1".into())), CoreError::NotFound("task t-1".into())] {
+            assert!(!is_unknown_worker(&status(other)), "only an unknown worker is marked so");
+        }
+    }
 }

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use super::status;
+use super::blocking;
 use crate::core::Core;
 
 /// A stream of progress messages.
@@ -30,9 +30,8 @@ const READ_COST_FACTOR: u32 = 4;
 
 /// Reads the sweep's progress off the runtime (it queries the store).
 async fn read(core: &Arc<Core>, sweep_id: &str) -> Result<pb::SweepProgress, Status> {
-    let (core, sweep_id) = (core.clone(), sweep_id.to_string());
-    let view = tokio::task::spawn_blocking(move || core.progress(&sweep_id)).await.map_err(|e| Status::internal(e.to_string()))?;
-    Ok(view.map_err(status)?.into())
+    let sweep_id = sweep_id.to_string();
+    Ok(blocking(core, move |core| core.progress(&sweep_id)).await?.into())
 }
 
 /// Starts following `sweep_id`: fails at once for an unknown sweep.

@@ -9,6 +9,7 @@ pub mod ring;
 use std::time::Duration;
 
 use tch::Tensor;
+use crate::task::CollectiveBackend;
 
 /// Why a collective failed. A failed collective ends the gang's attempt (infrastructure error).
 #[derive(Debug, thiserror::Error)]
@@ -87,15 +88,14 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Resolves a configured name: `ring`, `nccl`, or `auto` (NCCL on CUDA workers whose NCCL
-    /// library loads, the ring otherwise).
-    pub fn resolve(name: &str, device: tch::Device) -> Result<Backend, CollectiveError> {
-        match name {
-            "ring" => Ok(Backend::Ring),
-            "nccl" => Ok(Backend::Nccl),
-            "" | "auto" if matches!(device, tch::Device::Cuda(_)) && nccl::available() => Ok(Backend::Nccl),
-            "" | "auto" => Ok(Backend::Ring),
-            other => Err(CollectiveError::Setup(format!("unknown collective backend {other:?} (auto, ring or nccl)"))),
+    /// Resolves the configured backend: `auto` is NCCL on CUDA workers whose NCCL library
+    /// loads, the ring otherwise.
+    pub fn resolve(configured: CollectiveBackend, device: tch::Device) -> Backend {
+        match configured {
+            CollectiveBackend::Ring => Backend::Ring,
+            CollectiveBackend::Nccl => Backend::Nccl,
+            CollectiveBackend::Auto if matches!(device, tch::Device::Cuda(_)) && nccl::available() => Backend::Nccl,
+            CollectiveBackend::Auto => Backend::Ring,
         }
     }
 }

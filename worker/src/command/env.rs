@@ -43,13 +43,14 @@ pub fn build(task: &Task, inputs: &EnvInputs<'_>, inherited: impl IntoIterator<I
     let mut env: Vec<(String, String)> = inherited.into_iter().filter(|(name, _)| INHERITED.contains(&name.as_str())).collect();
     let mut set = |name: &str, value: String| env.push((name.to_string(), value));
     let path = |p: &Path| p.display().to_string();
-    set("COHORT_TRIAL", task.trial_name.clone());
+    set("COHORT_TRIAL", task.spec.name.clone());
     set("COHORT_TASK", task.id.clone());
     set("COHORT_ATTEMPT", task.attempt.to_string());
-    set("COHORT_EPOCHS", task.config.epochs.to_string());
-    set("COHORT_SEED", task.config.seed.to_string());
-    set("COHORT_HPARAMS", task.command.as_ref().map_or_else(|| "{}".to_string(), |c| c.hparams_json.clone()));
-    if let Some(fold) = task.fold {
+    set("COHORT_EPOCHS", task.spec.config.epochs.to_string());
+    set("COHORT_SEED", task.spec.config.seed.to_string());
+    set("COHORT_INIT_SEED", task.spec.config.weights_seed().to_string());
+    set("COHORT_HPARAMS", task.spec.command.as_ref().map_or_else(|| "{}".to_string(), |c| c.hparams_json.clone()));
+    if let Some(fold) = task.spec.fold {
         set("COHORT_FOLD", fold.index.to_string());
         set("COHORT_FOLDS", fold.folds.to_string());
     }
@@ -81,24 +82,30 @@ pub fn build(task: &Task, inputs: &EnvInputs<'_>, inherited: impl IntoIterator<I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{CommandSpec, DatasetSpec, Fold, TrainingConfig, TrialKind};
+    use crate::task::{CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, Stage, TrainingConfig, TrialKind, TrialSpec};
 
     fn task(rank: u32, world: u32) -> Task {
         Task {
             id: "s1.t3".into(),
             attempt: 2,
-            trial_name: "cv/c1/f0".into(),
-            kind: TrialKind::Command,
-            config: TrainingConfig { lr: 0.0, weight_decay: 0.0, batch_size: 0, epochs: 4, noise_std: 0.0, latent: 0, seed: 7, lr_encoder: 0.0, augment: None, wgan: None },
-            dataset: DatasetSpec { format: String::new(), files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
-            fold: Some(Fold { folds: 3, index: 0, shuffle_seed: 7 }),
             resume_from: None,
-            init_from: None,
-            checkpoint_every: 1,
             rank,
             world,
-            collective_backend: String::new(),
-            command: Some(CommandSpec { run: vec!["python3".into()], files: vec![], metric: "val_loss".into(), timeout: None, hparams_json: r#"{"lr":0.1}"#.into() }),
+            spec: TrialSpec {
+                stage: Stage::Cv,
+                name: "cv/c1/f0".into(),
+                kind: TrialKind::Command,
+                config: TrainingConfig { lr: 0.0, weight_decay: 0.0, batch_size: 0, epochs: 4, noise_std: 0.0, latent: 0, seed: 7, init_seed: None, lr_encoder: 0.0, augment: None, wgan: None },
+                dataset: DatasetSpec { format: DatasetFormat::None, files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
+                fold: Some(FoldSpec { folds: 3, index: 0, shuffle_seed: 7 }),
+                checkpoint_every: 1,
+                init_from: None,
+                collective_backend: CollectiveBackend::Auto,
+                command: Some(CommandSpec { run: vec!["python3".into()], files: vec![], metric: "val_loss".into(), timeout_minutes: 0, hparams_json: r#"{"lr":0.1}"#.into() }),
+                config_label: String::new(),
+                max_attempts: 1,
+                replicas: 1,
+            },
         }
     }
 

@@ -121,7 +121,7 @@ fn argv(run: &[String], work: &Path) -> Vec<String> {
 
 /// Runs the task's program to its end, reporting through `events`.
 pub fn run(task: &Task, inputs: &CommandInputs, events: &mut Events<'_>) -> Result<(), TrainError> {
-    let command = task.command.as_ref().ok_or_else(|| TrainError::Invalid("a command trial without its program".into()))?;
+    let command = task.spec.command.as_ref().ok_or_else(|| TrainError::Invalid("a command trial without its program".into()))?;
     let dirs = RunDirs::create(inputs.run_root.clone()).map_err(files_error)?;
     let cleanup = Cleanup(dirs.clone());
     files::copy_files(&inputs.files, &dirs.work).map_err(files_error)?;
@@ -151,7 +151,7 @@ pub fn run(task: &Task, inputs: &CommandInputs, events: &mut Events<'_>) -> Resu
     let mut program = process::spawn(&argv, &dirs.work, &environment, sender)
         .map_err(|error| TrainError::Program(format!("cannot start {:?}: {error}", argv[0])))?;
     tracing::info!(task = %task.id, pid = program.pid(), program = %argv.join(" "), "command started");
-    let mut supervisor = Supervisor { task, inputs, dirs: &dirs, events, program: &mut program, started, timeout: command.timeout, state: State::default() };
+    let mut supervisor = Supervisor { task, inputs, dirs: &dirs, events, program: &mut program, started, timeout: command.timeout(), state: State::default() };
     let result = supervisor.supervise(&receiver);
     drop(supervisor);
     // Whatever the program left behind in its group goes with it.
@@ -215,7 +215,7 @@ impl Supervisor<'_, '_, '_> {
         match process::describe(status) {
             None => self.finish(),
             Some((user, how)) => {
-                let mut message = format!("{:?} {how}", self.task.command.as_ref().map_or("", |c| c.run[0].as_str()));
+                let mut message = format!("{:?} {how}", self.task.spec.command.as_ref().map_or("", |c| c.run[0].as_str()));
                 if !self.state.stderr_tail.is_empty() {
                     message.push_str(&format!("; last lines of stderr:\n{}", Vec::from(self.state.stderr_tail.clone()).join("\n")));
                 }
@@ -279,7 +279,7 @@ impl Supervisor<'_, '_, '_> {
 
     /// Records an epoch (rank 0), then uploads the checkpoint folder if it changed.
     fn record(&mut self, parsed: report::Report) -> Result<(), TrainError> {
-        let planned = self.task.config.epochs;
+        let planned = self.task.spec.config.epochs;
         if parsed.epoch > planned {
             return Err(TrainError::Program(format!("cohort-metrics epoch {} is past the trial's {planned} epochs (COHORT_EPOCHS)", parsed.epoch)));
         }

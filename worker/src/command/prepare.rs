@@ -7,7 +7,8 @@ use tch::Device;
 
 use super::{CommandInputs, Rendezvous};
 use crate::blobs::BlobCache;
-use crate::daemon::{WorkerClient, WorkerConfig};
+use crate::client::WorkerClient;
+use crate::config::WorkerConfig;
 use crate::task::Task;
 use crate::train::{GangInputs, TrainError};
 
@@ -23,7 +24,7 @@ pub async fn inputs(
     resume_from: Option<PathBuf>,
     gang: Option<GangInputs>,
 ) -> Result<CommandInputs, TrainError> {
-    let command = task.command.as_ref().ok_or_else(|| TrainError::Invalid("a command trial without its program".into()))?;
+    let command = task.spec.command.as_ref().ok_or_else(|| TrainError::Invalid("a command trial without its program".into()))?;
     let mut files = Vec::with_capacity(command.files.len());
     for (name, blob) in &command.files {
         let path = cache.ensure(client, blob).await.map_err(|error| {
@@ -41,7 +42,7 @@ pub async fn inputs(
     };
     Ok(CommandInputs {
         files,
-        data_dir: (!task.dataset.files.is_empty()).then(|| dataset_root.to_path_buf()),
+        data_dir: (!task.spec.dataset.files.is_empty()).then(|| dataset_root.to_path_buf()),
         resume_from,
         run_root: config.cache_dir.join("runs").join(format!("{}-a{}-r{}", task.id, task.attempt, task.rank)),
         scratch_dir: cache.scratch_dir(),

@@ -483,7 +483,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "block.nii", &block_volume().encode());
 
-        let set = load_nifti_slices(&[path.clone()], 8, 0.2).unwrap();
+        let set = load_nifti_slices(std::slice::from_ref(&path), 8, 0.2).unwrap();
         assert_eq!(set.images.size(), [2, 1, 8, 8], "z=1 and z=2 survive");
         assert_eq!(set.images.kind(), Kind::Float);
         assert_eq!(Vec::<i64>::try_from(&set.labels).unwrap(), [0, 0]);
@@ -494,7 +494,7 @@ mod tests {
         assert!(flat.abs().max().double_value(&[]) < 1e-6, "100 of 0..200 is the middle grey, 0");
         assert!(set.images.min().double_value(&[]) >= -1.0 && set.images.max().double_value(&[]) <= 1.0);
 
-        assert_eq!(load_nifti_slices(&[path.clone()], 8, 0.0).unwrap().len(), 4, "0 keeps every slice");
+        assert_eq!(load_nifti_slices(std::slice::from_ref(&path), 8, 0.0).unwrap().len(), 4, "0 keeps every slice");
         assert_eq!(load_nifti_slices(&[path], 8, 1.0).unwrap().len(), 1, "only the full slice");
     }
 
@@ -574,39 +574,39 @@ mod tests {
         let good = block_volume().encode();
 
         let short = write(dir.path(), "short.nii", &good[..100]);
-        let message = format_message(load_nifti_slices(&[short.clone()], 8, 0.2), &short);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&short), 8, 0.2), &short);
         assert!(message.contains("100 bytes, shorter than the 348-byte NIfTI-1 header"), "{message}");
 
         let mut bytes = good.clone();
         bytes[0..4].copy_from_slice(&540i32.to_le_bytes());
         let nifti2 = write(dir.path(), "nifti2.nii", &bytes);
-        let message = format_message(load_nifti_slices(&[nifti2.clone()], 8, 0.2), &nifti2);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&nifti2), 8, 0.2), &nifti2);
         assert!(message.contains("sizeof_hdr is 540"), "{message}");
 
         let mut bytes = good.clone();
         bytes[OFFSET_MAGIC..OFFSET_MAGIC + 4].copy_from_slice(b"abc\0");
         let magic = write(dir.path(), "magic.nii", &bytes);
-        let message = format_message(load_nifti_slices(&[magic.clone()], 8, 0.2), &magic);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&magic), 8, 0.2), &magic);
         assert!(message.contains("wrong magic \"abc\\x00\""), "{message}");
 
         bytes[OFFSET_MAGIC..OFFSET_MAGIC + 4].copy_from_slice(MAGIC_PAIR);
         let pair = write(dir.path(), "pair.nii", &bytes);
-        let message = format_message(load_nifti_slices(&[pair.clone()], 8, 0.2), &pair);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&pair), 8, 0.2), &pair);
         assert!(message.contains(".hdr/.img pair"), "{message}");
 
         let rgb = write(dir.path(), "rgb.nii", &block_volume().with_type(128, 24).encode());
-        let message = format_message(load_nifti_slices(&[rgb.clone()], 8, 0.2), &rgb);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&rgb), 8, 0.2), &rgb);
         assert!(message.contains("unsupported datatype 128"), "{message}");
 
         let bitpix = write(dir.path(), "bitpix.nii", &block_volume().with_type(4, 8).encode());
-        let message = format_message(load_nifti_slices(&[bitpix.clone()], 8, 0.2), &bitpix);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&bitpix), 8, 0.2), &bitpix);
         assert!(message.contains("bitpix 8 does not match datatype int16"), "{message}");
 
         let mut flat = block_volume();
         flat.dims.truncate(2);
         flat.values.truncate(30);
         let flat = write(dir.path(), "flat.nii", &flat.encode());
-        let message = format_message(load_nifti_slices(&[flat.clone()], 8, 0.2), &flat);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&flat), 8, 0.2), &flat);
         assert!(message.contains("dim[0] is 2: need 3 to 7 dimensions"), "{message}");
 
         let mut bomb = good.clone();
@@ -625,7 +625,7 @@ mod tests {
         assert!(message.contains("the header declares 1152780773560811873 bytes, more than the limit of 8589934592"), "{message}");
 
         let truncated = write(dir.path(), "truncated.nii.gz", &gzip(&good[..good.len() - 1]));
-        let message = format_message(load_nifti_slices(&[truncated.clone()], 8, 0.2), &truncated);
+        let message = format_message(load_nifti_slices(std::slice::from_ref(&truncated), 8, 0.2), &truncated);
         assert!(
             message.contains("truncated data: header promises 120 bytes of uint8 voxels at offset 352, file holds 119"),
             "{message}"

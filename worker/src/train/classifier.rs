@@ -12,10 +12,9 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Reduction, Tensor};
 
 use super::dae::{corrupt, fixed_noisy, for_each_batch, latent_codes, BETAS, EPS};
-use super::data_parallel::{self, Shard};
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, trainable, EpochReport, Events, RunInputs, TrainError};
-use crate::checkpoint::{self, Loaded};
-use crate::collective::Communicator;
+use super::data_parallel;
+use super::{finite, trainable, EpochReport, Events, Run, RunInputs, TrainError};
+use crate::checkpoint::Loaded;
 use crate::data::ImageSet;
 use crate::metrics::Phase;
 use crate::model::classifier::Classifier;
@@ -24,9 +23,9 @@ use crate::task::Task;
 
 /// Test loss and accuracy of the classifier on `noisy` inputs; with a gang, each replica
 /// evaluates its shard's rows and the sums are taken over the gang.
-fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<(f64, f64), TrainError> {
+fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor, run: &mut Run<'_, '_>) -> Result<(f64, f64), TrainError> {
     let n = noisy.size()[0];
-    let (start, rows) = shard.rows(n);
+    let (start, rows) = run.shard.rows(n);
     let (loss_sum, correct) = if rows == 0 {
         (0.0, 0.0)
     } else {
@@ -38,7 +37,7 @@ fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor, shard: Shard, c
             (loss_sum, correct)
         })
     };
-    let totals = data_parallel::sum_over_gang(comm, &[loss_sum, correct])?;
+    let totals = data_parallel::sum_over_gang(run.comm(), &[loss_sum, correct])?;
     Ok((totals[0] / n as f64, totals[1] / n as f64))
 }
 
@@ -46,7 +45,7 @@ fn evaluate(model: &Classifier, noisy: &Tensor, labels: &Tensor, shard: Shard, c
 /// of a gang; reports (rank 0) `train_loss`, `test_loss` and `test_accuracy` (noisy test inputs)
 /// per epoch, and exports the fine-tuned encoder's `latents` of the clean test set at the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
-    let config = &task.config;
+    let config = &task.spec.config;
     let data_phase = super::phase(Phase::Data);
     let data = super::load_dataset(task, inputs)?;
     if data.test.is_empty() {
@@ -54,12 +53,12 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     }
     let train: ImageSet = super::augment(task, inputs, data.train, None);
     drop(data_phase);
-    if config.batch_size == 0 || config.batch_size > train.len() {
+    if config.batch_size == 0 || config.batch_size as usize > train.len() {
         return Err(TrainError::Invalid(format!("batch size {} with {} training samples", config.batch_size, train.len())));
     }
-    tch::manual_seed(config.seed as i64);
+    tch::manual_seed(config.weights_seed() as i64);
     let mut vars = nn::VarStore::new(inputs.device);
-    let model = Classifier::new(&vars.root(), config.latent);
+    let model = Classifier::new(&vars.root(), i64::from(config.latent));
     let (encoder, head): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(name, _)| Classifier::is_encoder_variable(name));
     let groups = vec![
         ParamGroup { params: encoder, lr: config.lr_encoder, weight_decay: config.weight_decay },
@@ -67,33 +66,28 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     ];
     let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.iter().map(|(_, t)| t.shallow_clone())).collect();
     let mut optimizer = Adam::new(groups, BETAS, EPS);
-    let checkpoint_phase = super::phase(Phase::Checkpoint);
-    let done_epochs = checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?;
     if inputs.resume_from.is_none() {
+        let _checkpoint = super::phase(Phase::Checkpoint);
         let pretrained = inputs.init_from.ok_or_else(|| TrainError::Invalid("no pretrained autoencoder".into()))?;
         Loaded::read(pretrained)?.restore_matching(&mut vars, Classifier::is_encoder_variable)?;
     }
-    drop(checkpoint_phase);
-    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
-    if let Some(comm) = comm.as_deref_mut() {
-        data_parallel::broadcast_variables(comm, &vars)?;
-    }
-    let leader = shard.rank == 0;
+    let mut run = Run::join(task, inputs, events)?;
+    let epochs = run.resume(&mut vars, &mut [&mut optimizer])?;
 
     let test_noisy = fixed_noisy(&data.test.images, config);
-    for epoch in done_epochs + 1..=config.epochs {
+    for epoch in epochs {
         let started = Instant::now();
         let mut weighted_loss = 0.0;
-        for_each_batch(train.len(), config, epoch, train.images.device(), events, |batch| {
+        for_each_batch(train.len(), config, epoch, train.images.device(), run.events, |batch| {
             let global = batch.size()[0];
             // The whole global batch, so that every replica draws the same noise for every row.
             let noisy = corrupt(&train.images.index_select(0, batch), config.noise_std);
-            let (start, rows) = shard.rows(global);
+            let (start, rows) = run.shard.rows(global);
             let output = model.forward_t(&noisy.narrow(0, start, rows), true);
             let mean = output.nll_loss(&train.labels.index_select(0, &batch.narrow(0, start, rows)));
             optimizer.zero_grad();
-            shard.share_of_loss(&mean, &output, rows, global).backward();
-            if let Some(comm) = comm.as_deref_mut() {
+            run.shard.share_of_loss(&mean, &output, rows, global).backward();
+            if let Some(comm) = run.comm.as_deref_mut() {
                 data_parallel::average_gradients(comm, &params)?;
             }
             optimizer.step();
@@ -102,38 +96,21 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             }
             Ok(())
         })?;
-        let weighted_loss = data_parallel::sum_over_gang(comm.as_deref_mut(), &[weighted_loss])?[0];
+        let weighted_loss = data_parallel::sum_over_gang(run.comm(), &[weighted_loss])?[0];
         let train_loss = finite(weighted_loss / train.len() as f64, epoch, "train_loss")?;
-        let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels, shard, comm.as_deref_mut())?;
+        let (test_loss, test_accuracy) = evaluate(&model, &test_noisy, &data.test.labels, &mut run)?;
         let test_loss = finite(test_loss, epoch, "test_loss")?;
-        if !leader {
-            if events.draining() {
-                return Err(TrainError::Stopped);
-            }
-            continue;
-        }
-        super::report_epoch(events, EpochReport {
+        let report = EpochReport {
             epoch,
-            values: vec![
-                ("train_loss".into(), train_loss),
-                ("test_loss".into(), test_loss),
-                ("test_accuracy".into(), test_accuracy),
-            ],
+            values: vec![("train_loss".into(), train_loss), ("test_loss".into(), test_loss), ("test_accuracy".into(), test_accuracy)],
             seconds: started.elapsed().as_secs_f64(),
             samples: train.len() as u64,
-        });
-        let due = checkpoint_due(task, epoch);
-        if let Some(is_final) = due {
-            save_checkpoint(task, inputs, &vars, &[&optimizer], epoch, is_final, events)?;
-        }
-        drain_point(task, inputs, &vars, &[&optimizer], epoch, due.is_some(), events)?;
+        };
+        run.end_epoch(report, &vars, &[&optimizer], |_| Ok(()))?;
     }
-    if !leader {
+    if !run.finish(&vars, &[&optimizer])? {
         return Ok(());
     }
-    if done_epochs >= config.epochs {
-        save_checkpoint(task, inputs, &vars, &[&optimizer], config.epochs, true, events)?;
-    }
     let latents = latent_codes(&model.encoder, &data.test.images);
-    emit_artifact(task, inputs, "latents", config.epochs, &[("latents", latents), ("labels", data.test.labels.shallow_clone())], events)
+    run.emit_artifact("latents", config.epochs, &[("latents", latents), ("labels", data.test.labels.shallow_clone())])
 }

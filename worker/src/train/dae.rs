@@ -14,8 +14,8 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Reduction, Tensor};
 
 use super::data_parallel::{self, Shard};
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
-use crate::checkpoint::{self, Loaded};
+use super::{finite, streams, trainable, EpochReport, Events, Run, RunInputs, TrainError};
+use crate::checkpoint::Loaded;
 use crate::collective::Communicator;
 use crate::data::split::{derive_seed, kfold, permutation};
 use crate::data::ImageSet;
@@ -54,17 +54,11 @@ pub fn evaluate_mse(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, batch_
     squared_error(model, noisy, clean, batch_size) / clean.numel() as f64
 }
 
-/// [`evaluate_mse`] split over a gang: each replica reconstructs its shard's rows, and the
-/// squared errors are summed over the gang.
-pub fn evaluate_mse_sharded(
-    model: &impl ModuleT,
-    noisy: &Tensor,
-    clean: &Tensor,
-    batch_size: usize,
-    shard: Shard,
-    comm: Option<&mut (dyn Communicator + 'static)>,
-) -> Result<f64, TrainError> {
-    let Some(comm) = comm else {
+/// [`evaluate_mse`] in batches of 1024, split over the run's gang: each replica reconstructs its
+/// shard's rows, and the squared errors are summed over the gang.
+pub fn evaluate_mse_sharded(model: &impl ModuleT, noisy: &Tensor, clean: &Tensor, run: &mut Run<'_, '_>) -> Result<f64, TrainError> {
+    let (shard, batch_size) = (run.shard, 1024);
+    let Some(comm) = run.comm() else {
         return Ok(evaluate_mse(model, noisy, clean, batch_size));
     };
     let n = noisy.size()[0];
@@ -108,7 +102,7 @@ pub fn for_each_batch(
     let mut start = 0;
     while start < n {
         events.check_stop()?;
-        let len = config.batch_size.min(n - start);
+        let len = (config.batch_size as usize).min(n - start);
         let timer = crate::metrics::metrics().step_seconds.start_timer();
         step(&order.narrow(0, start as i64, len as i64))?;
         timer.observe_duration();
@@ -117,31 +111,26 @@ pub fn for_each_batch(
     Ok(())
 }
 
-/// The autoencoder with its optimizer, optionally restored from a checkpoint.
+/// The autoencoder with its optimizer.
 struct Trainee {
     vars: nn::VarStore,
     model: Dae,
     optimizer: Adam,
     /// The trainable variables, in the optimizer's (name) order: what the gang averages.
     params: Vec<Tensor>,
-    /// The last epoch already done (0 for a fresh start).
-    done_epochs: u32,
 }
 
 impl Trainee {
-    fn new(config: &TrainingConfig, inputs: &RunInputs<'_>) -> Result<Self, TrainError> {
-        tch::manual_seed(config.seed as i64);
-        let mut vars = nn::VarStore::new(inputs.device);
-        let model = Dae::new(&vars.root(), config.latent);
+    /// A fresh autoencoder, initialised from the trial's seed.
+    fn new(config: &TrainingConfig, device: Device) -> Self {
+        tch::manual_seed(config.weights_seed() as i64);
+        let vars = nn::VarStore::new(device);
+        let model = Dae::new(&vars.root(), i64::from(config.latent));
         let named = trainable(&vars);
         let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let group = ParamGroup { params: named, lr: config.lr, weight_decay: config.weight_decay };
-        let mut optimizer = Adam::new(vec![group], BETAS, EPS);
-        let done_epochs = {
-            let _checkpoint = super::phase(Phase::Checkpoint);
-            checkpoint::resume(inputs.resume_from, &mut vars, &mut [&mut optimizer])?
-        };
-        Ok(Self { vars, model, optimizer, params, done_epochs })
+        let optimizer = Adam::new(vec![group], BETAS, EPS);
+        Self { vars, model, optimizer, params }
     }
 
     /// One optimizer step on a global batch (`clean` images and their `noisy` copies), of which
@@ -167,31 +156,24 @@ impl Trainee {
 
     /// One pass over `train` in a fresh order, with fresh noise; returns the mean training MSE
     /// (over the whole training set: every replica's rows).
-    fn train_epoch(
-        &mut self,
-        train: &ImageSet,
-        config: &TrainingConfig,
-        epoch: u32,
-        events: &Events<'_>,
-        shard: Shard,
-        mut comm: Option<&mut (dyn Communicator + 'static)>,
-    ) -> Result<f64, TrainError> {
+    fn train_epoch(&mut self, run: &mut Run<'_, '_>, train: &ImageSet, epoch: u32) -> Result<f64, TrainError> {
+        let config = &run.task.spec.config;
         let n = train.len();
         let mut weighted_loss = 0.0;
-        for_each_batch(n, config, epoch, train.images.device(), events, |batch| {
+        for_each_batch(n, config, epoch, train.images.device(), run.events, |batch| {
             let clean = train.images.index_select(0, batch);
             // The whole global batch, so that every replica draws the same noise for every row.
             let noisy = corrupt(&clean, config.noise_std);
-            weighted_loss += self.train_step(&clean, &noisy, shard, comm.as_deref_mut())?;
+            weighted_loss += self.train_step(&clean, &noisy, run.shard, run.comm.as_deref_mut())?;
             Ok(())
         })?;
-        let total = data_parallel::sum_over_gang(comm, &[weighted_loss])?[0];
+        let total = data_parallel::sum_over_gang(run.comm(), &[weighted_loss])?[0];
         Ok(total / n as f64)
     }
 }
 
 fn check_config(config: &TrainingConfig, train_len: usize) -> Result<(), TrainError> {
-    if config.batch_size == 0 || config.batch_size > train_len {
+    if config.batch_size == 0 || config.batch_size as usize > train_len {
         return Err(TrainError::Invalid(format!("batch size {} with {train_len} training samples", config.batch_size)));
     }
     // Written so that NaN, which fails every comparison, is out of range too.
@@ -209,76 +191,56 @@ fn check_config(config: &TrainingConfig, train_len: usize) -> Result<(), TrainEr
 }
 
 /// Shared loop of both recipes: train each remaining epoch, evaluate on `eval` (noisy, clean)
-/// under `eval_name`, report, checkpoint; `after_epoch` may emit artifacts. With a gang
-/// (`inputs.gang`), every replica trains and evaluates its share and rank 0 alone reports,
-/// checkpoints and calls `after_epoch`. Returns the trained autoencoder on rank 0, `None` on
-/// the other replicas.
-fn train_loop(
-    task: &Task,
-    inputs: &RunInputs<'_>,
-    events: &mut Events<'_>,
+/// under `eval_name`, and end the epoch ([`Run::end_epoch`]), where `after_epoch` may emit
+/// artifacts. With a gang (`inputs.gang`), every replica trains and evaluates its share and rank
+/// 0 alone reports, checkpoints and calls `after_epoch`. Returns the trained autoencoder on rank
+/// 0 with its run (to emit the final artifacts), `None` on the other replicas.
+fn train_loop<'r, 'e>(
+    task: &'r Task,
+    inputs: &'r RunInputs<'r>,
+    events: &'r mut Events<'e>,
     train: &ImageSet,
     eval: (&Tensor, &Tensor, &'static str),
-    mut after_epoch: impl FnMut(&Dae, u32, &mut Events<'_>) -> Result<(), TrainError>,
-) -> Result<Option<Trainee>, TrainError> {
-    let config = &task.config;
+    mut after_epoch: impl FnMut(&Dae, u32, &mut Run<'_, '_>) -> Result<(), TrainError>,
+) -> Result<Option<(Trainee, Run<'r, 'e>)>, TrainError> {
+    let config = &task.spec.config;
     check_config(config, train.len())?;
-    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
-    let mut trainee = Trainee::new(config, inputs)?;
-    if let Some(comm) = comm.as_deref_mut() {
-        data_parallel::broadcast_variables(comm, &trainee.vars)?;
-    }
-    let leader = shard.rank == 0;
+    let mut run = Run::join(task, inputs, events)?;
+    let mut trainee = Trainee::new(config, inputs.device);
+    let epochs = run.resume(&mut trainee.vars, &mut [&mut trainee.optimizer])?;
     let (eval_noisy, eval_clean, eval_name) = eval;
-    for epoch in trainee.done_epochs + 1..=config.epochs {
+    for epoch in epochs {
         let started = Instant::now();
-        let train_mse = finite(trainee.train_epoch(train, config, epoch, events, shard, comm.as_deref_mut())?, epoch, "train_mse")?;
-        let eval_mse = evaluate_mse_sharded(&trainee.model, eval_noisy, eval_clean, 1024, shard, comm.as_deref_mut())?;
+        let train_mse = finite(trainee.train_epoch(&mut run, train, epoch)?, epoch, "train_mse")?;
+        let eval_mse = evaluate_mse_sharded(&trainee.model, eval_noisy, eval_clean, &mut run)?;
         let eval_mse = finite(eval_mse, epoch, eval_name)?;
-        if !leader {
-            if events.draining() {
-                return Err(TrainError::Stopped);
-            }
-            continue;
-        }
-        super::report_epoch(events, EpochReport {
+        let report = EpochReport {
             epoch,
             values: vec![("train_mse".into(), train_mse), (eval_name.into(), eval_mse)],
             seconds: started.elapsed().as_secs_f64(),
             samples: train.len() as u64,
-        });
-        after_epoch(&trainee.model, epoch, events)?;
-        let due = checkpoint_due(task, epoch);
-        if let Some(is_final) = due {
-            save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, is_final, events)?;
-        }
-        drain_point(task, inputs, &trainee.vars, &[&trainee.optimizer], epoch, due.is_some(), events)?;
+        };
+        run.end_epoch(report, &trainee.vars, &[&trainee.optimizer], |run| after_epoch(&trainee.model, epoch, run))?;
     }
-    if !leader {
-        return Ok(None);
-    }
-    if trainee.done_epochs >= config.epochs {
-        // Resumed from the final checkpoint (its completion report was lost): hand it back again.
-        save_checkpoint(task, inputs, &trainee.vars, &[&trainee.optimizer], config.epochs, true, events)?;
-    }
-    Ok(Some(trainee))
+    let leader = run.finish(&trainee.vars, &[&trainee.optimizer])?;
+    Ok(leader.then_some((trainee, run)))
 }
 
 /// `dae-fold`: train on k−1 folds, validate on the held-out fold each epoch.
 ///
 /// Reports `train_mse` and `val_mse` per epoch; the coordinator takes the minimum of `val_mse`.
 pub fn run_fold(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
-    let fold = task.fold.ok_or_else(|| TrainError::Invalid("dae-fold without a fold".into()))?;
+    let fold = task.spec.fold.ok_or_else(|| TrainError::Invalid("dae-fold without a fold".into()))?;
     let data_phase = super::phase(Phase::Data);
     let all = super::load_dataset(task, inputs)?.train;
-    if fold.folds < 2 || fold.index >= fold.folds || all.len() < fold.folds {
+    if fold.folds < 2 || fold.index >= fold.folds || all.len() < fold.folds as usize {
         return Err(TrainError::Invalid(format!("fold {} of {} over {} samples", fold.index, fold.folds, all.len())));
     }
-    let (train_idx, val_idx) = kfold(all.len(), fold.folds, fold.index, fold.shuffle_seed);
+    let (train_idx, val_idx) = kfold(all.len(), fold.folds as usize, fold.index as usize, fold.shuffle_seed);
     let device = all.images.device();
     let train = super::augment(task, inputs, all.select(&Tensor::from_slice(&train_idx).to_device(device)), Some(fold));
     let val = all.select(&Tensor::from_slice(&val_idx).to_device(device));
-    let val_noisy = fixed_noisy(&val.images, &task.config);
+    let val_noisy = fixed_noisy(&val.images, &task.spec.config);
     drop(data_phase);
     train_loop(task, inputs, events, &train, (&val_noisy, &val.images, "val_mse"), |_, _, _| Ok(()))?;
     Ok(())
@@ -305,11 +267,11 @@ pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -
         return Err(TrainError::Invalid("dae-final needs a test set".into()));
     }
     let train = super::augment(task, inputs, data.train, None);
-    let test_noisy = fixed_noisy(&data.test.images, &task.config);
+    let test_noisy = fixed_noisy(&data.test.images, &task.spec.config);
     drop(data_phase);
     let shown = RECONSTRUCTIONS.min(data.test.len() as i64);
-    let last_epoch = task.config.epochs;
-    let trained = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, events| {
+    let last_epoch = task.spec.config.epochs;
+    let trained = train_loop(task, inputs, events, &train, (&test_noisy, &data.test.images, "test_mse"), |model, epoch, run| {
         if epoch != 1 && epoch != last_epoch {
             return Ok(());
         }
@@ -317,13 +279,13 @@ pub fn run_final(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -
         let output = tch::no_grad(|| model.forward_t(&noisy, false));
         let clean = data.test.images.narrow(0, 0, shown);
         let tensors = [("noisy", noisy), ("output", output), ("clean", clean)];
-        emit_artifact(task, inputs, &format!("reconstructions-e{epoch}"), epoch, &tensors, events)
+        run.emit_artifact(&format!("reconstructions-e{epoch}"), epoch, &tensors)
     })?;
-    let Some(trainee) = trained else {
+    let Some((trainee, mut run)) = trained else {
         return Ok(());
     };
     let latents = latent_codes(&trainee.model.encoder, &data.test.images);
-    emit_artifact(task, inputs, "latents", last_epoch, &[("latents", latents), ("labels", data.test.labels.shallow_clone())], events)
+    run.emit_artifact("latents", last_epoch, &[("latents", latents), ("labels", data.test.labels.shallow_clone())])
 }
 
 /// Loads a DAE's weights from a checkpoint file (for tools and tests).
@@ -344,7 +306,7 @@ mod tests {
     use crate::collective::ring::local_ring;
 
     fn config() -> TrainingConfig {
-        TrainingConfig { lr: 1e-2, weight_decay: 1e-4, batch_size: 4, epochs: 1, noise_std: 0.3, latent: 3, seed: 5, lr_encoder: 0.0, augment: None, wgan: None }
+        TrainingConfig { lr: 1e-2, weight_decay: 1e-4, batch_size: 4, epochs: 1, noise_std: 0.3, latent: 3, seed: 5, init_seed: None, lr_encoder: 0.0, augment: None, wgan: None }
     }
 
     /// Adam's epsilon in these tests: large, so that an update is smooth in the gradient. With
@@ -362,7 +324,7 @@ mod tests {
     fn trainee_with(weights: &[(String, Tensor)]) -> Trainee {
         let config = config();
         let vars = nn::VarStore::new(Device::Cpu);
-        let model = Dae::new(&vars.root(), config.latent);
+        let model = Dae::new(&vars.root(), i64::from(config.latent));
         let named = trainable(&vars);
         tch::no_grad(|| {
             for ((name, mut variable), (weight_name, weight)) in named.iter().map(|(n, t)| (n, t.shallow_clone())).zip(weights) {
@@ -372,7 +334,7 @@ mod tests {
         });
         let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let optimizer = Adam::new(vec![ParamGroup { params: named, lr: config.lr, weight_decay: config.weight_decay }], BETAS, SMOOTH_EPS);
-        Trainee { vars, model, optimizer, params, done_epochs: 0 }
+        Trainee { vars, model, optimizer, params }
     }
 
     /// Tensors by variable name.
@@ -381,7 +343,7 @@ mod tests {
     /// Weights for every variable of the autoencoder, by name.
     fn fresh_weights() -> Weights {
         let vars = nn::VarStore::new(Device::Cpu);
-        let _model = Dae::new(&vars.root(), config().latent);
+        let _model = Dae::new(&vars.root(), i64::from(config().latent));
         trainable(&vars).into_iter().enumerate().map(|(index, (name, t))| (name, pattern(&t.size(), index as f64, 0.2))).collect()
     }
 

@@ -11,6 +11,7 @@ pub mod wgan_eval;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,12 +20,14 @@ use sha2::{Digest, Sha256};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
+use crate::collective::Communicator;
 use crate::data::augment::{augmented_copy, AugmentRanges};
 use crate::data::cache::TensorCache;
 use crate::data::{self, DataError, ImageSet, TrainTest};
 use crate::metrics::{Phase, PhaseGuard};
 use crate::optim::Adam;
-use crate::task::{Augment, DatasetSpec, Fold, Task, TrialKind};
+use crate::task::{AugmentSpec, DatasetFormat, DatasetSpec, FoldSpec, Task, TrialKind};
+use data_parallel::Shard;
 
 /// One epoch's figures, as the recipe reports them.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,26 +150,6 @@ pub fn report_epoch(events: &mut Events<'_>, report: EpochReport) {
     (events.emit)(TrainEvent::Epoch(report));
 }
 
-/// At the end of an epoch: when the worker is draining (shutting down), checkpoints the epoch
-/// unless `saved` already did, and stops, so the next attempt resumes right here.
-pub fn drain_point(
-    task: &Task,
-    inputs: &RunInputs<'_>,
-    vars: &nn::VarStore,
-    optimizers: &[&Adam],
-    epoch: u32,
-    saved: bool,
-    events: &mut Events<'_>,
-) -> Result<(), TrainError> {
-    if !events.draining() {
-        return Ok(());
-    }
-    if !saved {
-        save_checkpoint(task, inputs, vars, optimizers, epoch, false, events)?;
-    }
-    Err(TrainError::Stopped)
-}
-
 /// The inputs of a run besides the task.
 #[derive(Debug)]
 pub struct RunInputs<'a> {
@@ -201,7 +184,7 @@ pub struct GangInputs {
 
 /// Runs `task` to completion, reporting through `events`.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
-    match task.kind {
+    match task.spec.kind {
         TrialKind::DaeFold => dae::run_fold(task, inputs, events),
         TrialKind::DaeFinal => dae::run_final(task, inputs, events),
         TrialKind::Classifier => classifier::run(task, inputs, events),
@@ -239,46 +222,127 @@ pub fn finite(value: f64, epoch: u32, what: &'static str) -> Result<f64, TrainEr
     Err(TrainError::Diverged { epoch, what, value })
 }
 
-/// Whether epoch `epoch` ends with a checkpoint, and whether it is the final one.
-pub fn checkpoint_due(task: &Task, epoch: u32) -> Option<bool> {
-    let is_final = epoch == task.config.epochs;
-    let periodic = task.checkpoint_every > 0 && epoch.is_multiple_of(task.checkpoint_every);
-    (is_final || periodic).then_some(is_final)
+/// A recipe's run: the task, its inputs and events, and this replica's place in the gang. It does
+/// what every recipe does alike: joining the gang, resuming, ending each epoch, the last checkpoint.
+pub struct Run<'r, 'e> {
+    /// The task.
+    pub task: &'r Task,
+    /// Its inputs.
+    pub inputs: &'r RunInputs<'r>,
+    /// Where events go; the stop and drain flags.
+    pub events: &'r mut Events<'e>,
+    /// This replica's place in the gang ([`Shard::SOLE`] alone).
+    pub shard: Shard,
+    /// The gang's communicator (none alone).
+    pub comm: Option<Box<dyn Communicator>>,
+    /// The last epoch done before this attempt (0 for a fresh start), set by [`Run::resume`].
+    pub done_epochs: u32,
 }
 
-/// Writes a checkpoint into the scratch folder and announces it.
-pub fn save_checkpoint(
-    task: &Task,
-    inputs: &RunInputs<'_>,
-    vars: &nn::VarStore,
-    optimizers: &[&Adam],
-    epoch: u32,
-    is_final: bool,
-    events: &mut Events<'_>,
-) -> Result<(), TrainError> {
-    let _checkpoint = phase(Phase::Checkpoint);
-    let path = inputs.scratch_dir.join(format!("{}-a{}-e{epoch}.safetensors", task.id, task.attempt));
-    checkpoint::save(&path, vars, optimizers, epoch)?;
-    (events.emit)(TrainEvent::Checkpoint { epoch, path, is_final });
-    Ok(())
+/// Whether epoch `epoch` of `epochs` ends with a checkpoint (every `every` epochs, 0: only the
+/// last), and whether it is the final one.
+fn checkpoint_due(epoch: u32, epochs: u32, every: u32) -> Option<bool> {
+    let is_final = epoch == epochs;
+    (is_final || (every > 0 && epoch.is_multiple_of(every))).then_some(is_final)
 }
 
-/// Writes named tensors as a safetensors artifact into the scratch folder and announces it.
-pub fn emit_artifact(
-    task: &Task,
-    inputs: &RunInputs<'_>,
-    name: &str,
-    epoch: u32,
-    tensors: &[(&str, Tensor)],
-    events: &mut Events<'_>,
-) -> Result<(), TrainError> {
-    let _checkpoint = phase(Phase::Checkpoint);
-    let path = inputs.scratch_dir.join(format!("{}-a{}-{name}.safetensors", task.id, task.attempt));
-    let on_cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (*n, t.to_device(Device::Cpu))).collect();
-    Tensor::write_safetensors(&on_cpu, &path)
-        .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
-    (events.emit)(TrainEvent::Artifact { name: name.to_string(), epoch, path });
-    Ok(())
+/// Whether a replica stops at the end of an epoch: only while the worker drains, and then the
+/// `leader` first checkpoints the epoch (`Some(true)`) unless one was due (`saved`), so the next
+/// attempt resumes right after it.
+fn drain_stop(leader: bool, saved: bool, draining: bool) -> Option<bool> {
+    draining.then_some(leader && !saved)
+}
+
+impl<'r, 'e> Run<'r, 'e> {
+    /// Starts a run of `task`, joining its gang if it has one (setting the stop flag ends the wait).
+    pub fn join(task: &'r Task, inputs: &'r RunInputs<'r>, events: &'r mut Events<'e>) -> Result<Self, TrainError> {
+        let (shard, comm) = data_parallel::join_gang(inputs, events.stop)?;
+        Ok(Self { task, inputs, events, shard, comm, done_epochs: 0 })
+    }
+
+    /// Whether this replica reports, checkpoints and emits artifacts (rank 0).
+    pub fn leader(&self) -> bool {
+        self.shard.rank == 0
+    }
+
+    /// The gang's communicator, if any.
+    pub fn comm(&mut self) -> Option<&mut (dyn Communicator + 'static)> {
+        self.comm.as_deref_mut()
+    }
+
+    /// Restores `vars` and `optimizers` from the checkpoint to resume from, if any, and gives every
+    /// replica rank 0's variables. Returns the epochs left to train.
+    pub fn resume(&mut self, vars: &mut nn::VarStore, optimizers: &mut [&mut Adam]) -> Result<RangeInclusive<u32>, TrainError> {
+        self.done_epochs = {
+            let _checkpoint = phase(Phase::Checkpoint);
+            checkpoint::resume(self.inputs.resume_from, vars, optimizers)?
+        };
+        if let Some(comm) = self.comm.as_deref_mut() {
+            data_parallel::broadcast_variables(comm, vars)?;
+        }
+        Ok(self.done_epochs + 1..=self.task.spec.config.epochs)
+    }
+
+    /// Ends an epoch alike for every recipe: the leader reports it, calls `artifacts`, and
+    /// checkpoints `vars` and `optimizers` when due; a draining worker then stops (`drain_stop`).
+    pub fn end_epoch(
+        &mut self,
+        report: EpochReport,
+        vars: &nn::VarStore,
+        optimizers: &[&Adam],
+        artifacts: impl FnOnce(&mut Self) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        let (epoch, mut saved) = (report.epoch, false);
+        if self.leader() {
+            report_epoch(self.events, report);
+            artifacts(self)?;
+            if let Some(is_final) = checkpoint_due(epoch, self.task.spec.config.epochs, self.task.spec.checkpoint_every) {
+                self.save_checkpoint(vars, optimizers, epoch, is_final)?;
+                saved = true;
+            }
+        }
+        let Some(checkpoint) = drain_stop(self.leader(), saved, self.events.draining()) else {
+            return Ok(());
+        };
+        if checkpoint {
+            self.save_checkpoint(vars, optimizers, epoch, false)?;
+        }
+        Err(TrainError::Stopped)
+    }
+
+    /// After the last epoch: whether this replica is the leader (which emits the final artifacts).
+    /// A leader resumed from the final checkpoint (its completion report was lost) hands it back.
+    pub fn finish(&mut self, vars: &nn::VarStore, optimizers: &[&Adam]) -> Result<bool, TrainError> {
+        let epochs = self.task.spec.config.epochs;
+        if self.leader() && self.done_epochs >= epochs {
+            self.save_checkpoint(vars, optimizers, epochs, true)?;
+        }
+        Ok(self.leader())
+    }
+
+    /// Writes a checkpoint into the scratch folder and announces it.
+    fn save_checkpoint(&mut self, vars: &nn::VarStore, optimizers: &[&Adam], epoch: u32, is_final: bool) -> Result<(), TrainError> {
+        let _checkpoint = phase(Phase::Checkpoint);
+        let path = self.scratch_path(&format!("e{epoch}"));
+        checkpoint::save(&path, vars, optimizers, epoch)?;
+        (self.events.emit)(TrainEvent::Checkpoint { epoch, path, is_final });
+        Ok(())
+    }
+
+    /// Writes named tensors as a safetensors artifact into the scratch folder and announces it.
+    pub fn emit_artifact(&mut self, name: &str, epoch: u32, tensors: &[(&str, Tensor)]) -> Result<(), TrainError> {
+        let _checkpoint = phase(Phase::Checkpoint);
+        let path = self.scratch_path(name);
+        let on_cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (*n, t.to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&on_cpu, &path).map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
+        (self.events.emit)(TrainEvent::Artifact { name: name.to_string(), epoch, path });
+        Ok(())
+    }
+
+    /// `<task>-a<attempt>-<suffix>.safetensors` in the scratch folder.
+    fn scratch_path(&self, suffix: &str) -> PathBuf {
+        self.inputs.scratch_dir.join(format!("{}-a{}-{suffix}.safetensors", self.task.id, self.task.attempt))
+    }
 }
 
 /// Names a dataset's decoded content: its format and decoding options, the blobs the task names,
@@ -301,22 +365,23 @@ fn dataset_key(spec: &DatasetSpec, inputs: &RunInputs<'_>) -> String {
 
 /// Decodes the task's dataset files by their format.
 fn decode_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
-    let spec = &task.dataset;
-    let loaded = match spec.format.as_str() {
-        "idx" => data::load_idx(inputs.dataset_files)?,
-        "image-folder" => data::image_folder::load_image_folder(inputs.dataset_root, spec.image_size)?,
-        "nifti" => {
+    let spec = &task.spec.dataset;
+    let side = i64::from(spec.image_size);
+    let loaded = match spec.format {
+        DatasetFormat::Idx => data::load_idx(inputs.dataset_files)?,
+        DatasetFormat::ImageFolder => data::image_folder::load_image_folder(inputs.dataset_root, side)?,
+        DatasetFormat::Nifti => {
             let volumes: Vec<PathBuf> = inputs
                 .dataset_files
                 .iter()
                 .filter(|(name, _)| name.ends_with(".nii") || name.ends_with(".nii.gz"))
                 .map(|(_, path)| path.clone())
                 .collect();
-            let train = data::nifti::load_nifti_slices(&volumes, spec.image_size, spec.min_foreground)?;
+            let train = data::nifti::load_nifti_slices(&volumes, side, spec.min_foreground)?;
             let test = ImageSet { images: train.images.narrow(0, 0, 0), labels: train.labels.narrow(0, 0, 0) };
             TrainTest { train, test }
         }
-        other => return Err(TrainError::Invalid(format!("unknown dataset format {other:?}"))),
+        other @ (DatasetFormat::None | DatasetFormat::Files) => return Err(TrainError::Invalid(format!("the built-in recipes cannot train on dataset format {other}"))),
     };
     Ok(loaded)
 }
@@ -326,7 +391,7 @@ fn decode_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Trai
 /// skips decoding.
 pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, TrainError> {
     let _data = phase(Phase::Data);
-    let spec = &task.dataset;
+    let spec = &task.spec.dataset;
     let key = format!("decoded {}", dataset_key(spec, inputs));
     let tensors = TensorCache::global().get_or_make(&key, || {
         let loaded = decode_dataset(task, inputs)?;
@@ -338,8 +403,8 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
         test: ImageSet { images: test_images, labels: test_labels },
     };
     let data = TrainTest {
-        train: to_device(loaded.train.truncate(spec.train_limit), inputs.device),
-        test: to_device(loaded.test.truncate(spec.test_limit), inputs.device),
+        train: to_device(loaded.train.truncate(spec.train_limit as usize), inputs.device),
+        test: to_device(loaded.test.truncate(spec.test_limit as usize), inputs.device),
     };
     tracing::info!(format = %spec.format, train = data.train.len(), test = data.test.len(), device = ?inputs.device, "dataset loaded");
     Ok(data)
@@ -349,8 +414,8 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
 /// (limited) training part of the task's dataset that `fold` trains on, or all of them without a
 /// fold. The result stays in the worker's [`TensorCache`]: every config of a cross-validation
 /// augments the same folds.
-pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Option<Fold>) -> ImageSet {
-    let Some(augment) = &task.config.augment else {
+pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Option<FoldSpec>) -> ImageSet {
+    let Some(augment) = &task.spec.config.augment else {
         return train;
     };
     let _data = phase(Phase::Data);
@@ -358,7 +423,7 @@ pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Optio
         Some(fold) => format!("fold {} of {} shuffled by {}", fold.index, fold.folds, fold.shuffle_seed),
         None => "all".to_string(),
     };
-    let key = format!("augmented {} limit {} rows {rows} {augment:?}", dataset_key(&task.dataset, inputs), task.dataset.train_limit);
+    let key = format!("augmented {} limit {} rows {rows} {augment:?}", dataset_key(&task.spec.dataset, inputs), task.spec.dataset.train_limit);
     let device = train.images.device();
     let tensors = TensorCache::global().get_or_make(&key, || {
         let augmented = augmented_set(augment, train);
@@ -369,7 +434,7 @@ pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Optio
 }
 
 /// `train` followed by its augmented copies.
-fn augmented_set(augment: &Augment, train: ImageSet) -> ImageSet {
+fn augmented_set(augment: &AugmentSpec, train: ImageSet) -> ImageSet {
     let ranges = AugmentRanges { rotate_deg: augment.rotate_deg, translate: augment.translate, shear_deg: augment.shear_deg };
     let mut images = vec![train.images.shallow_clone()];
     let mut labels = vec![train.labels.shallow_clone()];
@@ -386,4 +451,23 @@ fn to_device(set: ImageSet, device: Device) -> ImageSet {
         return set;
     }
     ImageSet { images: set.images.to_device(device), labels: set.labels.to_device(device) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{checkpoint_due, drain_stop};
+
+    #[test]
+    fn checkpoints_fall_every_few_epochs_and_on_the_last_and_a_drain_stops_every_replica() {
+        let due: Vec<Option<bool>> = (1..=7).map(|epoch| checkpoint_due(epoch, 7, 3)).collect();
+        assert_eq!(due, [None, None, Some(false), None, None, Some(false), Some(true)]);
+        assert_eq!(checkpoint_due(6, 6, 3), Some(true), "the last epoch's checkpoint is final even when periodic");
+        assert_eq!((1..=2).map(|epoch| checkpoint_due(epoch, 2, 0)).collect::<Vec<_>>(), [None, Some(true)]);
+        for (leader, saved) in [(false, false), (true, false), (true, true)] {
+            assert_eq!(drain_stop(leader, saved, false), None, "not draining: go on");
+        }
+        assert_eq!(drain_stop(true, false, true), Some(true), "the leader checkpoints the epoch to resume from");
+        assert_eq!(drain_stop(true, true, true), Some(false), "a checkpoint already written is not written again");
+        assert_eq!(drain_stop(false, false, true), Some(false), "a follower never checkpoints");
+    }
 }

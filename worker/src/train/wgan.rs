@@ -28,13 +28,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::data_parallel::{self, Shard};
 use super::wgan_eval;
-use super::{checkpoint_due, drain_point, emit_artifact, finite, save_checkpoint, streams, trainable, EpochReport, Events, RunInputs, TrainError};
-use crate::checkpoint;
+use super::{finite, streams, trainable, EpochReport, Events, Run, RunInputs, TrainError};
 use crate::collective::{CollectiveError, Communicator};
 use crate::data::split::{derive_seed, permutation};
 use crate::model::wgan::{self, Critic, Generator, NOISE_DIM};
 use crate::optim::{Adam, ParamGroup};
-use crate::task::{Task, WganConfig};
+use crate::task::{Task, WganSpec};
 
 /// The side of the images the seed's generator (four widths) makes.
 pub const IMAGE_SIZE: i64 = 64;
@@ -206,8 +205,8 @@ struct Sums {
 /// fixed noise through the generator) after the first epoch, every `sample_every` epochs and at
 /// the end.
 pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Result<(), TrainError> {
-    let config = &task.config;
-    let recipe: &WganConfig = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
+    let config = &task.spec.config;
+    let recipe: &WganSpec = config.wgan.as_ref().ok_or_else(|| TrainError::Invalid("wgan trial without its recipe".into()))?;
     let data = super::load_dataset(task, inputs)?;
     let (train, test) = (data.train, data.test);
     let size = train.images.size();
@@ -221,22 +220,19 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         )));
     }
     let classes = if recipe.conditional { train.labels.max().int64_value(&[]) + 1 } else { 0 };
-    let (shard, mut comm) = data_parallel::join_gang(inputs, events.stop)?;
+    let mut run = Run::join(task, inputs, events)?;
     let n = train.len();
-    let batch = config.batch_size;
-    if batch < 2 || batch > n || recipe.critic_steps == 0 || !batch.is_multiple_of(shard.world) {
+    let batch = config.batch_size as usize;
+    if batch < 2 || batch > n || recipe.critic_steps == 0 || !batch.is_multiple_of(run.shard.world) {
         return Err(TrainError::Invalid(format!(
             "batch size {batch} with {n} images, {} critic steps, {} replicas (the batch must split evenly)",
-            recipe.critic_steps, shard.world
+            recipe.critic_steps, run.shard.world
         )));
     }
-    tch::manual_seed(config.seed as i64);
-    let mut gan = Gan::conditional(&recipe.widths, classes, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
-    let done_epochs = checkpoint::resume(inputs.resume_from, &mut gan.vars, &mut [&mut gan.generator_optimizer, &mut gan.critic_optimizer])?;
-    if let Some(comm) = comm.as_deref_mut() {
-        data_parallel::broadcast_variables(comm, &gan.vars)?;
-    }
-    let leader = shard.rank == 0;
+    tch::manual_seed(config.weights_seed() as i64);
+    let widths: Vec<i64> = recipe.widths.iter().map(|&width| i64::from(width)).collect();
+    let mut gan = Gan::conditional(&widths, classes, config.lr, (recipe.beta1, recipe.beta2), inputs.device);
+    let epochs = run.resume(&mut gan.vars, &mut [&mut gan.generator_optimizer, &mut gan.critic_optimizer])?;
     tch::manual_seed(derive_seed(config.seed, streams::EVALUATION) as i64);
     let sample_count = i64::from(recipe.sample_count.max(1));
     // Conditional grids: one row per class, sample_count / classes columns (at least one).
@@ -245,7 +241,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         Tensor::arange(classes, (Kind::Int64, inputs.device)).repeat_interleave_self_int(columns, Some(0), None::<i64>)
     });
     let fixed_noise = gan.noise(sample_labels.as_ref().map_or(sample_count, |l| l.size()[0]));
-    if done_epochs == 0 && leader {
+    if run.done_epochs == 0 && run.leader() {
         // Evenly spaced through the training set (a volume's slices run bottom to top).
         let count = sample_count.min(n as i64);
         let picks: Vec<i64> = (0..count).map(|i| i * n as i64 / count).collect();
@@ -255,16 +251,16 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             // The report draws them one row per class, as the samples.
             tensors.push(("labels", train.labels.index_select(0, &picks)));
         }
-        emit_artifact(task, inputs, "real", 0, &tensors, events)?;
+        run.emit_artifact("real", 0, &tensors)?;
     }
-    for epoch in done_epochs + 1..=config.epochs {
+    for epoch in epochs {
         let started = Instant::now();
         let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, streams::SHUFFLE + u64::from(epoch)))).to_device(train.images.device());
         tch::manual_seed(derive_seed(config.seed, streams::NOISE + u64::from(epoch)) as i64);
         let mut sums = Sums::default();
         // Full global batches only, so every replica's share is the same size.
         for step in 0..n / batch {
-            events.check_stop()?;
+            run.events.check_stop()?;
             let timer = crate::metrics::metrics().step_seconds.start_timer();
             let rows = order.narrow(0, (step * batch) as i64, batch as i64);
             let real = train.images.index_select(0, &rows);
@@ -272,7 +268,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             let noise = gan.noise(batch as i64);
             let epsilon = Tensor::rand([batch as i64], (Kind::Float, real.device()));
             let (loss, wasserstein, penalty) =
-                gan.critic_gradients_given(&real, labels.as_ref(), &noise, &epsilon, recipe.gp_lambda, shard, comm.as_deref_mut())?;
+                gan.critic_gradients_given(&real, labels.as_ref(), &noise, &epsilon, recipe.gp_lambda, run.shard, run.comm())?;
             gan.step_critic();
             for (sum, value) in sums.critic.iter_mut().zip([loss, wasserstein, penalty]) {
                 *sum += value;
@@ -281,17 +277,17 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             // The trial's count, not the epoch's (see the module's documentation).
             if generator_step_due(gan.critic_steps_taken(), recipe.critic_steps) {
                 let noise = gan.noise(batch as i64);
-                sums.generator += gan.generator_gradients_given(&noise, labels.as_ref(), shard, comm.as_deref_mut())?;
+                sums.generator += gan.generator_gradients_given(&noise, labels.as_ref(), run.shard, run.comm())?;
                 gan.step_generator();
                 sums.generator_steps += 1.0;
             }
             timer.observe_duration();
         }
         let mut totals = [sums.critic[0] as f32, sums.critic[1] as f32, sums.critic[2] as f32, sums.generator as f32];
-        if let Some(comm) = comm.as_deref_mut() {
+        if let Some(comm) = run.comm() {
             comm.all_reduce_sum(&mut totals)?;
         }
-        let world = shard.world as f64;
+        let world = run.shard.world as f64;
         let critic_steps = sums.critic_steps.max(1.0) * world;
         let mut values = vec![
             ("critic_loss".to_string(), finite(f64::from(totals[0]) / critic_steps, epoch, "critic_loss")?),
@@ -304,7 +300,7 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
             values.push(("generator_loss".into(), finite(f64::from(totals[3]) / (sums.generator_steps * world), epoch, "generator_loss")?));
         }
         if epoch == config.epochs {
-            let checksums = match comm.as_deref_mut() {
+            let checksums = match run.comm() {
                 Some(comm) => data_parallel::gather_scalar(comm, data_parallel::checksum(&gan.vars))?,
                 None => vec![data_parallel::checksum(&gan.vars)],
             };
@@ -322,30 +318,19 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         }
         let samples = (epoch == 1 || periodic || epoch == config.epochs)
             .then(|| tch::no_grad(|| gan.generator.generate(&fixed_noise, sample_labels.as_ref(), true)));
-        if !leader {
-            if events.draining() {
-                return Err(TrainError::Stopped);
-            }
-            continue;
-        }
-        super::report_epoch(events, EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 });
-        if let Some(samples) = samples {
+        let report = EpochReport { epoch, values, seconds: started.elapsed().as_secs_f64(), samples: n as u64 };
+        run.end_epoch(report, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], |run| {
+            let Some(samples) = samples else {
+                return Ok(());
+            };
             // Batch statistics, as in training: early on the running statistics are still far
             // from them and would show a blank image instead of the generator's output.
             let mut tensors = vec![("images", samples), ("noise", fixed_noise.shallow_clone())];
             if let Some(labels) = &sample_labels {
                 tensors.push(("labels", labels.shallow_clone()));
             }
-            emit_artifact(task, inputs, &format!("samples-e{epoch}"), epoch, &tensors, events)?;
-        }
-        let due = checkpoint_due(task, epoch);
-        if let Some(is_final) = due {
-            save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], epoch, is_final, events)?;
-        }
-        drain_point(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], epoch, due.is_some(), events)?;
+            run.emit_artifact(&format!("samples-e{epoch}"), epoch, &tensors)
+        })?;
     }
-    if done_epochs >= config.epochs && leader {
-        save_checkpoint(task, inputs, &gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer], config.epochs, true, events)?;
-    }
-    Ok(())
+    run.finish(&gan.vars, &[&gan.generator_optimizer, &gan.critic_optimizer]).map(|_leader| ())
 }

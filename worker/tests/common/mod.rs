@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use cohort_worker::data::idx::{encode_images, encode_labels, IdxImages};
-use cohort_worker::task::{Augment, BlobRef, DatasetSpec, Fold, Task, TrainingConfig, TrialKind};
+use cohort_worker::task::{AugmentSpec, BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, FoldSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec};
 use cohort_worker::train::{self, Events, RunInputs, TrainEvent};
 use tch::Device;
 
@@ -32,40 +32,47 @@ pub fn write_dataset(dir: &Path) -> BTreeMap<String, PathBuf> {
 
 /// A `dae-fold` task: fold `index` of 4, `epochs` epochs at batch 16, a checkpoint every
 /// `checkpoint_every` epochs (0: only the final one), with `augment` if given.
-pub fn fold_task(index: usize, epochs: u32, checkpoint_every: u32, augment: Option<Augment>) -> Task {
+pub fn fold_task(index: usize, epochs: u32, checkpoint_every: u32, augment: Option<AugmentSpec>) -> Task {
     Task {
         id: format!("fold{index}"),
         attempt: 1,
-        trial_name: format!("cv/c0/f{index}"),
-        kind: TrialKind::DaeFold,
-        config: TrainingConfig {
-            lr: 1e-3,
-            weight_decay: 1e-5,
-            batch_size: 16,
-            epochs,
-            noise_std: 0.3,
-            latent: 4,
-            seed: 9,
-            lr_encoder: 0.0,
-            augment,
-            wgan: None,
-        },
-        dataset: DatasetSpec {
-            format: "idx".into(),
-            files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
-            train_limit: 0,
-            test_limit: 0,
-            image_size: 0,
-            min_foreground: 0.0,
-        },
-        fold: Some(Fold { folds: 4, index, shuffle_seed: 3 }),
         resume_from: None,
-        init_from: None,
-        checkpoint_every,
         rank: 0,
         world: 1,
-        collective_backend: String::new(),
-        command: None,
+        spec: TrialSpec {
+            stage: Stage::Cv,
+            name: format!("cv/c0/f{index}"),
+            kind: TrialKind::DaeFold,
+            config: TrainingConfig {
+                lr: 1e-3,
+                weight_decay: 1e-5,
+                batch_size: 16,
+                epochs,
+                noise_std: 0.3,
+                latent: 4,
+                seed: 9,
+                init_seed: None,
+                lr_encoder: 0.0,
+                augment,
+                wgan: None,
+            },
+            dataset: DatasetSpec {
+                format: DatasetFormat::Idx,
+                files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
+                train_limit: 0,
+                test_limit: 0,
+                image_size: 0,
+                min_foreground: 0.0,
+            },
+            fold: Some(FoldSpec { folds: 4, index: index as u32, shuffle_seed: 3 }),
+            checkpoint_every,
+            init_from: None,
+            collective_backend: CollectiveBackend::Auto,
+            command: None,
+            config_label: String::new(),
+            max_attempts: 1,
+            replicas: 1,
+        },
     }
 }
 

@@ -1,10 +1,16 @@
 //! The hyperparameter search of a cross-validation stage: a grid (every combination of the
 //! listed values) or a random search (`samples` draws from ranges, log-uniform where asked).
+//!
+//! It reads only the sweep file's schema ([`crate::sweep::schema`]): the axes it expands
+//! ([`expand`] takes `[cv.grid]` or `[cv.random]`, the config they start from and the seed), and
+//! for the planner, the `[cv]` table and the sweep-wide values a config starts from ([`configs`]).
+//! The checks of those tables are the sweep file's ([`crate::sweep`]), which calls in here: a
+//! part of the sweep module that depends only on its schema, so no module imports loop.
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::sweep::{CvSection, SweepFile};
+use crate::sweep::schema::{Axis, CvSection, GridSection, RandomSection, SweepFile};
 
 /// The hyperparameters a cross-validation config sets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,86 +25,6 @@ pub struct Hyper {
     pub noise_std: f64,
     /// Latent code size.
     pub latent: u32,
-}
-
-/// `[cv.grid]`: the values each searched hyperparameter takes; every combination is a config.
-/// Names besides the typed ones land in `named`: a command sweep's hyperparameters (see
-/// [`crate::command`]); a built-in recipe refuses them as unknown fields.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-pub struct GridSection {
-    /// Learning rates.
-    pub lr: Option<Vec<f64>>,
-    /// L2 weight decays.
-    pub weight_decay: Option<Vec<f64>>,
-    /// Mini-batch sizes.
-    pub batch_size: Option<Vec<u32>>,
-    /// Noise standard deviations.
-    pub noise_std: Option<Vec<f64>>,
-    /// Latent sizes.
-    pub latent: Option<Vec<u32>>,
-    /// Any other name (command sweeps).
-    #[serde(flatten)]
-    pub named: std::collections::BTreeMap<String, toml::Value>,
-}
-
-/// How a random search draws one hyperparameter: from listed values, or from a range.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum Axis<T> {
-    /// Uniformly among these values.
-    Values {
-        /// The values.
-        values: Vec<T>,
-    },
-    /// Uniformly (or log-uniformly) in `[min, max]`.
-    Range {
-        /// Lower bound.
-        min: T,
-        /// Upper bound.
-        max: T,
-        /// Draw the logarithm uniformly (for learning rates and decays).
-        #[serde(default)]
-        log: bool,
-    },
-}
-
-/// `[cv.random]`: `samples` configs drawn at random (seeded by the sweep's `seed`). Names
-/// besides the typed ones land in `named` (command sweeps; refused by the built-in recipes).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct RandomSection {
-    /// Configs to draw.
-    pub samples: u32,
-    /// Learning rate.
-    pub lr: Option<Axis<f64>>,
-    /// Weight decay.
-    pub weight_decay: Option<Axis<f64>>,
-    /// Batch size.
-    pub batch_size: Option<Axis<u32>>,
-    /// Noise standard deviation.
-    pub noise_std: Option<Axis<f64>>,
-    /// Latent size.
-    pub latent: Option<Axis<u32>>,
-    /// Any other name (command sweeps).
-    #[serde(flatten)]
-    pub named: std::collections::BTreeMap<String, toml::Value>,
-}
-
-/// Checks one axis; returns a message naming what is wrong.
-pub fn check_axis<T: Copy + PartialOrd + Into<f64>>(axis: &Axis<T>) -> Result<(), String> {
-    match axis {
-        Axis::Values { values } if values.is_empty() => Err("an empty list of values leaves nothing to draw".into()),
-        Axis::Values { .. } => Ok(()),
-        Axis::Range { min, max, log } => {
-            let (lo, hi): (f64, f64) = ((*min).into(), (*max).into());
-            if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() {
-                return Err(format!("min {lo} must not exceed max {hi}"));
-            }
-            if *log && lo <= 0.0 {
-                return Err(format!("a log range needs min > 0, not {lo}"));
-            }
-            Ok(())
-        }
-    }
 }
 
 fn draw_f64(rng: &mut rand::rngs::StdRng, axis: &Axis<f64>) -> f64 {
@@ -128,9 +54,14 @@ pub fn base(sweep: &SweepFile, cv: &CvSection) -> Hyper {
 /// Every config of the stage's search, in a stable order (grid: the axes as written, the first
 /// axis outermost; random: draw order).
 pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<Hyper> {
-    let start = base(sweep, cv);
-    if let Some(random) = &cv.random {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sweep.seed);
+    expand(base(sweep, cv), sweep.seed, &cv.grid, cv.random.as_ref())
+}
+
+/// Every config of a search from `start`: `random`'s draws (seeded by `seed`) when there is one,
+/// else every combination of `grid`'s values (the axes as written, the first outermost).
+pub fn expand(start: Hyper, seed: u64, grid: &GridSection, random: Option<&RandomSection>) -> Vec<Hyper> {
+    if let Some(random) = random {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         return (0..random.samples)
             .map(|_| {
                 let mut h = start.clone();
@@ -153,7 +84,6 @@ pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<Hyper> {
             })
             .collect();
     }
-    let grid = &cv.grid;
     let mut configs = vec![start];
     let expand = |configs: Vec<Hyper>, values: Option<&Vec<f64>>, set: fn(&mut Hyper, f64)| -> Vec<Hyper> {
         let Some(values) = values else { return configs };
@@ -179,12 +109,16 @@ pub fn base_label(h: &Hyper) -> String {
 /// A config's label for tables: learning rate, weight decay and batch size always, noise and
 /// latent size when they are searched.
 pub fn label(h: &Hyper, cv: &CvSection) -> String {
+    searched_label(h, &cv.grid, cv.random.as_ref())
+}
+
+/// [`label`] for the search of `grid` or `random`.
+pub fn searched_label(h: &Hyper, grid: &GridSection, random: Option<&RandomSection>) -> String {
     let mut text = base_label(h);
-    let random = cv.random.as_ref();
-    if cv.grid.noise_std.is_some() || random.is_some_and(|r| r.noise_std.is_some()) {
+    if grid.noise_std.is_some() || random.is_some_and(|r| r.noise_std.is_some()) {
         text.push_str(&format!(" noise={}", h.noise_std));
     }
-    if cv.grid.latent.is_some() || random.is_some_and(|r| r.latent.is_some()) {
+    if grid.latent.is_some() || random.is_some_and(|r| r.latent.is_some()) {
         text.push_str(&format!(" latent={}", h.latent));
     }
     text
@@ -223,12 +157,5 @@ mod tests {
         let below = first.iter().filter(|h| h.lr < 1e-3).count();
         assert!((10..=40).contains(&below), "{below} of 50 below 1e-3");
         assert!(first.iter().all(|h| h.weight_decay == 0.0), "unsearched values come from [cv]");
-    }
-
-    #[test]
-    fn axes_are_checked() {
-        assert!(check_axis(&Axis::Range { min: 1.0f64, max: 0.5, log: false }).unwrap_err().contains("must not exceed"));
-        assert!(check_axis(&Axis::Range { min: 0.0f64, max: 0.5, log: true }).unwrap_err().contains("log range needs min > 0"));
-        assert!(check_axis(&Axis::<f64>::Values { values: vec![] }).is_err());
     }
 }
