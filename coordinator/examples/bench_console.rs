@@ -109,7 +109,11 @@ async fn grpc_reads(core: Arc<Core>, sweep_id: &str, repeat: usize) -> Result<se
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let service = ClientServiceServer::new(cohort_coordinator::service::client::ClientApi::new(core)).max_encoding_message_size(64 << 20);
-    tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     let mut client = ClientServiceClient::connect(format!("http://{address}")).await?.max_decoding_message_size(64 << 20);
     let mut results = serde_json::Map::new();
     let reads = ["status", "status_id_first_page", "results_all_pages", "watch_update"];
@@ -142,14 +146,20 @@ async fn grpc_reads(core: Arc<Core>, sweep_id: &str, repeat: usize) -> Result<se
         }
         let mut sorted = timings.clone();
         sorted.sort();
-        results.insert(label.to_string(), json!({"first_ms": millis(timings[0]), "median_ms": millis(sorted[sorted.len() / 2]), "bytes": bytes}));
+        results.insert(
+            label.to_string(),
+            json!({"first_ms": millis(timings[0]), "median_ms": millis(sorted[sorted.len() / 2]), "bytes": bytes}),
+        );
     }
     Ok(serde_json::Value::Object(results))
 }
 
 /// What `watch` reads on each change of the sweep: one message of its progress stream
 /// (`WatchSweep`; before the stream, `watch` read the whole sweep, page by page, every 500 ms).
-async fn watch_update(client: &mut cohort_proto::v1::client_service_client::ClientServiceClient<tonic::transport::Channel>, sweep_id: &str) -> Result<usize> {
+async fn watch_update(
+    client: &mut cohort_proto::v1::client_service_client::ClientServiceClient<tonic::transport::Channel>,
+    sweep_id: &str,
+) -> Result<usize> {
     use cohort_proto::v1 as pb;
     let mut stream = client.watch_sweep(pb::WatchSweepRequest { sweep_id: sweep_id.to_string() }).await?.into_inner();
     let progress = stream.message().await?.context("a first progress message")?;
@@ -170,17 +180,22 @@ async fn main() -> Result<()> {
     let core = Arc::new(Core::open(&CoreConfig { data_dir, timeouts: Timeouts::default(), limits })?);
     let files = store_dataset(&core, dir.path()).await?;
     let submitted = Instant::now();
-    let sweep_id = core.submit(&sweep_source(options.tasks / 4), "bench.toml", files, false)?.sweep_id.context("a submitted sweep has an id")?;
+    let sweep_id =
+        core.submit(&sweep_source(options.tasks / 4), "bench.toml", files, false)?.sweep_id.context("a submitted sweep has an id")?;
     eprintln!("submitted {} trials in {:.1} s", options.tasks, submitted.elapsed().as_secs_f64());
     let (worker_id, session, _) = core.register("bench-worker", "cpu", Default::default(), &[])?;
     for index in 0..options.finished.min(options.tasks) {
         let dispatch = core.acquire(&worker_id, &session, Duration::from_millis(100)).await?.context("a queued trial")?;
-        let lease = LeaseProof { worker_id: &worker_id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret };
+        let lease =
+            LeaseProof { worker_id: &worker_id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret };
         let epochs: Vec<EpochRecord> = (1..=options.epochs)
             .map(|epoch| EpochRecord {
                 epoch,
                 attempt: dispatch.attempt,
-                values: vec![("train_loss".into(), 0.1 / f64::from(epoch)), ("val_mse".into(), 0.05 + (index % 7) as f64 * 1e-3 / f64::from(epoch))],
+                values: vec![
+                    ("train_loss".into(), 0.1 / f64::from(epoch)),
+                    ("val_mse".into(), 0.05 + (index % 7) as f64 * 1e-3 / f64::from(epoch)),
+                ],
                 seconds: 0.5,
                 samples: 48,
             })
@@ -203,8 +218,15 @@ async fn main() -> Result<()> {
     let mut results = serde_json::Map::new();
     for (label, path) in &requests {
         let path = path.clone();
-        let timings = tokio::task::spawn_blocking(move || -> Result<Vec<(u16, Duration, usize)>> { (0..repeat).map(|_| get(address, &path)).collect() }).await??;
-        ensure!(timings.iter().all(|(status, _, _)| *status == 200), "{label}: status {:?}", timings.iter().map(|t| t.0).collect::<Vec<_>>());
+        let timings = tokio::task::spawn_blocking(move || -> Result<Vec<(u16, Duration, usize)>> {
+            (0..repeat).map(|_| get(address, &path)).collect()
+        })
+        .await??;
+        ensure!(
+            timings.iter().all(|(status, _, _)| *status == 200),
+            "{label}: status {:?}",
+            timings.iter().map(|t| t.0).collect::<Vec<_>>()
+        );
         let mut sorted: Vec<Duration> = timings.iter().map(|t| t.1).collect();
         sorted.sort();
         results.insert(

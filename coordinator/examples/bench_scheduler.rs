@@ -234,7 +234,13 @@ async fn submit_over_grpc(channel: Channel, source: &str, dataset: &[(String, Pa
         client.upload_blob(transfer::file_chunks(path.clone(), blob.clone())).await.with_context(|| format!("uploading {name}"))?;
         dataset_files.push(pb::DatasetFile { name: name.clone(), blob: Some(blob) });
     }
-    let request = pb::SubmitSweepRequest { source: source.to_string(), source_name: "bench.toml".into(), dataset_files, dry_run: false, command_files: vec![] };
+    let request = pb::SubmitSweepRequest {
+        source: source.to_string(),
+        source_name: "bench.toml".into(),
+        dataset_files,
+        dry_run: false,
+        command_files: vec![],
+    };
     let response = client.submit_sweep(request).await.map_err(|status| anyhow::anyhow!("submit: {}", status.message()))?;
     Ok(response.into_inner().sweep_id)
 }
@@ -274,7 +280,8 @@ impl SimulatedWorker {
                 ticker.tick().await;
             }
             let asked = Instant::now();
-            let request = pb::AcquireTaskRequest { worker_id: self.worker_id.clone(), wait_ms: ACQUIRE_WAIT_MS, session: self.session.clone() };
+            let request =
+                pb::AcquireTaskRequest { worker_id: self.worker_id.clone(), wait_ms: ACQUIRE_WAIT_MS, session: self.session.clone() };
             let Some(task) = self.client.acquire_task(request).await?.into_inner().task else {
                 continue;
             };
@@ -422,8 +429,12 @@ async fn bench_core(options: &Options, dir: &Path, dataset: &[(String, PathBuf)]
                             continue;
                         };
                         let acquired = Instant::now();
-                        let lease =
-                            LeaseProof { worker_id: &worker_id, task_id: &dispatch.task_id, attempt: dispatch.attempt, secret: &dispatch.lease_secret };
+                        let lease = LeaseProof {
+                            worker_id: &worker_id,
+                            task_id: &dispatch.task_id,
+                            attempt: dispatch.attempt,
+                            secret: &dispatch.lease_secret,
+                        };
                         core.complete(&lease)?;
                         latencies.record(acquired - asked, acquired.elapsed());
                         if completed.fetch_add(1, Ordering::AcqRel) + 1 == target {

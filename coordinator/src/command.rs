@@ -83,7 +83,10 @@ pub fn grid_axes(grid: &GridSection) -> Result<Axes, Problem> {
     for (name, value) in &grid.named {
         let key = format!("cv.grid.{name}");
         if !valid_name(name) {
-            return Err((key, format!("a hyperparameter name is a letter or _ then letters, digits, _, - or ., at most {MAX_HPARAM_NAME_BYTES} bytes")));
+            return Err((
+                key,
+                format!("a hyperparameter name is a letter or _ then letters, digits, _, - or ., at most {MAX_HPARAM_NAME_BYTES} bytes"),
+            ));
         }
         let toml::Value::Array(items) = value else {
             return Err((key, "must be a list of values".into()));
@@ -124,7 +127,10 @@ fn random_axes(random: &RandomSection) -> Result<Vec<(String, Draw)>, Problem> {
         let Some(value) = value else { continue };
         let key = format!("cv.random.{name}");
         if !valid_name(name) {
-            return Err((key, format!("a hyperparameter name is a letter or _ then letters, digits, _, - or ., at most {MAX_HPARAM_NAME_BYTES} bytes")));
+            return Err((
+                key,
+                format!("a hyperparameter name is a letter or _ then letters, digits, _, - or ., at most {MAX_HPARAM_NAME_BYTES} bytes"),
+            ));
         }
         let toml::Value::Table(table) = &value else {
             return Err((key, "must be { values = [...] } or { min = .., max = .., log = true|false }".into()));
@@ -211,7 +217,11 @@ pub fn label(hparams: &Hparams) -> String {
     if hparams.is_empty() {
         return "(defaults)".into();
     }
-    hparams.iter().map(|(name, value)| format!("{name}={}", value.as_str().map_or_else(|| value.to_string(), str::to_string))).collect::<Vec<_>>().join(" ")
+    hparams
+        .iter()
+        .map(|(name, value)| format!("{name}={}", value.as_str().map_or_else(|| value.to_string(), str::to_string)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The first problem of a command sweep, as (key, message); `None` when it is valid.
@@ -244,7 +254,10 @@ pub fn problem(sweep: &SweepFile) -> Option<Problem> {
         }
     }
     if sweep.has_dataset() && matches!(DatasetFormat::parse(&sweep.dataset.format_name), None | Some(DatasetFormat::None)) {
-        return Some(("dataset.format".into(), format!("{:?} is not supported (supported: \"files\", \"idx\", \"image-folder\", \"nifti\")", sweep.dataset.format_name)));
+        return Some((
+            "dataset.format".into(),
+            format!("{:?} is not supported (supported: \"files\", \"idx\", \"image-folder\", \"nifti\")", sweep.dataset.format_name),
+        ));
     }
     if sweep.cv.is_none() && sweep.final_stage.is_none() {
         return fail("cv", "a command sweep needs [cv], [final] or both");
@@ -270,7 +283,10 @@ pub fn problem(sweep: &SweepFile) -> Option<Problem> {
         }
         let planned = search_size(cv) * u128::from(cv.folds);
         if planned > crate::sweep::HARD_MAX_TRIALS as u128 {
-            return Some(("cv.grid".into(), format!("expands to {planned} trials, more than the limit of {}", crate::sweep::HARD_MAX_TRIALS)));
+            return Some((
+                "cv.grid".into(),
+                format!("expands to {planned} trials, more than the limit of {}", crate::sweep::HARD_MAX_TRIALS),
+            ));
         }
         if let Err(problem) = configs(sweep, cv) {
             return Some(problem);
@@ -371,7 +387,13 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, BlobRe
 
 /// `[final]` of a command sweep with `hparams` (the cross-validation winner's), as a gang of
 /// `[distributed] replicas`.
-pub fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, BlobRef)], hparams: &Hparams, config_label: String) -> TrialSpec {
+pub fn final_trial(
+    sweep: &SweepFile,
+    dataset: DatasetSpec,
+    files: &[(String, BlobRef)],
+    hparams: &Hparams,
+    config_label: String,
+) -> TrialSpec {
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1));
     TrialSpec {
@@ -407,7 +429,10 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     if let Some(cv) = &sweep.cv {
         let configs = configs(sweep, cv).map_or(0, |c| c.len());
         let search = if cv.random.is_some() { "random-search" } else { "grid" };
-        let mut what = format!("`{program}`: {configs} {search} configs x {} folds, up to {} epochs each; winner: lowest mean of per-fold minimum {metric}", cv.folds, cv.epochs);
+        let mut what = format!(
+            "`{program}`: {configs} {search} configs x {} folds, up to {} epochs each; winner: lowest mean of per-fold minimum {metric}",
+            cv.folds, cv.epochs
+        );
         if let Some(prune) = &cv.prune {
             what.push_str(&format!("; {}", prune.describe(cv.epochs)));
         }
@@ -416,7 +441,11 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     if let Some(stage) = &sweep.final_stage {
         let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1));
         let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the program's defaults" };
-        described.push((Stage::Final.to_string(), 1, format!("`{program}` on the whole training set with {source}, up to {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((
+            Stage::Final.to_string(),
+            1,
+            format!("`{program}` on the whole training set with {source}, up to {} epochs, {replicas} replica(s)", stage.epochs),
+        ));
     }
     described
 }
@@ -484,7 +513,11 @@ replicas = 2
         assert!(error(&COMMAND.replace("hidden = [32, 64]", "hidden = [[1]]")).contains("cv.grid.hidden: values are numbers"));
         assert!(error(&COMMAND.replace("[command]", "[command]\ntimeout_minutes = 0")).contains("command.timeout_minutes"));
         assert!(error(&COMMAND.replace("[final]\nepochs = 2\n", "")).contains("distributed: replicas apply to [final]"));
-        assert!(error(&COMMAND.replace("kind = \"command\"\n[command]\nrun = [\"python3\", \"train.py\"]\nmetric = \"val_loss\"", "kind = \"command\"")).contains("needs [command]"));
+        assert!(error(
+            &COMMAND
+                .replace("kind = \"command\"\n[command]\nrun = [\"python3\", \"train.py\"]\nmetric = \"val_loss\"", "kind = \"command\"")
+        )
+        .contains("needs [command]"));
         // A built-in recipe still refuses names it does not know.
         let dae = "name = \"d\"\n[dataset]\nformat = \"idx\"\npath = \"d\"\n[model]\nkind = \"dae\"\n[cv]\nfolds = 2\nepochs = 1\n[cv.grid]\nhidden = [1]\n";
         assert!(error(dae).contains("unknown field `hidden`"), "{}", error(dae));

@@ -129,7 +129,12 @@ impl From<TaskView> for pb::TaskResult {
 impl From<SweepView> for pb::SweepDetail {
     fn from(view: SweepView) -> Self {
         let source = view.summary.record.source.clone();
-        pb::SweepDetail { summary: Some(view.summary.into()), source, tasks: view.tasks.into_iter().map(Into::into).collect(), next_offset: 0 }
+        pb::SweepDetail {
+            summary: Some(view.summary.into()),
+            source,
+            tasks: view.tasks.into_iter().map(Into::into).collect(),
+            next_offset: 0,
+        }
     }
 }
 

@@ -211,15 +211,19 @@ fn check_nifti_volume(path: &Path, name: &str) -> Result<(), DatasetError> {
     }
     let i16_at = |offset: usize| {
         let field = [header[offset], header[offset + 1]];
-        if little { i16::from_le_bytes(field) } else { i16::from_be_bytes(field) }
+        if little {
+            i16::from_le_bytes(field)
+        } else {
+            i16::from_be_bytes(field)
+        }
     };
     let rank = i16_at(40);
     if !(3..=7).contains(&rank) {
         return Err(DatasetError(format!("{name}: dim[0] is {rank}: need 3 to 7 dimensions (a volume)")));
     }
     let code = i16_at(70);
-    let voxel_bytes =
-        nifti_voxel_bytes(code).ok_or_else(|| DatasetError(format!("{name}: unsupported datatype {code}; supported: 2, 4, 8, 16, 64, 256, 512")))?;
+    let voxel_bytes = nifti_voxel_bytes(code)
+        .ok_or_else(|| DatasetError(format!("{name}: unsupported datatype {code}; supported: 2, 4, 8, 16, 64, 256, 512")))?;
     let bitpix = i16_at(72);
     if i64::from(bitpix) != 8 * voxel_bytes as i64 {
         return Err(DatasetError(format!("{name}: bitpix {bitpix} does not match datatype {code} ({} bits)", 8 * voxel_bytes)));
@@ -401,7 +405,10 @@ mod tests {
         let mut truncated = nifti_volume(3);
         truncated.pop();
         let err = check_nifti(&[write(d, "short.nii.gz", &gzip(&truncated))]).unwrap_err().to_string();
-        assert!(err.contains("short.nii.gz: truncated data: the header promises 12 bytes of voxels at offset 352, the file holds 11"), "{err}");
+        assert!(
+            err.contains("short.nii.gz: truncated data: the header promises 12 bytes of voxels at offset 352, the file holds 11"),
+            "{err}"
+        );
         let mut huge = nifti_volume(3);
         for axis in 1..=7 {
             huge[40 + 2 * axis..42 + 2 * axis].copy_from_slice(&i16::MAX.to_le_bytes());

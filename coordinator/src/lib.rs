@@ -6,7 +6,6 @@
 //! - [`store`], [`blobs`]: durable state.
 //! - [`core`]: the two behind one lock; [`service`]: thin gRPC handlers over it.
 
-
 pub mod auth;
 pub mod blobs;
 pub mod command;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cli::{connect, local, report, results, submit, watch, Format};
+use cohort_coordinator::auth::Tokens;
 use cohort_coordinator::core::{CoreConfig, Limits};
 use cohort_coordinator::scheduler::Timeouts;
-use cohort_coordinator::auth::Tokens;
 use cohort_coordinator::server::{BoundServer, Security};
 use cohort_proto::auth::ConnectOptions;
 use cohort_proto::v1 as pb;
@@ -297,7 +297,12 @@ fn phase_shares(phases: &std::collections::HashMap<String, f64>) -> String {
     }
     let mut shares: Vec<(&String, f64)> = phases.iter().map(|(phase, seconds)| (phase, seconds / total)).collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
-    shares.iter().filter(|(_, share)| *share >= 0.005).map(|(phase, share)| format!("{phase} {:.0}%", share * 100.0)).collect::<Vec<_>>().join(" ")
+    shares
+        .iter()
+        .filter(|(_, share)| *share >= 0.005)
+        .map(|(phase, share)| format!("{phase} {:.0}%", share * 100.0))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result<()> {
@@ -328,7 +333,16 @@ fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result
         let rows: Vec<Vec<String>> = workers
             .iter()
             .map(|w| {
-                let fields = [&w.worker_id, &w.name, &w.device, &w.allow_commands.to_string(), &format!("{:.1}", w.last_seen_secs), &w.sweep_id, &w.trial_name, &w.task_id];
+                let fields = [
+                    &w.worker_id,
+                    &w.name,
+                    &w.device,
+                    &w.allow_commands.to_string(),
+                    &format!("{:.1}", w.last_seen_secs),
+                    &w.sweep_id,
+                    &w.trial_name,
+                    &w.task_id,
+                ];
                 fields.map(|field| field.to_string()).to_vec()
             })
             .collect();
@@ -343,7 +357,11 @@ fn print_workers(workers: Vec<pb::WorkerInfo>, format: Format) -> anyhow::Result
             vec![w.name.clone(), w.worker_id.clone(), device(w), format!("{:.1}s", w.last_seen_secs), trial, phase_shares(&w.phase_seconds)]
         })
         .collect();
-    cli::print_columns(&["name", "worker", "device", "last seen", "trial", "time by phase"], &rows, &[false, false, false, true, false, false]);
+    cli::print_columns(
+        &["name", "worker", "device", "last seen", "trial", "time by phase"],
+        &rows,
+        &[false, false, false, true, false, false],
+    );
     Ok(())
 }
 
@@ -564,7 +582,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Generate { target, class, count, seed, latent, save_latent, interpolate, steps, checkpoint, out } => {
             let mut client = connect(&remote).await?;
             let interpolate = interpolate.map(|pair| (pair[0].clone(), pair[1].clone()));
-            let options = cli::generate::GenerateOptions { target, checkpoint, class, count, seed, latent, save_latent, interpolate, steps, out };
+            let options =
+                cli::generate::GenerateOptions { target, checkpoint, class, count, seed, latent, save_latent, interpolate, steps, out };
             println!("{}", cli::generate::run(&mut client, options).await?);
         }
         Command::Local { file, workers, data_dir, format, report } => {

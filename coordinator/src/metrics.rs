@@ -33,11 +33,14 @@ impl CoordinatorMetrics {
         let tasks_queued = gauge("cohort_tasks_queued", "Tasks waiting for a worker");
         let tasks_running = gauge("cohort_tasks_running", "Tasks running on workers");
         let blob_bytes = gauge("cohort_blob_bytes_stored", "Bytes of blobs (datasets, checkpoints, artifacts) stored");
-        let leases_expired = IntCounter::new("cohort_leases_expired_total", "Leases that lapsed because their worker went silent").expect("valid metric");
+        let leases_expired =
+            IntCounter::new("cohort_leases_expired_total", "Leases that lapsed because their worker went silent").expect("valid metric");
         registry.register(Box::new(leases_expired.clone())).expect("unique metric");
         let buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25];
-        let dispatch_latency = Histogram::with_opts(HistogramOpts::new("cohort_dispatch_latency_seconds", "Time to lease a task to a worker").buckets(buckets))
-            .expect("valid metric");
+        let dispatch_latency = Histogram::with_opts(
+            HistogramOpts::new("cohort_dispatch_latency_seconds", "Time to lease a task to a worker").buckets(buckets),
+        )
+        .expect("valid metric");
         registry.register(Box::new(dispatch_latency.clone())).expect("unique metric");
         Self { registry, workers_connected, tasks_queued, tasks_running, leases_expired, dispatch_latency, blob_bytes }
     }

@@ -5,9 +5,12 @@
 //! [`next_stage`] from the outcomes of the earlier ones, when the coordinator sees a stage end:
 //! `final` trains the cross-validation winner, `finetune` starts from `final`'s checkpoint.
 
-use crate::domain::{AugmentSpec, BlobRef, CollectiveBackend, DatasetSpec, FoldSpec, InitPolicy, Stage, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec};
-use crate::sweep::search::{self, Hyper};
+use crate::domain::{
+    AugmentSpec, BlobRef, CollectiveBackend, DatasetSpec, FoldSpec, InitPolicy, Stage, TaskState, TrainingConfig, TrialKind, TrialSpec,
+    WganSpec,
+};
 use crate::selection::{self, FoldResult};
+use crate::sweep::search::{self, Hyper};
 use crate::sweep::SweepFile;
 
 fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
@@ -152,7 +155,10 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
     TrialSpec {
         stage: Stage::Finetune,
         name: "finetune".into(),
-        config_label: format!("lr_head={:e} lr_encoder={:e} wd={:e} bs={}", stage.lr_head, stage.lr_encoder, stage.weight_decay, stage.batch_size),
+        config_label: format!(
+            "lr_head={:e} lr_encoder={:e} wd={:e} bs={}",
+            stage.lr_head, stage.lr_encoder, stage.weight_decay, stage.batch_size
+        ),
         kind: TrialKind::Classifier,
         config,
         dataset,
@@ -216,14 +222,18 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     }
     let (replicas, _) = gang(sweep);
     if let Some(train) = &sweep.train {
-        let what = format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
+        let what =
+            format!("WGAN-GP, {} epochs, {} critic steps per generator step, {replicas} replica(s)", train.epochs, train.critic_steps);
         return vec![(Stage::Train.to_string(), 1, what)];
     }
     let mut described = Vec::new();
     if let Some(cv) = &sweep.cv {
         let configs = sweep.cv_configs().len();
         let search = if cv.random.is_some() { "random-search" } else { "grid" };
-        let mut what = format!("{configs} {search} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE", cv.folds, cv.epochs);
+        let mut what = format!(
+            "{configs} {search} configs x {} folds, {} epochs each; winner: lowest mean of per-fold minimum validation MSE",
+            cv.folds, cv.epochs
+        );
         if let Some(prune) = &cv.prune {
             what.push_str(&format!("; {}", prune.describe(cv.epochs)));
         }
@@ -231,10 +241,18 @@ pub fn describe_stages(sweep: &SweepFile) -> Vec<(String, u32, String)> {
     }
     if let Some(stage) = &sweep.final_stage {
         let source = if sweep.cv.is_some() { "the cross-validation winner" } else { "the given hyperparameters" };
-        described.push((Stage::Final.to_string(), 1, format!("autoencoder on the whole training set with {source}, {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((
+            Stage::Final.to_string(),
+            1,
+            format!("autoencoder on the whole training set with {source}, {} epochs, {replicas} replica(s)", stage.epochs),
+        ));
     }
     if let Some(stage) = &sweep.finetune {
-        described.push((Stage::Finetune.to_string(), 1, format!("classifier from the final autoencoder's encoder, {} epochs, {replicas} replica(s)", stage.epochs)));
+        described.push((
+            Stage::Finetune.to_string(),
+            1,
+            format!("classifier from the final autoencoder's encoder, {} epochs, {replicas} replica(s)", stage.epochs),
+        ));
     }
     described
 }
@@ -429,7 +447,14 @@ mod tests {
     use crate::sweep::tests::{GAN, GOOD, SEED};
 
     fn dataset() -> DatasetSpec {
-        DatasetSpec { format: crate::domain::DatasetFormat::Idx, files: vec![], train_limit: 0, test_limit: 0, image_size: 64, min_foreground: 0.05 }
+        DatasetSpec {
+            format: crate::domain::DatasetFormat::Idx,
+            files: vec![],
+            train_limit: 0,
+            test_limit: 0,
+            image_size: 64,
+            min_foreground: 0.05,
+        }
     }
 
     #[test]
@@ -456,7 +481,15 @@ mod tests {
         assert_eq!(cv.len(), 32);
         assert!(cv.iter().all(|t| t.config.augment.as_ref().is_some_and(|a| a.copies == 1 && a.seed == 7)));
         // Config 3 (lr 1e-3, wd 1e-6, bs 512) has the lowest fold minima; config 1 would be better but lost a fold.
-        let score = |t: &TrialSpec| if t.name.starts_with("cv/c3/") { 0.01 } else if t.name.starts_with("cv/c1/") { 0.001 } else { 0.05 };
+        let score = |t: &TrialSpec| {
+            if t.name.starts_with("cv/c3/") {
+                0.01
+            } else if t.name.starts_with("cv/c1/") {
+                0.001
+            } else {
+                0.05
+            }
+        };
         let mut outcomes: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Succeeded, Some(score(t)), None)).collect();
         outcomes[4].state = TaskState::Failed;
         outcomes[31].state = TaskState::Running;
@@ -494,7 +527,10 @@ mod tests {
         assert_eq!((finetune.replicas, finetune.collective_backend.as_str()), (2, "ring"));
         let described = describe_stages(&sweep);
         assert!(described[0].2.ends_with("epochs each; winner: lowest mean of per-fold minimum validation MSE"), "{described:?}");
-        assert!(described[1].2.ends_with("40 epochs, 2 replica(s)") && described[2].2.ends_with("10 epochs, 2 replica(s)"), "{described:?}");
+        assert!(
+            described[1].2.ends_with("40 epochs, 2 replica(s)") && described[2].2.ends_with("10 epochs, 2 replica(s)"),
+            "{described:?}"
+        );
 
         let plain = SweepFile::parse(SEED, "s").unwrap();
         let final_spec = final_trial(&plain, dataset(), &finals[0].config, "x".into());
@@ -518,7 +554,11 @@ mod tests {
         }
         let outcomes: Vec<Outcome<'_>> = own.iter().map(|t| outcome(t, TaskState::Succeeded, Some(t.config.lr), None)).collect();
         let Next::Start(finals) = next_stage(&sweep, &outcomes) else { panic!("final follows cv") };
-        assert_eq!((finals[0].config.lr, finals[0].config.init_seed, finals[0].config.epochs), (1e-4, None, 40), "the winner's hyperparameters, shared init");
+        assert_eq!(
+            (finals[0].config.lr, finals[0].config.init_seed, finals[0].config.epochs),
+            (1e-4, None, 40),
+            "the winner's hyperparameters, shared init"
+        );
         let err = SweepFile::parse(&SEED.replace("[cv]\n", "[cv]\ninit = \"random\"\n"), "s").unwrap_err().to_string();
         assert!(err.contains("init") && err.contains("per-trial"), "{err}");
     }
@@ -607,7 +647,10 @@ mod tests {
         let limited = &schedule_warnings(&gan_sweep(16, 5, 40, ""), Some(TrainSamples::Exact(134)))[0];
         assert!(limited.contains("an epoch has 2 batches (40 training samples / batch 16)"), "{limited}");
         let no_batch = schedule_warnings(&gan_sweep(64, 5, 0, ""), Some(TrainSamples::Exact(50)));
-        assert_eq!(no_batch, vec!["train.batch_size: an epoch has no full batch (50 training samples / batch 64): the trial will fail".to_string()]);
+        assert_eq!(
+            no_batch,
+            vec!["train.batch_size: an epoch has no full batch (50 training samples / batch 64): the trial will fail".to_string()]
+        );
     }
 
     #[test]

@@ -55,14 +55,14 @@ pub fn summarize(results: &[FoldResult]) -> Vec<ConfigSummary> {
         summary.mean = Some(mean);
         summary.std = Some(variance.sqrt());
     }
-    let best = summaries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.mean.map(|m| (i, m)))
-        .fold(None, |best: Option<(usize, f64)>, (i, m)| match best {
-            Some((_, best_mean)) if best_mean <= m => best,
-            _ => Some((i, m)),
-        });
+    let best =
+        summaries.iter().enumerate().filter_map(|(i, s)| s.mean.map(|m| (i, m))).fold(
+            None,
+            |best: Option<(usize, f64)>, (i, m)| match best {
+                Some((_, best_mean)) if best_mean <= m => best,
+                _ => Some((i, m)),
+            },
+        );
     if let Some((index, _)) = best {
         summaries[index].winner = true;
     }

@@ -108,8 +108,10 @@ impl BoundServer {
             }
         });
         let limit = self.security.max_message_bytes.max(2 << 20);
-        let client = ClientServiceServer::new(ClientApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
-        let worker = WorkerServiceServer::new(WorkerApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let client =
+            ClientServiceServer::new(ClientApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let worker =
+            WorkerServiceServer::new(WorkerApi::new(self.core.clone())).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let admit = |tokens: Tokens, service: Service| {
             move |request: Request<()>| -> Result<Request<()>, Status> {
                 tokens.check(&request, service)?;

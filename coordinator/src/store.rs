@@ -218,7 +218,8 @@ impl Store {
     pub fn append_logs(&mut self, lines: &[LogRecord]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut insert = tx.prepare_cached("INSERT INTO logs (task_id, attempt, unix_ms, level, message) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO logs (task_id, attempt, unix_ms, level, message) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             for line in lines {
                 insert.execute(params![line.task_id, line.attempt, line.unix_ms, line.level, line.message])?;
             }
@@ -234,7 +235,14 @@ impl Store {
              WHERE t.sweep_id = ?1 AND (?2 IS NULL OR l.task_id = ?2) AND l.id > ?3 ORDER BY l.id LIMIT ?4",
         )?;
         let rows = query.query_map(params![sweep_id, task_id, after_id, limit as i64], |r| {
-            Ok(LogRecord { id: r.get(0)?, task_id: r.get(1)?, attempt: r.get(2)?, unix_ms: r.get(3)?, level: r.get(4)?, message: r.get(5)? })
+            Ok(LogRecord {
+                id: r.get(0)?,
+                task_id: r.get(1)?,
+                attempt: r.get(2)?,
+                unix_ms: r.get(3)?,
+                level: r.get(4)?,
+                message: r.get(5)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -250,7 +258,8 @@ impl Store {
 
     /// A task's artifacts, by epoch then name.
     pub fn artifacts(&self, task_id: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
-        let mut query = self.conn.prepare_cached("SELECT name, epoch, sha256, size FROM artifacts WHERE task_id = ?1 ORDER BY epoch, name")?;
+        let mut query =
+            self.conn.prepare_cached("SELECT name, epoch, sha256, size FROM artifacts WHERE task_id = ?1 ORDER BY epoch, name")?;
         let rows = query.query_map(params![task_id], |r| {
             Ok(ArtifactRecord {
                 task_id: task_id.to_string(),
@@ -265,9 +274,8 @@ impl Store {
     /// The smallest value of metric `name` over each task's epochs, for every task of a sweep
     /// that reported it.
     pub fn min_metric_by_task(&self, sweep_id: &str, name: &str) -> Result<HashMap<String, f64>, StoreError> {
-        let mut query = self.conn.prepare_cached(
-            "SELECT m.task_id, m.vals FROM metrics m JOIN tasks t ON t.id = m.task_id WHERE t.sweep_id = ?1",
-        )?;
+        let mut query =
+            self.conn.prepare_cached("SELECT m.task_id, m.vals FROM metrics m JOIN tasks t ON t.id = m.task_id WHERE t.sweep_id = ?1")?;
         let rows = query.query_map(params![sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut minima: HashMap<String, f64> = HashMap::new();
         for row in rows {
@@ -302,9 +310,8 @@ impl Store {
 
     /// A task's checkpoints, oldest first.
     pub fn checkpoints(&self, task_id: &str) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let mut query = self.conn.prepare_cached(
-            "SELECT epoch, attempt, sha256, size, is_final FROM checkpoints WHERE task_id = ?1 ORDER BY epoch",
-        )?;
+        let mut query =
+            self.conn.prepare_cached("SELECT epoch, attempt, sha256, size, is_final FROM checkpoints WHERE task_id = ?1 ORDER BY epoch")?;
         let rows = query.query_map(params![task_id], |r| {
             Ok(CheckpointRecord {
                 task_id: task_id.to_string(),
@@ -534,7 +541,14 @@ mod tests {
                 augment: None,
                 wgan: None,
             },
-            dataset: DatasetSpec { format: DatasetFormat::Idx, files: vec![], train_limit: 0, test_limit: 0, image_size: 0, min_foreground: 0.0 },
+            dataset: DatasetSpec {
+                format: DatasetFormat::Idx,
+                files: vec![],
+                train_limit: 0,
+                test_limit: 0,
+                image_size: 0,
+                min_foreground: 0.0,
+            },
             fold: None,
             checkpoint_every: 1,
             max_attempts: 3,
@@ -553,7 +567,13 @@ mod tests {
         let mut store = Store::open(&dir.path().join("state.db")).unwrap();
         let sweep = SweepRecord { id: "s".into(), seq: 1, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
         store.insert_sweep(&sweep, &[StoredTask { entry: TaskEntry::queued("s.t0".into(), "s".into(), 0, 3, 1), spec: spec() }]).unwrap();
-        let epoch = EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), f64::NAN), ("train_mse".into(), 0.5)], seconds: 1.0, samples: 1 };
+        let epoch = EpochRecord {
+            epoch: 1,
+            attempt: 1,
+            values: vec![("val_mse".into(), f64::NAN), ("train_mse".into(), 0.5)],
+            seconds: 1.0,
+            samples: 1,
+        };
         store.record_metrics("s.t0", &[epoch]).unwrap();
         store.conn.execute("INSERT INTO metrics VALUES ('s.t0', 2, 1, 'not json', 1.0, 1)", []).unwrap();
         let metrics = store.metrics("s.t0").unwrap();

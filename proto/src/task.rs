@@ -367,7 +367,10 @@ impl TrialSpec {
         [
             (self.kind == TrialKind::DaeFold && self.fold.is_none(), "a dae-fold trial needs a fold"),
             (!fold_ok, "a fold must be one of at least 2"),
-            (self.kind == TrialKind::Classifier && self.init_from.is_none(), "a classifier trial needs a pretrained autoencoder (init_from)"),
+            (
+                self.kind == TrialKind::Classifier && self.init_from.is_none(),
+                "a classifier trial needs a pretrained autoencoder (init_from)",
+            ),
             (self.kind == TrialKind::Wgan && self.config.wgan.is_none(), "a wgan trial needs its recipe"),
             (!wgan_ok, "a wgan needs 1 to 8 widths"),
             (self.kind == TrialKind::Command && self.command.is_none(), "a command trial needs its program"),
@@ -436,7 +439,14 @@ impl TryFrom<pb::TaskSpec> for Task {
         if message.rank >= world {
             return Err(malformed("rank outside the gang"));
         }
-        Ok(Task { id: message.task_id, attempt: message.attempt, resume_from: BlobRef::from_wire(message.resume_from), rank: message.rank, world, spec })
+        Ok(Task {
+            id: message.task_id,
+            attempt: message.attempt,
+            resume_from: BlobRef::from_wire(message.resume_from),
+            rank: message.rank,
+            world,
+            spec,
+        })
     }
 }
 

@@ -313,7 +313,13 @@ impl Drop for VerifiedBlob {
 /// `timeouts`; returns it once its bytes hash to what the stream names, for the caller to
 /// [`VerifiedBlob::persist`] under that name. `expected` and `max_size` as for
 /// [`receive_to_file`]. On any failure the temporary file is gone.
-pub async fn receive_verified_within<S>(mut stream: S, folder: &Path, expected: Option<&str>, max_size: u64, timeouts: ReceiveTimeouts) -> Result<VerifiedBlob, TransferError>
+pub async fn receive_verified_within<S>(
+    mut stream: S,
+    folder: &Path,
+    expected: Option<&str>,
+    max_size: u64,
+    timeouts: ReceiveTimeouts,
+) -> Result<VerifiedBlob, TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
@@ -321,7 +327,14 @@ where
     receive_into(&mut stream, folder, temp, expected, max_size, timeouts).await
 }
 
-async fn receive_into<S>(stream: &mut S, folder: &Path, temp: PathBuf, expected: Option<&str>, max_size: u64, timeouts: ReceiveTimeouts) -> Result<VerifiedBlob, TransferError>
+async fn receive_into<S>(
+    stream: &mut S,
+    folder: &Path,
+    temp: PathBuf,
+    expected: Option<&str>,
+    max_size: u64,
+    timeouts: ReceiveTimeouts,
+) -> Result<VerifiedBlob, TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
@@ -468,7 +481,9 @@ fn check_name(named: &str, expected: Option<&str>, which: &str) -> Result<(), Tr
         return Err(TransferError::Protocol(format!("{which} chunk names no valid sha256: {named:?}")));
     }
     match expected {
-        Some(expected) if named != expected => Err(TransferError::HashMismatch { expected: expected.to_string(), actual: named.to_string() }),
+        Some(expected) if named != expected => {
+            Err(TransferError::HashMismatch { expected: expected.to_string(), actual: named.to_string() })
+        }
         _ => Ok(()),
     }
 }
@@ -628,7 +643,10 @@ mod tests {
             assert_eq!(tail.sha256, blob.sha256);
             assert!(tail.data.is_empty());
 
-            let verified = receive_verified_within(tokio_stream::iter(chunks.clone()), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+            let verified =
+                receive_verified_within(tokio_stream::iter(chunks.clone()), &incoming, None, u64::MAX, ReceiveTimeouts::default())
+                    .await
+                    .unwrap();
             assert_eq!(verified.blob, blob);
             // Verified but not persisted: only a hidden partial file exists.
             assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)), "{:?}", names_in(&incoming));
@@ -644,7 +662,15 @@ mod tests {
         }
         // Dropped without persisting: the file goes.
         let source = dir.path().join("src-1");
-        let verified = receive_verified_within(tokio_stream::iter(chunks_hashed_at_end(&source).await), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+        let verified = receive_verified_within(
+            tokio_stream::iter(chunks_hashed_at_end(&source).await),
+            &incoming,
+            None,
+            u64::MAX,
+            ReceiveTimeouts::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(names_in(&incoming).len(), 1);
         drop(verified);
         assert!(names_in(&incoming).is_empty());
@@ -660,7 +686,16 @@ mod tests {
         assert_eq!(chunks.len(), 3);
         let receive = |chunks: Vec<BlobChunk>, expected: Option<String>| {
             let incoming = incoming.clone();
-            async move { receive_verified_within(tokio_stream::iter(chunks.into_iter().map(Ok)), &incoming, expected.as_deref(), u64::MAX, ReceiveTimeouts::default()).await }
+            async move {
+                receive_verified_within(
+                    tokio_stream::iter(chunks.into_iter().map(Ok)),
+                    &incoming,
+                    expected.as_deref(),
+                    u64::MAX,
+                    ReceiveTimeouts::default(),
+                )
+                .await
+            }
         };
 
         // No hash at the end (the sender stopped after its last data).
@@ -696,7 +731,8 @@ mod tests {
         assert!(matches!(receive(chunks.clone(), Some("1".repeat(64))).await.unwrap_err(), TransferError::HashMismatch { .. }));
         // A stream cut off mid-way.
         let failing = vec![Ok(chunks[0].clone()), Err(tonic::Status::aborted("cut"))];
-        let err = receive_verified_within(tokio_stream::iter(failing), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap_err();
+        let err =
+            receive_verified_within(tokio_stream::iter(failing), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap_err();
         assert!(matches!(err, TransferError::Stream(_)), "{err}");
         assert!(names_in(&incoming).is_empty(), "nothing left behind: {:?}", names_in(&incoming));
         // And the whole, true stream passes.

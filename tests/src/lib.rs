@@ -125,7 +125,17 @@ impl Cluster {
         if extra_args.contains(&"--tls-cert") {
             cluster.scheme = "https";
         }
-        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data_dir, "--token-file", &client_token, "--worker-token-file", &worker_token];
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data_dir,
+            "--token-file",
+            &client_token,
+            "--worker-token-file",
+            &worker_token,
+        ];
         args.extend_from_slice(extra_args);
         cluster.coordinator_args = args.iter().map(|a| a.to_string()).collect();
         cluster.spawn_coordinator("coordinator");
@@ -149,8 +159,12 @@ impl Cluster {
             }
             Some((launcher, launcher_args)) => {
                 let program = program.to_string_lossy().into_owned();
-                let all: Vec<&str> =
-                    launcher_args.iter().map(String::as_str).chain(std::iter::once(program.as_str())).chain(args.iter().map(String::as_str)).collect();
+                let all: Vec<&str> = launcher_args
+                    .iter()
+                    .map(String::as_str)
+                    .chain(std::iter::once(program.as_str()))
+                    .chain(args.iter().map(String::as_str))
+                    .collect();
                 let launcher = PathBuf::from(launcher);
                 self.spawn(label, &launcher, &all);
             }
@@ -240,7 +254,8 @@ impl Cluster {
     /// Kills the newest process labelled `label` (or `label-N`, a restarted generation) with
     /// SIGKILL (a machine dying), and waits for it.
     pub fn kill(&mut self, label: &str) {
-        let process = self.processes.iter_mut().rev().find(|p| is_labelled(&p.label, label)).unwrap_or_else(|| panic!("no process {label}"));
+        let process =
+            self.processes.iter_mut().rev().find(|p| is_labelled(&p.label, label)).unwrap_or_else(|| panic!("no process {label}"));
         process.child.kill().expect("kill");
         process.child.wait().expect("wait");
     }
@@ -294,18 +309,17 @@ impl Cluster {
     /// Runs a client command and returns its stdout, failing the test (with stderr) if it failed.
     pub fn client_ok(&self, args: &[&str]) -> String {
         let output = self.client(args);
-        assert!(
-            output.status.success(),
-            "coordinator {args:?} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "coordinator {args:?} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).expect("utf-8 output")
     }
 
     /// The logs of every process labelled `label` (restarts, `label-N`, included), in order.
     pub fn logs_of(&self, label: &str) -> String {
-        self.processes.iter().filter(|p| is_labelled(&p.label, label)).map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).collect()
+        self.processes
+            .iter()
+            .filter(|p| is_labelled(&p.label, label))
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .collect()
     }
 
     /// The log of the newest process labelled `label` (or `label-N`).
@@ -327,7 +341,8 @@ impl Cluster {
 /// Whether a process labelled `actual` is `label` or a later generation of it (`label-N`):
 /// `w1` is not `w11`.
 fn is_labelled(actual: &str, label: &str) -> bool {
-    actual == label || actual.strip_prefix(label).and_then(|rest| rest.strip_prefix('-')).is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+    actual == label
+        || actual.strip_prefix(label).and_then(|rest| rest.strip_prefix('-')).is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
 }
 
 impl Drop for Cluster {

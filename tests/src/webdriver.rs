@@ -43,7 +43,8 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else { return out };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..line_end]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&body[..line_end]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
         if size == 0 || body.len() < line_end + 2 + size {
             return out;
         }
@@ -155,7 +156,8 @@ impl Browser {
             assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("/usr/bin/chromium");
+        let binary =
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("/usr/bin/chromium");
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": binary, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100", "--hide-scrollbars"]},

@@ -12,7 +12,11 @@ fn every_bad_sweep_is_refused_with_its_error_and_nothing_is_submitted() {
     assert!(files.len() >= 10, "the corpus is in place: {files:?}");
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
-        let expected = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).unwrap_or_else(|| panic!("{} lacks its # expect line", file.display()));
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks its # expect line", file.display()));
         let output = cluster.client(&["submit", &file.to_string_lossy()]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{} was accepted", file.display());

@@ -125,7 +125,8 @@ fn command_trials_are_confined_and_their_reports_checked() {
         assert!(!logs.contains(secret), "{secret} reached the program:\n{logs}");
     }
 
-    for (name, script, expected) in [("nan", NAN, "loss is NaN: only finite numbers"), ("huge", HUGE, "more than the limit of 65536 bytes")] {
+    for (name, script, expected) in [("nan", NAN, "loss is NaN: only finite numbers"), ("huge", HUGE, "more than the limit of 65536 bytes")]
+    {
         let files = program(&cluster, name, script);
         let started = Instant::now();
         let sweep_id = cluster.submit(&format!("{name}.toml"), &sweep(name, &files, "[final]\nepochs = 1\nmax_attempts = 3\n"));
@@ -179,7 +180,8 @@ fn a_command_sweep_cross_validates_and_trains_the_winner_as_a_gang() {
     let members: std::collections::BTreeSet<&str> = final_trial["worker_names"].as_str().unwrap().split(',').collect();
     assert_eq!(members, ["w1", "w2"].into_iter().collect(), "{done}");
     let logs = cluster.client_ok(&["logs", &sweep_id, "--trial", "final"]);
-    let checksums: Vec<&str> = logs.lines().filter_map(|line| line.split_once("world_size=2 checksum=").map(|(_, sum)| sum.trim())).collect();
+    let checksums: Vec<&str> =
+        logs.lines().filter_map(|line| line.split_once("world_size=2 checksum=").map(|(_, sum)| sum.trim())).collect();
     assert!(logs.contains("result rank=0 world_size=2") && logs.contains("result rank=1 world_size=2"), "{logs}");
     assert_eq!(checksums.len(), 2, "{logs}");
     assert_eq!(checksums[0], checksums[1], "the ranks ended with different weights:\n{logs}");
@@ -231,7 +233,8 @@ fn a_killed_worker_resumes_from_the_checkpoint_and_cancel_leaves_no_process() {
     assert!(final_trial["attempts"].as_u64().unwrap() >= 2, "{done}");
     let epochs: Vec<u64> = final_trial["epochs"].as_array().unwrap().iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
     assert_eq!(epochs, vec![1, 2, 3, 4, 5, 6], "each epoch once: {done}");
-    let attempts: std::collections::BTreeSet<u64> = final_trial["epochs"].as_array().unwrap().iter().map(|e| e["attempt"].as_u64().unwrap()).collect();
+    let attempts: std::collections::BTreeSet<u64> =
+        final_trial["epochs"].as_array().unwrap().iter().map(|e| e["attempt"].as_u64().unwrap()).collect();
     assert!(attempts.len() >= 2, "epochs from both attempts are kept: {done}");
     let logs = cluster.client_ok(&["logs", &sweep_id]);
     let resumed_at = number_after(&logs, "start=").expect("the retry's start");

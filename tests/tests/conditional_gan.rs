@@ -112,7 +112,8 @@ fn a_conditional_run_reports_swd_and_generate_draws_the_requested_class() {
 
     let out = cluster.dir.path();
     let (ring, all) = (out.join("ring.png"), out.join("all.png"));
-    let printed = cluster.client_ok(&["generate", &sweep_id, "--class", "ring", "--count", "5", "--seed", "7", "--out", &ring.to_string_lossy()]);
+    let printed =
+        cluster.client_ok(&["generate", &sweep_id, "--class", "ring", "--count", "5", "--seed", "7", "--out", &ring.to_string_lossy()]);
     assert!(printed.contains("rows: ring") && printed.contains("5 columns"), "{printed}");
     let printed = cluster.client_ok(&["generate", &sweep_id, "--count", "5", "--seed", "7", "--out", &all.to_string_lossy()]);
     assert!(printed.contains("rows: disc, ring"), "{printed}");

@@ -78,11 +78,8 @@ fn screenshot(browser: &Browser, name: &str) {
 /// Fails on any browser console error that is not a refused request the test asked for
 /// (a wrong sign-in answers 401, a viewer's cancel 403: the browser logs those as network errors).
 fn assert_no_script_errors(browser: &Browser, page: &str) {
-    let severe: Vec<Value> = browser
-        .console_log()
-        .into_iter()
-        .filter(|entry| entry["level"] == "SEVERE" && entry["source"] != "network")
-        .collect();
+    let severe: Vec<Value> =
+        browser.console_log().into_iter().filter(|entry| entry["level"] == "SEVERE" && entry["source"] != "network").collect();
     assert!(severe.is_empty(), "JavaScript errors on the {page} page: {severe:#?}");
     let banner = browser.execute("return document.getElementById('errors').textContent", json!([]));
     assert_eq!(banner, json!(""), "the {page} page reported an error");
@@ -153,7 +150,11 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // (5) The viewer cannot cancel: the button is disabled and the API refuses.
     browser.goto(&format!("{base}/#/sweep/{xss}"));
-    browser.wait_until("the <script> sweep's page", Duration::from_secs(30), "const h = document.getElementById('sweep-name'); return h && h.textContent");
+    browser.wait_until(
+        "the <script> sweep's page",
+        Duration::from_secs(30),
+        "const h = document.getElementById('sweep-name'); return h && h.textContent",
+    );
     assert_eq!(browser.execute("return document.getElementById('sweep-name').textContent", json!([])), json!(XSS_NAME));
     assert_eq!(browser.execute("return document.getElementById('cancel').disabled", json!([])), json!(true));
     let status = browser.command(
@@ -171,16 +172,29 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     cluster.add_worker("w0");
     let epochs_of_selected = "const t = document.getElementById('trial-name'); const row = t && [...document.querySelectorAll('#trials-body tr')].find(r => r.classList.contains('selected')); \
                               const cell = row && row.querySelector('.epochs'); return cell ? parseInt(cell.textContent, 10) : 0";
-    let points = "const p = document.querySelector('#trial-charts path.series'); return p ? parseInt(p.getAttribute('data-points'), 10) : 0";
-    let first = browser.wait_until("a first epoch on the page", Duration::from_secs(120), &format!("{{ {epochs_of_selected} }}")).as_i64().unwrap();
+    let points =
+        "const p = document.querySelector('#trial-charts path.series'); return p ? parseInt(p.getAttribute('data-points'), 10) : 0";
+    let first =
+        browser.wait_until("a first epoch on the page", Duration::from_secs(120), &format!("{{ {epochs_of_selected} }}")).as_i64().unwrap();
     let first_points = browser.wait_until("a first point on the trial's chart", Duration::from_secs(30), points).as_i64().unwrap();
     let grew_at = Instant::now();
     let later = browser
-        .wait_until("the epoch count to grow", Duration::from_secs(120), &format!("const n = (() => {{ {epochs_of_selected} }})(); return n > {first} ? n : 0"))
+        .wait_until(
+            "the epoch count to grow",
+            Duration::from_secs(120),
+            &format!("const n = (() => {{ {epochs_of_selected} }})(); return n > {first} ? n : 0"),
+        )
         .as_i64()
         .unwrap();
-    browser.wait_until("the chart to grow", Duration::from_secs(30), &format!("const n = (() => {{ {points} }})(); return n > {first_points} ? n : 0"));
-    eprintln!("epochs on the page went from {first} to {later} ({:.1} s), chart points from {first_points}", grew_at.elapsed().as_secs_f64());
+    browser.wait_until(
+        "the chart to grow",
+        Duration::from_secs(30),
+        &format!("const n = (() => {{ {points} }})(); return n > {first_points} ? n : 0"),
+    );
+    eprintln!(
+        "epochs on the page went from {first} to {later} ({:.1} s), chart points from {first_points}",
+        grew_at.elapsed().as_secs_f64()
+    );
     assert_eq!(browser.execute("return window.__sameDocument || null", json!([])), json!("yes"), "the page reloaded");
     screenshot(&browser, "sweep-running");
     assert_no_script_errors(&browser, "sweep (running)");
@@ -189,7 +203,8 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     let started = Instant::now();
     loop {
         let sweep = api(console, &format!("/api/sweeps/{live}"));
-        let final_stage_done = sweep["stages"].as_array().is_some_and(|s| s.iter().any(|st| st["stage"] == "final" && st["ended"] == st["total"]));
+        let final_stage_done =
+            sweep["stages"].as_array().is_some_and(|s| s.iter().any(|st| st["stage"] == "final" && st["ended"] == st["total"]));
         if sweep["state"] != "running" && final_stage_done {
             assert_eq!(sweep["state"], "succeeded", "{sweep}");
             break;
@@ -198,7 +213,8 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let cv = api(console, &format!("/api/sweeps/{live}/cv"));
-    let winner = cv["configs"].as_array().unwrap().iter().find(|c| c["winner"] == true).expect("a winner")["config"].as_str().unwrap().to_string();
+    let winner =
+        cv["configs"].as_array().unwrap().iter().find(|c| c["winner"] == true).expect("a winner")["config"].as_str().unwrap().to_string();
     browser.wait_until(
         "every fold's value and the winner in the CV table",
         Duration::from_secs(20),
@@ -217,11 +233,7 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
         Duration::from_secs(20),
         "return document.querySelectorAll('#cv path.series').length === 2 && document.querySelectorAll('#cv path.band').length === 2",
     );
-    browser.wait_until(
-        "the figures to load and decode",
-        Duration::from_secs(60),
-        &images_loaded("#figures img", "", 3),
-    );
+    browser.wait_until("the figures to load and decode", Duration::from_secs(60), &images_loaded("#figures img", "", 3));
     let decoded = browser.command(
         "POST",
         "/execute/async",
@@ -234,14 +246,18 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // The final trial's page: its artifacts render as images and its checkpoint downloads.
     browser.execute("document.getElementById('trial-stage').value = 'final'; document.getElementById('trial-stage').dispatchEvent(new Event('change')); return true", json!([]));
-    browser.wait_until("the final trial's row", Duration::from_secs(30), "return document.querySelectorAll('#trials-body tr').length === 1");
-    browser.click("#trials-body tr");
     browser.wait_until(
-        "the final trial's artifact images",
+        "the final trial's row",
         Duration::from_secs(30),
-        &images_loaded("#trial-artifacts img", "", 1),
+        "return document.querySelectorAll('#trials-body tr').length === 1",
     );
-    let link = browser.wait_until("a checkpoint link", Duration::from_secs(30), "const a = document.querySelector('#trial-checkpoints a'); return a && a.getAttribute('href')");
+    browser.click("#trials-body tr");
+    browser.wait_until("the final trial's artifact images", Duration::from_secs(30), &images_loaded("#trial-artifacts img", "", 1));
+    let link = browser.wait_until(
+        "a checkpoint link",
+        Duration::from_secs(30),
+        "const a = document.querySelector('#trial-checkpoints a'); return a && a.getAttribute('href')",
+    );
     let download = http(console, "GET", link.as_str().unwrap(), &[("Authorization", &bearer(VIEWER_TOKEN))], None);
     assert_eq!(download.status, 200);
     assert!(download.body.len() > 1000, "a checkpoint has bytes");
@@ -251,7 +267,11 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
 
     // The workers page: name, device, current trial, time by phase, last seen.
     browser.goto(&format!("{base}/#/workers"));
-    browser.wait_until("the worker on the workers page", Duration::from_secs(30), "return [...document.querySelectorAll('#workers-body td')].some(td => td.textContent === 'w0')");
+    browser.wait_until(
+        "the worker on the workers page",
+        Duration::from_secs(30),
+        "return [...document.querySelectorAll('#workers-body td')].some(td => td.textContent === 'w0')",
+    );
     let device = browser.execute("return document.querySelector('#workers-body td.device').textContent", json!([]));
     assert_eq!(device, json!("cpu"));
     browser.wait_until(
@@ -266,9 +286,17 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     sign_out(&browser);
     sign_in(&browser, CLIENT_TOKEN);
     browser.goto(&format!("{base}/#/sweep/{xss}"));
-    browser.wait_until("an enabled cancel button", Duration::from_secs(30), "const b = document.getElementById('cancel'); return b && !b.disabled");
+    browser.wait_until(
+        "an enabled cancel button",
+        Duration::from_secs(30),
+        "const b = document.getElementById('cancel'); return b && !b.disabled",
+    );
     browser.click("#cancel");
-    browser.wait_until("the cancellation", Duration::from_secs(20), "return /cancelled/.test(document.getElementById('action-message').textContent)");
+    browser.wait_until(
+        "the cancellation",
+        Duration::from_secs(20),
+        "return /cancelled/.test(document.getElementById('action-message').textContent)",
+    );
     browser.goto(&format!("{base}/#/"));
     browser.wait_until("the sweeps page", Duration::from_secs(30), &format!("return {row} && {row}.textContent"));
     screenshot(&browser, "sweeps");
@@ -296,16 +324,8 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
         assert!(started.elapsed() < Duration::from_secs(30), "the WGAN-GP trial's curves (points each): {drawn}");
         std::thread::sleep(Duration::from_millis(250));
     }
-    browser.wait_until(
-        "the sample grids of each epoch",
-        Duration::from_secs(60),
-        &images_loaded("#trial-artifacts img", "samples-e", 2),
-    );
-    browser.wait_until(
-        "figures 4-7 to load",
-        Duration::from_secs(60),
-        &images_loaded("#figures img", "", 4),
-    );
+    browser.wait_until("the sample grids of each epoch", Duration::from_secs(60), &images_loaded("#trial-artifacts img", "samples-e", 2));
+    browser.wait_until("figures 4-7 to load", Duration::from_secs(60), &images_loaded("#figures img", "", 4));
     browser.execute("window.scrollTo(0, 0); return true", json!([]));
     screenshot(&browser, "sweep-wgan");
     assert_no_script_errors(&browser, "sweep (WGAN-GP)");

@@ -66,7 +66,11 @@ fn assert_same_epochs(stage: &str, gang: &Value, sole: &Value) {
         assert!(!values.is_empty());
         for (key, expected) in values {
             let (ours, expected) = (ours["values"][key].as_f64().unwrap(), expected.as_f64().unwrap());
-            assert!((ours - expected).abs() <= 1e-4 * expected.abs().max(1e-3), "{stage} epoch {}: {key} {ours} vs {expected} on one replica", theirs["epoch"]);
+            assert!(
+                (ours - expected).abs() <= 1e-4 * expected.abs().max(1e-3),
+                "{stage} epoch {}: {key} {ours} vs {expected} on one replica",
+                theirs["epoch"]
+            );
         }
     }
 }
@@ -106,9 +110,13 @@ fn a_killed_replica_restarts_the_final_gang_from_its_checkpoint() {
     let mut cluster = Cluster::start_with(&["--lease-secs", "3"]);
     cluster.add_worker("w0");
     cluster.add_worker("w1");
-    let text = sweep("[distributed]\nreplicas = 2\n").replace("train_limit = 41", "train_limit = 2000").replace("epochs = 3", "epochs = 40").replace("batch_size = 10", "batch_size = 100");
+    let text = sweep("[distributed]\nreplicas = 2\n")
+        .replace("train_limit = 41", "train_limit = 2000")
+        .replace("epochs = 3", "epochs = 40")
+        .replace("batch_size = 10", "batch_size = 100");
     let sweep_id = cluster.submit("gang.toml", &text);
-    let progressed = |r: &Value| r["trials"].as_array().unwrap().iter().any(|t| t["stage"] == "final" && t["epochs"].as_array().unwrap().len() >= 2);
+    let progressed =
+        |r: &Value| r["trials"].as_array().unwrap().iter().any(|t| t["stage"] == "final" && t["epochs"].as_array().unwrap().len() >= 2);
     cluster.wait_for(&sweep_id, Duration::from_secs(120), progressed);
     cluster.kill("w1");
     cluster.add_worker("w2");

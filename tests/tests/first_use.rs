@@ -61,7 +61,11 @@ fn a_new_user_is_told_why_nothing_runs_and_how_to_fix_it() {
     let path = write(&cluster, "small.toml", &small_sweep("small", ""));
 
     // The dry run needs no coordinator (nothing listens on port 1) and no token.
-    let dry = Command::new(binary("coordinator")).args(["--coordinator", "http://127.0.0.1:1", "submit", &path, "--dry-run"]).env_remove("COHORT_TOKEN_FILE").output().unwrap();
+    let dry = Command::new(binary("coordinator"))
+        .args(["--coordinator", "http://127.0.0.1:1", "submit", &path, "--dry-run"])
+        .env_remove("COHORT_TOKEN_FILE")
+        .output()
+        .unwrap();
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     let plan = text(&dry.stdout);
     assert!(plan.contains("stage cv") && plan.contains("stage final") && plan.contains("cv/c0/f1"), "{plan}");
@@ -70,10 +74,16 @@ fn a_new_user_is_told_why_nothing_runs_and_how_to_fix_it() {
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("train-images-idx3-ubyte.gz"), b"not a dataset").unwrap();
     let broken_path = write(&cluster, "broken.toml", &small_sweep("broken", "").replace(&mnist_sample(), &broken.to_string_lossy()));
-    let dry = Command::new(binary("coordinator")).args(["--coordinator", "http://127.0.0.1:1", "submit", &broken_path, "--dry-run"]).output().unwrap();
+    let dry = Command::new(binary("coordinator"))
+        .args(["--coordinator", "http://127.0.0.1:1", "submit", &broken_path, "--dry-run"])
+        .output()
+        .unwrap();
     assert!(!dry.status.success());
     assert!(text(&dry.stderr).contains("train-labels") || text(&dry.stderr).contains("train-images"), "{}", text(&dry.stderr));
-    assert!(!cluster.data_dir().join("blobs").exists() || std::fs::read_dir(cluster.data_dir().join("blobs")).unwrap().count() == 0, "a dry run uploads nothing");
+    assert!(
+        !cluster.data_dir().join("blobs").exists() || std::fs::read_dir(cluster.data_dir().join("blobs")).unwrap().count() == 0,
+        "a dry run uploads nothing"
+    );
 
     // Submitted with no worker: a warning, and the reason on every view.
     let submitted = cluster.client(&["submit", &path]);
@@ -115,7 +125,9 @@ fn a_new_user_is_told_why_nothing_runs_and_how_to_fix_it() {
 
     // Every listing has CSV.
     assert!(cluster.client_ok(&["status", "--format", "csv"]).starts_with("sweep,name,state,total,queued,running,succeeded,failed\n"));
-    assert!(cluster.client_ok(&["workers", "--format", "csv"]).starts_with("worker,name,device,allow_commands,last_seen_secs,sweep,trial,task\n"));
+    assert!(cluster
+        .client_ok(&["workers", "--format", "csv"])
+        .starts_with("worker,name,device,allow_commands,last_seen_secs,sweep,trial,task\n"));
     assert!(cluster.client_ok(&["checkpoints", &sweep_id, "--format", "csv"]).starts_with("task_id,trial,epoch,size,final,sha256\n"));
 
     // A worker with a wrong token stops at once, naming the file and how to give another.
@@ -165,7 +177,11 @@ fn a_finished_sweep_reads_back_by_name_and_as_data() {
     // Its first message says why nothing runs yet; only then does a worker come.
     let started = Instant::now();
     while !std::fs::read_to_string(&watch_err).unwrap_or_default().contains("(waiting: no worker connected)") {
-        assert!(started.elapsed() < Duration::from_secs(60), "watch drew no waiting stage: {}", std::fs::read_to_string(&watch_err).unwrap_or_default());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "watch drew no waiting stage: {}",
+            std::fs::read_to_string(&watch_err).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     cluster.add_worker("alpha");
@@ -300,7 +316,16 @@ fn wait_rides_out_a_coordinator_restart() {
     let mut cluster = Cluster::start();
     let sweep_id = cluster.submit("short.toml", &final_sweep("short", 1, ""));
     let mut wait = Command::new(binary("coordinator"))
-        .args(["--coordinator", &cluster.url(), "--token-file", &cluster.client_token().to_string_lossy(), "wait", &sweep_id, "--timeout", "300"])
+        .args([
+            "--coordinator",
+            &cluster.url(),
+            "--token-file",
+            &cluster.client_token().to_string_lossy(),
+            "wait",
+            &sweep_id,
+            "--timeout",
+            "300",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -49,7 +49,8 @@ struct PlainInputs {
 
 impl PlainInputs {
     fn of(inputs: &Inputs) -> Self {
-        let batch = [Plain::of(&inputs.real), Plain::of(&inputs.critic_noise), Plain::of(&inputs.epsilon), Plain::of(&inputs.generator_noise)];
+        let batch =
+            [Plain::of(&inputs.real), Plain::of(&inputs.critic_noise), Plain::of(&inputs.epsilon), Plain::of(&inputs.generator_noise)];
         let labels = inputs.labels.as_ref().map(|l| Vec::<i64>::try_from(l).unwrap());
         Self { weights: inputs.weights.clone(), batch, labels }
     }
@@ -82,7 +83,12 @@ fn gan_with(weights: &BTreeMap<String, Plain>, classes: i64) -> Gan {
 }
 
 /// (critic gradients, generator gradients) by parameter name, for one replica or the whole batch.
-fn gradients(gan: &mut Gan, inputs: &Inputs, shard: Shard, mut comm: Option<&mut (dyn Communicator + 'static)>) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+fn gradients(
+    gan: &mut Gan,
+    inputs: &Inputs,
+    shard: Shard,
+    mut comm: Option<&mut (dyn Communicator + 'static)>,
+) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
     let labels = inputs.labels.as_ref();
     gan.critic_gradients_given(&inputs.real, labels, &inputs.critic_noise, &inputs.epsilon, 10.0, shard, comm.as_deref_mut()).unwrap();
     let critic = gan.gradients("critic.").into_iter().map(|(n, g)| (n, g.copy())).collect();
@@ -134,7 +140,9 @@ fn check_equivalence(classes: i64) {
                         let mut gan = gan_with(&inputs.weights, plain_inputs.classes());
                         let shard = Shard { rank: member.rank(), world };
                         let (critic, generator) = gradients(&mut gan, &inputs, shard, Some(&mut member));
-                        let plain = |m: BTreeMap<String, Tensor>| -> Vec<(String, Plain)> { m.into_iter().map(|(n, t)| (n, Plain::of(&t))).collect() };
+                        let plain = |m: BTreeMap<String, Tensor>| -> Vec<(String, Plain)> {
+                            m.into_iter().map(|(n, t)| (n, Plain::of(&t))).collect()
+                        };
                         (plain(critic), plain(generator))
                     })
                 })

@@ -55,7 +55,9 @@ impl Attacker {
 }
 
 fn epochs(range: std::ops::RangeInclusive<u32>, name: &str, value: f64) -> Vec<pb::EpochMetrics> {
-    range.map(|epoch| pb::EpochMetrics { epoch, values: [(name.to_string(), value)].into(), seconds: 1.0, samples: 10, attempt: 0 }).collect()
+    range
+        .map(|epoch| pb::EpochMetrics { epoch, values: [(name.to_string(), value)].into(), seconds: 1.0, samples: 10, attempt: 0 })
+        .collect()
 }
 
 fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
@@ -103,7 +105,8 @@ async fn a_worker_token_cannot_touch_another_workers_trial() {
     let mut cluster = Cluster::start();
     let sweep_id = cluster.submit("hijack.toml", &sweep("hijack", 2, 3, 2000));
     cluster.add_worker("honest");
-    let running = cluster.wait_for(&sweep_id, Duration::from_secs(120), |r| r["trials"].as_array().unwrap().iter().any(|t| t["state"] == "running"));
+    let running =
+        cluster.wait_for(&sweep_id, Duration::from_secs(120), |r| r["trials"].as_array().unwrap().iter().any(|t| t["state"] == "running"));
     let victim = running["trials"].as_array().unwrap().iter().find(|t| t["state"] == "running").unwrap().clone();
     let task_id = victim["task_id"].as_str().unwrap().to_string();
     let honest_id = victim["worker"].as_str().unwrap().to_string();
@@ -169,7 +172,8 @@ async fn a_worker_token_cannot_touch_another_workers_trial() {
         let mut upload = tonic::Request::new(tokio_stream::iter(vec![chunk]));
         lease.attach(upload.metadata_mut()).unwrap();
         refused(attacker.client.upload_blob(upload).await, Code::PermissionDenied, "lease secret");
-        let complete = pb::CompleteTaskRequest { worker_id: worker_id.clone(), task_id: task_id.clone(), attempt: 1, lease_secret: secret.clone() };
+        let complete =
+            pb::CompleteTaskRequest { worker_id: worker_id.clone(), task_id: task_id.clone(), attempt: 1, lease_secret: secret.clone() };
         refused(attacker.client.complete_task(complete).await, Code::PermissionDenied, "lease secret");
         let fail = pb::FailTaskRequest {
             worker_id: worker_id.clone(),
@@ -182,7 +186,12 @@ async fn a_worker_token_cannot_touch_another_workers_trial() {
         refused(attacker.client.fail_task(fail).await, Code::PermissionDenied, "lease secret");
     }
     // Acting as the honest worker itself needs its session.
-    let heartbeat = pb::HeartbeatRequest { worker_id: honest_id.clone(), running: vec![], session: attacker.session.clone(), phase_seconds: Default::default() };
+    let heartbeat = pb::HeartbeatRequest {
+        worker_id: honest_id.clone(),
+        running: vec![],
+        session: attacker.session.clone(),
+        phase_seconds: Default::default(),
+    };
     refused(attacker.client.heartbeat(heartbeat).await, Code::PermissionDenied, "wrong session");
     let acquire = pb::AcquireTaskRequest { worker_id: honest_id.clone(), wait_ms: 0, session: attacker.session.clone() };
     refused(attacker.client.acquire_task(acquire).await, Code::PermissionDenied, "wrong session");
@@ -217,14 +226,22 @@ async fn a_lease_holder_cannot_store_bad_or_unbounded_input() {
     };
 
     for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-        refused(attacker.client.report_metrics(report(epochs(1..=1, "val_mse", bad))).await, Code::InvalidArgument, "metric val_mse of epoch 1");
+        refused(
+            attacker.client.report_metrics(report(epochs(1..=1, "val_mse", bad))).await,
+            Code::InvalidArgument,
+            "metric val_mse of epoch 1",
+        );
     }
     let wide: std::collections::HashMap<String, f64> = (0..65).map(|i| (format!("m{i}"), 1.0)).collect();
     let wide = vec![pb::EpochMetrics { epoch: 1, values: wide, seconds: 1.0, samples: 1, attempt: 0 }];
     refused(attacker.client.report_metrics(report(wide)).await, Code::ResourceExhausted, "--max-values-per-epoch");
     let long_name = vec![pb::EpochMetrics { epoch: 1, values: [("x".repeat(200_000), 1.0)].into(), seconds: 1.0, samples: 1, attempt: 0 }];
     refused(attacker.client.report_metrics(report(long_name)).await, Code::InvalidArgument, "a metric name has 1 to 256 bytes");
-    refused(attacker.client.report_metrics(report(epochs(3..=3, "val_mse", 0.5))).await, Code::InvalidArgument, "outside the trial's plan of epochs 1 to 2");
+    refused(
+        attacker.client.report_metrics(report(epochs(3..=3, "val_mse", 0.5))).await,
+        Code::InvalidArgument,
+        "outside the trial's plan of epochs 1 to 2",
+    );
     refused(attacker.client.report_metrics(report(epochs(0..=0, "val_mse", 0.5))).await, Code::InvalidArgument, "outside the trial's plan");
 
     // A blob it did not upload (a dataset file, by its hash), and an epoch not yet reported.
@@ -265,7 +282,8 @@ async fn a_lease_holder_cannot_store_bad_or_unbounded_input() {
 
     // Hoarding: asking for a second lease gives up the first.
     let second = attacker.acquire().await;
-    let stale = pb::CompleteTaskRequest { worker_id: attacker.worker_id.clone(), task_id: task_id.clone(), attempt, lease_secret: secret.clone() };
+    let stale =
+        pb::CompleteTaskRequest { worker_id: attacker.worker_id.clone(), task_id: task_id.clone(), attempt, lease_secret: secret.clone() };
     refused(attacker.client.complete_task(stale).await, Code::FailedPrecondition, "not leased to this worker");
     let give_back = pb::FailTaskRequest {
         worker_id: attacker.worker_id.clone(),
@@ -292,13 +310,19 @@ async fn registrations_beyond_the_rate_limit_are_refused() {
     let mut accepted = 0;
     let mut refusals = Vec::new();
     for _ in 0..30 {
-        match client.register(pb::RegisterRequest { name: "flood".into(), device: "cpu".into(), running: vec![], allow_commands: false }).await {
+        match client
+            .register(pb::RegisterRequest { name: "flood".into(), device: "cpu".into(), running: vec![], allow_commands: false })
+            .await
+        {
             Ok(_) => accepted += 1,
             Err(status) => refusals.push(status),
         }
     }
     assert!((10..=11).contains(&accepted), "{accepted} of 30 registrations accepted");
-    assert!(refusals.iter().all(|s| s.code() == Code::ResourceExhausted && s.message().contains("--registrations-per-minute")), "{refusals:?}");
+    assert!(
+        refusals.iter().all(|s| s.code() == Code::ResourceExhausted && s.message().contains("--registrations-per-minute")),
+        "{refusals:?}"
+    );
     let workers = cluster.client_ok(&["workers"]);
     assert!(workers.lines().filter(|l| l.contains("flood")).count() <= 11, "{workers}");
 }
@@ -389,7 +413,9 @@ exec "$@""#,
     let sweep_text = sweep("full", 2, 4, 1000);
     let sweep_id = cluster.submit("full.toml", &sweep_text);
     cluster.add_worker("honest");
-    cluster.wait_for(&sweep_id, Duration::from_secs(120), |r| r["trials"].as_array().unwrap().iter().any(|t| !t["epochs"].as_array().unwrap().is_empty()));
+    cluster.wait_for(&sweep_id, Duration::from_secs(120), |r| {
+        r["trials"].as_array().unwrap().iter().any(|t| !t["epochs"].as_array().unwrap().is_empty())
+    });
 
     ask("fill", "filled");
     // A submission whose 4 MB source cannot fit is refused whole, and from then on every

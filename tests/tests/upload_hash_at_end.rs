@@ -37,7 +37,8 @@ async fn uploads_hashed_at_end_are_stored_only_when_their_hash_checks_out() {
     let cluster = Cluster::start();
     let options = ConnectOptions { url: cluster.url(), token_file: Some(cluster.client_token()), tls_ca: None };
     let (channel, token) = options.lazy_channel().expect("channel");
-    let mut client = ClientServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+    let mut client =
+        ClientServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let blobs = cluster.data_dir().join("blobs");
 
     let dir = tempfile::tempdir().unwrap();

@@ -46,7 +46,8 @@ fn classifier(batch: i64) -> f64 {
     let vars = nn::VarStore::new(Device::Cpu);
     let model = Classifier::new(&vars.root(), 4);
     let (encoder, head): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(n, _)| Classifier::is_encoder_variable(n));
-    let groups = vec![ParamGroup { params: encoder, lr: 1e-4, weight_decay: 1e-5 }, ParamGroup { params: head, lr: 1e-3, weight_decay: 1e-5 }];
+    let groups =
+        vec![ParamGroup { params: encoder, lr: 1e-4, weight_decay: 1e-5 }, ParamGroup { params: head, lr: 1e-3, weight_decay: 1e-5 }];
     let mut adam = Adam::new(groups, (0.9, 0.999), 1e-8);
     let images = Tensor::rand([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu));
@@ -97,7 +98,8 @@ fn main() {
     ];
     let selected: Vec<Step> = steps.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name)).collect();
     // On a dedicated thread, as the worker trains (its own malloc arena, not the main heap).
-    let results = std::thread::spawn(move || selected.into_iter().map(|(name, run)| (name, run())).collect::<Vec<_>>()).join().expect("bench thread");
+    let results =
+        std::thread::spawn(move || selected.into_iter().map(|(name, run)| (name, run())).collect::<Vec<_>>()).join().expect("bench thread");
     println!("{}", serde_json_like(&results));
 }
 

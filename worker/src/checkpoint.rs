@@ -37,18 +37,14 @@ pub enum CheckpointError {
 
 /// Writes the model's variables, the optimizers' state and `epoch` to `path`.
 pub fn save(path: &Path, vars: &nn::VarStore, optimizers: &[&Adam], epoch: u32) -> Result<(), CheckpointError> {
-    let mut tensors: Vec<(String, Tensor)> = vars
-        .variables()
-        .into_iter()
-        .map(|(name, tensor)| (format!("{MODEL_PREFIX}{name}"), tensor))
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> =
+        vars.variables().into_iter().map(|(name, tensor)| (format!("{MODEL_PREFIX}{name}"), tensor)).collect();
     for optimizer in optimizers {
         tensors.extend(optimizer.state());
     }
     tensors.push((EPOCH_KEY.to_string(), Tensor::from(i64::from(epoch))));
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&tensors, path)
-        .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })
+    Tensor::write_safetensors(&tensors, path).map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })
 }
 
 /// Restores weights and optimizer state from the checkpoint at `path`, if any; returns the
@@ -75,8 +71,8 @@ pub struct Loaded {
 impl Loaded {
     /// Reads a checkpoint file.
     pub fn read(path: &Path) -> Result<Self, CheckpointError> {
-        let tensors = Tensor::read_safetensors(path)
-            .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
+        let tensors =
+            Tensor::read_safetensors(path).map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
         Ok(Self { tensors: tensors.into_iter().collect(), path: path.display().to_string() })
     }
 
@@ -113,8 +109,6 @@ impl Loaded {
 
     /// Restores the optimizer state.
     pub fn restore_optimizer(&self, optimizer: &mut Adam) -> Result<(), CheckpointError> {
-        optimizer
-            .load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone))
-            .map_err(|message| self.mismatch(message))
+        optimizer.load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone)).map_err(|message| self.mismatch(message))
     }
 }

@@ -124,8 +124,7 @@ pub struct LoadedGenerator {
 /// Loads the generator (`model.generator.*`) of a WGAN-GP checkpoint onto the CPU.
 pub fn load_generator(path: &Path) -> Result<LoadedGenerator, GenerateError> {
     let bad = |message: String| GenerateError::Checkpoint { path: path.to_path_buf(), message };
-    let tensors: HashMap<String, Tensor> =
-        Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?.into_iter().collect();
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?.into_iter().collect();
     let mut widths = Vec::new();
     // deconv1 … deconv{L+1}: the widths are the output channels of all but the last.
     while tensors.contains_key(&format!("model.generator.deconv{}.weight", widths.len() + 2)) {
@@ -252,7 +251,8 @@ pub fn write_png(grid: &Grid, path: &Path) -> Result<(), GenerateError> {
     let count = size[0];
     let width = grid.columns as u32 * (side + GAP) + GAP;
     let height = grid.rows as u32 * (side + GAP) + GAP;
-    let levels = Vec::<f32>::try_from(&((grid.images.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5).round().contiguous().view([-1]))?;
+    let levels =
+        Vec::<f32>::try_from(&((grid.images.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5).round().contiguous().view([-1]))?;
     let mut canvas = image::GrayImage::new(width, height);
     let cell = (side * side) as usize;
     for index in 0..count {
@@ -288,7 +288,9 @@ mod tests {
         let loaded = load_generator(&checkpoint_of(2, dir.path())).unwrap();
         assert_eq!((loaded.widths.clone(), loaded.classes), (vec![8, 4, 4], 2));
         let saved = dir.path().join("z.txt");
-        let all = loaded.draw(&Request { latents: Latents::Random { count: 3, seed: 5 }, classes: vec![], save_latent: Some(saved.clone()) }).unwrap();
+        let all = loaded
+            .draw(&Request { latents: Latents::Random { count: 3, seed: 5 }, classes: vec![], save_latent: Some(saved.clone()) })
+            .unwrap();
         assert_eq!((all.rows, all.columns), (2, 3));
         assert_eq!(all.images.size(), [6, 1, 32, 32]);
         let one = loaded.draw(&Request { latents: Latents::File(saved), classes: vec![1], save_latent: None }).unwrap();

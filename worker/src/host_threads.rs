@@ -89,7 +89,9 @@ pub fn default_registry_dir() -> PathBuf {
     // The owner of /proc/self is this process's user.
     let uid = {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata("/proc/self").map(|meta| meta.uid().to_string()).unwrap_or_else(|_| std::env::var("USER").unwrap_or_else(|_| "user".into()))
+        std::fs::metadata("/proc/self")
+            .map(|meta| meta.uid().to_string())
+            .unwrap_or_else(|_| std::env::var("USER").unwrap_or_else(|_| "user".into()))
     };
     let shm = Path::new("/dev/shm");
     let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
@@ -156,7 +158,9 @@ impl HostRegistry {
         let mut leases = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.extension().is_none_or(|extension| extension != "lease") || path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.')) {
+            if path.extension().is_none_or(|extension| extension != "lease")
+                || path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.'))
+            {
                 continue;
             }
             let Some((pid, started, setting)) = std::fs::read_to_string(&path).ok().as_deref().and_then(parse_lease) else {
@@ -192,10 +196,14 @@ pub fn split(cores: usize, pid: u32, setting: ThreadSetting, leases: &[Lease]) -
         autos.push(pid);
     }
     autos.sort_unstable();
-    let fixed: usize = leases.iter().filter(|lease| lease.pid != pid).map(|lease| match lease.setting {
-        ThreadSetting::Fixed(count) => count,
-        ThreadSetting::Auto => 0,
-    }).sum();
+    let fixed: usize = leases
+        .iter()
+        .filter(|lease| lease.pid != pid)
+        .map(|lease| match lease.setting {
+            ThreadSetting::Fixed(count) => count,
+            ThreadSetting::Auto => 0,
+        })
+        .sum();
     let free = cores.saturating_sub(fixed);
     let (per, extra) = (free / autos.len(), free % autos.len());
     let place = autos.iter().position(|&other| other == pid).unwrap_or(0);

@@ -55,7 +55,10 @@ impl LogBuffer {
         let (task_id, attempt) = state.task.clone()?;
         let mut lines = std::mem::take(&mut state.lines);
         if state.dropped > 0 {
-            lines.insert(0, LogLine { unix_ms: now_ms(), level: "WARN".into(), message: format!("{} log lines dropped (buffer full)", state.dropped) });
+            lines.insert(
+                0,
+                LogLine { unix_ms: now_ms(), level: "WARN".into(), message: format!("{} log lines dropped (buffer full)", state.dropped) },
+            );
             state.dropped = 0;
         }
         (!lines.is_empty()).then_some((task_id, attempt, lines))

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tracing_subscriber::Layer;
 use cohort_proto::auth::ConnectOptions;
 use cohort_worker::daemon::{self, WorkerConfig};
 use tch::Device;
+use tracing_subscriber::Layer;
 
 /// Runs Cohort trials for a coordinator: registers, leases tasks, trains them with libtorch,
 /// streams metrics and uploads checkpoints.
@@ -120,7 +120,12 @@ async fn run() -> anyhow::Result<()> {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(cohort_proto::errors::colour_on_stderr()).with_filter(filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(cohort_proto::errors::colour_on_stderr())
+                .with_filter(filter),
+        )
         // Lines about a running trial also go to the coordinator (`coordinator logs`).
         .with(cohort_worker::logs::ForwardLayer)
         .init();
@@ -130,7 +135,10 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // Each task's training thread sets its count from the plan as it starts; inter-op threads
     // (unused by the recipes) stay at one.
-    let threads = std::sync::Arc::new(cohort_worker::host_threads::ThreadPlan::new(args.threads, &cohort_worker::host_threads::default_registry_dir()));
+    let threads = std::sync::Arc::new(cohort_worker::host_threads::ThreadPlan::new(
+        args.threads,
+        &cohort_worker::host_threads::default_registry_dir(),
+    ));
     tch::set_num_interop_threads(1);
     let device = parse_device(&args.device)?;
     cohort_worker::data::cache::TensorCache::global().set_budget(args.dataset_cache_mib.saturating_mul(1 << 20));

@@ -31,16 +31,25 @@ pub struct WorkerMetrics {
 fn build() -> WorkerMetrics {
     let registry = Registry::new();
     let buckets = prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
-    let step_seconds = Histogram::with_opts(HistogramOpts::new("cohort_worker_step_seconds", "Seconds per training step").buckets(buckets.clone())).expect("valid metric");
+    let step_seconds =
+        Histogram::with_opts(HistogramOpts::new("cohort_worker_step_seconds", "Seconds per training step").buckets(buckets.clone()))
+            .expect("valid metric");
     let all_reduce_seconds =
-        Histogram::with_opts(HistogramOpts::new("cohort_worker_all_reduce_seconds", "Seconds per gradient all-reduce").buckets(buckets)).expect("valid metric");
-    let samples_per_second = IntGauge::with_opts(Opts::new("cohort_worker_samples_per_second", "Training samples per second in the last epoch")).expect("valid metric");
+        Histogram::with_opts(HistogramOpts::new("cohort_worker_all_reduce_seconds", "Seconds per gradient all-reduce").buckets(buckets))
+            .expect("valid metric");
+    let samples_per_second =
+        IntGauge::with_opts(Opts::new("cohort_worker_samples_per_second", "Training samples per second in the last epoch"))
+            .expect("valid metric");
     let all_reduce_bytes = IntCounter::new("cohort_worker_all_reduce_bytes_total", "Bytes of gradients all-reduced").expect("valid metric");
     let epochs = IntCounter::new("cohort_worker_epochs_total", "Training epochs finished").expect("valid metric");
     let gpu_memory_used_bytes =
-        IntGauge::new("cohort_worker_gpu_memory_used_bytes", "GPU memory in use on the worker's CUDA device (whole device, all processes)").expect("valid metric");
+        IntGauge::new("cohort_worker_gpu_memory_used_bytes", "GPU memory in use on the worker's CUDA device (whole device, all processes)")
+            .expect("valid metric");
     let phase_seconds = CounterVec::new(
-        Opts::new("cohort_worker_seconds_total", "Seconds of the worker's life by phase: train, data, checkpoint, coordinator, idle (they sum to its uptime)"),
+        Opts::new(
+            "cohort_worker_seconds_total",
+            "Seconds of the worker's life by phase: train, data, checkpoint, coordinator, idle (they sum to its uptime)",
+        ),
         &["phase"],
     )
     .expect("valid metric");
@@ -56,7 +65,16 @@ fn build() -> WorkerMetrics {
     ] {
         registry.register(collector).expect("unique metric");
     }
-    WorkerMetrics { registry, step_seconds, samples_per_second, all_reduce_seconds, all_reduce_bytes, epochs, gpu_memory_used_bytes, phases }
+    WorkerMetrics {
+        registry,
+        step_seconds,
+        samples_per_second,
+        all_reduce_seconds,
+        all_reduce_bytes,
+        epochs,
+        gpu_memory_used_bytes,
+        phases,
+    }
 }
 
 /// The process's metrics.

@@ -160,11 +160,8 @@ mod tests {
     #[test]
     fn matches_the_closed_form_on_a_scalar() {
         let p = Tensor::from_slice(&[1.0f64]).set_requires_grad(true);
-        let mut adam = Adam::new(
-            vec![ParamGroup { params: vec![("p".into(), p.shallow_clone())], lr: 0.1, weight_decay: 0.5 }],
-            (0.9, 0.999),
-            1e-8,
-        );
+        let mut adam =
+            Adam::new(vec![ParamGroup { params: vec![("p".into(), p.shallow_clone())], lr: 0.1, weight_decay: 0.5 }], (0.9, 0.999), 1e-8);
         let (mut m, mut v, mut x) = (0.0f64, 0.0f64, 1.0f64);
         for t in 1..=2 {
             adam.zero_grad();

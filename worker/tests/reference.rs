@@ -77,9 +77,13 @@ fn dae_loss_gradients_and_adam_step_match_pytorch() {
     let reference = fixture("dae_reference.safetensors");
     let vars = nn::VarStore::new(Device::Cpu);
     let model = Dae::new(&vars.root(), 4);
-    check_against_reference(&reference, &vars, |_| 1e-3, 1e-5, || {
-        model.forward_t(&reference["input.noisy"], true).mse_loss(&reference["input.clean"], Reduction::Mean)
-    });
+    check_against_reference(
+        &reference,
+        &vars,
+        |_| 1e-3,
+        1e-5,
+        || model.forward_t(&reference["input.noisy"], true).mse_loss(&reference["input.clean"], Reduction::Mean),
+    );
 }
 
 #[test]
@@ -154,10 +158,12 @@ fn conditional_wgan_gp_losses_and_gradients_match_pytorch() {
     let critic = Critic::conditional(&(vars.root() / "critic"), widths, 3);
     load_variables(&vars, &reference);
     let losses = ["generator.loss", "critic.loss", "critic.penalty"];
-    let saved = reference.keys().filter(|k| (k.starts_with("generator.") || k.starts_with("critic.")) && !losses.contains(&k.as_str())).count();
+    let saved =
+        reference.keys().filter(|k| (k.starts_with("generator.") || k.starts_with("critic.")) && !losses.contains(&k.as_str())).count();
     assert_eq!(vars.variables().len(), saved, "the same variables as PyTorch");
 
-    let (real, fake, epsilon, labels) = (&reference["input.real"], &reference["input.fake"], &reference["input.epsilon"], &reference["input.labels"]);
+    let (real, fake, epsilon, labels) =
+        (&reference["input.real"], &reference["input.fake"], &reference["input.epsilon"], &reference["input.labels"]);
     let ours_fake = tch::no_grad(|| generator.generate(&reference["input.noise"], Some(labels), true));
     assert_eq!(ours_fake.size(), [6, 1, 32, 32]);
     assert_close("generated batch", &ours_fake, fake);

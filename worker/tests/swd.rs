@@ -33,7 +33,8 @@ fn swd_matches_numpy() {
         assert!(diff < 1e-5, "pyramid level {index}: relative error {diff:e}");
         let a = swd::descriptors(&real_pyramid[index], &reference[&format!("level{index}.positions.real")], 7);
         let b = swd::descriptors(&fake_pyramid[index], &reference[&format!("level{index}.positions.fake")], 7);
-        let directions: Vec<Tensor> = (0..).map_while(|r| reference.get(&format!("level{index}.directions{r}")).map(Tensor::shallow_clone)).collect();
+        let directions: Vec<Tensor> =
+            (0..).map_while(|r| reference.get(&format!("level{index}.directions{r}")).map(Tensor::shallow_clone)).collect();
         assert_eq!(directions.len(), 2);
         let ours = swd::sliced_wasserstein(&a, &b, &directions);
         close(&format!("level {index}"), ours, reference[&format!("level{index}.swd")].double_value(&[]));

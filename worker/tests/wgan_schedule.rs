@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use cohort_worker::task::{BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec, WganSpec};
+use cohort_worker::task::{
+    BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec, WganSpec,
+};
 use cohort_worker::train::wgan::generator_step_due;
 use cohort_worker::train::{self, EpochReport, Events, RunInputs, TrainEvent};
 use tch::{Device, Tensor};
@@ -136,7 +138,15 @@ fn run(task: &Task, resume: Option<&Path>, scratch: &Path) -> Run {
     std::fs::create_dir_all(scratch).unwrap();
     let files = committed_volume();
     let root = files.values().next().and_then(|path| path.parent()).unwrap().to_path_buf();
-    let inputs = RunInputs { dataset_files: &files, dataset_root: &root, resume_from: resume, init_from: None, scratch_dir: scratch, device: Device::Cpu, gang: None };
+    let inputs = RunInputs {
+        dataset_files: &files,
+        dataset_root: &root,
+        resume_from: resume,
+        init_from: None,
+        scratch_dir: scratch,
+        device: Device::Cpu,
+        gang: None,
+    };
     let mut output = Run { epochs: Vec::new(), checkpoints: BTreeMap::new() };
     let mut emit = |event| match event {
         TrainEvent::Epoch(report) => output.epochs.push(report),
@@ -188,13 +198,19 @@ fn the_shipped_example_trains_its_generator_every_epoch_on_the_committed_volume(
     assert_eq!(output.epochs.len(), 3);
     for report in &output.epochs {
         assert_eq!(report.samples, COMMITTED_SLICES, "the committed volume's slices");
-        let loss = generator_loss(report).unwrap_or_else(|| panic!("epoch {} reports no generator_loss: {:?}", report.epoch, report.values));
+        let loss =
+            generator_loss(report).unwrap_or_else(|| panic!("epoch {} reports no generator_loss: {:?}", report.epoch, report.values));
         assert!(loss.is_finite(), "epoch {}: generator_loss {loss}", report.epoch);
     }
     let batches = COMMITTED_SLICES / schedule.batch_size as u64;
     let (critic, generator) = recorded_steps(&read_checkpoint(&output.checkpoints[&3]));
     assert_eq!(critic as u64, 3 * batches, "one critic step per batch");
-    assert_eq!(generator as u64, 3 * batches / u64::from(schedule.critic_steps), "one generator step per {} critic steps", schedule.critic_steps);
+    assert_eq!(
+        generator as u64,
+        3 * batches / u64::from(schedule.critic_steps),
+        "one generator step per {} critic steps",
+        schedule.critic_steps
+    );
 }
 
 #[test]

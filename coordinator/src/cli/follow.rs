@@ -21,7 +21,12 @@ pub struct Follower {
 impl Follower {
     /// Follows `sweep_id`, giving up once `timeout` has passed.
     pub fn new(sweep_id: &str, timeout: Option<Duration>) -> Self {
-        Self { sweep_id: sweep_id.to_string(), stream: None, reconnect: Reconnect::default(), deadline: timeout.map(|t| Instant::now() + t) }
+        Self {
+            sweep_id: sweep_id.to_string(),
+            stream: None,
+            reconnect: Reconnect::default(),
+            deadline: timeout.map(|t| Instant::now() + t),
+        }
     }
 
     /// The next progress message; an error once the timeout has passed, or for an error that

@@ -7,11 +7,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cohort_coordinator::core::{CoreConfig, Limits};
-use cohort_coordinator::sweep::SweepFile;
-use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::auth::Tokens;
+use cohort_coordinator::core::{CoreConfig, Limits};
+use cohort_coordinator::scheduler::Timeouts;
 use cohort_coordinator::server::{BoundServer, Security, DEFAULT_MAX_MESSAGE_BYTES};
+use cohort_coordinator::sweep::SweepFile;
 use cohort_proto::auth::ConnectOptions;
 use tokio::process::{Child, Command};
 
@@ -92,7 +92,10 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     let replicas = SweepFile::parse(&sweep.source, &sweep.source_name)?.distributed.map_or(1, |d| d.replicas) as usize;
     if replicas > options.workers {
         // The scheduler would wait for enough workers to gather the gang, for ever.
-        bail!("{}: [distributed] replicas = {replicas} trains on {replicas} workers at once: run with --workers {replicas} or more", sweep.source_name);
+        bail!(
+            "{}: [distributed] replicas = {replicas} trains on {replicas} workers at once: run with --workers {replicas} or more",
+            sweep.source_name
+        );
     }
     let worker_bin = worker_binary()?;
     let temp;
@@ -122,7 +125,11 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     for index in 0..options.workers {
         workers.push(spawn_worker(&worker_bin, &url, index, &data_dir, threads, sweep.sweep.is_command())?);
     }
-    eprintln!("local cluster: coordinator {url}, {} workers ({threads} thread(s) each), logs in {}", options.workers, data_dir.join("logs").display());
+    eprintln!(
+        "local cluster: coordinator {url}, {} workers ({threads} thread(s) each), logs in {}",
+        options.workers,
+        data_dir.join("logs").display()
+    );
 
     let outcome = drive(&url, &sweep, &mut workers, &data_dir, options.format, options.report.as_deref()).await;
     for worker in &mut workers {
@@ -134,7 +141,14 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<bool> {
     outcome
 }
 
-async fn drive(url: &str, sweep: &submit::LocalSweep, workers: &mut [Child], data_dir: &Path, format: Format, report: Option<&Path>) -> anyhow::Result<bool> {
+async fn drive(
+    url: &str,
+    sweep: &submit::LocalSweep,
+    workers: &mut [Child],
+    data_dir: &Path,
+    format: Format,
+    report: Option<&Path>,
+) -> anyhow::Result<bool> {
     let options = ConnectOptions { url: url.to_string(), token_file: Some(data_dir.join("client.token")), tls_ca: None };
     let mut client = connect(&options).await?;
     let response = submit::submit(&mut client, sweep, false).await?;

@@ -22,7 +22,10 @@ pub type Client = ClientServiceClient<InterceptedService<Channel, BearerToken>>;
 pub async fn connect(options: &ConnectOptions) -> anyhow::Result<Client> {
     let endpoint = options.endpoint()?;
     let token = BearerToken::from_file(options.token_file.as_deref())?;
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {} (--coordinator or COHORT_COORDINATOR)", options.url))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {} (--coordinator or COHORT_COORDINATOR)", options.url))?;
     Ok(ClientServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
 
@@ -52,9 +55,11 @@ pub fn rpc_error(status: tonic::Status) -> anyhow::Error {
 
 /// The hint a refused credential gets at the binary's edge, if the error is one.
 pub fn credentials_hint(error: &anyhow::Error) -> Option<&'static str> {
-    error.chain().filter_map(|cause| cause.downcast_ref::<RpcError>()).any(RpcError::is_credentials).then_some(
-        "hint: client commands need the client token: give its file with --token-file or COHORT_TOKEN_FILE",
-    )
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<RpcError>())
+        .any(RpcError::is_credentials)
+        .then_some("hint: client commands need the client token: give its file with --token-file or COHORT_TOKEN_FILE")
 }
 
 /// Prints rows as columns padded to their widest cell; `right` marks the columns aligned right

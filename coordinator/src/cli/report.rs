@@ -13,11 +13,8 @@ use super::Client;
 
 /// Downloads a blob into memory.
 async fn download_bytes(client: &mut Client, sha256: &str) -> anyhow::Result<Vec<u8>> {
-    let mut stream = client
-        .download_blob(pb::FetchBlobRequest { sha256: sha256.to_string() })
-        .await
-        .map_err(super::rpc_error)?
-        .into_inner();
+    let mut stream =
+        client.download_blob(pb::FetchBlobRequest { sha256: sha256.to_string() }).await.map_err(super::rpc_error)?.into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         bytes.extend_from_slice(&chunk?.data);

@@ -155,11 +155,7 @@ impl TryFrom<pb::SweepDetail> for Results {
         let folds: Vec<FoldResult> = trials
             .iter()
             .filter_map(|t| t.fold.map(|fold| (t, fold)))
-            .map(|(t, fold)| FoldResult {
-                config: t.config.clone(),
-                fold,
-                min_val_mse: t.min_val_mse.filter(|_| t.state == "succeeded"),
-            })
+            .map(|(t, fold)| FoldResult { config: t.config.clone(), fold, min_val_mse: t.min_val_mse.filter(|_| t.state == "succeeded") })
             .collect();
         let configs = selection::summarize(&folds)
             .into_iter()
@@ -247,7 +243,13 @@ pub(crate) fn trial_row(task: pb::TaskResult) -> Result<TrialRow, MalformedTask>
     let epochs: Vec<EpochRow> = task
         .epochs
         .into_iter()
-        .map(|e| EpochRow { epoch: e.epoch, values: e.values.into_iter().collect(), seconds: e.seconds, attempt: e.attempt, samples: e.samples })
+        .map(|e| EpochRow {
+            epoch: e.epoch,
+            values: e.values.into_iter().collect(),
+            seconds: e.seconds,
+            attempt: e.attempt,
+            samples: e.samples,
+        })
         .collect();
     // The metric cross-validation minimises: a command's own, else the recipes' validation MSE.
     let metric = spec.command.as_ref().map_or("val_mse", |c| c.metric.as_str());
@@ -380,7 +382,17 @@ fn print_cv_trials(trials: &[&TrialRow]) {
     let mut pruned_configs: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     // A command sweep's own metric, else the recipes' validation MSE.
     let metric = trials.iter().find_map(|t| t.metric.as_deref()).unwrap_or("val_mse");
-    println!("{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}", "trial", "config", "fold", "state", "try", "epochs", format!("min {metric}"), format!("last {metric}"));
+    println!(
+        "{:<14} {:<30} {:>4} {:<10} {:>3} {:>6} {:>12} {:>12}",
+        "trial",
+        "config",
+        "fold",
+        "state",
+        "try",
+        "epochs",
+        format!("min {metric}"),
+        format!("last {metric}")
+    );
     for t in trials {
         let last = t.epochs.last().and_then(|e| e.values.get(metric).copied());
         let fold = t.fold.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
@@ -496,7 +508,8 @@ pub fn print_best(results: &Results, format: super::Format) -> anyhow::Result<()
     if winner.is_none() && trial.is_none() {
         bail!("sweep {} has no best trial yet (no cross-validation winner and no final trial)", results.sweep_id);
     }
-    let hyperparameters = trial.map(|t| t.hyperparameters.clone()).or_else(|| winner.map(|w| w.hyperparameters.clone())).unwrap_or_default();
+    let hyperparameters =
+        trial.map(|t| t.hyperparameters.clone()).or_else(|| winner.map(|w| w.hyperparameters.clone())).unwrap_or_default();
     let row = serde_json::json!({
         "sweep_id": results.sweep_id,
         "config": winner.map(|w| w.summary.config.clone()).or_else(|| trial.map(|t| t.config.clone())),
@@ -521,7 +534,12 @@ pub fn print_best(results: &Results, format: super::Format) -> anyhow::Result<()
         }
         super::Format::Table => {
             if let Some(winner) = winner {
-                let score = winner.summary.mean.zip(winner.summary.std).map(|(mean, std)| format!("  (val_mse {mean:.5} ± {std:.5})")).unwrap_or_default();
+                let score = winner
+                    .summary
+                    .mean
+                    .zip(winner.summary.std)
+                    .map(|(mean, std)| format!("  (val_mse {mean:.5} ± {std:.5})"))
+                    .unwrap_or_default();
                 println!("best config: {}{score}", winner.summary.config);
             }
             match trial {
@@ -578,7 +596,11 @@ impl Reconnect {
         }
         if self.last_warning.is_none_or(|at| at.elapsed() >= MAX_BACKOFF) {
             self.last_warning = Some(Instant::now());
-            eprintln!("warning: {}; retrying with backoff up to {} s", cohort_proto::errors::error_chain(error.as_ref()), MAX_BACKOFF.as_secs());
+            eprintln!(
+                "warning: {}; retrying with backoff up to {} s",
+                cohort_proto::errors::error_chain(error.as_ref()),
+                MAX_BACKOFF.as_secs()
+            );
         }
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -601,7 +623,8 @@ pub async fn fetch_following(client: &mut super::Client, sweep_id: &str, reconne
 pub async fn state_following(client: &mut super::Client, sweep_id: &str, reconnect: &mut Reconnect) -> anyhow::Result<String> {
     loop {
         let request = pb::GetSweepRequest { sweep_id: sweep_id.to_string(), offset: 0, limit: 1 };
-        let fetched = client.get_sweep(request).await.map_err(super::rpc_error).map(|reply| reply.into_inner().summary.unwrap_or_default().state);
+        let fetched =
+            client.get_sweep(request).await.map_err(super::rpc_error).map(|reply| reply.into_inner().summary.unwrap_or_default().state);
         if let Some(state) = reconnect.outcome(fetched).await? {
             return Ok(sweep_state_name(state).to_string());
         }
@@ -629,7 +652,10 @@ pub enum Download {
 
 /// The final checkpoint of a trial, refusing a trial that has none yet.
 fn final_checkpoint_of(trial: &TrialRow) -> anyhow::Result<String> {
-    trial.final_checkpoint.clone().with_context(|| format!("trial {} ({}) has no final checkpoint yet ({})", trial.trial, trial.task_id, trial.state))
+    trial
+        .final_checkpoint
+        .clone()
+        .with_context(|| format!("trial {} ({}) has no final checkpoint yet ({})", trial.trial, trial.task_id, trial.state))
 }
 
 /// Downloads a blob named by hash, or the final checkpoint of a trial (by task id, by sweep and
@@ -645,7 +671,11 @@ pub async fn download(client: &mut super::Client, what: &Download, output: &Path
         }
         Download::Trial { sweep_id, trial } => {
             let results = fetch(client, sweep_id).await?;
-            let row = results.trials.iter().find(|t| &t.trial == trial || &t.task_id == trial).with_context(|| format!("sweep {sweep_id} has no trial {trial}"))?;
+            let row = results
+                .trials
+                .iter()
+                .find(|t| &t.trial == trial || &t.task_id == trial)
+                .with_context(|| format!("sweep {sweep_id} has no trial {trial}"))?;
             final_checkpoint_of(row)?
         }
         Download::Best { sweep_id } => {
@@ -654,11 +684,7 @@ pub async fn download(client: &mut super::Client, what: &Download, output: &Path
             final_checkpoint_of(row)?
         }
     };
-    let stream = client
-        .download_blob(pb::FetchBlobRequest { sha256: sha256.clone() })
-        .await
-        .map_err(super::rpc_error)?
-        .into_inner();
+    let stream = client.download_blob(pb::FetchBlobRequest { sha256: sha256.clone() }).await.map_err(super::rpc_error)?.into_inner();
     let output = if output.is_relative() { std::env::current_dir()?.join(output) } else { output.to_path_buf() };
     transfer::receive_to_file(stream, &output, Some(&sha256), u64::MAX).await?;
     Ok(())
@@ -709,7 +735,12 @@ mod tests {
             ..Default::default()
         };
         let detail = pb::SweepDetail {
-            summary: Some(pb::SweepSummary { sweep_id: "s1".into(), state: pb::SweepState::Succeeded as i32, created_unix_ms: 500, ..Default::default() }),
+            summary: Some(pb::SweepSummary {
+                sweep_id: "s1".into(),
+                state: pb::SweepState::Succeeded as i32,
+                created_unix_ms: 500,
+                ..Default::default()
+            }),
             source: String::new(),
             tasks: vec![task("cv/c0/f0", Some(0), "cv"), task("cv/c0/f1", Some(1), "cv"), task("final", None, "final")],
             ..Default::default()

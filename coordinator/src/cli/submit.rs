@@ -7,10 +7,10 @@ use anyhow::{bail, Context};
 use cohort_coordinator::convert;
 use cohort_coordinator::core::{check_and_plan_with_command, dry_run_plan, Limits};
 use cohort_coordinator::domain::{BlobRef, DatasetFormat, TrialSpec};
-use cohort_proto::task::MalformedTask;
 use cohort_coordinator::plan::{self, TrainSamples};
 use cohort_coordinator::service::client::MAX_LISTED_TRIALS;
 use cohort_coordinator::sweep::SweepFile;
+use cohort_proto::task::MalformedTask;
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
 
@@ -59,7 +59,9 @@ pub fn read(path: &Path) -> anyhow::Result<LocalSweep> {
         list_files(&folder, "", &mut command_files)?;
         command_files.sort();
         let total: u64 = command_files.iter().map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len())).sum();
-        if total > cohort_coordinator::command::MAX_COMMAND_FILES_BYTES || command_files.len() > cohort_coordinator::command::MAX_COMMAND_FILES {
+        if total > cohort_coordinator::command::MAX_COMMAND_FILES_BYTES
+            || command_files.len() > cohort_coordinator::command::MAX_COMMAND_FILES
+        {
             bail!(
                 "{source_name}: command.files: {} holds {} files, {total} bytes: more than the limit of {} files, {} bytes (hidden entries are skipped; point files at the program's own folder)",
                 folder.display(),
@@ -92,7 +94,8 @@ pub fn plan_offline(sweep: &LocalSweep) -> anyhow::Result<pb::SubmitSweepRespons
         let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
         command_files.push((name.clone(), BlobRef { sha256: String::new(), size }));
     }
-    let (trials, stages) = check_and_plan_with_command(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, command_files, &Limits::default())?;
+    let (trials, stages) =
+        check_and_plan_with_command(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, command_files, &Limits::default())?;
     let submitted = dry_run_plan(trials, stages);
     let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec)).collect();
     let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
@@ -156,7 +159,8 @@ fn pooled_volumes_notice(sweep: &SweepFile, files: &[(String, PathBuf)]) -> Opti
     if sweep.dataset.format() != DatasetFormat::Nifti {
         return None;
     }
-    let volumes: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).filter(|name| name.ends_with(".nii") || name.ends_with(".nii.gz")).collect();
+    let volumes: Vec<&str> =
+        files.iter().map(|(name, _)| name.as_str()).filter(|name| name.ends_with(".nii") || name.ends_with(".nii.gz")).collect();
     if volumes.len() < 2 {
         return None;
     }
@@ -180,7 +184,8 @@ fn nifti_slices(files: &[(String, PathBuf)]) -> Option<u64> {
         raw.read_exact(&mut magic).ok()?;
         let chained = std::io::Cursor::new(magic).chain(raw);
         // Gzip is told by its magic bytes, as the workers do, not by the name.
-        let mut reader: Box<dyn Read> = if magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(chained)) } else { Box::new(chained) };
+        let mut reader: Box<dyn Read> =
+            if magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(chained)) } else { Box::new(chained) };
         let mut header = [0u8; HEADER_LEN];
         reader.read_exact(&mut header).ok()?;
         let sizeof_hdr = [header[0], header[1], header[2], header[3]];
@@ -191,7 +196,11 @@ fn nifti_slices(files: &[(String, PathBuf)]) -> Option<u64> {
         };
         let field = |index: usize| {
             let bytes = [header[OFFSET_DIM + 2 * index], header[OFFSET_DIM + 2 * index + 1]];
-            if little_endian { i16::from_le_bytes(bytes) } else { i16::from_be_bytes(bytes) }
+            if little_endian {
+                i16::from_le_bytes(bytes)
+            } else {
+                i16::from_be_bytes(bytes)
+            }
         };
         let used = usize::try_from(field(0)).ok().filter(|used| (3..=7).contains(used))?;
         let mut planes = 1u64;
@@ -406,7 +415,11 @@ mod tests {
         let path = dir.path().join("gan.toml");
         std::fs::write(&path, text).unwrap();
         let sweep = read(&path).unwrap();
-        assert!(sweep.warnings.iter().any(|w| w.contains("the slices of its 2 NIfTI volumes (a.nii.gz, b.nii.gz) are pooled")), "{:?}", sweep.warnings);
+        assert!(
+            sweep.warnings.iter().any(|w| w.contains("the slices of its 2 NIfTI volumes (a.nii.gz, b.nii.gz) are pooled")),
+            "{:?}",
+            sweep.warnings
+        );
     }
 
     /// `submit --dry-run` plans the shipped demo on this machine, with no coordinator.
@@ -424,7 +437,14 @@ mod tests {
     #[test]
     fn an_image_folder_counts_the_training_images_of_its_class_folders() {
         let file = |name: &str| (name.to_string(), PathBuf::from(name));
-        let with_train = [file("train/AD/a.jpg"), file("train/AD/b.PNG"), file("train/CN/c.jpeg"), file("test/AD/d.jpg"), file("train/notes.txt"), file("train/CN/e.txt")];
+        let with_train = [
+            file("train/AD/a.jpg"),
+            file("train/AD/b.PNG"),
+            file("train/CN/c.jpeg"),
+            file("test/AD/d.jpg"),
+            file("train/notes.txt"),
+            file("train/CN/e.txt"),
+        ];
         assert_eq!(image_folder_images(&with_train), 3);
         let flat = [file("AD/a.jpg"), file("CN/b.png"), file("README.md"), file("CN/deeper/c.png")];
         assert_eq!(image_folder_images(&flat), 2);

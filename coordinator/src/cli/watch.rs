@@ -62,11 +62,19 @@ pub fn render(progress: &pb::SweepProgress) -> Vec<String> {
             _ => String::new(),
         };
         let waiting = if stage.waiting.is_empty() { String::new() } else { format!("  ({})", stage.waiting) };
-        lines.push(format!("{:<9} {} {}/{} trials{eta}{waiting}", stage.stage, bar(stage.ended as usize, stage.total as usize), stage.ended, stage.total));
+        lines.push(format!(
+            "{:<9} {} {}/{} trials{eta}{waiting}",
+            stage.stage,
+            bar(stage.ended as usize, stage.total as usize),
+            stage.ended,
+            stage.total
+        ));
         for trial in running.iter().filter(|t| t.stage == stage.stage) {
             let epochs = trial.epochs.len() as u32;
             let speed = trial.epochs.last().filter(|e| e.seconds > 0.0).map(|e| e.samples as f64 / e.seconds).unwrap_or(0.0);
-            let eta = mean_epoch_seconds(trial).map(|m| duration(m * f64::from(trial.planned_epochs.saturating_sub(epochs)))).unwrap_or_else(|| "?".into());
+            let eta = mean_epoch_seconds(trial)
+                .map(|m| duration(m * f64::from(trial.planned_epochs.saturating_sub(epochs))))
+                .unwrap_or_else(|| "?".into());
             let silent = if trial.waiting.is_empty() { String::new() } else { format!("  {}", trial.waiting) };
             lines.push(format!(
                 "  {:<12} epoch {epochs}/{} {} {:>8.0} samples/s  eta {eta}  ({}){silent}",

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::{json as json_response, query, ApiError, Console};
 use crate::core::Core;
-use crate::events::sweep_of;
 use crate::domain::Stage;
+use crate::events::sweep_of;
 use crate::selection::{self, ConfigSummary, FoldResult};
 use crate::store::views::{StageRow, SweepRow, TrialRow};
 use crate::store::Store;
@@ -32,7 +32,13 @@ pub struct Memo {
 
 impl Memo {
     /// The view `what` of `sweep_id` for `key`, computed by `compute` when not kept.
-    fn get_or(&self, sweep_id: &str, what: &'static str, key: &str, compute: impl FnOnce() -> Result<Value, ApiError>) -> Result<Value, ApiError> {
+    fn get_or(
+        &self,
+        sweep_id: &str,
+        what: &'static str,
+        key: &str,
+        compute: impl FnOnce() -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
         let lookup = (sweep_id.to_string(), what);
         if let Some((kept_key, value)) = self.lock().get(&lookup) {
             if kept_key == key {
@@ -54,7 +60,10 @@ impl Memo {
 }
 
 /// Runs a store query on the blocking pool.
-pub async fn read<T: Send + 'static>(core: &Arc<Core>, query: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static) -> Result<T, ApiError> {
+pub async fn read<T: Send + 'static>(
+    core: &Arc<Core>,
+    query: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
     off_runtime(core, move |core| core.read(query)).await?.map_err(ApiError::from)
 }
 
@@ -210,19 +219,23 @@ fn summary_of(console: &Console, row: &SweepRow) -> Result<Value, ApiError> {
     let key = counts_key(&row.counts, row.cancelled);
     let extra = console.memo.get_or(&row.id, "summary", &key, || {
         let id = row.id.clone();
-        console.core.read(move |store| {
-            let rows = store.stage_rows(&id)?;
-            // A winner is known once cross-validation has no trial left to run.
-            let cv_done = rows.iter().any(|row| row.stage == Stage::Cv.as_str() && count(&row.counts, "queued") + count(&row.counts, "running") == 0);
-            let winner = match cv_done {
-                true => cv_summaries(store, &id, &cv_metric(store, &id)?)?.0.into_iter().find(|s| s.winner).map(|s| s.config),
-                false => None,
-            };
-            let stages: Vec<Value> = rows.iter().map(stage_json).collect();
-            let last = store.last_log_ms(&id)?;
-            Ok(json!({"stages": stages, "winner": winner, "last_ms": last}))
-        })
-        .map_err(ApiError::from)
+        console
+            .core
+            .read(move |store| {
+                let rows = store.stage_rows(&id)?;
+                // A winner is known once cross-validation has no trial left to run.
+                let cv_done = rows
+                    .iter()
+                    .any(|row| row.stage == Stage::Cv.as_str() && count(&row.counts, "queued") + count(&row.counts, "running") == 0);
+                let winner = match cv_done {
+                    true => cv_summaries(store, &id, &cv_metric(store, &id)?)?.0.into_iter().find(|s| s.winner).map(|s| s.config),
+                    false => None,
+                };
+                let stages: Vec<Value> = rows.iter().map(stage_json).collect();
+                let last = store.last_log_ms(&id)?;
+                Ok(json!({"stages": stages, "winner": winner, "last_ms": last}))
+            })
+            .map_err(ApiError::from)
     })?;
     Ok(sweep_json(row, extra["stages"].clone(), extra["winner"].clone(), extra["last_ms"].as_i64()))
 }
@@ -247,7 +260,14 @@ pub async fn sweep(State(console): State<Arc<Console>>, headers: HeaderMap, Path
     })
     .await?
     .ok_or_else(|| ApiError::NotFound(format!("sweep {id}")))?;
-    let row = SweepRow { id: record.id.clone(), seq: record.seq, name: record.name.clone(), created_ms: record.created_ms, cancelled: record.cancelled, counts };
+    let row = SweepRow {
+        id: record.id.clone(),
+        seq: record.seq,
+        name: record.name.clone(),
+        created_ms: record.created_ms,
+        cancelled: record.cancelled,
+        counts,
+    };
     let stages: Vec<Value> = stages.iter().map(stage_json).collect();
     let mut view = sweep_json(&row, Value::Array(stages), Value::Null, last);
     view["source"] = Value::String(record.source);
@@ -277,7 +297,12 @@ fn trial_json(row: &TrialRow) -> Value {
 }
 
 /// `GET /api/sweeps/{id}/trials?stage=&state=&offset=&limit=`: a page of trials in plan order.
-pub async fn trials(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn trials(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let params = query::parse(raw.as_deref());
     let stage = query::text(&params, "stage").map(str::to_string);
@@ -316,7 +341,12 @@ pub async fn trials(State(console): State<Arc<Console>>, headers: HeaderMap, Pat
 /// `GET /api/sweeps/{id}/cv?limit=N`: the cross-validation table and why the winner won. A sweep
 /// of more than `limit` configs (default 200) shows the `limit` with the lowest means, in grid
 /// order; `total` says how many there are.
-pub async fn cross_validation(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn cross_validation(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let limit = query::number(&query::parse(raw.as_deref()), "limit", 200, 100_000).max(1) as usize;
     let (summaries, folds, metric) = read(&console.core, move |store| {
@@ -327,7 +357,9 @@ pub async fn cross_validation(State(console): State<Arc<Console>>, headers: Head
     .await?;
     let explanation = explain_winner(&summaries, &metric);
     let total = summaries.len();
-    Ok(json_response(&json!({"folds": folds, "configs": best_configs(summaries, limit), "total": total, "explanation": explanation, "metric": metric})))
+    Ok(json_response(
+        &json!({"folds": folds, "configs": best_configs(summaries, limit), "total": total, "explanation": explanation, "metric": metric}),
+    ))
 }
 
 /// The `limit` configs with the lowest means (unfinished ones last), kept in grid order.
@@ -354,7 +386,12 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
 /// `GET /api/sweeps/{id}/curves?metric=val_mse`: each config's mean curve over its folds, with
 /// the folds' spread (mean ± one standard deviation) per epoch; by default of the metric the
 /// sweep's cross-validation minimises.
-pub async fn config_curves(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn config_curves(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let params = query::parse(raw.as_deref());
     let asked = query::text(&params, "metric").map(str::to_string);
@@ -417,13 +454,19 @@ pub async fn trial(State(console): State<Arc<Console>>, headers: HeaderMap, Path
         .iter()
         .map(|c| json!({"epoch": c.epoch, "attempt": c.attempt, "sha256": c.blob.sha256, "size": c.blob.size, "final": c.is_final}))
         .collect();
-    view["artifacts"] = artifacts.iter().map(|a| json!({"name": a.name, "epoch": a.epoch, "sha256": a.blob.sha256, "size": a.blob.size})).collect();
+    view["artifacts"] =
+        artifacts.iter().map(|a| json!({"name": a.name, "epoch": a.epoch, "sha256": a.blob.sha256, "size": a.blob.size})).collect();
     Ok(json_response(&view))
 }
 
 /// `GET /api/trials/{id}/logs?after=ID&limit=N`: the trial's log lines after a line id; without
 /// `after`, the last `limit` lines (the tail).
-pub async fn logs(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn logs(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let params = query::parse(raw.as_deref());
     let limit = query::number(&params, "limit", 200, 1000) as usize;
@@ -522,7 +565,9 @@ mod tests {
 
     #[test]
     fn the_winner_is_explained_against_the_runner_up() {
-        let text = explain_winner(&[summary("c0", 0.30, 0.1, false), summary("c1", 0.20, 0.1, true), summary("c2", 0.24, 0.2, false)], "val_mse").unwrap();
+        let text =
+            explain_winner(&[summary("c0", 0.30, 0.1, false), summary("c1", 0.20, 0.1, true), summary("c2", 0.24, 0.2, false)], "val_mse")
+                .unwrap();
         assert_eq!(text, "lowest mean validation MSE; 2nd (c2) is 0.4 std behind");
         assert_eq!(explain_winner(&[summary("c0", 0.3, 0.0, true)], "val_mse").unwrap(), "the only config with every fold finished");
         assert!(explain_winner(&[summary("c0", 0.3, 0.0, false)], "val_mse").is_none());
@@ -532,7 +577,12 @@ mod tests {
 
     #[test]
     fn a_big_table_keeps_the_best_configs_in_grid_order() {
-        let summaries = vec![summary("c0", 0.5, 0.1, false), summary("c1", 0.1, 0.1, true), summary("c2", 0.3, 0.1, false), summary("c3", 0.2, 0.1, false)];
+        let summaries = vec![
+            summary("c0", 0.5, 0.1, false),
+            summary("c1", 0.1, 0.1, true),
+            summary("c2", 0.3, 0.1, false),
+            summary("c3", 0.2, 0.1, false),
+        ];
         let kept: Vec<String> = best_configs(summaries, 2).into_iter().map(|s| s.config).collect();
         assert_eq!(kept, ["c1", "c3"]);
     }

@@ -34,7 +34,8 @@ pub async fn index() -> Response {
 
 /// `GET /assets/{file}`: an embedded script or style.
 pub async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
-    let (_, content_type, body) = ASSETS.iter().find(|(name, _, _)| *name == file).ok_or_else(|| ApiError::NotFound(format!("asset {file}")))?;
+    let (_, content_type, body) =
+        ASSETS.iter().find(|(name, _, _)| *name == file).ok_or_else(|| ApiError::NotFound(format!("asset {file}")))?;
     Ok(([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], *body).into_response())
 }
 

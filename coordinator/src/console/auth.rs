@@ -247,12 +247,18 @@ mod tests {
         assert!(sessions.reader(&headers(&[(header::COOKIE, &with_cookie)])).is_ok());
         assert!(matches!(sessions.actor(&headers(&[(header::COOKIE, &with_cookie)])), Err(ApiError::Forbidden(_))), "no CSRF header");
         let csrf_header = header::HeaderName::from_static(CSRF_HEADER);
-        assert!(matches!(sessions.actor(&headers(&[(header::COOKIE, &with_cookie), (csrf_header.clone(), "wrong")])), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            sessions.actor(&headers(&[(header::COOKIE, &with_cookie), (csrf_header.clone(), "wrong")])),
+            Err(ApiError::Forbidden(_))
+        ));
         assert!(sessions.actor(&headers(&[(header::COOKIE, &with_cookie), (csrf_header.clone(), &csrf)])).is_ok());
 
         let (viewer, viewer_csrf) = sessions.start(Role::Viewer).unwrap();
         let viewer_cookie = format!("{COOKIE}={viewer}");
-        assert!(matches!(sessions.actor(&headers(&[(header::COOKIE, &viewer_cookie), (csrf_header, &viewer_csrf)])), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            sessions.actor(&headers(&[(header::COOKIE, &viewer_cookie), (csrf_header, &viewer_csrf)])),
+            Err(ApiError::Forbidden(_))
+        ));
     }
 
     #[test]

@@ -90,12 +90,17 @@ fn draw_artifact(name: &str, tensors: &BTreeMap<String, ArtifactTensor>) -> Resu
 }
 
 /// `GET /api/trials/{id}/artifacts/{name}`: the trial's artifact drawn as a PNG.
-pub async fn artifact_image(State(console): State<Arc<Console>>, headers: HeaderMap, Path((id, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn artifact_image(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let name = name.trim_end_matches(".png").to_string();
     let task_id = id.clone();
     let artifacts = super::api::read(&console.core, move |store| store.artifacts(&task_id)).await?;
-    let artifact = artifacts.into_iter().find(|a| a.name == name).ok_or_else(|| ApiError::NotFound(format!("artifact {name} of trial {id}")))?;
+    let artifact =
+        artifacts.into_iter().find(|a| a.name == name).ok_or_else(|| ApiError::NotFound(format!("artifact {name} of trial {id}")))?;
     let sha256 = artifact.blob.sha256.clone();
     if let Some(bytes) = lock(&console.figures.artifacts).get(&sha256).cloned() {
         return Ok(png(bytes.as_ref().clone()));
@@ -184,17 +189,27 @@ pub async fn figures(State(console): State<Arc<Console>>, headers: HeaderMap, Pa
 }
 
 /// `GET /api/sweeps/{id}/figures/{file}`: one of the report's figures.
-pub async fn figure(State(console): State<Arc<Console>>, headers: HeaderMap, Path((id, file)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn figure(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path((id, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     let worker_console = console.clone();
     let sweep_id = id.clone();
     let figures = tokio::task::spawn_blocking(move || report_figures(&worker_console, &sweep_id)).await.map_err(internal)??;
-    let (_, _, bytes) = figures.iter().find(|(name, _, _)| *name == file).ok_or_else(|| ApiError::NotFound(format!("figure {file} of sweep {id}")))?;
+    let (_, _, bytes) =
+        figures.iter().find(|(name, _, _)| *name == file).ok_or_else(|| ApiError::NotFound(format!("figure {file} of sweep {id}")))?;
     Ok(png(bytes.clone()))
 }
 
 /// `GET /api/blobs/{sha256}?name=FILE`: a checkpoint or artifact, streamed as a download.
-pub async fn download(State(console): State<Arc<Console>>, headers: HeaderMap, Path(sha256): Path<String>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn download(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(sha256): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     console.auth.reader(&headers)?;
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::BadRequest("a blob is named by its 64 hex digit SHA-256".into()));

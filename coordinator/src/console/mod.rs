@@ -87,7 +87,8 @@ pub struct Console {
 
 /// The console's routes over `core`, admitting callers by `tokens` (none: open).
 pub fn router(core: Arc<Core>, tokens: Tokens) -> Router {
-    let console = Arc::new(Console { core, auth: auth::Sessions::new(tokens), figures: files::FigureCache::default(), memo: api::Memo::default() });
+    let console =
+        Arc::new(Console { core, auth: auth::Sessions::new(tokens), figures: files::FigureCache::default(), memo: api::Memo::default() });
     Router::new()
         .route("/", get(assets::index))
         .route("/assets/{file}", get(assets::asset))

@@ -69,7 +69,13 @@ impl Core {
     /// Registers a worker: mints its id and session, re-attaches the tasks whose leases it
     /// proves, and returns (worker id, session, tasks to abandon). Registrations are rate
     /// limited: a flood of fake workers is refused, not remembered.
-    pub fn register(&self, name: &str, device: &str, abilities: Abilities, running: &[Lease]) -> Result<(String, String, Vec<String>), CoreError> {
+    pub fn register(
+        &self,
+        name: &str,
+        device: &str,
+        abilities: Abilities,
+        running: &[Lease],
+    ) -> Result<(String, String, Vec<String>), CoreError> {
         if name.len() > self.limits.max_name_bytes {
             return Err(CoreError::BadRequest(format!("a worker name has at most {} bytes", self.limits.max_name_bytes)));
         }
@@ -101,7 +107,13 @@ impl Core {
 
     /// Renews the worker's leases and notes its phase counters; returns the tasks it must
     /// abandon.
-    pub fn heartbeat(&self, worker_id: &str, session: &str, running: &[Lease], phases: Vec<(String, f64)>) -> Result<Vec<String>, CoreError> {
+    pub fn heartbeat(
+        &self,
+        worker_id: &str,
+        session: &str,
+        running: &[Lease],
+        phases: Vec<(String, f64)>,
+    ) -> Result<Vec<String>, CoreError> {
         let now = self.now();
         let mut inner = self.lock();
         let abandon = inner.scheduler.heartbeat(worker_id, session, now, running)?;
@@ -251,18 +263,28 @@ impl Core {
     fn check_epoch(&self, epoch: &EpochRecord) -> Result<(), CoreError> {
         let most = self.limits.max_values_per_epoch;
         if epoch.values.len() > most {
-            return Err(CoreError::LimitExceeded(format!("epoch {} reports {} values, more than {most} (--max-values-per-epoch)", epoch.epoch, epoch.values.len())));
+            return Err(CoreError::LimitExceeded(format!(
+                "epoch {} reports {} values, more than {most} (--max-values-per-epoch)",
+                epoch.epoch,
+                epoch.values.len()
+            )));
         }
         for (name, value) in &epoch.values {
             if name.is_empty() || name.len() > self.limits.max_name_bytes {
                 return Err(CoreError::BadRequest(format!("a metric name has 1 to {} bytes", self.limits.max_name_bytes)));
             }
             if !value.is_finite() {
-                return Err(CoreError::BadRequest(format!("metric {name} of epoch {} is {value}: only finite values are recorded", epoch.epoch)));
+                return Err(CoreError::BadRequest(format!(
+                    "metric {name} of epoch {} is {value}: only finite values are recorded",
+                    epoch.epoch
+                )));
             }
         }
         if !epoch.seconds.is_finite() || epoch.seconds < 0.0 {
-            return Err(CoreError::BadRequest(format!("epoch {} took {} seconds: a duration is finite and not negative", epoch.epoch, epoch.seconds)));
+            return Err(CoreError::BadRequest(format!(
+                "epoch {} took {} seconds: a duration is finite and not negative",
+                epoch.epoch, epoch.seconds
+            )));
         }
         Ok(())
     }

@@ -44,8 +44,8 @@ pub use config::{CoreConfig, CoreError, Limits};
 pub use leases::{Dispatch, LeaseProof};
 pub use progress::{StageProgressView, SweepProgressView, MAX_RUNNING_SHOWN};
 pub use rendezvous::Rendezvous;
-pub use submit::{check_and_plan, check_and_plan_with_command, dry_run_plan, Submitted};
 use submit::new_tasks;
+pub use submit::{check_and_plan, check_and_plan_with_command, dry_run_plan, Submitted};
 pub use views::{Counts, HeldTask, SweepState, SweepSummary, SweepView, TaskView, WorkerView};
 
 struct Inner {
@@ -67,8 +67,12 @@ struct Inner {
 impl Inner {
     /// The sweeps, each once, in which one of `changed` has ended.
     fn sweeps_with_ended(&self, changed: &[String]) -> Vec<String> {
-        let mut sweeps: Vec<String> =
-            changed.iter().filter_map(|id| self.scheduler.task(id)).filter(|task| task.state.is_terminal()).map(|task| task.sweep_id.clone()).collect();
+        let mut sweeps: Vec<String> = changed
+            .iter()
+            .filter_map(|id| self.scheduler.task(id))
+            .filter(|task| task.state.is_terminal())
+            .map(|task| task.sweep_id.clone())
+            .collect();
         sweeps.sort();
         sweeps.dedup();
         sweeps
@@ -93,7 +97,10 @@ impl Inner {
 /// What a worker must offer to run the trial: a CUDA device for an NCCL gang. Derived from
 /// the spec whenever a task enters the scheduler (planned, or reloaded from the store).
 fn task_needs(spec: &TrialSpec) -> Needs {
-    Needs { cuda: spec.replicas > 1 && spec.collective_backend == CollectiveBackend::Nccl, commands: spec.kind == crate::domain::TrialKind::Command }
+    Needs {
+        cuda: spec.replicas > 1 && spec.collective_backend == CollectiveBackend::Nccl,
+        commands: spec.kind == crate::domain::TrialKind::Command,
+    }
 }
 
 /// Lease secrets: 128 random bits each.
@@ -171,8 +178,7 @@ impl Core {
     /// Opens the data directory, reloading every sweep. Running tasks keep their leases (renewed)
     /// so that their workers can re-attach after a restart.
     pub fn open(config: &CoreConfig) -> Result<Self, CoreError> {
-        std::fs::create_dir_all(config.data_dir.join("blobs"))
-            .map_err(|e| CoreError::Io(format!("{}: {e}", config.data_dir.display())))?;
+        std::fs::create_dir_all(config.data_dir.join("blobs")).map_err(|e| CoreError::Io(format!("{}: {e}", config.data_dir.display())))?;
         // Uploads cut off by a crash left their partial files behind; no upload is live yet.
         let blobs = BlobStore::new(config.data_dir.join("blobs"));
         let removed = blobs.remove_partials().map_err(|e| CoreError::Io(format!("removing partial uploads: {e}")))?;

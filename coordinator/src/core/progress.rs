@@ -63,7 +63,9 @@ impl Core {
         // running ones, in one walk of the queue.
         let mut shown: BTreeSet<u64> = spans
             .iter()
-            .filter_map(|span| unfinished.iter().find(|t| t.state == TaskState::Queued && (span.first..=span.last).contains(&(t.order as i64))))
+            .filter_map(|span| {
+                unfinished.iter().find(|t| t.state == TaskState::Queued && (span.first..=span.last).contains(&(t.order as i64)))
+            })
             .map(|task| task.order)
             .collect();
         shown.extend(unfinished.iter().filter(|t| t.state == TaskState::Running).take(MAX_RUNNING_SHOWN).map(|task| task.order));

@@ -73,7 +73,8 @@ fn snapshot(inner: &Inner, sweep_id: &str) -> Result<(Snapshot, Vec<String>, Str
         };
         let state = inner.scheduler.task(&task.entry.id).map_or(task.entry.state, |t| t.state);
         metric = selection_metric(&task.spec).to_string();
-        let curve = inner.store.metrics(&task.entry.id)?.iter().filter_map(|e| metric_value(e, &metric).map(|value| (e.epoch, value))).collect();
+        let curve =
+            inner.store.metrics(&task.entry.id)?.iter().filter_map(|e| metric_value(e, &metric).map(|value| (e.epoch, value))).collect();
         snapshot.trials.push(FoldTrial { config, fold: fold.index, state, curve });
         ids.push(task.entry.id);
     }
@@ -251,8 +252,13 @@ epochs = 1
         let refused = core.report_metrics(&proof(&worker, &doomed), &[epoch(&doomed, 2, 0.8)]).unwrap_err();
         assert!(refused.to_string().contains("is not leased to this worker"), "{refused}");
         assert!(core.complete(&proof(&worker, &doomed)).is_err(), "a pruned trial cannot succeed");
-        let lease = Lease { task_id: doomed.task_id.clone(), attempt: doomed.attempt, rank: 0, world: 1, secret: doomed.lease_secret.clone() };
-        assert_eq!(core.heartbeat(&worker.id, &worker.session, &[lease], vec![]).unwrap(), vec![doomed.task_id.clone()], "its worker is told to stop");
+        let lease =
+            Lease { task_id: doomed.task_id.clone(), attempt: doomed.attempt, rank: 0, world: 1, secret: doomed.lease_secret.clone() };
+        assert_eq!(
+            core.heartbeat(&worker.id, &worker.session, &[lease], vec![]).unwrap(),
+            vec![doomed.task_id.clone()],
+            "its worker is told to stop"
+        );
         drop(core);
 
         // A restarted coordinator holds the same decisions.
@@ -266,7 +272,10 @@ epochs = 1
         let (_, state, _, reason) = after.iter().find(|t| t.0 == "cv/c1/f2").unwrap();
         assert_eq!(*state, TaskState::Pruned);
         assert!(reason.starts_with("racing: fold round 2: worse than the leader lr=1e-3"), "{reason}");
-        assert!(reason.contains("paired t = 21.000 (df 1)") && reason.contains("[0.21000, 0.23100] vs the leader's [0.20000, 0.22000]"), "{reason}");
+        assert!(
+            reason.contains("paired t = 21.000 (df 1)") && reason.contains("[0.21000, 0.23100] vs the leader's [0.20000, 0.22000]"),
+            "{reason}"
+        );
         assert_eq!(core.retry(&sweep_id).unwrap(), 0, "retry leaves pruned trials alone");
         run(&core, &worker, "cv/c0/f2", &[0.5, 0.4, 0.3, 0.19]).await;
         let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().expect("final");

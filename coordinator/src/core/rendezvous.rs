@@ -140,7 +140,15 @@ impl Core {
 
     /// The first half of [`Core::rendezvous`]: checks the member's lease (under the core's lock:
     /// the gRPC service calls this on the blocking pool) and records its address.
-    pub fn announce(&self, worker_id: &str, task_id: &str, attempt: u32, lease_secret: &str, address: &str, nccl_id: Vec<u8>) -> Result<(), CoreError> {
+    pub fn announce(
+        &self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        lease_secret: &str,
+        address: &str,
+        nccl_id: Vec<u8>,
+    ) -> Result<(), CoreError> {
         if address.is_empty() || address.len() > 256 {
             return Err(CoreError::BadRequest("a collective address is host:port".into()));
         }
@@ -225,7 +233,15 @@ mod tests {
         let first_lease = waiting.await.unwrap().unwrap().expect("the gang is complete");
         let (rank0, rank0_lease) = if first_lease.rank == 0 { (&first, &first_lease) } else { (&second, &second_lease) };
         let alone = core
-            .rendezvous(&rank0.id, &rank0_lease.task_id, rank0_lease.attempt, &rank0_lease.lease_secret, "127.0.0.1:1", vec![], Duration::ZERO)
+            .rendezvous(
+                &rank0.id,
+                &rank0_lease.task_id,
+                rank0_lease.attempt,
+                &rank0_lease.lease_secret,
+                "127.0.0.1:1",
+                vec![],
+                Duration::ZERO,
+            )
             .await
             .unwrap();
         assert!(alone.is_none(), "the other member has not announced itself");

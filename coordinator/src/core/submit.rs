@@ -34,10 +34,15 @@ pub(super) fn new_tasks(sweep_id: &str, sweep_seq: u64, first_index: usize, tria
         .enumerate()
         .map(|(offset, spec)| {
             let index = first_index + offset;
-            let entry =
-                TaskEntry::queued(format!("{sweep_id}.t{index}"), sweep_id.to_string(), (sweep_seq << 20) | index as u64, spec.max_attempts, spec.replicas)
-                    .with_epochs(spec.config.epochs)
-                    .with_needs(task_needs(&spec));
+            let entry = TaskEntry::queued(
+                format!("{sweep_id}.t{index}"),
+                sweep_id.to_string(),
+                (sweep_seq << 20) | index as u64,
+                spec.max_attempts,
+                spec.replicas,
+            )
+            .with_epochs(spec.config.epochs)
+            .with_needs(task_needs(&spec));
             StoredTask { entry, spec }
         })
         .collect()
@@ -122,7 +127,9 @@ fn check_command_files(files: &[(String, BlobRef)], max_name_bytes: usize) -> Re
     }
     for (name, _) in files {
         if name.len() > max_name_bytes || !cohort_proto::transfer::is_plain_relative_name(name) {
-            return Err(CoreError::BadRequest(format!("command.files: file name {name:?} is not a plain relative path of at most {max_name_bytes} bytes")));
+            return Err(CoreError::BadRequest(format!(
+                "command.files: file name {name:?} is not a plain relative path of at most {max_name_bytes} bytes"
+            )));
         }
     }
     Ok(())
@@ -136,13 +143,7 @@ pub fn dry_run_plan(trials: Vec<TrialSpec>, stages: Vec<(String, u32, String)>) 
 
 impl Core {
     /// Validates and plans a sweep; unless `dry_run`, stores it and queues its first stage.
-    pub fn submit(
-        &self,
-        source: &str,
-        source_name: &str,
-        files: Vec<(String, BlobRef)>,
-        dry_run: bool,
-    ) -> Result<Submitted, CoreError> {
+    pub fn submit(&self, source: &str, source_name: &str, files: Vec<(String, BlobRef)>, dry_run: bool) -> Result<Submitted, CoreError> {
         self.submit_with_command(source, source_name, files, Vec::new(), dry_run)
     }
 
@@ -176,8 +177,14 @@ impl Core {
             let seq = inner.store.next_sweep_seq()?;
             let sweep_id = format!("s{seq}-{}", random_hex(3));
             let tasks = new_tasks(&sweep_id, seq, 0, trials);
-            let record =
-                SweepRecord { id: sweep_id.clone(), seq, name: sweep.name, source: source.to_string(), created_ms: unix_ms(), cancelled: false };
+            let record = SweepRecord {
+                id: sweep_id.clone(),
+                seq,
+                name: sweep.name,
+                source: source.to_string(),
+                created_ms: unix_ms(),
+                cancelled: false,
+            };
             inner.store.insert_sweep(&record, &tasks)?;
             if let Some(stage) = LatestStage::of(&tasks) {
                 inner.stages.insert(sweep_id.clone(), stage);

@@ -137,7 +137,10 @@ async fn reports_are_checked_at_the_edge() {
     let wide = EpochRecord { values: many, ..epoch(1, &[]) };
     assert!(matches!(core.report_metrics(&lease, &[wide]), Err(CoreError::LimitExceeded(_))));
     let forged = LeaseProof { secret: "guessed", ..lease };
-    assert!(matches!(core.report_metrics(&forged, &[epoch(1, &[("val_mse", 1e-6)])]), Err(CoreError::Refused(Refusal::NotLeaseHolder { .. }))));
+    assert!(matches!(
+        core.report_metrics(&forged, &[epoch(1, &[("val_mse", 1e-6)])]),
+        Err(CoreError::Refused(Refusal::NotLeaseHolder { .. }))
+    ));
     assert!(matches!(core.complete(&forged), Err(CoreError::Refused(Refusal::NotLeaseHolder { .. }))));
     let view = core.sweep(&sweep_id).unwrap();
     assert!(view.tasks.iter().all(|t| t.epochs.is_empty()), "nothing refused was stored");
@@ -156,7 +159,13 @@ async fn checkpoints_come_only_from_the_lease_holders_uploads() {
     let worker = register(&core, "w");
     let dispatch = core.acquire(&worker.id, &worker.session, Duration::ZERO).await.unwrap().unwrap();
     let lease = proof(&worker, &dispatch);
-    let record = |blob: &BlobRef, epoch: u32| CheckpointRecord { task_id: dispatch.task_id.clone(), epoch, attempt: 1, blob: blob.clone(), is_final: true };
+    let record = |blob: &BlobRef, epoch: u32| CheckpointRecord {
+        task_id: dispatch.task_id.clone(),
+        epoch,
+        attempt: 1,
+        blob: blob.clone(),
+        is_final: true,
+    };
     let error = core.attach_checkpoint(&lease, record(&foreign, 1)).unwrap_err();
     assert!(error.to_string().contains("not uploaded under this lease"), "{error}");
     core.record_lease_upload(&lease, &foreign).unwrap();
@@ -193,7 +202,11 @@ async fn a_full_store_changes_nothing_and_recovers() {
     assert!(!core.writable());
     assert!(matches!(core.complete(&lease), Err(CoreError::Unwritable(_))), "no change while unwritable");
     assert!(matches!(core.acquire(&worker.id, &worker.session, Duration::ZERO).await, Err(CoreError::Unwritable(_))));
-    assert_eq!(core.sweep(&sweep_id).unwrap().tasks.iter().filter(|t| t.task.entry.state == TaskState::Running).count(), 1, "reads still work");
+    assert_eq!(
+        core.sweep(&sweep_id).unwrap().tasks.iter().filter(|t| t.task.entry.state == TaskState::Running).count(),
+        1,
+        "reads still work"
+    );
     core.expire_leases().unwrap();
     assert!(!core.writable(), "the probe fails while the store is full");
 
@@ -201,7 +214,14 @@ async fn a_full_store_changes_nothing_and_recovers() {
     core.expire_leases().unwrap();
     assert!(core.writable(), "the probe succeeded");
     // Memory was rebuilt from the database: the worker registers again and re-attaches.
-    let (id, session, abandon) = core.register("w", "cpu", Abilities::default(), &[Lease { task_id: dispatch.task_id.clone(), attempt: 1, rank: 0, world: 1, secret: dispatch.lease_secret.clone() }]).unwrap();
+    let (id, session, abandon) = core
+        .register(
+            "w",
+            "cpu",
+            Abilities::default(),
+            &[Lease { task_id: dispatch.task_id.clone(), attempt: 1, rank: 0, world: 1, secret: dispatch.lease_secret.clone() }],
+        )
+        .unwrap();
     assert!(abandon.is_empty(), "the lease survived the failure");
     let worker = TestWorker { id, session };
     core.complete(&proof(&worker, &dispatch)).unwrap();

@@ -155,7 +155,14 @@ impl Core {
     /// Log lines of a sweep, or of one task, after `after_id`: at most `max_lines`, and no more
     /// than about `max_bytes` of text (the reply stays under the message limit; ask again after
     /// the last id for more).
-    pub fn logs(&self, sweep_id: &str, task_id: Option<&str>, after_id: i64, max_lines: usize, max_bytes: usize) -> Result<Vec<LogRecord>, CoreError> {
+    pub fn logs(
+        &self,
+        sweep_id: &str,
+        task_id: Option<&str>,
+        after_id: i64,
+        max_lines: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, CoreError> {
         let inner = self.lock();
         if inner.store.sweep(sweep_id)?.is_none() {
             return Err(CoreError::NotFound(format!("sweep {sweep_id}")));

@@ -159,7 +159,10 @@ impl PruneSection {
         if self.rule.has_rungs() && self.grace_epochs >= epochs {
             return Some((
                 "cv.prune.grace_epochs",
-                format!("{} leaves no rung: the first rung must come before the last of the cv.epochs = {epochs} epochs", self.grace_epochs),
+                format!(
+                    "{} leaves no rung: the first rung must come before the last of the cv.epochs = {epochs} epochs",
+                    self.grace_epochs
+                ),
             ));
         }
         None
@@ -179,7 +182,8 @@ impl PruneSection {
 
     /// A short description for `submit --dry-run`.
     pub fn describe(&self, epochs: u32) -> String {
-        let racing = format!("racing after {} folds at {}% confidence (paired t-test vs the leader)", self.min_folds, self.confidence * 100.0);
+        let racing =
+            format!("racing after {} folds at {}% confidence (paired t-test vs the leader)", self.min_folds, self.confidence * 100.0);
         let rungs = format!("ASHA rungs at epochs {:?} keeping the best 1/{} per fold", self.rungs(epochs), self.reduction);
         match self.rule {
             PruneRule::Racing => format!("pruned fold-first by {racing}"),
@@ -253,7 +257,11 @@ enum Standing {
 impl Snapshot {
     /// The metric's name for the reasons.
     fn metric(&self) -> &str {
-        if self.metric.is_empty() { "val_mse" } else { &self.metric }
+        if self.metric.is_empty() {
+            "val_mse"
+        } else {
+            &self.metric
+        }
     }
 
     fn config_count(&self) -> usize {

@@ -64,7 +64,9 @@ fn the_race_waits_for_min_folds_and_drops_the_consistently_worse() {
     assert_eq!(decisions.len(), 1, "{decisions:?}");
     assert_eq!(decisions[0].config, 2, "config 1 is worse on fold 0 and better on fold 1: kept");
     let reason = &decisions[0].reason;
-    for expected in ["racing: fold round 2", "the leader c0", "paired t = ", "(df 1)", "[0.04000, 0.04150] vs the leader's [0.03000, 0.03200]"] {
+    for expected in
+        ["racing: fold round 2", "the leader c0", "paired t = ", "(df 1)", "[0.04000, 0.04150] vs the leader's [0.03000, 0.03200]"]
+    {
         assert!(reason.contains(expected), "{expected:?} in {reason}");
     }
     // Applied, the decisions are final: the race finds nothing more.
@@ -93,7 +95,11 @@ fn a_dropped_config_no_longer_holds_the_round_back() {
 #[test]
 fn configs_with_nothing_left_and_the_leader_are_never_dropped() {
     let s = settings(PruneRule::Racing);
-    let snapshot = Snapshot { labels: labels(2), trials: vec![done(0, 0, 0.01), done(0, 1, 0.01), done(1, 0, 0.05), done(1, 1, 0.05)], ..Snapshot::default() };
+    let snapshot = Snapshot {
+        labels: labels(2),
+        trials: vec![done(0, 0, 0.01), done(0, 1, 0.01), done(1, 0, 0.05), done(1, 1, 0.05)],
+        ..Snapshot::default()
+    };
     assert!(race(&s, &snapshot).is_empty(), "config 1 has every fold: selection decides");
     assert!(race(&settings(PruneRule::Asha), &snapshot).is_empty(), "asha alone never races");
 }
@@ -120,8 +126,16 @@ fn a_rung_keeps_the_best_third_of_its_fold_and_the_first_to_arrive() {
     snapshot.trials.push(running(2, 0, &[0.085, 0.075]));
     let decision = rung_check(&s, 20, &snapshot, 2, &[2]).expect("second of three");
     assert_eq!(decision.config, 2);
-    assert!(decision.reason.starts_with("asha: fold 0 rung 0 (epoch 2): best val_mse 0.07500 ranks 2 of the 3 trials"), "{}", decision.reason);
-    assert!(decision.reason.contains("only the best 1 (1/3) continue; the rung's values [0.07000, 0.07500, 0.08000]"), "{}", decision.reason);
+    assert!(
+        decision.reason.starts_with("asha: fold 0 rung 0 (epoch 2): best val_mse 0.07500 ranks 2 of the 3 trials"),
+        "{}",
+        decision.reason
+    );
+    assert!(
+        decision.reason.contains("only the best 1 (1/3) continue; the rung's values [0.07000, 0.07500, 0.08000]"),
+        "{}",
+        decision.reason
+    );
     assert_eq!(rung_check(&s, 20, &snapshot, 2, &[1]), None, "not a rung");
     // Another fold's trials are not compared.
     snapshot.trials.push(running(3, 1, &[0.2, 0.2]));
@@ -168,7 +182,8 @@ fn pruning_plans_cross_validation_fold_first() {
     let described = crate::plan::describe_stages(&sweep);
     assert!(described[0].2.contains("pruned fold-first by racing after 2 folds at 95% confidence"), "{described:?}");
     // The settings are checked, naming the key.
-    let error = crate::sweep::SweepFile::parse(&format!("{grid}[cv.prune]\nrule = \"both\"\nreduction = 1\n"), "s").unwrap_err().to_string();
+    let error =
+        crate::sweep::SweepFile::parse(&format!("{grid}[cv.prune]\nrule = \"both\"\nreduction = 1\n"), "s").unwrap_err().to_string();
     assert!(error.contains("s: cv.prune.reduction: 1 must be at least 2"), "{error}");
     let error = crate::sweep::SweepFile::parse(&format!("{grid}[cv.prune]\nrule = \"fast\"\n"), "s").unwrap_err().to_string();
     assert!(error.contains("unknown variant `fast`"), "{error}");
@@ -177,7 +192,14 @@ fn pruning_plans_cross_validation_fold_first() {
 }
 
 fn dataset() -> crate::domain::DatasetSpec {
-    crate::domain::DatasetSpec { format: crate::domain::DatasetFormat::Idx, files: vec![], train_limit: 0, test_limit: 0, image_size: 64, min_foreground: 0.05 }
+    crate::domain::DatasetSpec {
+        format: crate::domain::DatasetFormat::Idx,
+        files: vec![],
+        train_limit: 0,
+        test_limit: 0,
+        image_size: 64,
+        min_foreground: 0.05,
+    }
 }
 
 /// A pruning sweep run on the real scheduler: `configs` × `folds` trials of `epochs` epochs
@@ -281,10 +303,17 @@ struct Case {
 
 /// Runs one simulated sweep, checking the invariants; returns the configs dropped.
 fn simulate(case: &Case) -> Result<usize, proptest::test_runner::TestCaseError> {
-    let Case { configs, folds, epochs, workers, rule, min_folds, grace_epochs, reduction, confidence, ref quality, ref difficulty, seed } = *case;
+    let Case { configs, folds, epochs, workers, rule, min_folds, grace_epochs, reduction, confidence, ref quality, ref difficulty, seed } =
+        *case;
     use crate::scheduler::{Scheduler, SecretSource, TaskEntry, Timeouts};
     let rule = if folds == 2 { PruneRule::Asha } else { rule };
-    let settings = PruneSection { rule, min_folds: min_folds.min(folds - 1).max(2), confidence, grace_epochs: grace_epochs.min(epochs - 1), reduction };
+    let settings = PruneSection {
+        rule,
+        min_folds: min_folds.min(folds - 1).max(2),
+        confidence,
+        grace_epochs: grace_epochs.min(epochs - 1),
+        reduction,
+    };
     proptest::prop_assert_eq!(settings.problem(folds, epochs), None);
     let mut minted = 0u64;
     let secrets = SecretSource::new(move || {
@@ -329,14 +358,19 @@ fn simulate(case: &Case) -> Result<usize, proptest::test_runner::TestCaseError> 
             proptest::prop_assert_eq!(task.state, TaskState::Pruned);
             let abandon = sim.scheduler.heartbeat(&worker, &session, 0, std::slice::from_ref(&lease)).unwrap();
             proptest::prop_assert_eq!(abandon, vec![lease.task_id.clone()], "the worker is told to stop");
-            proptest::prop_assert!(sim.scheduler.check_lease(&worker, &lease.task_id, lease.attempt, &lease.secret).is_err(), "its reports are refused");
+            proptest::prop_assert!(
+                sim.scheduler.check_lease(&worker, &lease.task_id, lease.attempt, &lease.secret).is_err(),
+                "its reports are refused"
+            );
             proptest::prop_assert!(sim.scheduler.complete(&worker, &lease.task_id, lease.attempt, &lease.secret, 0).is_err());
             held[w] = None;
             continue;
         }
         if next() % 40 == 0 {
             // An infrastructure failure: the attempt is retried, resuming where it was.
-            sim.scheduler.fail(&worker, &lease.task_id, lease.attempt, &lease.secret, crate::domain::FailureKind::Infrastructure, "lost", 0).unwrap();
+            sim.scheduler
+                .fail(&worker, &lease.task_id, lease.attempt, &lease.secret, crate::domain::FailureKind::Infrastructure, "lost", 0)
+                .unwrap();
             held[w] = None;
             sim.race();
             continue;

@@ -67,7 +67,12 @@ fn bounds(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 }
 
 /// Lines of named series, each (epoch, value) pairs.
-fn lines_into(area: &DrawingArea<BitMapBackend<'_>, Shift>, title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<(), ReportError> {
+fn lines_into(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), ReportError> {
     let points = series.iter().flat_map(|(_, s)| s.iter().copied());
     let (x_lo, x_hi) = bounds(points.clone().map(|p| p.0));
     let (y_lo, y_hi) = bounds(points.map(|p| p.1));

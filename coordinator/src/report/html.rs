@@ -16,7 +16,12 @@ pub fn page(input: &ReportInput, figures: &[Figure]) -> String {
     html.push_str("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">");
     html.push_str(&format!("<title>Cohort report: {}</title>", escape(&input.name)));
     html.push_str("<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}tr.win{background:#e6f4e6;font-weight:bold}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}figure{margin:1.5em 0}</style></head><body>\n");
-    html.push_str(&format!("<h1>{}</h1>\n<p>Sweep <code>{}</code>: {}</p>\n", escape(&input.name), escape(&input.sweep_id), escape(&input.state)));
+    html.push_str(&format!(
+        "<h1>{}</h1>\n<p>Sweep <code>{}</code>: {}</p>\n",
+        escape(&input.name),
+        escape(&input.sweep_id),
+        escape(&input.state)
+    ));
     if !input.cv.is_empty() {
         let folds = input.cv.iter().map(|c| c.folds.len()).max().unwrap_or(0);
         html.push_str("<h2>Cross-validation</h2>\n<p>Minimum validation MSE of each fold; the config with the lowest mean wins.</p>\n<table><tr><th class=\"l\">config</th>");
@@ -62,7 +67,12 @@ pub fn page(input: &ReportInput, figures: &[Figure]) -> String {
         html.push_str("<p>This sweep has no data for the seed's figures yet.</p>\n");
     }
     for (file, caption) in figures {
-        html.push_str(&format!("<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>\n", escape(file), escape(caption), escape(caption)));
+        html.push_str(&format!(
+            "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>\n",
+            escape(file),
+            escape(caption),
+            escape(caption)
+        ));
     }
     html.push_str("</body></html>\n");
     html

@@ -95,7 +95,6 @@ impl ArtifactTensor {
     }
 }
 
-
 /// A trial as the report's table shows it.
 #[derive(Debug, Clone)]
 pub struct TrialRow {
@@ -248,7 +247,11 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
         let panels = vec![
             ("Critic loss".to_string(), "loss".to_string(), vec![("critic loss".to_string(), critic)]),
             ("Generator loss".to_string(), "loss".to_string(), vec![("generator loss".to_string(), generator)]),
-            ("Wasserstein estimate".to_string(), "E[D(real)] - E[D(fake)]".to_string(), vec![("Wasserstein estimate".to_string(), wasserstein)]),
+            (
+                "Wasserstein estimate".to_string(),
+                "E[D(real)] - E[D(fake)]".to_string(),
+                vec![("Wasserstein estimate".to_string(), wasserstein)],
+            ),
         ];
         figures::panels(&out.join(file), &panels)?;
         drawn.push((file.into(), "Fig. 4: critic loss and generator loss per epoch; the Wasserstein estimate".into()));

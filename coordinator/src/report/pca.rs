@@ -78,10 +78,12 @@ mod tests {
     #[test]
     fn finds_the_direction_of_largest_spread() {
         // Points along (1, 1, 0, 0) with a little spread along (0, 0, 1, 0).
-        let rows: Vec<Vec<f32>> = (0..50).map(|i| {
-            let t = i as f32 - 25.0;
-            vec![t, t, 0.1 * (i % 3) as f32, 0.0]
-        }).collect();
+        let rows: Vec<Vec<f32>> = (0..50)
+            .map(|i| {
+                let t = i as f32 - 25.0;
+                vec![t, t, 0.1 * (i % 3) as f32, 0.0]
+            })
+            .collect();
         let projected = project_2d(&rows);
         let spread_x: f64 = projected.iter().map(|p| p.0 * p.0).sum();
         let spread_y: f64 = projected.iter().map(|p| p.1 * p.1).sum();

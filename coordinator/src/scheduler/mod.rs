@@ -417,7 +417,16 @@ impl Scheduler {
 
     /// A member reports the task failed: the whole attempt (every rank of a gang) ends.
     #[allow(clippy::too_many_arguments)]
-    pub fn fail(&mut self, worker_id: &str, task_id: &str, attempt: u32, secret: &str, kind: FailureKind, error: &str, now: Millis) -> Result<Retry, Refusal> {
+    pub fn fail(
+        &mut self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        secret: &str,
+        kind: FailureKind,
+        error: &str,
+        now: Millis,
+    ) -> Result<Retry, Refusal> {
         self.check_lease(worker_id, task_id, attempt, secret)?;
         self.touch(worker_id, now);
         Ok(self.end_attempt(task_id, kind, error))
@@ -531,7 +540,6 @@ impl Scheduler {
             .flat_map(|t| t.members.iter().filter(|w| t.active_rank_of(w).is_some()).map(|w| (w.clone(), t.id.clone())))
             .collect()
     }
-
 
     /// The workers holding the task (the last ones, after it ended), by the names they
     /// registered with where known, else by id.

@@ -45,7 +45,10 @@ impl Scheduler {
     fn heartbeat_as(&mut self, worker_id: &str, now: Millis, running: &[Lease]) -> Result<Vec<String>, Refusal> {
         let running: Vec<Lease> = running
             .iter()
-            .map(|l| Lease { secret: if l.secret.is_empty() { self.secret_of(&l.task_id, worker_id) } else { l.secret.clone() }, ..l.clone() })
+            .map(|l| Lease {
+                secret: if l.secret.is_empty() { self.secret_of(&l.task_id, worker_id) } else { l.secret.clone() },
+                ..l.clone()
+            })
             .collect();
         self.heartbeat(worker_id, &session(worker_id), now, &running)
     }
@@ -55,7 +58,15 @@ impl Scheduler {
         self.complete(worker_id, task_id, attempt, &secret, now)
     }
 
-    fn fail_as(&mut self, worker_id: &str, task_id: &str, attempt: u32, kind: FailureKind, error: &str, now: Millis) -> Result<Retry, Refusal> {
+    fn fail_as(
+        &mut self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        kind: FailureKind,
+        error: &str,
+        now: Millis,
+    ) -> Result<Retry, Refusal> {
         let secret = self.secret_of(task_id, worker_id);
         self.fail(worker_id, task_id, attempt, &secret, kind, error, now)
     }
@@ -163,7 +174,11 @@ fn only_the_lease_secret_proves_a_lease() {
     assert_eq!(abandon, vec!["a".to_string()], "the impostor is told to drop what it claimed");
     assert!(changed.is_empty());
     assert_eq!(s.task("a").unwrap().members, vec!["w1"], "the holder keeps its lease");
-    assert_eq!(s.complete("impostor", "a", 1, &lease.secret, 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }), "a stolen secret needs the holder's identity too");
+    assert_eq!(
+        s.complete("impostor", "a", 1, &lease.secret, 2),
+        Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }),
+        "a stolen secret needs the holder's identity too"
+    );
     assert_eq!(s.complete("w1", "a", 1, "guess", 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }));
     assert_eq!(s.fail("w1", "a", 1, "", FailureKind::User, "x", 2), Err(Refusal::NotLeaseHolder { task_id: "a".into(), attempt: 1 }));
     assert_eq!(s.heartbeat("impostor", &session("impostor"), 3, &[forged]).unwrap(), vec!["a".to_string()]);

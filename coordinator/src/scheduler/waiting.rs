@@ -121,7 +121,9 @@ pub fn waiting_reason(gang_size: u32, needs: Needs, counts: WorkerCounts, ahead:
     };
     if able == 0 {
         return match (needs.cuda, needs.commands) {
-            (false, true) => format!("waiting: none of the {registered} connected workers allows command trials (start one with --allow-commands)"),
+            (false, true) => {
+                format!("waiting: none of the {registered} connected workers allows command trials (start one with --allow-commands)")
+            }
             _ => format!("waiting: none of the {registered} connected workers has the device it needs (it runs on workers{with})"),
         };
     }

@@ -13,7 +13,10 @@ use crate::core::{Core, CoreError};
 
 /// Runs `call` on the core on the blocking pool; a core error becomes its gRPC status
 /// ([`status`]).
-pub async fn blocking<T: Send + 'static>(core: &Arc<Core>, call: impl FnOnce(&Core) -> Result<T, CoreError> + Send + 'static) -> Result<T, Status> {
+pub async fn blocking<T: Send + 'static>(
+    core: &Arc<Core>,
+    call: impl FnOnce(&Core) -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, Status> {
     off_runtime(core, call).await?.map_err(status)
 }
 

@@ -52,12 +52,8 @@ impl ClientService for ClientApi {
         })
         .await?;
         let sweep_id = submitted.sweep_id.unwrap_or_default();
-        let planned = submitted
-            .planned
-            .into_iter()
-            .take(MAX_LISTED_TRIALS)
-            .map(|(id, spec)| convert::task_spec(&id, &sweep_id, 0, &spec))
-            .collect();
+        let planned =
+            submitted.planned.into_iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(&id, &sweep_id, 0, &spec)).collect();
         let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();
         Ok(Response::new(pb::SubmitSweepResponse { sweep_id, planned, stages }))
     }
@@ -191,7 +187,8 @@ mod tests {
              [cv]\nfolds = 2\nepochs = 1\nbatch_size = 16\n[cv.random]\nsamples = {configs}\nlr = {{ min = 1e-4, max = 1e-2, log = true }}\n"
         );
         let dataset_files = files.into_iter().map(|(name, blob)| pb::DatasetFile { name, blob: Some(blob.into()) }).collect();
-        let request = pb::SubmitSweepRequest { source, source_name: "large.toml".into(), dataset_files, dry_run: false, command_files: vec![] };
+        let request =
+            pb::SubmitSweepRequest { source, source_name: "large.toml".into(), dataset_files, dry_run: false, command_files: vec![] };
         let api = ClientApi::new(Arc::new(core));
         let response = api.submit_sweep(Request::new(request)).await.unwrap().into_inner();
         assert!(!response.sweep_id.is_empty());

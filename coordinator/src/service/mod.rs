@@ -25,7 +25,6 @@ use crate::scheduler::Refusal;
 /// A stream of blob chunks sent to a client.
 pub type BlobStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
 
-
 /// Maps a core error to its gRPC status: the one place this mapping is made.
 pub fn status(error: CoreError) -> Status {
     let code = match &error {
@@ -68,7 +67,11 @@ fn transfer_status(error: TransferError) -> Status {
 /// recorded as uploaded under it once received whole, so that only it can become that trial's
 /// checkpoint or artifact. Such an upload is received in full even when the blob is already
 /// stored: naming a hash proves nothing, sending the bytes does.
-pub async fn receive_blob(core: &Arc<Core>, metadata: &MetadataMap, stream: tonic::Streaming<pb::BlobChunk>) -> Result<pb::UploadBlobResponse, Status> {
+pub async fn receive_blob(
+    core: &Arc<Core>,
+    metadata: &MetadataMap,
+    stream: tonic::Streaming<pb::BlobChunk>,
+) -> Result<pb::UploadBlobResponse, Status> {
     let lease = UploadLease::read(metadata)?;
     if let Some(lease) = lease.clone() {
         blocking(core, move |core| core.check_upload_lease(&proof_of(&lease))).await?;

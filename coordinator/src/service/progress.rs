@@ -111,7 +111,11 @@ mod tests {
                          [cv]\nfolds = 2\nepochs = 3\nbatch_size = 16\n[cv.grid]\nlr = [1e-3]\n";
 
     async fn next(stream: &mut ProgressStream) -> pb::SweepProgress {
-        tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("a message in time").expect("the stream goes on").expect("no error")
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a message in time")
+            .expect("the stream goes on")
+            .expect("no error")
     }
 
     /// The stream answers at once with the stage and why its trials wait, follows a running

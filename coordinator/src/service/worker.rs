@@ -45,14 +45,20 @@ impl WorkerService for WorkerApi {
         let name = if request.name.is_empty() { "unnamed".to_string() } else { request.name };
         let abilities = Abilities { cuda: request.device.starts_with("cuda"), commands: request.allow_commands };
         let running = convert::leases(request.running);
-        let (worker_id, session, abandon) = blocking(&self.core, move |core| core.register(&name, &request.device, abilities, &running)).await?;
+        let (worker_id, session, abandon) =
+            blocking(&self.core, move |core| core.register(&name, &request.device, abilities, &running)).await?;
         let heartbeat_interval_ms = self.core.heartbeat_interval().as_millis() as u32;
         Ok(Response::new(pb::RegisterResponse { worker_id, heartbeat_interval_ms, abandon, session }))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let request = request.into_inner();
-        let phases = request.phase_seconds.into_iter().filter(|(name, seconds)| name.len() <= MAX_PHASE_NAME && seconds.is_finite()).take(MAX_PHASES).collect();
+        let phases = request
+            .phase_seconds
+            .into_iter()
+            .filter(|(name, seconds)| name.len() <= MAX_PHASE_NAME && seconds.is_finite())
+            .take(MAX_PHASES)
+            .collect();
         let running = convert::leases(request.running);
         let beat = off_runtime(&self.core, move |core| core.heartbeat(&request.worker_id, &request.session, &running, phases)).await?;
         match beat {
@@ -81,7 +87,8 @@ impl WorkerService for WorkerApi {
     async fn report_metrics(&self, request: Request<pb::ReportMetricsRequest>) -> Result<Response<pb::Ack>, Status> {
         let r = request.into_inner();
         let epochs = convert::epochs(r.attempt, r.epochs);
-        blocking(&self.core, move |core| core.report_metrics(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), &epochs)).await?;
+        blocking(&self.core, move |core| core.report_metrics(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), &epochs))
+            .await?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -94,7 +101,8 @@ impl WorkerService for WorkerApi {
         let r = request.into_inner();
         let blob = convert::require_blob(r.blob, "checkpoint").map_err(Status::invalid_argument)?;
         let record = CheckpointRecord { task_id: r.task_id.clone(), epoch: r.epoch, attempt: r.attempt, blob, is_final: r.is_final };
-        blocking(&self.core, move |core| core.attach_checkpoint(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), record)).await?;
+        blocking(&self.core, move |core| core.attach_checkpoint(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), record))
+            .await?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -102,7 +110,8 @@ impl WorkerService for WorkerApi {
         let r = request.into_inner();
         let blob = convert::require_blob(r.blob, "artifact").map_err(Status::invalid_argument)?;
         let record = ArtifactRecord { task_id: r.task_id.clone(), name: r.name.clone(), epoch: r.epoch, blob };
-        blocking(&self.core, move |core| core.attach_artifact(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), record)).await?;
+        blocking(&self.core, move |core| core.attach_artifact(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), record))
+            .await?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -110,7 +119,8 @@ impl WorkerService for WorkerApi {
         let r = request.into_inner();
         let wait = Duration::from_millis(u64::from(r.wait_ms)).min(MAX_ACQUIRE_WAIT);
         let (task_id, attempt) = (r.task_id.clone(), r.attempt);
-        blocking(&self.core, move |core| core.announce(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret, &r.address, r.nccl_id)).await?;
+        blocking(&self.core, move |core| core.announce(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret, &r.address, r.nccl_id))
+            .await?;
         let response = match self.core.gathered(&task_id, attempt, wait).await {
             Some(done) => pb::RendezvousResponse { ready: true, peers: done.peers, secret: done.secret, nccl_id: done.nccl_id },
             None => pb::RendezvousResponse::default(),
@@ -134,7 +144,8 @@ impl WorkerService for WorkerApi {
     async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::Ack>, Status> {
         let r = request.into_inner();
         let kind = convert::failure_kind(r.kind());
-        blocking(&self.core, move |core| core.fail(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), kind, &r.error)).await?;
+        blocking(&self.core, move |core| core.fail(&lease_of(&r.worker_id, &r.task_id, r.attempt, &r.lease_secret), kind, &r.error))
+            .await?;
         Ok(Response::new(pb::Ack {}))
     }
 

@@ -61,7 +61,8 @@ impl Store {
     /// The tasks of a span of a sweep's plan order (a stage), counted by state: one grouped
     /// query over the index.
     pub fn span_state_counts(&self, sweep_id: &str, first: i64, last: i64) -> Result<Vec<(TaskState, u32)>, StoreError> {
-        let mut query = self.conn.prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 GROUP BY state")?;
+        let mut query =
+            self.conn.prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 GROUP BY state")?;
         let rows = query.query_map(params![sweep_id, first, last], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
         let mut counts = Vec::new();
         for row in rows {
@@ -92,7 +93,14 @@ impl Store {
             "SELECT task_id, epoch, attempt, vals, seconds, samples FROM metrics WHERE task_id IN ({PAGE_TASKS}) ORDER BY task_id, epoch"
         ))?;
         let rows = query.query_map(span, |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?, r.get::<_, f64>(4)?, r.get::<_, i64>(5)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, f64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
         })?;
         for row in rows {
             let (task_id, epoch, attempt, values, seconds, samples) = row?;
@@ -133,7 +141,8 @@ impl Store {
             page.artifacts.entry(record.task_id.clone()).or_default().push(record);
         }
 
-        let mut query = self.conn.prepare_cached("SELECT id, started_ms, ended_ms FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3")?;
+        let mut query =
+            self.conn.prepare_cached("SELECT id, started_ms, ended_ms FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3")?;
         let rows = query.query_map(span, |r| Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))))?;
         page.times = rows.collect::<Result<_, _>>()?;
         page.tasks = tasks;
@@ -180,16 +189,36 @@ mod tests {
         for (seq, sweep) in [(1, "a"), (2, "b")] {
             let record = SweepRecord { id: sweep.into(), seq, name: "n".into(), source: "src".into(), created_ms: 5, cancelled: false };
             let tasks: Vec<StoredTask> = (0..5)
-                .map(|i| StoredTask { entry: TaskEntry::queued(format!("{sweep}.t{i}"), sweep.into(), i, 3, 1), spec: crate::store::tests::spec() })
+                .map(|i| StoredTask {
+                    entry: TaskEntry::queued(format!("{sweep}.t{i}"), sweep.into(), i, 3, 1),
+                    spec: crate::store::tests::spec(),
+                })
                 .collect();
             store.insert_sweep(&record, &tasks).unwrap();
             for i in [1u32, 2, 4] {
-                let epochs: Vec<EpochRecord> =
-                    (1..=i).map(|epoch| EpochRecord { epoch, attempt: 1, values: vec![("val_mse".into(), f64::from(i))], seconds: 1.0, samples: 8 }).collect();
+                let epochs: Vec<EpochRecord> = (1..=i)
+                    .map(|epoch| EpochRecord {
+                        epoch,
+                        attempt: 1,
+                        values: vec![("val_mse".into(), f64::from(i))],
+                        seconds: 1.0,
+                        samples: 8,
+                    })
+                    .collect();
                 store.record_metrics(&format!("{sweep}.t{i}"), &epochs).unwrap();
                 let blob = BlobRef { sha256: format!("{sweep}{i}"), size: 1 };
-                store.record_checkpoint(&CheckpointRecord { task_id: format!("{sweep}.t{i}"), epoch: i, attempt: 1, blob: blob.clone(), is_final: true }).unwrap();
-                store.record_artifact(&ArtifactRecord { task_id: format!("{sweep}.t{i}"), name: "samples".into(), epoch: i, blob }).unwrap();
+                store
+                    .record_checkpoint(&CheckpointRecord {
+                        task_id: format!("{sweep}.t{i}"),
+                        epoch: i,
+                        attempt: 1,
+                        blob: blob.clone(),
+                        is_final: true,
+                    })
+                    .unwrap();
+                store
+                    .record_artifact(&ArtifactRecord { task_id: format!("{sweep}.t{i}"), name: "samples".into(), epoch: i, blob })
+                    .unwrap();
             }
         }
         let page = store.task_page("b", 1, 3).unwrap();

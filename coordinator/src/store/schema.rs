@@ -89,11 +89,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     for (table, column, definition) in ADDED_COLUMNS {
-        let exists: bool = conn.query_row(
-            &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
-            params![column],
-            |r| r.get(0),
-        )?;
+        let exists: bool =
+            conn.query_row(&format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"), params![column], |r| {
+                r.get(0)
+            })?;
         if !exists {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
         }

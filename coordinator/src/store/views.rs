@@ -15,8 +15,16 @@ use super::{parse_values, Store, StoreError};
 macro_rules! stage_of {
     ($spec:literal) => {
         concat!(
-            "(CASE WHEN substr(", $spec, ", 1, 10) = '{\"stage\":\"' THEN substr(", $spec, ", 11, instr(substr(", $spec, ", 11), '\"') - 1) ",
-            "ELSE json_extract(", $spec, ", '$.stage') END)"
+            "(CASE WHEN substr(",
+            $spec,
+            ", 1, 10) = '{\"stage\":\"' THEN substr(",
+            $spec,
+            ", 11, instr(substr(",
+            $spec,
+            ", 11), '\"') - 1) ",
+            "ELSE json_extract(",
+            $spec,
+            ", '$.stage') END)"
         )
     };
 }
@@ -125,7 +133,9 @@ impl Store {
         let mut counts: HashMap<String, HashMap<String, u32>> =
             self.state_counts()?.into_iter().map(|(sweep_id, states)| (sweep_id, by_name(&states))).collect();
         let mut query = self.conn.prepare_cached("SELECT id, seq, name, created_ms, cancelled FROM sweeps ORDER BY seq")?;
-        let rows = query.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, bool>(4)?)))?;
+        let rows = query.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, bool>(4)?))
+        })?;
         let mut sweeps = Vec::new();
         for row in rows {
             let (id, seq, name, created_ms, cancelled) = row?;
@@ -198,7 +208,14 @@ impl Store {
 
     /// A page of a sweep's trials in plan order, optionally of one stage (its span of orders) and
     /// one state.
-    pub fn trial_rows(&self, sweep_id: &str, span: Option<(i64, i64)>, state: Option<&str>, offset: u64, limit: u64) -> Result<(Vec<TrialRow>, u64), StoreError> {
+    pub fn trial_rows(
+        &self,
+        sweep_id: &str,
+        span: Option<(i64, i64)>,
+        state: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<TrialRow>, u64), StoreError> {
         let (first, last) = span.unwrap_or((i64::MIN, i64::MAX));
         let total: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM tasks WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 AND (?4 IS NULL OR state = ?4)",
@@ -286,7 +303,12 @@ impl Store {
              WHERE sweep_id = ?1 AND ord BETWEEN ?2 AND ?3 ORDER BY ord",
         )?;
         let rows = query.query_map(params![sweep_id, first, last], |r| {
-            Ok(FoldTask { task_id: r.get(0)?, config: r.get::<_, Option<String>>(1)?.unwrap_or_default(), fold: r.get(2)?, state: r.get(3)? })
+            Ok(FoldTask {
+                task_id: r.get(0)?,
+                config: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                fold: r.get(2)?,
+                state: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -302,7 +324,13 @@ impl Store {
              WHERE t.sweep_id = ?1 AND t.ord BETWEEN ?2 AND ?3 ORDER BY t.ord, m.epoch",
         )?;
         let rows = query.query_map(params![sweep_id, first, last], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<u32>>(2)?, r.get::<_, u32>(3)?, r.get::<_, String>(4)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<u32>>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+            ))
         })?;
         let mut epochs = Vec::new();
         for row in rows {
@@ -335,7 +363,8 @@ mod tests {
     fn views_count_page_and_group_without_reading_everything() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("state.db")).unwrap();
-        let sweep = SweepRecord { id: "s1-aa".into(), seq: 1, name: "<b>x</b>".into(), source: String::new(), created_ms: 5, cancelled: false };
+        let sweep =
+            SweepRecord { id: "s1-aa".into(), seq: 1, name: "<b>x</b>".into(), source: String::new(), created_ms: 5, cancelled: false };
         let tasks: Vec<StoredTask> = (0..4)
             .map(|i| StoredTask {
                 entry: TaskEntry::queued(format!("s1-aa.t{i}"), "s1-aa".into(), i, 1, 1),
@@ -346,7 +375,12 @@ mod tests {
         let mut done = tasks[0].entry.clone();
         done.state = TaskState::Succeeded;
         store.save_tasks([&done]).unwrap();
-        store.record_metrics("s1-aa.t0", &[EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), 0.5)], seconds: 2.0, samples: 8 }]).unwrap();
+        store
+            .record_metrics(
+                "s1-aa.t0",
+                &[EpochRecord { epoch: 1, attempt: 1, values: vec![("val_mse".into(), 0.5)], seconds: 2.0, samples: 8 }],
+            )
+            .unwrap();
 
         let sweeps = store.sweep_rows().unwrap();
         assert_eq!(sweeps.len(), 1);

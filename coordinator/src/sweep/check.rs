@@ -53,7 +53,12 @@ impl SweepFile {
         check.require(self.command.is_none(), "command", || "[command] belongs to model.kind = \"command\"".into())?;
         check.require(self.has_dataset(), "dataset", || "a [dataset] section with format and path is required".into())?;
         if let Some(cv) = &self.cv {
-            let named = cv.grid.named.keys().map(|name| ("cv.grid", name)).chain(cv.random.iter().flat_map(|r| r.named.keys().map(|name| ("cv.random", name))));
+            let named = cv
+                .grid
+                .named
+                .keys()
+                .map(|name| ("cv.grid", name))
+                .chain(cv.random.iter().flat_map(|r| r.named.keys().map(|name| ("cv.random", name))));
             for (section, name) in named {
                 check.require(false, section, || {
                     format!("unknown field `{name}`, expected one of `lr`, `weight_decay`, `batch_size`, `noise_std`, `latent` (any name is a hyperparameter only for model.kind = \"command\")")
@@ -61,12 +66,16 @@ impl SweepFile {
             }
         }
         let format = DatasetFormat::parse(&self.dataset.format_name);
-        check.require(matches!(format, Some(DatasetFormat::Idx | DatasetFormat::ImageFolder | DatasetFormat::Nifti)), "dataset.format", || {
-            format!("{:?} is not supported (supported: \"idx\", \"image-folder\", \"nifti\")", self.dataset.format_name)
-        })?;
+        check.require(
+            matches!(format, Some(DatasetFormat::Idx | DatasetFormat::ImageFolder | DatasetFormat::Nifti)),
+            "dataset.format",
+            || format!("{:?} is not supported (supported: \"idx\", \"image-folder\", \"nifti\")", self.dataset.format_name),
+        )?;
         if let Some(augment) = &self.augment {
             check.non_negative(augment.rotate_deg, "augment.rotate_deg")?;
-            check.require((0.0..=0.5).contains(&augment.translate), "augment.translate", || format!("{} must be within [0, 0.5]", augment.translate))?;
+            check.require((0.0..=0.5).contains(&augment.translate), "augment.translate", || {
+                format!("{} must be within [0, 0.5]", augment.translate)
+            })?;
             check.non_negative(augment.shear_deg, "augment.shear_deg")?;
             check.at_most(augment.copies, MAX_AUGMENT_COPIES, "augment.copies")?;
         }
@@ -78,13 +87,20 @@ impl SweepFile {
     }
 
     fn validate_dae(&self, check: &Checker<'_>) -> Result<(), SweepError> {
-        check.require(self.dataset.format() == DatasetFormat::Idx, "dataset.format", || "the autoencoder trains on \"idx\" (28×28) data".into())?;
+        check.require(self.dataset.format() == DatasetFormat::Idx, "dataset.format", || {
+            "the autoencoder trains on \"idx\" (28×28) data".into()
+        })?;
         check.at_least_one(self.model.latent, "model.latent")?;
         check.at_most(self.model.latent, MAX_LATENT, "model.latent")?;
         check.non_negative(self.noise.std, "noise.std")?;
-        check.require(self.train.is_none(), "train", || "[train] belongs to model.kind = \"wgan-gp\"; the autoencoder uses [cv] and [final]".into())?;
-        check.require(self.cv.is_some() || self.final_stage.is_some(), "cv", || "an autoencoder sweep needs [cv], [final] or both".into())?;
-        check.require(self.finetune.is_none() || self.final_stage.is_some(), "finetune", || "[finetune] starts from [final]'s autoencoder: add [final]".into())?;
+        check.require(self.train.is_none(), "train", || {
+            "[train] belongs to model.kind = \"wgan-gp\"; the autoencoder uses [cv] and [final]".into()
+        })?;
+        check
+            .require(self.cv.is_some() || self.final_stage.is_some(), "cv", || "an autoencoder sweep needs [cv], [final] or both".into())?;
+        check.require(self.finetune.is_none() || self.final_stage.is_some(), "finetune", || {
+            "[finetune] starts from [final]'s autoencoder: add [final]".into()
+        })?;
         if let Some(cv) = &self.cv {
             check.require(cv.folds >= 2, "cv.folds", || format!("{} must be at least 2", cv.folds))?;
             check.at_least_one(cv.epochs, "cv.epochs")?;
@@ -93,7 +109,11 @@ impl SweepFile {
                 check.require(false, key, || message)?;
             }
             let grid = &cv.grid;
-            let gridded = grid.lr.is_some() || grid.weight_decay.is_some() || grid.batch_size.is_some() || grid.noise_std.is_some() || grid.latent.is_some();
+            let gridded = grid.lr.is_some()
+                || grid.weight_decay.is_some()
+                || grid.batch_size.is_some()
+                || grid.noise_std.is_some()
+                || grid.latent.is_some();
             check.require(!(gridded && cv.random.is_some()), "cv.random", || "use either [cv.grid] or [cv.random], not both".into())?;
             for (key, axis) in [
                 ("cv.grid.lr", grid.lr.as_ref().map(Vec::len)),
@@ -120,10 +140,18 @@ impl SweepFile {
             }
             // Bound the work of planning before expanding anything (the limit proper is checked by
             // `check_trial_limit`, with the coordinator's configured value).
-            let axes = [grid.lr.as_ref().map(Vec::len), grid.weight_decay.as_ref().map(Vec::len), grid.batch_size.as_ref().map(Vec::len), grid.noise_std.as_ref().map(Vec::len), grid.latent.as_ref().map(Vec::len)];
+            let axes = [
+                grid.lr.as_ref().map(Vec::len),
+                grid.weight_decay.as_ref().map(Vec::len),
+                grid.batch_size.as_ref().map(Vec::len),
+                grid.noise_std.as_ref().map(Vec::len),
+                grid.latent.as_ref().map(Vec::len),
+            ];
             let grid_size = axes.iter().map(|a| a.unwrap_or(1) as u128).product::<u128>();
             let planned = cv.random.as_ref().map_or(grid_size, |r| u128::from(r.samples)) * u128::from(cv.folds);
-            check.require(planned <= HARD_MAX_TRIALS as u128, "cv.grid", || format!("expands to {planned} trials, more than the limit of {HARD_MAX_TRIALS}"))?;
+            check.require(planned <= HARD_MAX_TRIALS as u128, "cv.grid", || {
+                format!("expands to {planned} trials, more than the limit of {HARD_MAX_TRIALS}")
+            })?;
             let configs = self.cv_configs();
             let axis = if cv.random.is_some() { "cv.random" } else { "cv.grid" };
             for h in &configs {
@@ -139,7 +167,9 @@ impl SweepFile {
             check.at_least_one(stage.epochs, "final.epochs")?;
             check.at_least_one(stage.max_attempts, "final.max_attempts")?;
             let given = stage.lr.is_some() || stage.weight_decay.is_some() || stage.batch_size.is_some();
-            check.require(!(given && self.cv.is_some()), "final", || "lr, weight_decay and batch_size come from the cross-validation winner; set them in [final] only without [cv]".into())?;
+            check.require(!(given && self.cv.is_some()), "final", || {
+                "lr, weight_decay and batch_size come from the cross-validation winner; set them in [final] only without [cv]".into()
+            })?;
             if let Some(lr) = stage.lr {
                 check.positive(lr, "final.lr")?;
             }
@@ -166,7 +196,9 @@ impl SweepFile {
         let Some(replicas) = self.validate_distributed(check)? else {
             return Ok(());
         };
-        check.require(self.final_stage.is_some(), "distributed", || "data-parallel training applies to [final] and [finetune]: add [final]".into())?;
+        check.require(self.final_stage.is_some(), "distributed", || {
+            "data-parallel training applies to [final] and [finetune]: add [final]".into()
+        })?;
         // The final training gets the cross-validation winner's batch size: any config's.
         let (key, final_batches): (&str, Vec<u32>) = match &self.cv {
             Some(cv) if cv.random.is_some() => ("cv.random.batch_size", self.cv_configs().iter().map(|h| h.batch_size).collect()),
@@ -174,7 +206,9 @@ impl SweepFile {
             None => ("final.batch_size", vec![self.final_stage.as_ref().and_then(|f| f.batch_size).unwrap_or_else(default_batch_size)]),
         };
         for batch in final_batches {
-            check.require(batch % replicas == 0, key, || format!("batch size {batch} of the final training must split evenly over {replicas} replicas"))?;
+            check.require(batch % replicas == 0, key, || {
+                format!("batch size {batch} of the final training must split evenly over {replicas} replicas")
+            })?;
         }
         if let Some(finetune) = &self.finetune {
             check.require(finetune.batch_size % replicas == 0, "finetune.batch_size", || {
@@ -198,7 +232,9 @@ impl SweepFile {
     }
 
     fn validate_gan(&self, check: &Checker<'_>) -> Result<(), SweepError> {
-        check.require(self.dataset.format() != DatasetFormat::Idx, "dataset.format", || "the WGAN-GP trains on \"image-folder\" or \"nifti\" data".into())?;
+        check.require(self.dataset.format() != DatasetFormat::Idx, "dataset.format", || {
+            "the WGAN-GP trains on \"image-folder\" or \"nifti\" data".into()
+        })?;
         let size = self.dataset.image_size;
         check.require(matches!(size, 32 | 64 | 128), "dataset.image_size", || format!("{size} must be 32, 64 or 128"))?;
         let stages = match size {
@@ -207,7 +243,12 @@ impl SweepFile {
             _ => 5,
         };
         check.require(self.model.widths.len() == stages, "model.widths", || {
-            format!("{} widths make {}×{} images; image_size {size} needs {stages} (one per stride-2 stage)", self.model.widths.len(), 4 << self.model.widths.len(), 4 << self.model.widths.len())
+            format!(
+                "{} widths make {}×{} images; image_size {size} needs {stages} (one per stride-2 stage)",
+                self.model.widths.len(),
+                4 << self.model.widths.len(),
+                4 << self.model.widths.len()
+            )
         })?;
         check.require(!self.model.conditional || self.dataset.format() == DatasetFormat::ImageFolder, "model.conditional", || {
             "a conditional WGAN-GP takes its classes from an \"image-folder\" dataset's class folders".into()

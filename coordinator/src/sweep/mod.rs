@@ -60,7 +60,8 @@ pub const HARD_MAX_TRIALS: usize = 1_000_000;
 impl SweepFile {
     /// Parses and validates a sweep file's text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, SweepError> {
-        let sweep: SweepFile = toml::from_str(text).map_err(|e| SweepError::Syntax { file: file.to_string(), message: syntax_message(&e, text) })?;
+        let sweep: SweepFile =
+            toml::from_str(text).map_err(|e| SweepError::Syntax { file: file.to_string(), message: syntax_message(&e, text) })?;
         sweep.validate(file)?;
         Ok(sweep)
     }
@@ -93,12 +94,18 @@ impl SweepFile {
 
     /// Checks the sweep's name against the coordinator's limit on names.
     pub fn check_name_limit(&self, file: &str, max_name_bytes: usize) -> Result<(), SweepError> {
-        Checker { file }.require(self.name.len() <= max_name_bytes, "name", || format!("{} bytes, more than the limit of {max_name_bytes}", self.name.len()))
+        Checker { file }.require(self.name.len() <= max_name_bytes, "name", || {
+            format!("{} bytes, more than the limit of {max_name_bytes}", self.name.len())
+        })
     }
 
     /// Checks the number of trials the sweep's first stage expands to against `max_trials`.
     pub fn check_trial_limit(&self, file: &str, max_trials: usize) -> Result<(), SweepError> {
-        let trials = if self.is_command() { crate::command::first_stage_trials(self) } else { self.cv.as_ref().map_or(1, |cv| self.cv_configs().len() * cv.folds as usize) };
+        let trials = if self.is_command() {
+            crate::command::first_stage_trials(self)
+        } else {
+            self.cv.as_ref().map_or(1, |cv| self.cv_configs().len() * cv.folds as usize)
+        };
         Checker { file }.require(trials <= max_trials, "cv", || format!("expands to {trials} trials, more than the limit of {max_trials}"))
     }
 
@@ -119,7 +126,9 @@ impl SweepFile {
             }
         }
         if let Some(batch) = self.final_stage.as_ref().and_then(|f| f.batch_size) {
-            check.require(u64::from(batch) <= usable, "final.batch_size", || format!("batch size {batch} is larger than the {usable} training samples"))?;
+            check.require(u64::from(batch) <= usable, "final.batch_size", || {
+                format!("batch size {batch} is larger than the {usable} training samples")
+            })?;
         }
         if let Some(finetune) = &self.finetune {
             check.require(u64::from(finetune.batch_size) <= usable, "finetune.batch_size", || {

@@ -87,11 +87,29 @@ pub fn expand(start: Hyper, seed: u64, grid: &GridSection, random: Option<&Rando
     let mut configs = vec![start];
     let expand = |configs: Vec<Hyper>, values: Option<&Vec<f64>>, set: fn(&mut Hyper, f64)| -> Vec<Hyper> {
         let Some(values) = values else { return configs };
-        configs.into_iter().flat_map(|c| values.iter().map(move |&v| { let mut c = c.clone(); set(&mut c, v); c })).collect()
+        configs
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |&v| {
+                    let mut c = c.clone();
+                    set(&mut c, v);
+                    c
+                })
+            })
+            .collect()
     };
     let expand_u32 = |configs: Vec<Hyper>, values: Option<&Vec<u32>>, set: fn(&mut Hyper, u32)| -> Vec<Hyper> {
         let Some(values) = values else { return configs };
-        configs.into_iter().flat_map(|c| values.iter().map(move |&v| { let mut c = c.clone(); set(&mut c, v); c })).collect()
+        configs
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |&v| {
+                    let mut c = c.clone();
+                    set(&mut c, v);
+                    c
+                })
+            })
+            .collect()
     };
     configs = expand(configs, grid.lr.as_ref(), |h, v| h.lr = v);
     configs = expand(configs, grid.weight_decay.as_ref(), |h, v| h.weight_decay = v);

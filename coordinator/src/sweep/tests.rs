@@ -55,11 +55,16 @@ fn range_errors_name_the_key() {
     assert!(error_of(&GOOD.replace("lr = [1e-3, 1e-4]", "lr = []")).contains("cv.grid.lr: an empty grid axis"));
     assert!(error_of(&GOOD.replace("lr = [1e-3, 1e-4]", "lr = [-1.0]")).contains("cv.grid.lr: -1 must be"));
     assert!(error_of(&GOOD.replace("[cv.grid]", "[cv.random]\nsamples = 3\n[cv.grid]")).contains("either [cv.grid] or [cv.random]"));
-    assert!(error_of(&GOOD.replace("[cv.grid]\n", "[cv.random]\nsamples = 3\nlr = { min = 1.0, max = 0.1 }\n[cv.grid.unused]\n")).contains("unknown field"));
+    assert!(error_of(&GOOD.replace("[cv.grid]\n", "[cv.random]\nsamples = 3\nlr = { min = 1.0, max = 0.1 }\n[cv.grid.unused]\n"))
+        .contains("unknown field"));
     assert!(error_of(&GOOD.replace("kind = \"dae\"", "kind = \"vae\"")).contains("model.kind"));
     assert!(error_of(&GOOD.replace("folds = 4", "folds = 400000")).contains("more than the limit of 1000000"));
     let big = SweepFile::parse(&GOOD.replace("folds = 4", "folds = 4000"), "s.toml").unwrap();
-    assert!(big.check_trial_limit("s.toml", 10_000).unwrap_err().to_string().contains("expands to 32000 trials, more than the limit of 10000"));
+    assert!(big
+        .check_trial_limit("s.toml", 10_000)
+        .unwrap_err()
+        .to_string()
+        .contains("expands to 32000 trials, more than the limit of 10000"));
     big.check_trial_limit("s.toml", 50_000).unwrap();
 }
 
@@ -121,10 +126,20 @@ fn parses_the_gan_with_the_seed_recipe() {
 
 #[test]
 fn gan_image_sizes_set_the_stages_and_conditional_needs_classes() {
-    let sized = |size: u32, widths: &str| GAN.replace("path = \"mri\"", &format!("path = \"mri\"\nimage_size = {size}")).replace("kind = \"wgan-gp\"", &format!("kind = \"wgan-gp\"\nwidths = {widths}"));
+    let sized = |size: u32, widths: &str| {
+        GAN.replace("path = \"mri\"", &format!("path = \"mri\"\nimage_size = {size}"))
+            .replace("kind = \"wgan-gp\"", &format!("kind = \"wgan-gp\"\nwidths = {widths}"))
+    };
     for (size, widths) in [(32, "[64, 32, 16]"), (64, "[64, 32, 16, 8]"), (128, "[64, 32, 16, 8, 8]")] {
         let sweep = SweepFile::parse(&sized(size, widths), "g").unwrap();
-        assert_eq!(sweep.model.widths.len(), match size { 32 => 3, 64 => 4, _ => 5 });
+        assert_eq!(
+            sweep.model.widths.len(),
+            match size {
+                32 => 3,
+                64 => 4,
+                _ => 5,
+            }
+        );
         assert_eq!(sweep.train.unwrap().eval_every, 10);
     }
     let err = SweepFile::parse(&sized(128, "[64, 32, 16, 8]"), "g").unwrap_err().to_string();
@@ -133,7 +148,9 @@ fn gan_image_sizes_set_the_stages_and_conditional_needs_classes() {
     assert!(err.contains("dataset.image_size: 96 must be 32, 64 or 128"), "{err}");
     let err = SweepFile::parse(&GAN.replace("kind = \"wgan-gp\"", "kind = \"wgan-gp\"\nconditional = true"), "g").unwrap_err().to_string();
     assert!(err.contains("model.conditional: a conditional WGAN-GP takes its classes from an \"image-folder\""), "{err}");
-    let folder = GAN.replace("format = \"nifti\"", "format = \"image-folder\"").replace("kind = \"wgan-gp\"", "kind = \"wgan-gp\"\nconditional = true");
+    let folder = GAN
+        .replace("format = \"nifti\"", "format = \"image-folder\"")
+        .replace("kind = \"wgan-gp\"", "kind = \"wgan-gp\"\nconditional = true");
     assert!(SweepFile::parse(&folder, "g").unwrap().model.conditional);
 }
 
@@ -147,7 +164,10 @@ fn stages_must_fit_the_model() {
     assert!(err.contains("final: lr, weight_decay and batch_size come from the cross-validation winner"), "{err}");
     let err = SweepFile::parse(&format!("{GAN}[distributed]\nreplicas = 100\n"), "g").unwrap_err().to_string();
     assert!(err.contains("distributed.replicas: 100 must be 1 to 64"), "{err}");
-    let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 3\n", GAN.replace("epochs = 80", "epochs = 80\nbatch_size = 64")), "g").unwrap_err().to_string();
+    let err =
+        SweepFile::parse(&format!("{}[distributed]\nreplicas = 3\n", GAN.replace("epochs = 80", "epochs = 80\nbatch_size = 64")), "g")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("train.batch_size: 64 must split evenly over 3 replicas"), "{err}");
     let err = SweepFile::parse(&format!("{GAN}[distributed]\nbackend = \"mpi\"\n"), "g").unwrap_err().to_string();
     assert!(err.contains("distributed.backend: \"mpi\" is not a backend"), "{err}");
@@ -166,14 +186,29 @@ fn an_autoencoder_trains_final_and_finetune_data_parallel() {
     assert!(err.contains("distributed: data-parallel training applies to [final] and [finetune]: add [final]"), "{err}");
     let err = SweepFile::parse(&format!("{SEED}[distributed]\nreplicas = 3\n"), "s").unwrap_err().to_string();
     assert!(err.contains("cv.grid.batch_size: batch size 256 of the final training must split evenly over 3 replicas"), "{err}");
-    let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 2\n", SEED.replace("[finetune]\n", "[finetune]\nbatch_size = 33\n")), "s").unwrap_err().to_string();
+    let err =
+        SweepFile::parse(&format!("{}[distributed]\nreplicas = 2\n", SEED.replace("[finetune]\n", "[finetune]\nbatch_size = 33\n")), "s")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("finetune.batch_size: 33 must split evenly over 2 replicas"), "{err}");
-    let random = SEED.replace("[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]", "[cv.random]\nsamples = 8\nbatch_size = { values = [64, 96] }");
+    let random = SEED.replace(
+        "[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]",
+        "[cv.random]\nsamples = 8\nbatch_size = { values = [64, 96] }",
+    );
     let err = SweepFile::parse(&format!("{random}[distributed]\nreplicas = 64\n"), "s").unwrap_err().to_string();
     assert!(err.contains("cv.random.batch_size: batch size 96 of the final training must split evenly over 64 replicas"), "{err}");
-    let final_only = SEED.replace("[cv]\nfolds = 4\nepochs = 20\n[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]\n", "");
-    assert!(SweepFile::parse(&format!("{final_only}[distributed]\nreplicas = 4\n"), "s").is_ok(), "the default batch size 256 splits over 4");
-    let err = SweepFile::parse(&format!("{}[distributed]\nreplicas = 4\n", final_only.replace("epochs = 40", "epochs = 40\nbatch_size = 30")), "s").unwrap_err().to_string();
+    let final_only = SEED
+        .replace("[cv]\nfolds = 4\nepochs = 20\n[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]\n", "");
+    assert!(
+        SweepFile::parse(&format!("{final_only}[distributed]\nreplicas = 4\n"), "s").is_ok(),
+        "the default batch size 256 splits over 4"
+    );
+    let err = SweepFile::parse(
+        &format!("{}[distributed]\nreplicas = 4\n", final_only.replace("epochs = 40", "epochs = 40\nbatch_size = 30")),
+        "s",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("final.batch_size: batch size 30 of the final training must split evenly over 4 replicas"), "{err}");
 }
 
@@ -236,7 +271,10 @@ fn augmented_copies_and_latent_sizes_are_bounded() {
     assert!(err.contains("s: model.latent: 4097 must be at most 4096"), "{err}");
     let err = error_of(&GOOD.replace("batch_size = [256, 512]", "batch_size = [256, 512]\nlatent = [8, 100000]"));
     assert!(err.contains("cv.grid.latent: 100000 must be at most 4096"), "{err}");
-    let random = GOOD.replace("[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]", "[cv.random]\nsamples = 4\nlatent = { min = 5000, max = 6000 }");
+    let random = GOOD.replace(
+        "[cv.grid]\nlr = [1e-3, 1e-4]\nweight_decay = [1e-5, 1e-6]\nbatch_size = [256, 512]",
+        "[cv.random]\nsamples = 4\nlatent = { min = 5000, max = 6000 }",
+    );
     let err = error_of(&random);
     assert!(err.contains("cv.random.latent: ") && err.contains("must be at most 4096"), "{err}");
 }

@@ -8,8 +8,8 @@ pub mod ring;
 
 use std::time::Duration;
 
-use tch::Tensor;
 use crate::task::CollectiveBackend;
+use tch::Tensor;
 
 /// Why a collective failed. A failed collective ends the gang's attempt (infrastructure error).
 #[derive(Debug, thiserror::Error)]

@@ -152,8 +152,10 @@ impl Communicator for NcclCommunicator {
         let count = tensor.numel();
         let pointer = tensor.data_ptr();
         // SAFETY: as for the all-reduce; root < world is checked by NCCL.
-        unsafe { result::broadcast(pointer, pointer, count, sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, std::ptr::null_mut()) }
-            .map_err(|e| nccl_error("broadcast", e))?;
+        unsafe {
+            result::broadcast(pointer, pointer, count, sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, std::ptr::null_mut())
+        }
+        .map_err(|e| nccl_error("broadcast", e))?;
         Ok(())
     }
 }

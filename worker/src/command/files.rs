@@ -71,7 +71,8 @@ impl RunDirs {
     /// Creates fresh folders under `root` (anything there before is removed first).
     pub fn create(root: PathBuf) -> Result<Self, FilesError> {
         let _ = std::fs::remove_dir_all(&root);
-        let dirs = Self { work: root.join("work"), checkpoint: root.join("checkpoint"), resume: root.join("resume"), tmp: root.join("tmp"), root };
+        let dirs =
+            Self { work: root.join("work"), checkpoint: root.join("checkpoint"), resume: root.join("resume"), tmp: root.join("tmp"), root };
         for dir in [&dirs.work, &dirs.checkpoint, &dirs.tmp] {
             std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
@@ -143,17 +144,24 @@ pub fn pack(dir: &Path, out: &Path) -> Result<Option<String>, FilesError> {
         return Ok(None);
     }
     if files.len() > MAX_CHECKPOINT_FILES {
-        return Err(FilesError::Refused(format!("COHORT_CHECKPOINT_DIR holds {} files, more than the limit of {MAX_CHECKPOINT_FILES}", files.len())));
+        return Err(FilesError::Refused(format!(
+            "COHORT_CHECKPOINT_DIR holds {} files, more than the limit of {MAX_CHECKPOINT_FILES}",
+            files.len()
+        )));
     }
     let mut total = 0u64;
     for (name, path) in &files {
         total += std::fs::symlink_metadata(path).map_err(io("reading", path))?.len();
         if name.len() > MAX_NAME_BYTES || !is_plain_relative_name(name) {
-            return Err(FilesError::Refused(format!("checkpoint file name {name:?} is not a plain relative path of at most {MAX_NAME_BYTES} bytes")));
+            return Err(FilesError::Refused(format!(
+                "checkpoint file name {name:?} is not a plain relative path of at most {MAX_NAME_BYTES} bytes"
+            )));
         }
     }
     if total > MAX_CHECKPOINT_BYTES {
-        return Err(FilesError::Refused(format!("COHORT_CHECKPOINT_DIR holds {total} bytes, more than the limit of {MAX_CHECKPOINT_BYTES}")));
+        return Err(FilesError::Refused(format!(
+            "COHORT_CHECKPOINT_DIR holds {total} bytes, more than the limit of {MAX_CHECKPOINT_BYTES}"
+        )));
     }
     let file = std::fs::File::create(out).map_err(io("writing", out))?;
     let mut writer = HashingWriter { inner: BufWriter::new(file), hash: Sha256::new() };

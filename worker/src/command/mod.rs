@@ -14,8 +14,8 @@
 
 pub mod env;
 pub mod files;
-pub mod process;
 pub mod prepare;
+pub mod process;
 pub mod report;
 
 use std::collections::VecDeque;
@@ -102,7 +102,8 @@ impl LogVolume {
         let level = if stream == Stream::Stderr { "STDERR" } else { "STDOUT" };
         crate::logs::buffer().append(level, line);
         if self.shipped >= MAX_LOG_BYTES {
-            crate::logs::buffer().append("WARN", format!("the program logged {MAX_LOG_BYTES} bytes, the limit of one attempt: further output is not kept"));
+            crate::logs::buffer()
+                .append("WARN", format!("the program logged {MAX_LOG_BYTES} bytes, the limit of one attempt: further output is not kept"));
         }
     }
 }
@@ -151,7 +152,16 @@ pub fn run(task: &Task, inputs: &CommandInputs, events: &mut Events<'_>) -> Resu
     let mut program = process::spawn(&argv, &dirs.work, &environment, sender)
         .map_err(|error| TrainError::Program(format!("cannot start {:?}: {error}", argv[0])))?;
     tracing::info!(task = %task.id, pid = program.pid(), program = %argv.join(" "), "command started");
-    let mut supervisor = Supervisor { task, inputs, dirs: &dirs, events, program: &mut program, started, timeout: command.timeout(), state: State::default() };
+    let mut supervisor = Supervisor {
+        task,
+        inputs,
+        dirs: &dirs,
+        events,
+        program: &mut program,
+        started,
+        timeout: command.timeout(),
+        state: State::default(),
+    };
     let result = supervisor.supervise(&receiver);
     drop(supervisor);
     // Whatever the program left behind in its group goes with it.
@@ -236,7 +246,9 @@ impl Supervisor<'_, '_, '_> {
         self.program.stop(STOP_GRACE);
         if timed_out && !stop && !drain {
             let minutes = self.timeout.map_or(0, |t| t.as_secs() / 60);
-            return Some(Err(TrainError::Infrastructure(format!("the attempt passed its timeout of {minutes} minutes ([command] timeout_minutes)"))));
+            return Some(Err(TrainError::Infrastructure(format!(
+                "the attempt passed its timeout of {minutes} minutes ([command] timeout_minutes)"
+            ))));
         }
         Some(Err(TrainError::Stopped))
     }
@@ -281,7 +293,10 @@ impl Supervisor<'_, '_, '_> {
     fn record(&mut self, parsed: report::Report) -> Result<(), TrainError> {
         let planned = self.task.spec.config.epochs;
         if parsed.epoch > planned {
-            return Err(TrainError::Program(format!("cohort-metrics epoch {} is past the trial's {planned} epochs (COHORT_EPOCHS)", parsed.epoch)));
+            return Err(TrainError::Program(format!(
+                "cohort-metrics epoch {} is past the trial's {planned} epochs (COHORT_EPOCHS)",
+                parsed.epoch
+            )));
         }
         let now = Instant::now();
         let seconds = now.duration_since(self.state.last_epoch_at.unwrap_or(self.started)).as_secs_f64();

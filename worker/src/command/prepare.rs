@@ -68,7 +68,10 @@ mod tests {
 
     #[test]
     fn rank_zeros_address_is_the_meeting_point() {
-        assert_eq!(meeting_point(&["10.1.2.3:4567".into(), "10.1.2.4:1".into()]).unwrap(), Rendezvous { master_addr: "10.1.2.3".into(), master_port: 4567 });
+        assert_eq!(
+            meeting_point(&["10.1.2.3:4567".into(), "10.1.2.4:1".into()]).unwrap(),
+            Rendezvous { master_addr: "10.1.2.3".into(), master_port: 4567 }
+        );
         assert_eq!(meeting_point(&["[::1]:80".into()]).unwrap().master_addr, "::1");
         assert!(meeting_point(&[]).is_err());
     }

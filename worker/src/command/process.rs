@@ -47,7 +47,14 @@ pub struct Program {
 pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)], sender: mpsc::Sender<Output>) -> std::io::Result<Program> {
     let (program, args) = argv.split_first().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
     let mut command = std::process::Command::new(program);
-    command.args(args).current_dir(cwd).env_clear().envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     command.process_group(0);
     // SAFETY: prctl is async-signal-safe and touches only the calling (child) process. It asks the
     // kernel to SIGKILL the program if the thread that started it dies (the worker killed with
@@ -64,7 +71,9 @@ pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)], sender: mpsc
     let stderr = child.stderr.take().expect("piped");
     for (stream, reader) in [(Stream::Stdout, Box::new(stdout) as Box<dyn Read + Send>), (Stream::Stderr, Box::new(stderr))] {
         let sender = sender.clone();
-        let spawned = std::thread::Builder::new().name(format!("command-{stream:?}").to_lowercase()).spawn(move || read_lines(stream, reader, &sender));
+        let spawned = std::thread::Builder::new()
+            .name(format!("command-{stream:?}").to_lowercase())
+            .spawn(move || read_lines(stream, reader, &sender));
         if let Err(error) = spawned {
             let mut program = Program { child, group, done: None };
             program.stop(Duration::ZERO);

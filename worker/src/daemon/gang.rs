@@ -32,7 +32,8 @@ fn advertise_host(config: &WorkerConfig) -> Result<String, TrainError> {
 /// Binds this member's collective listener, announces it, and waits for the whole gang.
 pub(super) async fn join_rendezvous(shared: &Shared, task: &Task, lease_secret: &str) -> Result<GangInputs, TrainError> {
     let collective = |message: String| TrainError::Collective(message);
-    let listener = std::net::TcpListener::bind((shared.config.collective_bind, shared.config.collective_port)).map_err(|e| collective(format!("bind: {e}")))?;
+    let listener = std::net::TcpListener::bind((shared.config.collective_bind, shared.config.collective_port))
+        .map_err(|e| collective(format!("bind: {e}")))?;
     let port = listener.local_addr().map_err(|e| collective(e.to_string()))?.port();
     let address = format!("{}:{port}", advertise_host(&shared.config)?);
     // Rank 0 decides the backend for the whole gang and relays NCCL's id; the others follow.
@@ -58,10 +59,18 @@ pub(super) async fn join_rendezvous(shared: &Shared, task: &Task, lease_secret: 
             };
             async move { c.rendezvous(request).await }
         };
-        let response = with_retry(shared, "rendezvous", rendezvous).await.map_err(|s| collective(format!("rendezvous: {}", s.message())))?.into_inner();
+        let response = with_retry(shared, "rendezvous", rendezvous)
+            .await
+            .map_err(|s| collective(format!("rendezvous: {}", s.message())))?
+            .into_inner();
         if response.ready {
             tracing::info!(task = %task.id, rank = task.rank, world = task.world, "gang assembled");
-            let settings = GangSettings { rank: task.rank as usize, peers: response.peers, secret: response.secret, timeout: shared.config.collective_timeout };
+            let settings = GangSettings {
+                rank: task.rank as usize,
+                peers: response.peers,
+                secret: response.secret,
+                timeout: shared.config.collective_timeout,
+            };
             let backend = if response.nccl_id.is_empty() { Backend::Ring } else { Backend::Nccl };
             return Ok(GangInputs { listener, settings, backend, nccl_id: response.nccl_id });
         }

@@ -64,7 +64,8 @@ pub fn device_name(device: Device) -> String {
 /// Runs the daemon until `shutdown` resolves; a running task is stopped and handed back.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let (channel, token) = config.connect.lazy_channel()?;
-    let client = WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+    let client =
+        WorkerServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let heartbeat_ms = Arc::new(AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64));
     let shared = Shared { client, config, identity: Arc::default(), running: Arc::default(), heartbeat_ms, registering: Arc::default() };
     // Starts the phase clock (if serving metrics has not already): the worker's uptime from here.

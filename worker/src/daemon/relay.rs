@@ -46,9 +46,7 @@ pub(super) async fn relay(shared: &Shared, task: &Task, current: &Running, event
                 };
                 async move { c.report_metrics(request).await }
             };
-            with_retry(shared, "metrics", report_metrics)
-            .await
-            .map(|_| ())
+            with_retry(shared, "metrics", report_metrics).await.map(|_| ())
         }
         TrainEvent::Checkpoint { epoch, path, is_final } => upload_checkpoint(shared, task, current, epoch, &path, is_final).await,
         TrainEvent::Artifact { name, epoch, path } => upload_artifact(shared, task, current, &name, epoch, &path).await,
@@ -67,7 +65,12 @@ async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path)
     // Hashed while it is sent (the stream names the hash last): one pass over the file.
     let response = with_retry(shared, "upload", |mut c, worker_id| {
         let chunks = transfer::file_chunks_hash_at_end(path.to_path_buf());
-        let lease = cohort_proto::lease::UploadLease { worker_id, task_id: current.task_id.clone(), attempt: current.attempt, secret: current.lease_secret.clone() };
+        let lease = cohort_proto::lease::UploadLease {
+            worker_id,
+            task_id: current.task_id.clone(),
+            attempt: current.attempt,
+            secret: current.lease_secret.clone(),
+        };
         async move {
             let mut request = tonic::Request::new(chunks);
             lease.attach(request.metadata_mut())?;
@@ -78,7 +81,14 @@ async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path)
     response.into_inner().blob.ok_or_else(|| tonic::Status::internal("the coordinator answered an upload without its blob"))
 }
 
-async fn upload_artifact(shared: &Shared, task: &Task, current: &Running, name: &str, epoch: u32, path: &std::path::Path) -> Result<(), tonic::Status> {
+async fn upload_artifact(
+    shared: &Shared,
+    task: &Task,
+    current: &Running,
+    name: &str,
+    epoch: u32,
+    path: &std::path::Path,
+) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, current, path).await?;
     let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachArtifactRequest {
@@ -92,14 +102,20 @@ async fn upload_artifact(shared: &Shared, task: &Task, current: &Running, name: 
         };
         async move { c.attach_artifact(request).await }
     };
-    with_retry(shared, "artifact", attach)
-    .await?;
+    with_retry(shared, "artifact", attach).await?;
     let _ = std::fs::remove_file(path);
     tracing::info!(task = %task.id, artifact = name, "artifact uploaded");
     Ok(())
 }
 
-async fn upload_checkpoint(shared: &Shared, task: &Task, current: &Running, epoch: u32, path: &std::path::Path, is_final: bool) -> Result<(), tonic::Status> {
+async fn upload_checkpoint(
+    shared: &Shared,
+    task: &Task,
+    current: &Running,
+    epoch: u32,
+    path: &std::path::Path,
+    is_final: bool,
+) -> Result<(), tonic::Status> {
     let blob = upload_file(shared, current, path).await?;
     let attach = |mut c: WorkerClient, worker_id| {
         let request = pb::AttachCheckpointRequest {
@@ -113,8 +129,7 @@ async fn upload_checkpoint(shared: &Shared, task: &Task, current: &Running, epoc
         };
         async move { c.attach_checkpoint(request).await }
     };
-    with_retry(shared, "attach", attach)
-    .await?;
+    with_retry(shared, "attach", attach).await?;
     // Keep the newest checkpoint in the cache under its hash: a resumed attempt here needs no download.
     let cached = BlobCache::new(&shared.config.cache_dir).path(&blob.sha256);
     if let Some(folder) = cached.parent() {

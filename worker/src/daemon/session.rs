@@ -189,7 +189,8 @@ impl Shared {
                     return Ok(());
                 }
                 Err(status) if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) => {
-                    let token_file = self.config.connect.token_file.as_ref().map_or_else(|| "none given".to_string(), |path| path.display().to_string());
+                    let token_file =
+                        self.config.connect.token_file.as_ref().map_or_else(|| "none given".to_string(), |path| path.display().to_string());
                     return Err(DaemonError::Refused { message: status.message().to_string(), token_file });
                 }
                 Err(status) => {
@@ -229,7 +230,8 @@ impl Shared {
         let Some((task_id, attempt, lines)) = crate::logs::buffer().take() else {
             return;
         };
-        let lease_secret = self.running.lock().unwrap().as_ref().filter(|r| r.task_id == task_id).map(|r| r.lease_secret.clone()).unwrap_or_default();
+        let lease_secret =
+            self.running.lock().unwrap().as_ref().filter(|r| r.task_id == task_id).map(|r| r.lease_secret.clone()).unwrap_or_default();
         let request = pb::AppendLogsRequest { worker_id: self.worker_id(), task_id, attempt, lines, lease_secret };
         if let Err(status) = self.client.clone().append_logs(request).await {
             tracing::debug!(error = %status.message(), "log lines not shipped");
@@ -250,8 +252,12 @@ impl Shared {
             let identity_id = identity.worker_id.clone();
             let phases = &crate::metrics::metrics().phases;
             let phase_seconds = Phase::ALL.iter().map(|&phase| (phase.label().to_string(), phases.seconds(phase))).collect();
-            let request =
-                pb::HeartbeatRequest { worker_id: identity.worker_id, running: self.running_tasks(), session: identity.session, phase_seconds };
+            let request = pb::HeartbeatRequest {
+                worker_id: identity.worker_id,
+                running: self.running_tasks(),
+                session: identity.session,
+                phase_seconds,
+            };
             let sent = tokio::time::Instant::now();
             let outcome = match tokio::time::timeout(interval * 2, self.client.clone().heartbeat(request)).await {
                 Ok(Ok(response)) => Ok(response.into_inner()),
@@ -335,7 +341,8 @@ mod tests {
 
     #[test]
     fn the_worker_registers_again_on_the_coordinators_marker_not_its_wording() {
-        let forgot = cohort_proto::errors::with_reason(tonic::Status::not_found("unknown worker w-1"), cohort_proto::errors::UNKNOWN_WORKER);
+        let forgot =
+            cohort_proto::errors::with_reason(tonic::Status::not_found("unknown worker w-1"), cohort_proto::errors::UNKNOWN_WORKER);
         assert_eq!(Retry::after(&forgot, false), Retry::Register);
         assert_eq!(Retry::after(&forgot, true), Retry::Now, "registered meanwhile: the new id is used at once");
         assert_eq!(Retry::after(&tonic::Status::not_found("unknown worker w-1"), false), Retry::GiveUp, "the text alone is not the signal");

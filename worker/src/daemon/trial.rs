@@ -48,7 +48,13 @@ pub(super) async fn execute(shared: &Shared, spec: pb::TaskSpec, stopping: &Atom
     // anyway, it is refused here, and retried elsewhere.
     if task.spec.kind == TrialKind::Command && !shared.config.allow_commands {
         tracing::warn!(task = %task_id, "refusing a command trial: this worker was started without --allow-commands");
-        report_failure(shared, &current, false, format!("worker {} does not run command trials (started without --allow-commands)", shared.config.name)).await;
+        report_failure(
+            shared,
+            &current,
+            false,
+            format!("worker {} does not run command trials (started without --allow-commands)", shared.config.name),
+        )
+        .await;
         return;
     }
     *shared.running.lock().unwrap() = Some(current.clone());
@@ -129,14 +135,19 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
     phases.switch(Phase::Coordinator);
     let mut gang = if task.world > 1 { Some(join_rendezvous(shared, &task, &current.lease_secret).await?) } else { None };
     let command_inputs = match task.spec.kind {
-        TrialKind::Command => Some(crate::command::prepare::inputs(&mut client, &cache, &shared.config, &task, &dataset_root, resume_from.clone(), gang.take()).await?),
+        TrialKind::Command => Some(
+            crate::command::prepare::inputs(&mut client, &cache, &shared.config, &task, &dataset_root, resume_from.clone(), gang.take())
+                .await?,
+        ),
         _ => None,
     };
     let scratch_dir = cache.scratch_dir();
-    std::fs::create_dir_all(&scratch_dir).map_err(|e| TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
-        path: scratch_dir.display().to_string(),
-        message: e.to_string(),
-    }))?;
+    std::fs::create_dir_all(&scratch_dir).map_err(|e| {
+        TrainError::Checkpoint(crate::checkpoint::CheckpointError::Mismatch {
+            path: scratch_dir.display().to_string(),
+            message: e.to_string(),
+        })
+    })?;
 
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let device = shared.config.device;
@@ -202,7 +213,9 @@ fn fetch_error(what: &str, error: transfer::TransferError) -> TrainError {
 fn materialize_error(error: MaterializeError) -> TrainError {
     match error {
         MaterializeError::UnsafeName(_) => TrainError::Invalid(error.to_string()),
-        MaterializeError::Io { .. } => TrainError::Infrastructure(format!("cannot lay out the dataset: {}", cohort_proto::errors::error_chain(&error))),
+        MaterializeError::Io { .. } => {
+            TrainError::Infrastructure(format!("cannot lay out the dataset: {}", cohort_proto::errors::error_chain(&error)))
+        }
     }
 }
 
@@ -220,7 +233,10 @@ mod tests {
         assert!(!fetch_error("train-images-idx3-ubyte", dropped).is_user_error());
         let missing = transfer::TransferError::Stream(tonic::Status::not_found("blob abc"));
         assert!(!fetch_error("checkpoint", missing).is_user_error());
-        let disk = MaterializeError::Io { path: PathBuf::from("/cache/datasets/x"), source: std::io::Error::from(std::io::ErrorKind::StorageFull) };
+        let disk = MaterializeError::Io {
+            path: PathBuf::from("/cache/datasets/x"),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
         assert!(!materialize_error(disk).is_user_error());
         assert!(materialize_error(MaterializeError::UnsafeName("../etc/passwd".into())).is_user_error());
     }

@@ -121,9 +121,7 @@ mod tests {
 
     /// A `[count, 1, height, width]` batch of distinct, smoothly varying values.
     fn ramp(count: i64, height: i64, width: i64) -> Tensor {
-        (Tensor::arange(count * height * width, (Kind::Float, Device::Cpu)) / 50.0)
-            .sin()
-            .view([count, 1, height, width])
+        (Tensor::arange(count * height * width, (Kind::Float, Device::Cpu)) / 50.0).sin().view([count, 1, height, width])
     }
 
     /// A `[1, 1, height, width]` image that is 0 but for a 1 at (`y`, `x`).

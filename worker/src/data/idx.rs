@@ -89,10 +89,7 @@ fn check_magic(found: u32, expected: u32, path: &Path) -> Result<(), DataError> 
     if found == expected {
         return Ok(());
     }
-    Err(DataError::Format {
-        path: path.to_path_buf(),
-        message: format!("wrong magic number 0x{found:08x}, expected 0x{expected:08x}"),
-    })
+    Err(DataError::Format { path: path.to_path_buf(), message: format!("wrong magic number 0x{found:08x}, expected 0x{expected:08x}") })
 }
 
 fn payload<'a>(bytes: &'a [u8], offset: usize, len: usize, path: &Path) -> Result<&'a [u8], DataError> {
@@ -133,10 +130,9 @@ fn declared_len(header: &[u8], magic: u32, header_words: usize, path: &Path) -> 
     check_magic(header_u32(header, 0, path)?, magic, path)?;
     let mut len = 1u64;
     for index in 1..header_words {
-        len = len.checked_mul(u64::from(header_u32(header, index, path)?)).ok_or_else(|| DataError::Format {
-            path: path.to_path_buf(),
-            message: "dimensions overflow".into(),
-        })?;
+        len = len
+            .checked_mul(u64::from(header_u32(header, index, path)?))
+            .ok_or_else(|| DataError::Format { path: path.to_path_buf(), message: "dimensions overflow".into() })?;
     }
     len.checked_add(4 * header_words as u64)
         .ok_or_else(|| DataError::Format { path: path.to_path_buf(), message: "dimensions overflow".into() })

@@ -65,10 +65,8 @@ fn image_files(folder: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// Decodes one image file into `size * size` grey levels scaled to [-1, 1], row-major.
 fn decode_grey(path: &Path, size: u32) -> Result<Vec<f32>, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let decoded = image::load_from_memory(&bytes).map_err(|error| DataError::Format {
-        path: path.to_path_buf(),
-        message: format!("cannot decode image: {error}"),
-    })?;
+    let decoded = image::load_from_memory(&bytes)
+        .map_err(|error| DataError::Format { path: path.to_path_buf(), message: format!("cannot decode image: {error}") })?;
     let resized = image::imageops::resize(&decoded.to_luma8(), size, size, FilterType::Triangle);
     Ok(resized.into_raw().into_iter().map(|level| f32::from(level) / 127.5 - 1.0).collect())
 }
@@ -77,27 +75,16 @@ fn decode_grey(path: &Path, size: u32) -> Result<Vec<f32>, DataError> {
 ///
 /// With `require_images`, a folder holding no image file is an error (a training class with no
 /// sample cannot be learned and is most likely a mistake).
-fn load_set(
-    folders: &[ClassFolder],
-    classes: &[String],
-    size: u32,
-    require_images: bool,
-) -> Result<ImageSet, DataError> {
+fn load_set(folders: &[ClassFolder], classes: &[String], size: u32, require_images: bool) -> Result<ImageSet, DataError> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     for folder in folders {
         let Some(label) = classes.iter().position(|class| *class == folder.name) else {
-            return Err(DataError::Layout(format!(
-                "class folder {} is not among the training classes {classes:?}",
-                folder.path.display()
-            )));
+            return Err(DataError::Layout(format!("class folder {} is not among the training classes {classes:?}", folder.path.display())));
         };
         let files = image_files(&folder.path)?;
         if require_images && files.is_empty() {
-            return Err(DataError::Layout(format!(
-                "class folder {} holds no .jpg, .jpeg or .png file",
-                folder.path.display()
-            )));
+            return Err(DataError::Layout(format!("class folder {} holds no .jpg, .jpeg or .png file", folder.path.display())));
         }
         for file in files {
             pixels.extend(decode_grey(&file, size)?);

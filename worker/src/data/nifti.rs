@@ -150,10 +150,7 @@ fn format_error(path: &Path, message: String) -> DataError {
 /// Parses the NIfTI-1 header at the start of `bytes`; `path` only names errors.
 fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
     if bytes.len() < HEADER_LEN {
-        return Err(format_error(
-            path,
-            format!("{} bytes, shorter than the {HEADER_LEN}-byte NIfTI-1 header", bytes.len()),
-        ));
+        return Err(format_error(path, format!("{} bytes, shorter than the {HEADER_LEN}-byte NIfTI-1 header", bytes.len())));
     }
     let little = FieldReader { bytes, little_endian: true };
     let big = FieldReader { bytes, little_endian: false };
@@ -161,19 +158,13 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
         (348, _) => little,
         (_, 348) => big,
         (found, _) => {
-            return Err(format_error(
-                path,
-                format!("sizeof_hdr is {found}, not {HEADER_LEN} in either byte order: not a NIfTI-1 file"),
-            ))
+            return Err(format_error(path, format!("sizeof_hdr is {found}, not {HEADER_LEN} in either byte order: not a NIfTI-1 file")))
         }
     };
 
     let magic = &bytes[OFFSET_MAGIC..OFFSET_MAGIC + 4];
     if magic == MAGIC_PAIR {
-        return Err(format_error(
-            path,
-            "magic \"ni1\" marks a .hdr/.img pair; only single-file NIfTI-1 (\"n+1\") is supported".into(),
-        ));
+        return Err(format_error(path, "magic \"ni1\" marks a .hdr/.img pair; only single-file NIfTI-1 (\"n+1\") is supported".into()));
     }
     if magic != MAGIC_SINGLE_FILE {
         return Err(format_error(path, format!("wrong magic \"{}\", expected \"n+1\\0\"", magic.escape_ascii())));
@@ -212,16 +203,12 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
 
     let vox_offset = fields.f32(OFFSET_VOX_OFFSET);
     if !vox_offset.is_finite() || vox_offset < HEADER_LEN as f32 {
-        return Err(format_error(
-            path,
-            format!("vox_offset {vox_offset} does not lie past the {HEADER_LEN}-byte header"),
-        ));
+        return Err(format_error(path, format!("vox_offset {vox_offset} does not lie past the {HEADER_LEN}-byte header")));
     }
 
     let slope = fields.f32(OFFSET_SCL_SLOPE);
     let inter = fields.f32(OFFSET_SCL_INTER);
-    let scaling = (slope.is_finite() && slope != 0.0)
-        .then(|| (f64::from(slope), if inter.is_finite() { f64::from(inter) } else { 0.0 }));
+    let scaling = (slope.is_finite() && slope != 0.0).then(|| (f64::from(slope), if inter.is_finite() { f64::from(inter) } else { 0.0 }));
 
     Ok(Header { little_endian: fields.little_endian, dims, datatype, vox_offset: vox_offset as usize, scaling })
 }
@@ -317,8 +304,7 @@ fn no_slices(size: i64) -> Tensor {
 fn load_volume_slices(path: &Path, size: i64, min_foreground: f64) -> Result<Tensor, DataError> {
     let bytes = super::idx::read_declared(path, HEADER_LEN, |header| declared_len(header, path))?;
     let header = parse_header(&bytes, path)?;
-    let mut values =
-        decode_voxels(voxel_bytes(&bytes, &header, path)?, header.datatype, header.little_endian, header.scaling);
+    let mut values = decode_voxels(voxel_bytes(&bytes, &header, path)?, header.datatype, header.little_endian, header.scaling);
     normalize(&mut values);
     let (width, height) = header.slice_shape();
     let mut kept = Vec::new();
@@ -502,8 +488,7 @@ mod tests {
     fn voxels_are_x_fastest_and_scaling_is_applied() {
         let dir = tempfile::tempdir().unwrap();
         // One raised voxel at (x=3, y=1, z=0); a negative slope makes it the darkest one.
-        let mut volume =
-            TestVolume::new([4, 4, 2], |x, y, z| if (x, y, z) == (3, 1, 0) { 10.0 } else { 0.0 }).with_type(4, 16);
+        let mut volume = TestVolume::new([4, 4, 2], |x, y, z| if (x, y, z) == (3, 1, 0) { 10.0 } else { 0.0 }).with_type(4, 16);
         volume.big_endian = true;
         volume.slope = -2.0;
         volume.inter = 7.0;
@@ -626,9 +611,6 @@ mod tests {
 
         let truncated = write(dir.path(), "truncated.nii.gz", &gzip(&good[..good.len() - 1]));
         let message = format_message(load_nifti_slices(std::slice::from_ref(&truncated), 8, 0.2), &truncated);
-        assert!(
-            message.contains("truncated data: header promises 120 bytes of uint8 voxels at offset 352, file holds 119"),
-            "{message}"
-        );
+        assert!(message.contains("truncated data: header promises 120 bytes of uint8 voxels at offset 352, file holds 119"), "{message}");
     }
 }

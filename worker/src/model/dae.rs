@@ -149,7 +149,12 @@ mod tests {
         let _dae = Dae::new(&vs.root(), 4);
         let variables = vs.variables();
         // conv1: fan_in 1·3·3 → bound 1/3; deconv1 (transposed): fan_in out 16·3·3 → 1/12; fc1: 288.
-        for (name, bound) in [("encoder.conv1.weight", 1.0 / 3.0), ("encoder.conv1.bias", 1.0 / 3.0), ("decoder.deconv1.weight", 1.0 / 12.0), ("encoder.fc1.bias", 1.0 / 288f64.sqrt())] {
+        for (name, bound) in [
+            ("encoder.conv1.weight", 1.0 / 3.0),
+            ("encoder.conv1.bias", 1.0 / 3.0),
+            ("decoder.deconv1.weight", 1.0 / 12.0),
+            ("encoder.fc1.bias", 1.0 / 288f64.sqrt()),
+        ] {
             let max = variables[name].abs().max().double_value(&[]);
             assert!(max <= bound && max > bound * 0.5, "{name}: max |w| {max}, bound {bound}");
         }

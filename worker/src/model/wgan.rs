@@ -224,7 +224,14 @@ pub fn gradient_penalty(critic: &Critic, real: &Tensor, fake: &Tensor, epsilon: 
 
 /// [`gradient_penalty`] for a conditional critic: each interpolate is scored with its row's
 /// class (real and fake rows share their labels).
-pub fn gradient_penalty_given(critic: &Critic, real: &Tensor, fake: &Tensor, labels: Option<&Tensor>, epsilon: &Tensor, lambda: f64) -> Tensor {
+pub fn gradient_penalty_given(
+    critic: &Critic,
+    real: &Tensor,
+    fake: &Tensor,
+    labels: Option<&Tensor>,
+    epsilon: &Tensor,
+    lambda: f64,
+) -> Tensor {
     let eps = epsilon.view([-1, 1, 1, 1]);
     let interpolates = (fake + (real - fake) * &eps).detach().set_requires_grad(true);
     let scores = critic.score(&interpolates, labels);
@@ -240,7 +247,14 @@ pub fn critic_loss(critic: &Critic, real: &Tensor, fake: &Tensor, epsilon: &Tens
 
 /// [`critic_loss`] with the rows' class `labels` for a conditional critic (the fake rows were
 /// generated for the real rows' classes).
-pub fn critic_loss_given(critic: &Critic, real: &Tensor, fake: &Tensor, labels: Option<&Tensor>, epsilon: &Tensor, lambda: f64) -> (Tensor, Tensor, Tensor) {
+pub fn critic_loss_given(
+    critic: &Critic,
+    real: &Tensor,
+    fake: &Tensor,
+    labels: Option<&Tensor>,
+    epsilon: &Tensor,
+    lambda: f64,
+) -> (Tensor, Tensor, Tensor) {
     let wasserstein = critic.score(real, labels).mean(Kind::Float) - critic.score(fake, labels).mean(Kind::Float);
     let penalty = gradient_penalty_given(critic, real, fake, labels, epsilon, lambda);
     (&penalty - &wasserstein, wasserstein, penalty)

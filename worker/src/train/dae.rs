@@ -136,7 +136,13 @@ impl Trainee {
     /// One optimizer step on a global batch (`clean` images and their `noisy` copies), of which
     /// this replica trains on its shard's rows, with the gang's averaged gradients. Returns this
     /// replica's sum over its rows of the per-image MSE (its part of the epoch's training loss).
-    fn train_step(&mut self, clean: &Tensor, noisy: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<f64, TrainError> {
+    fn train_step(
+        &mut self,
+        clean: &Tensor,
+        noisy: &Tensor,
+        shard: Shard,
+        comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<f64, TrainError> {
         let global = clean.size()[0];
         let (start, rows) = shard.rows(global);
         let clean = clean.narrow(0, start, rows);
@@ -306,7 +312,19 @@ mod tests {
     use crate::collective::ring::local_ring;
 
     fn config() -> TrainingConfig {
-        TrainingConfig { lr: 1e-2, weight_decay: 1e-4, batch_size: 4, epochs: 1, noise_std: 0.3, latent: 3, seed: 5, init_seed: None, lr_encoder: 0.0, augment: None, wgan: None }
+        TrainingConfig {
+            lr: 1e-2,
+            weight_decay: 1e-4,
+            batch_size: 4,
+            epochs: 1,
+            noise_std: 0.3,
+            latent: 3,
+            seed: 5,
+            init_seed: None,
+            lr_encoder: 0.0,
+            augment: None,
+            wgan: None,
+        }
     }
 
     /// Adam's epsilon in these tests: large, so that an update is smooth in the gradient. With
@@ -366,7 +384,8 @@ mod tests {
             .collect();
 
         let mut single = trainee_with(&initial);
-        let single_losses: Vec<f64> = batches.iter().map(|(clean, noisy)| single.train_step(clean, noisy, Shard::SOLE, None).unwrap()).collect();
+        let single_losses: Vec<f64> =
+            batches.iter().map(|(clean, noisy)| single.train_step(clean, noisy, Shard::SOLE, None).unwrap()).collect();
         let expected = weights_of(&single);
 
         let ring = local_ring(2, "dae-equivalence", Duration::from_secs(30)).unwrap();
@@ -378,7 +397,10 @@ mod tests {
                     let batches: Vec<(Tensor, Tensor)> = batches.iter().map(|(c, n)| (c.copy(), n.copy())).collect();
                     scope.spawn(move || {
                         let shard = Shard { rank: member.rank(), world: 2 };
-                        let losses = batches.iter().map(|(clean, noisy)| trainee.train_step(clean, noisy, shard, Some(&mut member)).unwrap()).collect();
+                        let losses = batches
+                            .iter()
+                            .map(|(clean, noisy)| trainee.train_step(clean, noisy, shard, Some(&mut member)).unwrap())
+                            .collect();
                         (losses, weights_of(&trainee))
                     })
                 })

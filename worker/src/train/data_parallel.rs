@@ -21,7 +21,10 @@ impl From<CollectiveError> for TrainError {
 /// This replica's place in the gang and the gang's communicator, when the task runs on several
 /// replicas (`inputs.gang`); [`Shard::SOLE`] and no communicator otherwise.
 /// Setting `stop` while the ring forms (the task was cancelled or its lease lost) ends the wait.
-pub fn join_gang(inputs: &RunInputs<'_>, stop: &std::sync::atomic::AtomicBool) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
+pub fn join_gang(
+    inputs: &RunInputs<'_>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(Shard, Option<Box<dyn Communicator>>), TrainError> {
     let Some(gang) = inputs.gang else {
         return Ok((Shard::SOLE, None));
     };
@@ -232,7 +235,8 @@ mod tests {
         assert_eq!(shares(5, 2), vec![(0, 3), (3, 2)]);
         assert_eq!(shares(7, 3), vec![(0, 3), (3, 2), (5, 2)]);
         assert_eq!(shares(1, 2), vec![(0, 1), (1, 0)]);
-        let scales: Vec<f64> = shares(5, 2).iter().enumerate().map(|(rank, &(_, rows))| Shard { rank, world: 2 }.loss_scale(rows, 5)).collect();
+        let scales: Vec<f64> =
+            shares(5, 2).iter().enumerate().map(|(rank, &(_, rows))| Shard { rank, world: 2 }.loss_scale(rows, 5)).collect();
         assert_eq!(scales, vec![1.2, 0.8]);
         assert_eq!(Shard { rank: 1, world: 2 }.loss_scale(0, 1), 0.0);
         assert_eq!(Shard::SOLE.loss_scale(9, 9), 1.0);

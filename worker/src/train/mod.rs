@@ -381,7 +381,9 @@ fn decode_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Trai
             let test = ImageSet { images: train.images.narrow(0, 0, 0), labels: train.labels.narrow(0, 0, 0) };
             TrainTest { train, test }
         }
-        other @ (DatasetFormat::None | DatasetFormat::Files) => return Err(TrainError::Invalid(format!("the built-in recipes cannot train on dataset format {other}"))),
+        other @ (DatasetFormat::None | DatasetFormat::Files) => {
+            return Err(TrainError::Invalid(format!("the built-in recipes cannot train on dataset format {other}")))
+        }
     };
     Ok(loaded)
 }
@@ -397,7 +399,8 @@ pub fn load_dataset(task: &Task, inputs: &RunInputs<'_>) -> Result<TrainTest, Tr
         let loaded = decode_dataset(task, inputs)?;
         Ok::<_, TrainError>(vec![loaded.train.images, loaded.train.labels, loaded.test.images, loaded.test.labels])
     })?;
-    let [train_images, train_labels, test_images, test_labels]: [Tensor; 4] = tensors.try_into().expect("a decoded dataset is four tensors");
+    let [train_images, train_labels, test_images, test_labels]: [Tensor; 4] =
+        tensors.try_into().expect("a decoded dataset is four tensors");
     let loaded = TrainTest {
         train: ImageSet { images: train_images, labels: train_labels },
         test: ImageSet { images: test_images, labels: test_labels },
@@ -423,7 +426,8 @@ pub fn augment(task: &Task, inputs: &RunInputs<'_>, train: ImageSet, fold: Optio
         Some(fold) => format!("fold {} of {} shuffled by {}", fold.index, fold.folds, fold.shuffle_seed),
         None => "all".to_string(),
     };
-    let key = format!("augmented {} limit {} rows {rows} {augment:?}", dataset_key(&task.spec.dataset, inputs), task.spec.dataset.train_limit);
+    let key =
+        format!("augmented {} limit {} rows {rows} {augment:?}", dataset_key(&task.spec.dataset, inputs), task.spec.dataset.train_limit);
     let device = train.images.device();
     let tensors = TensorCache::global().get_or_make(&key, || {
         let augmented = augmented_set(augment, train);

@@ -65,7 +65,8 @@ impl Gan {
         let vars = nn::VarStore::new(device);
         let generator = Generator::conditional(&(vars.root() / "generator"), widths, classes);
         let critic = Critic::conditional(&(vars.root() / "critic"), widths, classes);
-        let (generator_named, critic_named): (Vec<_>, Vec<_>) = trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
+        let (generator_named, critic_named): (Vec<_>, Vec<_>) =
+            trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
         let generator_params = generator_named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let critic_params = critic_named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let group = |params| vec![ParamGroup { params, lr, weight_decay: 0.0 }];
@@ -120,8 +121,14 @@ impl Gan {
         let labels = self.condition(labels);
         let fake = tch::no_grad(|| self.generator.generate(noise, labels, true));
         let own_labels = labels.map(|l| shard.slice(l));
-        let (loss, wasserstein, penalty) =
-            wgan::critic_loss_given(&self.critic, &shard.slice(real), &shard.slice(&fake), own_labels.as_ref(), &shard.slice(epsilon), lambda);
+        let (loss, wasserstein, penalty) = wgan::critic_loss_given(
+            &self.critic,
+            &shard.slice(real),
+            &shard.slice(&fake),
+            own_labels.as_ref(),
+            &shard.slice(epsilon),
+            lambda,
+        );
         self.critic_optimizer.zero_grad();
         loss.backward();
         if let Some(comm) = comm {
@@ -133,7 +140,12 @@ impl Gan {
     /// The generator's loss on this replica's rows of the global batch made from `noise` (the
     /// generator itself runs on all of it, so BatchNorm sees the global batch), back-propagated;
     /// gradients then averaged over the gang. Returns this replica's loss.
-    pub fn generator_gradients(&mut self, noise: &Tensor, shard: Shard, comm: Option<&mut (dyn Communicator + 'static)>) -> Result<f64, CollectiveError> {
+    pub fn generator_gradients(
+        &mut self,
+        noise: &Tensor,
+        shard: Shard,
+        comm: Option<&mut (dyn Communicator + 'static)>,
+    ) -> Result<f64, CollectiveError> {
         self.generator_gradients_given(noise, None, shard, comm)
     }
 
@@ -255,7 +267,8 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
     }
     for epoch in epochs {
         let started = Instant::now();
-        let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, streams::SHUFFLE + u64::from(epoch)))).to_device(train.images.device());
+        let order = Tensor::from_slice(&permutation(n, derive_seed(config.seed, streams::SHUFFLE + u64::from(epoch))))
+            .to_device(train.images.device());
         tch::manual_seed(derive_seed(config.seed, streams::NOISE + u64::from(epoch)) as i64);
         let mut sums = Sums::default();
         // Full global batches only, so every replica's share is the same size.

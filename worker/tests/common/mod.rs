@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use cohort_worker::data::idx::{encode_images, encode_labels, IdxImages};
-use cohort_worker::task::{AugmentSpec, BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, FoldSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec};
+use cohort_worker::task::{
+    AugmentSpec, BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, FoldSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec,
+};
 use cohort_worker::train::{self, Events, RunInputs, TrainEvent};
 use tch::Device;
 
@@ -88,7 +90,15 @@ pub struct RunOutput {
 pub fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>, scratch: &Path) -> RunOutput {
     std::fs::create_dir_all(scratch).unwrap();
     let root = files.values().next().and_then(|p| p.parent()).unwrap();
-    let inputs = RunInputs { dataset_files: files, dataset_root: root, resume_from: resume, init_from: None, scratch_dir: scratch, device: Device::Cpu, gang: None };
+    let inputs = RunInputs {
+        dataset_files: files,
+        dataset_root: root,
+        resume_from: resume,
+        init_from: None,
+        scratch_dir: scratch,
+        device: Device::Cpu,
+        gang: None,
+    };
     let mut checkpoints = BTreeMap::new();
     let mut val_mse = Vec::new();
     let mut emit = |event| match event {

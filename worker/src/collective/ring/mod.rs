@@ -64,7 +64,12 @@ fn segments(data: &mut [f32], world: usize) -> Vec<Vec<Option<&mut [f32]>>> {
 
 /// Takes segment `index` of chunk `chunk_index` back into the caller's hands, waiting for the send
 /// thread to return it if it is still out. `None` when the send thread has stopped (it failed).
-fn reclaim<'a>(slots: &mut [Vec<Option<&'a mut [f32]>>], chunk_index: usize, index: usize, returned: &Receiver<Segment<'a>>) -> Option<&'a mut [f32]> {
+fn reclaim<'a>(
+    slots: &mut [Vec<Option<&'a mut [f32]>>],
+    chunk_index: usize,
+    index: usize,
+    returned: &Receiver<Segment<'a>>,
+) -> Option<&'a mut [f32]> {
     loop {
         if let Some(segment) = slots[chunk_index][index].take() {
             return Some(segment);
@@ -197,7 +202,11 @@ pub fn local_ring(world: usize, secret: &str, timeout: Duration) -> Result<Vec<R
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
         .map_err(|e| CollectiveError::Setup(format!("bind: {e}")))?;
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>().map_err(|e| CollectiveError::Setup(e.to_string()))?;
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CollectiveError::Setup(e.to_string()))?;
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -210,4 +219,3 @@ pub fn local_ring(world: usize, secret: &str, timeout: Duration) -> Result<Vec<R
         handles.into_iter().map(|h| h.join().expect("ring member")).collect()
     })
 }
-

@@ -113,7 +113,11 @@ fn read_before(stream: &mut TcpStream, buffer: &mut [u8], deadline: Instant, sho
         match stream.read(&mut buffer[filled..]) {
             Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed")),
             Ok(count) => filled += count,
-            Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(error) => return Err(error),
         }
     }
@@ -212,7 +216,13 @@ impl RingCommunicator {
 
 /// Opens the link to the successor: connects, sends `handshake`, and waits for [`ACCEPTED`];
 /// reconnects whenever the successor drops the connection unanswered, until `deadline`.
-pub(super) fn connect_successor(address: SocketAddr, handshake: &[u8], successor: usize, deadline: Instant, should_stop: ShouldStop<'_>) -> Result<TcpStream, CollectiveError> {
+pub(super) fn connect_successor(
+    address: SocketAddr,
+    handshake: &[u8],
+    successor: usize,
+    deadline: Instant,
+    should_stop: ShouldStop<'_>,
+) -> Result<TcpStream, CollectiveError> {
     let mut last_error = None;
     loop {
         if should_stop() {
@@ -233,7 +243,13 @@ pub(super) fn connect_successor(address: SocketAddr, handshake: &[u8], successor
 }
 
 /// One attempt of [`connect_successor`].
-fn try_successor(address: SocketAddr, handshake: &[u8], connect_timeout: Duration, deadline: Instant, should_stop: ShouldStop<'_>) -> std::io::Result<TcpStream> {
+fn try_successor(
+    address: SocketAddr,
+    handshake: &[u8],
+    connect_timeout: Duration,
+    deadline: Instant,
+    should_stop: ShouldStop<'_>,
+) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect_timeout(&address, connect_timeout)?;
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(connect_timeout))?;
@@ -282,7 +298,13 @@ impl Drop for HandshakeSlot {
 /// dropped. The deadline and `should_stop` are checked on every iteration, so neither a flood of
 /// connections nor a silent one delays giving up; handshakes are read on short-lived threads
 /// (see [`MAX_PENDING_HANDSHAKES`]) so a stranger never delays the predecessor.
-pub(super) fn accept_predecessor(listener: &TcpListener, expected: &SecretDigest, predecessor: usize, deadline: Instant, should_stop: ShouldStop<'_>) -> Result<TcpStream, CollectiveError> {
+pub(super) fn accept_predecessor(
+    listener: &TcpListener,
+    expected: &SecretDigest,
+    predecessor: usize,
+    deadline: Instant,
+    should_stop: ShouldStop<'_>,
+) -> Result<TcpStream, CollectiveError> {
     listener.set_nonblocking(true).map_err(peer_error(predecessor))?;
     let (verified_sender, verified) = mpsc::channel::<TcpStream>();
     let live_threads = Arc::new(AtomicUsize::new(0));
@@ -329,7 +351,14 @@ pub(super) fn accept_predecessor(listener: &TcpListener, expected: &SecretDigest
 
 /// Starts reading an accepted connection's handshake on its own thread, which sends the
 /// connection to `verified` if it comes from the predecessor and shuts it down otherwise.
-fn admit(stream: TcpStream, expected: &SecretDigest, predecessor: usize, verified: &Sender<TcpStream>, live_threads: &Arc<AtomicUsize>, pending: &mut VecDeque<PendingHandshake>) {
+fn admit(
+    stream: TcpStream,
+    expected: &SecretDigest,
+    predecessor: usize,
+    verified: &Sender<TcpStream>,
+    live_threads: &Arc<AtomicUsize>,
+    pending: &mut VecDeque<PendingHandshake>,
+) {
     pending.retain(|handshake| !handshake.finished.load(Ordering::Acquire));
     if live_threads.load(Ordering::Acquire) >= MAX_HANDSHAKE_THREADS {
         return; // Dropped at once.
@@ -351,7 +380,8 @@ fn admit(stream: TcpStream, expected: &SecretDigest, predecessor: usize, verifie
         let mut stream = stream;
         let deadline = Instant::now() + HANDSHAKE_READ_TIMEOUT;
         let prepared = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
-        let claimed = prepared.map_err(|e| CollectiveError::Handshake(e.to_string())).and_then(|()| read_handshake(&mut stream, &expected, deadline));
+        let claimed =
+            prepared.map_err(|e| CollectiveError::Handshake(e.to_string())).and_then(|()| read_handshake(&mut stream, &expected, deadline));
         // Marked before the hand-over, so that the accept loop never shuts the kept link down.
         slot.finish();
         match claimed {

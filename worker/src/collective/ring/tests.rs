@@ -151,7 +151,8 @@ fn a_handshake_dribbled_byte_by_byte_is_cut_off_at_its_deadline() {
     let (mut accepted, _) = listener.accept().unwrap();
     let bytes = handshake_bytes("right", 0);
     let started = Instant::now();
-    let reading = std::thread::spawn(move || read_handshake(&mut accepted, &secret_digest(b"right"), Instant::now() + Duration::from_millis(200)));
+    let reading =
+        std::thread::spawn(move || read_handshake(&mut accepted, &secret_digest(b"right"), Instant::now() + Duration::from_millis(200)));
     // One byte at a time, each well within a per-read timeout: the deadline covers the whole.
     for byte in &bytes {
         if reading.is_finished() || dribbler.write_all(std::slice::from_ref(byte)).is_err() {
@@ -211,7 +212,9 @@ fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
                 stream.set_nonblocking(false).unwrap();
                 return stream;
             }
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(error) => panic!("no connection within {limit:?}: {error}"),
         }
     }
