@@ -329,19 +329,8 @@ fn command_spec(sweep: &SweepFile, files: &[(String, BlobRef)], hparams: &Hparam
 }
 
 fn config(sweep: &SweepFile, epochs: u32) -> TrainingConfig {
-    TrainingConfig {
-        lr: 0.0,
-        weight_decay: 0.0,
-        batch_size: 0,
-        epochs,
-        noise_std: 0.0,
-        latent: 0,
-        seed: sweep.seed,
-        init_seed: None,
-        lr_encoder: 0.0,
-        augment: None,
-        wgan: None,
-    }
+    // The program's hyperparameters travel in COHORT_HPARAMS; the recipes' fields stay zero.
+    TrainingConfig { epochs, seed: sweep.seed, ..TrainingConfig::default() }
 }
 
 /// The first stage of a command sweep: every config × fold of `[cv]`, or `[final]` alone.

@@ -261,26 +261,67 @@ fn check_nifti_volume(path: &Path, name: &str) -> Result<(), DatasetError> {
 /// Checks an image-folder layout: class folders (under `train/` when there is one) holding
 /// .png/.jpg/.jpeg files.
 pub fn check_image_folder(files: &[(String, PathBuf)]) -> Result<(), DatasetError> {
-    let is_image = |name: &str| {
-        let lower = name.to_ascii_lowercase();
-        lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg")
-    };
-    let has_train = files.iter().any(|(name, _)| name.starts_with("train/"));
-    let depth = if has_train { 3 } else { 2 };
-    let classed = files
-        .iter()
-        .filter(|(name, _)| is_image(name) && name.split('/').count() == depth && (!has_train || name.starts_with("train/")))
-        .count();
-    if classed == 0 {
+    if training_images(files.iter().map(|(name, _)| name.as_str())).next().is_none() {
+        let has_train = files.iter().any(|(name, _)| name.starts_with("train/"));
         let layout = if has_train { "train/{class}/*.png|jpg" } else { "{class}/*.png|jpg (or train/{class}/...)" };
         return Err(DatasetError(format!("no training image in the layout {layout}")));
     }
     Ok(())
 }
 
+/// The training images of an image folder as (class, file name): `train/{class}/*.png|jpg`, or
+/// `{class}/*.png|jpg` when no name starts with `train/`.
+fn training_images<'a>(names: impl Iterator<Item = &'a str> + Clone) -> impl Iterator<Item = (&'a str, &'a str)> {
+    let is_image = |name: &str| {
+        let lower = name.to_ascii_lowercase();
+        lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg")
+    };
+    let has_train = names.clone().any(|name| name.starts_with("train/"));
+    let depth = if has_train { 3 } else { 2 };
+    names.filter(move |name| is_image(name) && name.split('/').count() == depth && (!has_train || name.starts_with("train/"))).map(
+        move |name| {
+            let class = name.split('/').nth(depth - 2).unwrap_or_default();
+            (class, name)
+        },
+    )
+}
+
+/// An image folder's classes as the worker's loader numbers them: the training class folders
+/// holding images, in name order (a class's label is its index here).
+pub fn image_folder_classes<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Vec<String> {
+    let classes: std::collections::BTreeSet<&str> = training_images(names).map(|(class, _)| class).collect();
+    classes.into_iter().map(str::to_string).collect()
+}
+
+/// The digit each class of an image folder stands for, by label, for a judge classifier trained
+/// on MNIST's digits: every class folder must be named by one digit, `0` to `9`.
+pub fn digit_classes(classes: &[String]) -> Result<Vec<u32>, DatasetError> {
+    classes
+        .iter()
+        .map(|class| match class.as_bytes() {
+            [digit @ b'0'..=b'9'] => Ok(u32::from(digit - b'0')),
+            _ => Err(DatasetError(format!(
+                "class folder {class:?} is not a digit: a judge classifier labels MNIST digits, so each class folder must be named by its digit (0 to 9), as tools/data/stand_in_classes.py writes them"
+            ))),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_folder_classes_are_the_training_class_folders_in_name_order() {
+        let names = ["train/7/a.png", "train/1/b.PNG", "train/1/c.jpg", "test/4/d.png", "train/notes.txt", "train/9/sub/e.png"];
+        let classes = image_folder_classes(names.iter().copied());
+        assert_eq!(classes, ["1", "7"]);
+        assert_eq!(digit_classes(&classes).unwrap(), [1, 7]);
+        assert_eq!(image_folder_classes(["b/x.png", "a/y.png"].iter().copied()), ["a", "b"], "class folders at the root");
+        let error = digit_classes(&["0".into(), "tumor".into()]).unwrap_err().to_string();
+        assert!(error.contains("\"tumor\" is not a digit"), "{error}");
+        assert!(digit_classes(&["10".into()]).is_err(), "one digit per class");
+    }
 
     #[test]
     fn names_cannot_escape_the_dataset_folder() {

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 pub use cohort_proto::task::{
-    AugmentSpec, BlobRef, CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, InitPolicy, Stage, TrainingConfig,
-    TrialKind, TrialSpec, WganSpec,
+    AugmentSpec, BlobRef, CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, InitPolicy, JudgeSpec, Stage,
+    TrainingConfig, TrialKind, TrialSpec, WganSpec,
 };
 
 /// Where a task stands.

@@ -184,6 +184,8 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         sample_count: train.sample_count,
         conditional: sweep.model.conditional,
         eval_every: train.eval_every,
+        // The judge's blob and digits come from the blob store and the dataset: `check_and_plan`.
+        judge: None,
     };
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {

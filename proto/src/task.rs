@@ -199,10 +199,27 @@ pub struct WganSpec {
     /// Sliced Wasserstein distance to the test set every this many epochs (0: never).
     #[serde(default)]
     pub eval_every: u32,
+    /// Conditional GANs on digit classes: the classifier that judges the generated samples'
+    /// class at every evaluation (`[train] judge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeSpec>,
 }
 
-/// A trial's hyperparameters and recipe.
+/// The classifier that measures the class accuracy of a conditional GAN's samples: the
+/// fine-tuned classifier of an autoencoder sweep, named by its checkpoint, and which of its
+/// labels (MNIST digits) each of the GAN's classes is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeSpec {
+    /// The classifier's checkpoint (`model.encoder.*`, `model.head.*`).
+    pub checkpoint: BlobRef,
+    /// The classifier's label of each GAN class, by the GAN's label (the class folders in name
+    /// order, each named by its digit).
+    pub digits: Vec<u32>,
+}
+
+/// A trial's hyperparameters and recipe (`Default`: all zero, no recipe parts; planners and
+/// tests fill in what their recipe reads).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TrainingConfig {
     /// Learning rate.
     pub lr: f64,
@@ -363,6 +380,12 @@ impl TrialSpec {
     pub fn problem(&self) -> Option<&'static str> {
         let fold_ok = self.fold.is_none_or(|f| f.folds >= 2 && f.index < f.folds);
         let wgan_ok = self.config.wgan.as_ref().is_none_or(|w| (1..=8).contains(&w.widths.len()));
+        let judge_ok = self
+            .config
+            .wgan
+            .as_ref()
+            .and_then(|w| w.judge.as_ref().map(|j| (w, j)))
+            .is_none_or(|(w, j)| w.conditional && !j.digits.is_empty() && j.digits.iter().all(|&d| d < 10));
         let command_ok = self.command.as_ref().is_none_or(|c| !c.run.is_empty());
         [
             (self.kind == TrialKind::DaeFold && self.fold.is_none(), "a dae-fold trial needs a fold"),
@@ -373,6 +396,7 @@ impl TrialSpec {
             ),
             (self.kind == TrialKind::Wgan && self.config.wgan.is_none(), "a wgan trial needs its recipe"),
             (!wgan_ok, "a wgan needs 1 to 8 widths"),
+            (!judge_ok, "a judge classifier needs a conditional wgan with a digit for every class"),
             (self.kind == TrialKind::Command && self.command.is_none(), "a command trial needs its program"),
             (!command_ok, "a command trial needs a program to run"),
             (self.kind != TrialKind::Command && self.config.batch_size == 0, "the batch size must be positive"),
@@ -535,6 +559,35 @@ mod tests {
         (outside.rank, outside.world_size) = (2, 2);
         assert!(Task::try_from(outside).unwrap_err().message.contains("rank outside"));
         assert_eq!(Task::try_from(pb::TaskSpec { spec_json: "{".into(), ..message(&spec()) }).unwrap_err().task_id, "t1");
+    }
+
+    #[test]
+    fn a_judge_needs_a_conditional_gan_and_a_digit_per_class() {
+        let recipe = WganSpec {
+            widths: vec![16, 8, 4],
+            critic_steps: 5,
+            gp_lambda: 10.0,
+            beta1: 0.0,
+            beta2: 0.9,
+            sample_every: 0,
+            sample_count: 4,
+            conditional: true,
+            eval_every: 1,
+            judge: Some(JudgeSpec { checkpoint: BlobRef { sha256: "ab".repeat(32), size: 9 }, digits: vec![1, 7] }),
+        };
+        let mut gan = TrialSpec { kind: TrialKind::Wgan, fold: None, ..spec() };
+        gan.config.wgan = Some(recipe.clone());
+        let task = Task::try_from(message(&gan)).unwrap();
+        assert_eq!(task.spec.config.wgan.and_then(|w| w.judge).map(|j| j.digits), Some(vec![1, 7]));
+        for broken in [
+            WganSpec { conditional: false, ..recipe.clone() },
+            WganSpec { judge: Some(JudgeSpec { digits: vec![1, 10], ..recipe.judge.clone().unwrap() }), ..recipe.clone() },
+        ] {
+            gan.config.wgan = Some(broken);
+            assert!(Task::try_from(message(&gan)).unwrap_err().message.contains("judge classifier"));
+        }
+        gan.config.wgan = Some(WganSpec { judge: None, ..recipe });
+        assert!(!gan.to_json().contains("judge"), "no judge, no key: specs without one read as before");
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! `coordinator generate --class` samples the trained generator in the CLI process into a PNG
 //! holding only the requested class's row, the same row the all-classes grid shows for it.
 //! And a run killed with SIGKILL mid-training resumes from its checkpoint to the same figures
-//! as an uninterrupted run.
+//! as an uninterrupted run. And a conditional run on digits written by the stand-in script,
+//! judged by the classifier an autoencoder sweep fine-tuned, reports the class accuracy of its
+//! samples at every evaluation, per class by the class folders' digits.
 
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_cluster_tests::Cluster;
+use cohort_cluster_tests::{mnist_sample, repo_root, Cluster};
+use cohort_worker::train::wgan_judge::Judge;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -170,4 +173,70 @@ fn two_replicas_train_one_conditional_gan_and_evaluate_alike() {
     assert!(last["swd"].as_f64().unwrap() > 0.0 && last["swd_class1"].is_f64(), "{last}");
     let (rank0, rank1) = (last["param_checksum_rank0"].as_f64().unwrap(), last["param_checksum_rank1"].as_f64().unwrap());
     assert_eq!(rank0.to_bits(), rank1.to_bits(), "the replicas' parameters are identical after evaluating");
+}
+
+#[test]
+fn a_judged_digit_run_reports_the_class_accuracy_of_its_samples() {
+    let mut cluster = Cluster::start();
+    cluster.add_worker("w0");
+    // The judge: the classifier of a small autoencoder sweep, named by its final checkpoint.
+    let pipeline = format!(
+        "name = \"judge\"\nseed = 1\n[dataset]\nformat = \"idx\"\npath = \"{}\"\ntest_limit = 500\n[model]\nkind = \"dae\"\nlatent = 16\n[final]\nepochs = 2\nbatch_size = 64\n[finetune]\nepochs = 6\nlr_encoder = 1e-3\nbatch_size = 64\n",
+        mnist_sample()
+    );
+    let classifier_sweep = cluster.submit("judge.toml", &pipeline);
+    assert_eq!(cluster.client_ok(&["wait", &classifier_sweep, "--timeout", "300"]).trim(), "succeeded");
+    let results = cluster.wait_for(&classifier_sweep, Duration::from_secs(5), |_| true);
+    let finetune = results["trials"].as_array().unwrap().iter().find(|t| t["stage"] == "finetune").expect("a finetune trial");
+    let judge = finetune["final_checkpoint"].as_str().expect("the classifier's final checkpoint").to_string();
+
+    // Digits 1 and 7 as PNG class folders "1" and "7": labels 0 and 1, judged as ones and sevens.
+    let digits = cluster.dir.path().join("digits");
+    let output = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .arg(repo_root().join("tools/data/stand_in_classes.py"))
+        .args(["mnist", &digits.to_string_lossy(), "--source", &mnist_sample(), "--digits", "1,7", "--per-class", "16"])
+        .output()
+        .expect("run the .venv's python (make test installs it)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The judge's mapping on real digits (the PNGs as the workers load them): it knows them.
+    let checkpoint = cluster.dir.path().join("judge.safetensors");
+    cluster.client_ok(&["download", &judge, "-o", &checkpoint.to_string_lossy()]);
+    let real = cohort_worker::data::image_folder::load_image_folder(&digits, SIDE).unwrap().train;
+    let scored = Judge::load(&checkpoint, &[1, 7], tch::Device::Cpu).unwrap().score(&real.images, &real.labels);
+    assert!(scored[0].1 >= 0.75, "the classifier tells real ones from sevens through the judge's input mapping: {scored:?}");
+    let text = sweep(&digits, 2, 1).replace("eval_every = 1", &format!("eval_every = 1\njudge = \"{judge}\""));
+    let sweep_id = cluster.submit("judged.toml", &text);
+    assert_eq!(cluster.client_ok(&["wait", &sweep_id, "--timeout", "300"]).trim(), "succeeded");
+    let results = cluster.wait_for(&sweep_id, Duration::from_secs(5), |_| true);
+    let epochs = epochs(&results);
+    assert_eq!(epochs.len(), 2);
+    for epoch in &epochs {
+        let values = &epoch["values"];
+        let accuracy = |key: &str| values[key].as_f64().unwrap_or_else(|| panic!("epoch {} lacks {key}: {values}", epoch["epoch"]));
+        let (all, ones, sevens) = (accuracy("class_accuracy"), accuracy("class_accuracy_1"), accuracy("class_accuracy_7"));
+        assert!([all, ones, sevens].iter().all(|v| (0.0..=1.0).contains(v)), "{values}");
+        assert!((all - (ones + sevens) / 2.0).abs() < 1e-6, "as many samples of each class: {values}");
+        assert!(values.get("class_accuracy_0").is_none(), "keys name the class folders' digits, not labels: {values}");
+        assert!(values["swd"].is_f64(), "{values}");
+    }
+    let report = cluster.dir.path().join("report");
+    cluster.client_ok(&["report", &sweep_id, "--out", &report.to_string_lossy()]);
+    let figure = std::fs::read(report.join("fig9-class-accuracy.png")).expect("the report draws the class accuracy");
+    assert_eq!(&figure[..8], b"\x89PNG\r\n\x1a\n");
+    // Deterministic for the seed: the same sweep again reports the same accuracies.
+    let again = cluster.submit("judged-again.toml", &text);
+    assert_eq!(cluster.client_ok(&["wait", &again, "--timeout", "300"]).trim(), "succeeded");
+    let again = self::epochs(&cluster.wait_for(&again, Duration::from_secs(5), |_| true));
+    for (first, second) in epochs.iter().zip(&again) {
+        for key in ["class_accuracy", "class_accuracy_1", "class_accuracy_7"] {
+            assert_eq!(first["values"][key], second["values"][key], "epoch {}: {key}", first["epoch"]);
+        }
+    }
+
+    // A judge the coordinator does not hold is refused at submission, naming the key.
+    let path = cluster.dir.path().join("unknown.toml");
+    std::fs::write(&path, text.replace(&judge, &"0".repeat(64))).unwrap();
+    let refused = cluster.client(&["submit", &path.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("train.judge: no checkpoint"), "{stderr}");
 }

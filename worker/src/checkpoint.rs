@@ -86,6 +86,12 @@ impl Loaded {
         Ok(epoch.int64_value(&[]) as u32)
     }
 
+    /// The shape of the model variable `name` (without the `model.` prefix), if the checkpoint
+    /// holds it: how a reader learns sizes the checkpoint fixed (a classifier's latent size).
+    pub fn model_shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.tensors.get(&format!("{MODEL_PREFIX}{name}")).map(Tensor::size)
+    }
+
     /// Copies the weights into `vars`; every variable of `vars` must be present with its shape.
     pub fn restore_model(&self, vars: &mut nn::VarStore) -> Result<(), CheckpointError> {
         self.restore_matching(vars, |_| true)

@@ -2,6 +2,6 @@
 //! ([`cohort_proto::task`]), checked once at the edge by `Task::try_from`.
 
 pub use cohort_proto::task::{
-    AugmentSpec, BlobRef, CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, MalformedTask, Stage, Task, TrainingConfig,
-    TrialKind, TrialSpec, WganSpec,
+    AugmentSpec, BlobRef, CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, JudgeSpec, MalformedTask, Stage, Task,
+    TrainingConfig, TrialKind, TrialSpec, WganSpec,
 };

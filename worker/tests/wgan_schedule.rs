@@ -92,6 +92,7 @@ fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
                     sample_count: 4,
                     conditional: false,
                     eval_every: 0,
+                    judge: None,
                 }),
             },
             dataset: DatasetSpec {
@@ -143,6 +144,7 @@ fn run(task: &Task, resume: Option<&Path>, scratch: &Path) -> Run {
         dataset_root: &root,
         resume_from: resume,
         init_from: None,
+        judge: None,
         scratch_dir: scratch,
         device: Device::Cpu,
         gang: None,

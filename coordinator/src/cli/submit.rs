@@ -94,8 +94,17 @@ pub fn plan_offline(sweep: &LocalSweep) -> anyhow::Result<pb::SubmitSweepRespons
         let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
         command_files.push((name.clone(), BlobRef { sha256: String::new(), size }));
     }
-    let (trials, stages) =
-        check_and_plan_with_command(&sweep.sweep, &sweep.source_name, files, &sweep.dataset_files, command_files, &Limits::default())?;
+    // The judge classifier is on the coordinator, which a dry run does not ask: named by its hash, size unknown.
+    let judge = sweep.sweep.train.as_ref().and_then(|train| train.judge.clone()).map(|sha256| BlobRef { sha256, size: 0 });
+    let (trials, stages) = check_and_plan_with_command(
+        &sweep.sweep,
+        &sweep.source_name,
+        files,
+        &sweep.dataset_files,
+        command_files,
+        judge,
+        &Limits::default(),
+    )?;
     let submitted = dry_run_plan(trials, stages);
     let planned = submitted.planned.iter().take(MAX_LISTED_TRIALS).map(|(id, spec)| convert::task_spec(id, "", 0, spec)).collect();
     let stages = submitted.stages.into_iter().map(|(name, trials, description)| pb::StagePlan { name, trials, description }).collect();

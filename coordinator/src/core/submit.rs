@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::{random_hex, task_needs, unix_ms, Core, CoreError, LatestStage, Limits};
 use crate::dataset;
-use crate::domain::{BlobRef, DatasetFormat, DatasetSpec, TrialSpec};
+use crate::domain::{BlobRef, DatasetFormat, DatasetSpec, JudgeSpec, TrialSpec};
 use crate::events::{Change, ChangeKind};
 use crate::plan;
 use crate::scheduler::TaskEntry;
@@ -60,17 +60,20 @@ pub fn check_and_plan(
     local: &[(String, PathBuf)],
     limits: &Limits,
 ) -> Result<(Vec<TrialSpec>, Vec<StagePlan>), CoreError> {
-    check_and_plan_with_command(sweep, source_name, files, local, Vec::new(), limits)
+    check_and_plan_with_command(sweep, source_name, files, local, Vec::new(), None, limits)
 }
 
 /// [`check_and_plan`] for a sweep that may be a command sweep: `command_files` are its
-/// `[command] files` (name → blob; empty for the built-in recipes).
+/// `[command] files` (name → blob; empty for the built-in recipes), and `judge` the blob of its
+/// `[train] judge` classifier when the blob store holds it (a sweep naming a judge is refused
+/// without it; a dry run, which cannot look, passes the hash with size 0).
 pub fn check_and_plan_with_command(
     sweep: &SweepFile,
     source_name: &str,
     files: Vec<(String, BlobRef)>,
     local: &[(String, PathBuf)],
     command_files: Vec<(String, BlobRef)>,
+    judge: Option<BlobRef>,
     limits: &Limits,
 ) -> Result<(Vec<TrialSpec>, Vec<StagePlan>), CoreError> {
     sweep.check_trial_limit(source_name, limits.max_trials)?;
@@ -99,6 +102,20 @@ pub fn check_and_plan_with_command(
         DatasetFormat::Nifti => dataset::check_nifti(local)?,
         DatasetFormat::ImageFolder => dataset::check_image_folder(local)?,
     }
+    let judge = match sweep.train.as_ref().and_then(|train| train.judge.as_ref()) {
+        None => None,
+        Some(wanted) => {
+            let blob = judge.filter(|blob| blob.sha256 == *wanted).ok_or_else(|| {
+                CoreError::BadRequest(format!(
+                    "{source_name}: train.judge: no checkpoint {wanted} on this coordinator (name a classifier checkpoint it holds: `coordinator checkpoints ID` lists a finetune trial's)"
+                ))
+            })?;
+            let classes = dataset::image_folder_classes(files.iter().map(|(name, _)| name.as_str()));
+            let digits =
+                dataset::digit_classes(&classes).map_err(|e| CoreError::BadRequest(format!("{source_name}: train.judge: {}", e.0)))?;
+            Some(JudgeSpec { checkpoint: BlobRef { sha256: wanted.clone(), size: blob.size }, digits })
+        }
+    };
     let dataset = DatasetSpec {
         format,
         files,
@@ -110,7 +127,11 @@ pub fn check_and_plan_with_command(
     if sweep.is_command() {
         return Ok((crate::command::initial(sweep, dataset, &command_files), plan::describe_stages(sweep)));
     }
-    Ok((plan::initial(sweep, dataset), plan::describe_stages(sweep)))
+    let mut trials = plan::initial(sweep, dataset);
+    for recipe in trials.iter_mut().filter_map(|trial| trial.config.wgan.as_mut()) {
+        recipe.judge = judge.clone();
+    }
+    Ok((trials, plan::describe_stages(sweep)))
 }
 
 /// Checks a command sweep's files: plain relative names within the name limit, and their count
@@ -133,6 +154,44 @@ fn check_command_files(files: &[(String, BlobRef)], max_name_bytes: usize) -> Re
         }
     }
     Ok(())
+}
+
+/// The largest safetensors header [`classifier_checkpoint_problem`] reads.
+const MAX_CHECKPOINT_HEADER_BYTES: u64 = 1 << 20;
+
+/// What makes the file at `path` not a checkpoint of the autoencoder pipeline's classifier
+/// (`finetune`), if anything: its safetensors header must name the encoder's and the 10-digit
+/// head's weights. Only the header is read.
+fn classifier_checkpoint_problem(path: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let not_one = |why: &str| {
+        Some(format!("the blob is not a classifier checkpoint ({why}); name the final checkpoint of an autoencoder sweep's finetune trial"))
+    };
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut length = [0u8; 8];
+    if file.read_exact(&mut length).is_err() {
+        return not_one("no safetensors header");
+    }
+    let length = u64::from_le_bytes(length);
+    if length > MAX_CHECKPOINT_HEADER_BYTES {
+        return not_one("no safetensors header");
+    }
+    let mut header = Vec::new();
+    if file.take(length).read_to_end(&mut header).is_err() {
+        return not_one("no safetensors header");
+    }
+    let Ok(serde_json::Value::Object(tensors)) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return not_one("no safetensors header");
+    };
+    if !tensors.contains_key("model.encoder.fc2.weight") {
+        return not_one("no model.encoder.fc2.weight");
+    }
+    let head = tensors.get("model.head.fc2.weight").and_then(|t| t.get("shape")).and_then(|shape| shape.as_array());
+    match head.and_then(|shape| shape.first()).and_then(serde_json::Value::as_u64) {
+        Some(10) => None,
+        Some(classes) => not_one(&format!("its head has {classes} classes, not the 10 digits")),
+        None => not_one("no model.head.fc2.weight"),
+    }
 }
 
 /// A dry run's answer: the planned trials under placeholder task ids, nothing stored.
@@ -167,9 +226,18 @@ impl Core {
                 return Err(CoreError::BadRequest(format!("command file {name} ({}) was not uploaded", blob.sha256)));
             }
         }
+        // The judge's size from the blob store; a sweep naming one it lacks is refused by the planner.
+        let judge = sweep
+            .train
+            .as_ref()
+            .and_then(|train| train.judge.as_ref())
+            .and_then(|sha256| self.blobs.size(sha256).map(|size| BlobRef { sha256: sha256.clone(), size }));
+        if let Some(problem) = judge.as_ref().and_then(|blob| classifier_checkpoint_problem(&self.blobs.path(&blob.sha256)?)) {
+            return Err(CoreError::BadRequest(format!("{source_name}: train.judge: {problem}")));
+        }
         let local: Vec<(String, PathBuf)> =
             files.iter().map(|(name, blob)| (name.clone(), self.blobs.path(&blob.sha256).expect("checked present"))).collect();
-        let (trials, stages) = check_and_plan_with_command(&sweep, source_name, files, &local, command_files, &self.limits)?;
+        let (trials, stages) = check_and_plan_with_command(&sweep, source_name, files, &local, command_files, judge, &self.limits)?;
         if dry_run {
             return Ok(dry_run_plan(trials, stages));
         }

@@ -287,3 +287,69 @@ async fn the_next_stage_starts_once_after_the_last_trial_of_the_stage() {
     assert_eq!(view.tasks.len(), 5, "no stage after final");
     assert_eq!(view.summary.state, SweepState::Succeeded);
 }
+
+/// Stores `bytes` in the core's blob store under a made-up hash.
+fn store_blob(core: &Core, index: usize, bytes: &[u8]) -> BlobRef {
+    let sha256 = format!("{:064x}", 0xb10b_0000 + index);
+    let path = core.blobs().path(&sha256).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    BlobRef { sha256, size: bytes.len() as u64 }
+}
+
+/// `[train] judge` names a classifier checkpoint the coordinator holds, and the image folder's
+/// classes must be digits: the planned trial carries the blob and each class's digit.
+#[test]
+fn a_judge_is_a_stored_blob_and_the_classes_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoreConfig { data_dir: dir.path().to_path_buf(), timeouts: Timeouts::default(), limits: Limits::default() };
+    let core = Core::open(&config).unwrap();
+    let folder = |classes: [&str; 2]| -> Vec<(String, BlobRef)> {
+        ["train/{0}/a.png", "train/{1}/b.png", "test/{0}/c.png", "test/{1}/d.png"]
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let name = name.replace("{0}", classes[0]).replace("{1}", classes[1]);
+                (name, store_blob(&core, index, b"png"))
+            })
+            .collect()
+    };
+    let judge = "c".repeat(64);
+    let sweep = format!(
+        "name = \"judged\"\n[dataset]\nformat = \"image-folder\"\npath = \"digits\"\nimage_size = 32\n[model]\nkind = \"wgan-gp\"\nwidths = [16, 8, 4]\nconditional = true\n[train]\nepochs = 2\nbatch_size = 2\neval_every = 1\njudge = \"{judge}\"\n"
+    );
+    let error = core.submit(&sweep, "judged.toml", folder(["1", "7"]), true).unwrap_err();
+    assert!(matches!(error, CoreError::BadRequest(_)), "{error:?}");
+    assert!(error.to_string().contains(&format!("train.judge: no checkpoint {judge} on this coordinator")), "{error}");
+
+    let path = core.blobs().path(&judge).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"classifier").unwrap();
+    let error = core.submit(&sweep, "judged.toml", folder(["1", "7"]), true).unwrap_err().to_string();
+    assert!(error.contains("train.judge: the blob is not a classifier checkpoint (no safetensors header)"), "{error}");
+    // What checkpoint::save writes for the classifier (the header is all that is read).
+    let safetensors = |names: &[(&str, [u32; 2])]| {
+        let entries: Vec<String> = names
+            .iter()
+            .map(|(name, shape)| {
+                format!("\"model.{name}\":{{\"dtype\":\"F32\",\"shape\":[{},{}],\"data_offsets\":[0,0]}}", shape[0], shape[1])
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes
+    };
+    std::fs::write(&path, safetensors(&[("encoder.fc2.weight", [4, 64])])).unwrap();
+    let error = core.submit(&sweep, "judged.toml", folder(["1", "7"]), true).unwrap_err().to_string();
+    assert!(error.contains("not a classifier checkpoint (no model.head.fc2.weight)"), "an autoencoder's checkpoint: {error}");
+    let classifier = safetensors(&[("encoder.fc2.weight", [4, 64]), ("head.fc2.weight", [10, 256])]);
+    std::fs::write(&path, &classifier).unwrap();
+    let planned = core.submit(&sweep, "judged.toml", folder(["1", "7"]), true).unwrap().planned;
+    let spec = planned[0].1.config.wgan.as_ref().and_then(|w| w.judge.clone()).expect("the judge is planned");
+    assert_eq!(spec.checkpoint, BlobRef { sha256: judge.clone(), size: classifier.len() as u64 });
+    assert_eq!(spec.digits, [1, 7], "labels are the class folders in name order, judged as their digits");
+
+    let error = core.submit(&sweep, "judged.toml", folder(["cats", "dogs"]), true).unwrap_err().to_string();
+    assert!(error.contains("train.judge: class folder \"cats\" is not a digit"), "{error}");
+}

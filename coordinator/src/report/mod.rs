@@ -303,6 +303,17 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
         figures::line_chart(&out.join(file), "Fig. 8: sliced Wasserstein distance to the test set", "SWD", &lines)?;
         drawn.push((file.into(), "Fig. 8: sliced Wasserstein distance between generated and test images, per pyramid level (by resolution), per class (classN) and their mean".into()));
     }
+    if let Some(accuracy) = series("train", "class_accuracy") {
+        let mut lines = vec![("all".to_string(), accuracy)];
+        for ((stage, key), points) in &input.series {
+            if stage == "train" && key.starts_with("class_accuracy_") {
+                lines.push((key.trim_start_matches("class_accuracy_").to_string(), points.clone()));
+            }
+        }
+        let file = "fig9-class-accuracy.png";
+        figures::line_chart(&out.join(file), "Fig. 9: class accuracy of generated samples under the judge classifier", "accuracy", &lines)?;
+        drawn.push((file.into(), "Fig. 9: the fraction of samples generated for a class that the judge classifier ([train] judge) assigns to it, per class (by digit) and over all".into()));
+    }
     let page = html::page(input, &drawn);
     let index = out.join("index.html");
     std::fs::write(&index, page).map_err(io_error(&index))?;

@@ -272,6 +272,17 @@ impl SweepFile {
         check.non_negative(train.gp_lambda, "train.gp_lambda")?;
         check.at_least_one(train.sample_count, "train.sample_count")?;
         check.at_least_one(train.max_attempts, "train.max_attempts")?;
+        if let Some(judge) = &train.judge {
+            check.require(self.model.conditional, "train.judge", || {
+                "the judge classifies the samples generated for each class: it needs [model] conditional = true".into()
+            })?;
+            check.require(train.eval_every > 0, "train.judge", || {
+                "the judge reports at every evaluation: it needs train.eval_every > 0".into()
+            })?;
+            check.require(judge.len() == 64 && judge.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')), "train.judge", || {
+                format!("{judge:?} is not a SHA-256 (64 lowercase hex digits; `coordinator checkpoints ID` lists a classifier's)")
+            })?;
+        }
         let replicas = self.validate_distributed(check)?.unwrap_or(1);
         check.require(train.batch_size % replicas == 0, "train.batch_size", || {
             format!("{} must split evenly over {replicas} replicas", train.batch_size)

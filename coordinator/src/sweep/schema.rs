@@ -315,6 +315,11 @@ pub struct TrainSection {
     /// (0: never; no figure without a test set).
     #[serde(default = "default_eval_every")]
     pub eval_every: u32,
+    /// Conditional GANs on digit classes: the SHA-256 of a classifier checkpoint in the
+    /// coordinator's blob store (the `finetune` trial of an autoencoder sweep), which reports the
+    /// class accuracy of the generated samples at every evaluation.
+    #[serde(default)]
+    pub judge: Option<String>,
     /// Checkpoint period.
     #[serde(default = "default_gan_checkpoint_every")]
     pub checkpoint_every: u32,

@@ -85,38 +85,23 @@ pub fn expand(start: Hyper, seed: u64, grid: &GridSection, random: Option<&Rando
             .collect();
     }
     let mut configs = vec![start];
-    let expand = |configs: Vec<Hyper>, values: Option<&Vec<f64>>, set: fn(&mut Hyper, f64)| -> Vec<Hyper> {
-        let Some(values) = values else { return configs };
-        configs
-            .into_iter()
-            .flat_map(|c| {
-                values.iter().map(move |&v| {
-                    let mut c = c.clone();
-                    set(&mut c, v);
-                    c
-                })
-            })
-            .collect()
-    };
-    let expand_u32 = |configs: Vec<Hyper>, values: Option<&Vec<u32>>, set: fn(&mut Hyper, u32)| -> Vec<Hyper> {
-        let Some(values) = values else { return configs };
-        configs
-            .into_iter()
-            .flat_map(|c| {
-                values.iter().map(move |&v| {
-                    let mut c = c.clone();
-                    set(&mut c, v);
-                    c
-                })
-            })
-            .collect()
-    };
-    configs = expand(configs, grid.lr.as_ref(), |h, v| h.lr = v);
-    configs = expand(configs, grid.weight_decay.as_ref(), |h, v| h.weight_decay = v);
-    configs = expand_u32(configs, grid.batch_size.as_ref(), |h, v| h.batch_size = v);
-    configs = expand(configs, grid.noise_std.as_ref(), |h, v| h.noise_std = v);
-    configs = expand_u32(configs, grid.latent.as_ref(), |h, v| h.latent = v);
+    configs = cross(configs, grid.lr.as_ref(), |h, v| h.lr = v);
+    configs = cross(configs, grid.weight_decay.as_ref(), |h, v| h.weight_decay = v);
+    configs = cross(configs, grid.batch_size.as_ref(), |h, v| h.batch_size = v);
+    configs = cross(configs, grid.noise_std.as_ref(), |h, v| h.noise_std = v);
+    configs = cross(configs, grid.latent.as_ref(), |h, v| h.latent = v);
     configs
+}
+
+/// Every config of `configs` with every value of one grid axis (`None`: the axis is not searched).
+fn cross<T: Copy>(configs: Vec<Hyper>, values: Option<&Vec<T>>, set: fn(&mut Hyper, T)) -> Vec<Hyper> {
+    let Some(values) = values else { return configs };
+    let with = |config: &Hyper, value: T| {
+        let mut config = config.clone();
+        set(&mut config, value);
+        config
+    };
+    configs.iter().flat_map(|config| values.iter().map(move |&value| with(config, value))).collect()
 }
 
 /// The part of a config's label every config has: `lr=1e-3 wd=1e-6 bs=256`.

@@ -155,6 +155,24 @@ fn gan_image_sizes_set_the_stages_and_conditional_needs_classes() {
 }
 
 #[test]
+fn a_judge_needs_a_conditional_gan_that_evaluates_and_a_sha256() {
+    let sha = "ab".repeat(32);
+    let folder = |model: &str, train: &str| {
+        GAN.replace("format = \"nifti\"", "format = \"image-folder\"")
+            .replace("kind = \"wgan-gp\"", &format!("kind = \"wgan-gp\"\n{model}"))
+            .replace("epochs = 80", &format!("epochs = 80\n{train}"))
+    };
+    let judged = SweepFile::parse(&folder("conditional = true", &format!("judge = \"{sha}\"")), "g").unwrap();
+    assert_eq!(judged.train.unwrap().judge.as_deref(), Some(sha.as_str()));
+    let err = SweepFile::parse(&folder("", &format!("judge = \"{sha}\"")), "g").unwrap_err().to_string();
+    assert!(err.contains("g: train.judge: ") && err.contains("needs [model] conditional = true"), "{err}");
+    let err = SweepFile::parse(&folder("conditional = true", &format!("judge = \"{sha}\"\neval_every = 0")), "g").unwrap_err().to_string();
+    assert!(err.contains("train.judge: ") && err.contains("needs train.eval_every > 0"), "{err}");
+    let err = SweepFile::parse(&folder("conditional = true", "judge = \"final.safetensors\""), "g").unwrap_err().to_string();
+    assert!(err.contains("train.judge: \"final.safetensors\" is not a SHA-256"), "{err}");
+}
+
+#[test]
 fn stages_must_fit_the_model() {
     let err = SweepFile::parse(&GAN.replace("[train]", "[cv]\nfolds = 2\nepochs = 1\n[train]"), "g").unwrap_err().to_string();
     assert!(err.contains("g: cv: [cv] belongs to model.kind = \"dae\""), "{err}");

@@ -82,7 +82,7 @@ pub fn build(task: &Task, inputs: &EnvInputs<'_>, inherited: impl IntoIterator<I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{CollectiveBackend, CommandSpec, DatasetFormat, DatasetSpec, FoldSpec, Stage, TrainingConfig, TrialKind, TrialSpec};
+    use crate::task::{CollectiveBackend, CommandSpec, DatasetSpec, FoldSpec, Stage, TrainingConfig, TrialKind, TrialSpec};
 
     fn task(rank: u32, world: u32) -> Task {
         Task {
@@ -95,27 +95,8 @@ mod tests {
                 stage: Stage::Cv,
                 name: "cv/c1/f0".into(),
                 kind: TrialKind::Command,
-                config: TrainingConfig {
-                    lr: 0.0,
-                    weight_decay: 0.0,
-                    batch_size: 0,
-                    epochs: 4,
-                    noise_std: 0.0,
-                    latent: 0,
-                    seed: 7,
-                    init_seed: None,
-                    lr_encoder: 0.0,
-                    augment: None,
-                    wgan: None,
-                },
-                dataset: DatasetSpec {
-                    format: DatasetFormat::None,
-                    files: vec![],
-                    train_limit: 0,
-                    test_limit: 0,
-                    image_size: 0,
-                    min_foreground: 0.0,
-                },
+                config: TrainingConfig { epochs: 4, seed: 7, ..TrainingConfig::default() },
+                dataset: DatasetSpec::default(),
                 fold: Some(FoldSpec { folds: 3, index: 0, shuffle_seed: 7 }),
                 checkpoint_every: 1,
                 init_from: None,

@@ -132,6 +132,11 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
         Some(blob) => Some(cache.ensure(&mut client, blob).await.map_err(|e| fetch_error("pretrained checkpoint", e))?),
         None => None,
     };
+    let judge_blob = task.spec.config.wgan.as_ref().and_then(|recipe| recipe.judge.as_ref());
+    let judge = match judge_blob {
+        Some(judge) => Some(cache.ensure(&mut client, &judge.checkpoint).await.map_err(|e| fetch_error("judge classifier", e))?),
+        None => None,
+    };
     phases.switch(Phase::Coordinator);
     let mut gang = if task.world > 1 { Some(join_rendezvous(shared, &task, &current.lease_secret).await?) } else { None };
     let command_inputs = match task.spec.kind {
@@ -166,6 +171,7 @@ async fn run_and_relay(shared: &Shared, task: Task, current: &Running) -> Result
                 dataset_root: &dataset_root,
                 resume_from: resume_from.as_deref(),
                 init_from: init_from.as_deref(),
+                judge: judge.as_deref(),
                 scratch_dir: &scratch_dir,
                 device,
                 gang: gang.as_ref(),

@@ -320,10 +320,7 @@ mod tests {
             noise_std: 0.3,
             latent: 3,
             seed: 5,
-            init_seed: None,
-            lr_encoder: 0.0,
-            augment: None,
-            wgan: None,
+            ..TrainingConfig::default()
         }
     }
 

@@ -8,6 +8,7 @@ pub mod dae;
 pub mod data_parallel;
 pub mod wgan;
 pub mod wgan_eval;
+pub mod wgan_judge;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -161,6 +162,8 @@ pub struct RunInputs<'a> {
     pub resume_from: Option<&'a Path>,
     /// A checkpoint to initialise weights from (the classifier's pretrained autoencoder).
     pub init_from: Option<&'a Path>,
+    /// The classifier checkpoint that judges a conditional GAN's samples (`WganSpec::judge`).
+    pub judge: Option<&'a Path>,
     /// Where checkpoints and artifacts are written before upload.
     pub scratch_dir: &'a Path,
     /// Where to compute.
@@ -205,6 +208,8 @@ pub(crate) mod streams {
     /// The generated images and the patches and directions of the WGAN-GP's sliced Wasserstein
     /// distance (the same at every evaluation, so the figures compare across epochs).
     pub const SWD: u64 = u64::MAX - 1;
+    /// The noise of the images a judge classifier classifies (the same at every evaluation).
+    pub const JUDGE: u64 = u64::MAX - 2;
 }
 
 /// The trainable variables of `vars`, by name, sorted (so optimizer state keys are stable).

@@ -11,7 +11,8 @@
 //! folder's labels and the critic is a projection critic (`model/wgan.rs`): a critic step's fakes
 //! are made for the real batch's classes, and a generator step's for the same classes.
 //! Every `eval_every` epochs, rank 0 reports the sliced Wasserstein distance of generated images
-//! to the test set (`wgan_eval.rs`).
+//! to the test set (`wgan_eval.rs`) and, with a judge classifier, the class accuracy of
+//! generated samples (`wgan_judge.rs`).
 //!
 //! Data parallel over a gang of `world` replicas, it computes what one process would on the
 //! global batch: every replica walks the same shuffled order and draws the same global noise
@@ -28,6 +29,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::data_parallel::{self, Shard};
 use super::wgan_eval;
+use super::wgan_judge::Judge;
 use super::{finite, streams, trainable, EpochReport, Events, Run, RunInputs, TrainError};
 use crate::collective::{CollectiveError, Communicator};
 use crate::data::split::{derive_seed, permutation};
@@ -212,7 +214,8 @@ struct Sums {
 /// `wgan`: trains one WGAN-GP, alone or as one replica of a gang. Reports (rank 0) `critic_loss`,
 /// `wasserstein` and `gradient_penalty` (epoch means over the gang) per epoch, `generator_loss`
 /// for every epoch in which the generator stepped (every epoch when an epoch has at least
-/// `critic_steps` batches), and at the end each replica's `param_checksum_rank{r}`. Artifacts
+/// `critic_steps` batches), every `eval_every` epochs `swd*` and, with a judge classifier,
+/// `class_accuracy*`, and at the end each replica's `param_checksum_rank{r}`. Artifacts
 /// (rank 0): `real` (a grid's worth of training images) at the start, `samples-e{epoch}` (the
 /// fixed noise through the generator) after the first epoch, every `sample_every` epochs and at
 /// the end.
@@ -232,6 +235,20 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         )));
     }
     let classes = if recipe.conditional { train.labels.max().int64_value(&[]) + 1 } else { 0 };
+    let judge = match &recipe.judge {
+        Some(spec) => {
+            let path = inputs.judge.ok_or_else(|| TrainError::Invalid("the judge classifier's checkpoint was not fetched".into()))?;
+            let judge = Judge::load(path, &spec.digits, inputs.device)?;
+            if classes == 0 || classes > judge.classes() {
+                return Err(TrainError::Invalid(format!(
+                    "the judge knows the digits of {} classes, the training set has {classes}",
+                    judge.classes()
+                )));
+            }
+            Some(judge)
+        }
+        None => None,
+    };
     let mut run = Run::join(task, inputs, events)?;
     let n = train.len();
     let batch = config.batch_size as usize;
@@ -326,8 +343,13 @@ pub fn run(task: &Task, inputs: &RunInputs<'_>, events: &mut Events<'_>) -> Resu
         // statistics, which must stay identical across replicas); rank 0 keeps the grid.
         // Every replica evaluates (the same figures): a rank 0 evaluating alone would keep the
         // others waiting in the next epoch's first collective, past its timeout on a large test set.
-        if wgan_eval::due(recipe.eval_every, epoch, config.epochs) && !test.is_empty() {
-            values.extend(wgan_eval::evaluate(&gan, &test, config.seed)?);
+        if wgan_eval::due(recipe.eval_every, epoch, config.epochs) {
+            if !test.is_empty() {
+                values.extend(wgan_eval::evaluate(&gan, &test, config.seed)?);
+            }
+            if let Some(judge) = &judge {
+                values.extend(judge.evaluate(&gan, config.seed));
+            }
         }
         let samples = (epoch == 1 || periodic || epoch == config.epochs)
             .then(|| tch::no_grad(|| gan.generator.generate(&fixed_noise, sample_labels.as_ref(), true)));

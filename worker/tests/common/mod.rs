@@ -95,6 +95,7 @@ pub fn run(task: &Task, files: &BTreeMap<String, PathBuf>, resume: Option<&Path>
         dataset_root: root,
         resume_from: resume,
         init_from: None,
+        judge: None,
         scratch_dir: scratch,
         device: Device::Cpu,
         gang: None,
