@@ -76,12 +76,6 @@ fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
                 weight_decay: 0.0,
                 batch_size: schedule.batch_size as u32,
                 epochs: schedule.epochs,
-                noise_std: 0.0,
-                latent: 0,
-                seed: 0,
-                init_seed: None,
-                lr_encoder: 0.0,
-                augment: None,
                 wgan: Some(WganSpec {
                     widths: TEST_WIDTHS.iter().map(|&width| width as u32).collect(),
                     critic_steps: schedule.critic_steps,
@@ -94,6 +88,7 @@ fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
                     eval_every: 0,
                     judge: None,
                 }),
+                ..TrainingConfig::default()
             },
             dataset: DatasetSpec {
                 format: DatasetFormat::Nifti,

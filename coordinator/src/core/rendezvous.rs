@@ -121,25 +121,9 @@ impl Gatherings {
 }
 
 impl Core {
-    /// Records a gang member's collective address and waits up to `wait` for the others; returns
-    /// the rendezvous once every rank of the attempt has announced itself.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rendezvous(
-        &self,
-        worker_id: &str,
-        task_id: &str,
-        attempt: u32,
-        lease_secret: &str,
-        address: &str,
-        nccl_id: Vec<u8>,
-        wait: Duration,
-    ) -> Result<Option<Rendezvous>, CoreError> {
-        self.announce(worker_id, task_id, attempt, lease_secret, address, nccl_id)?;
-        Ok(self.gathered(task_id, attempt, wait).await)
-    }
-
-    /// The first half of [`Core::rendezvous`]: checks the member's lease (under the core's lock:
-    /// the gRPC service calls this on the blocking pool) and records its address.
+    /// The first half of a member's rendezvous (the RPC `Rendezvous`): checks the member's lease
+    /// (under the core's lock: the gRPC service calls this on the blocking pool) and records its
+    /// collective address.
     pub fn announce(
         &self,
         worker_id: &str,
@@ -164,8 +148,9 @@ impl Core {
         Ok(())
     }
 
-    /// The second half of [`Core::rendezvous`]: waits up to `wait` for every rank of the attempt
-    /// to have announced itself. Takes none of the core's locks but the rendezvous' own.
+    /// The second half of a member's rendezvous, after [`Core::announce`]: waits up to `wait` for
+    /// every rank of the attempt to have announced itself; returns the rendezvous once they have.
+    /// Takes none of the core's locks but the rendezvous' own.
     pub async fn gathered(&self, task_id: &str, attempt: u32, wait: Duration) -> Option<Rendezvous> {
         self.gatherings.wait(task_id, attempt, wait).await
     }
@@ -232,18 +217,8 @@ mod tests {
         let second_lease = core.acquire(&second.id, &second.session, Duration::ZERO).await.unwrap().expect("the gang is complete");
         let first_lease = waiting.await.unwrap().unwrap().expect("the gang is complete");
         let (rank0, rank0_lease) = if first_lease.rank == 0 { (&first, &first_lease) } else { (&second, &second_lease) };
-        let alone = core
-            .rendezvous(
-                &rank0.id,
-                &rank0_lease.task_id,
-                rank0_lease.attempt,
-                &rank0_lease.lease_secret,
-                "127.0.0.1:1",
-                vec![],
-                Duration::ZERO,
-            )
-            .await
-            .unwrap();
+        core.announce(&rank0.id, &rank0_lease.task_id, rank0_lease.attempt, &rank0_lease.lease_secret, "127.0.0.1:1", vec![]).unwrap();
+        let alone = core.gathered(&rank0_lease.task_id, rank0_lease.attempt, Duration::ZERO).await;
         assert!(alone.is_none(), "the other member has not announced itself");
         assert_eq!(core.gatherings.len(), 1);
         core.expire_leases().unwrap();

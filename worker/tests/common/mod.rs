@@ -53,18 +53,13 @@ pub fn fold_task(index: usize, epochs: u32, checkpoint_every: u32, augment: Opti
                 noise_std: 0.3,
                 latent: 4,
                 seed: 9,
-                init_seed: None,
-                lr_encoder: 0.0,
                 augment,
-                wgan: None,
+                ..TrainingConfig::default()
             },
             dataset: DatasetSpec {
                 format: DatasetFormat::Idx,
                 files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
-                train_limit: 0,
-                test_limit: 0,
-                image_size: 0,
-                min_foreground: 0.0,
+                ..DatasetSpec::default()
             },
             fold: Some(FoldSpec { folds: 4, index: index as u32, shuffle_seed: 3 }),
             checkpoint_every,
