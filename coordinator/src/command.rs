@@ -352,19 +352,11 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec, files: &[(String, BlobRe
                 config.init_seed = Some(crate::plan::trial_seed(sweep.seed, index as u64, u64::from(fold)));
             }
             trials.push(TrialSpec {
-                stage: Stage::Cv,
-                name: format!("cv/c{index}/f{fold}"),
                 config_label: config_label.clone(),
-                kind: TrialKind::Command,
-                config,
-                dataset: dataset.clone(),
                 fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
-                checkpoint_every: 1,
                 max_attempts: cv.max_attempts,
-                init_from: None,
-                replicas: 1,
-                collective_backend: CollectiveBackend::Auto,
                 command: Some(command_spec(sweep, files, hparams)),
+                ..TrialSpec::new(Stage::Cv, format!("cv/c{index}/f{fold}"), TrialKind::Command, config, dataset.clone())
             });
         }
     }
@@ -386,19 +378,12 @@ pub fn final_trial(
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     let replicas = sweep.distributed.as_ref().map_or(1, |d| d.replicas.max(1));
     TrialSpec {
-        stage: Stage::Final,
-        name: "final".into(),
         config_label,
-        kind: TrialKind::Command,
-        config: config(sweep, stage.epochs),
-        dataset,
-        fold: None,
-        checkpoint_every: 1,
         max_attempts: stage.max_attempts,
-        init_from: None,
         replicas,
         collective_backend: CollectiveBackend::Ring,
         command: Some(command_spec(sweep, files, hparams)),
+        ..TrialSpec::new(Stage::Final, "final", TrialKind::Command, config(sweep, stage.epochs), dataset)
     }
 }
 

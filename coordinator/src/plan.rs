@@ -6,38 +6,11 @@
 //! `final` trains the cross-validation winner, `finetune` starts from `final`'s checkpoint.
 
 use crate::domain::{
-    AugmentSpec, BlobRef, CollectiveBackend, DatasetSpec, FoldSpec, InitPolicy, Stage, TaskState, TrainingConfig, TrialKind, TrialSpec,
-    WganSpec,
+    BlobRef, CollectiveBackend, DatasetSpec, FoldSpec, InitPolicy, Stage, TaskState, TrainingConfig, TrialKind, TrialSpec, WganSpec,
 };
 use crate::selection::{self, FoldResult};
-use crate::sweep::search::{self, Hyper};
+use crate::sweep::search;
 use crate::sweep::SweepFile;
-
-fn augment(sweep: &SweepFile) -> Option<AugmentSpec> {
-    sweep.augment.as_ref().map(|a| AugmentSpec {
-        copies: a.copies,
-        rotate_deg: a.rotate_deg,
-        translate: a.translate,
-        shear_deg: a.shear_deg,
-        seed: sweep.seed,
-    })
-}
-
-fn dae_config(sweep: &SweepFile, hyper: &Hyper, epochs: u32) -> TrainingConfig {
-    TrainingConfig {
-        lr: hyper.lr,
-        weight_decay: hyper.weight_decay,
-        batch_size: hyper.batch_size,
-        epochs,
-        noise_std: hyper.noise_std,
-        latent: hyper.latent,
-        seed: sweep.seed,
-        init_seed: None,
-        lr_encoder: 0.0,
-        augment: augment(sweep),
-        wgan: None,
-    }
-}
 
 /// The trials of the first stage, in scheduling order.
 pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
@@ -50,44 +23,35 @@ pub fn initial(sweep: &SweepFile, dataset: DatasetSpec) -> Vec<TrialSpec> {
     }
     let Some(cv) = &sweep.cv else {
         let stage = sweep.final_stage.as_ref().expect("validated: cv or final");
-        let hyper = Hyper {
+        let config = TrainingConfig {
             lr: stage.lr.unwrap_or(1e-3),
             weight_decay: stage.weight_decay.unwrap_or(0.0),
             batch_size: stage.batch_size.unwrap_or(256),
-            noise_std: sweep.noise.std,
-            latent: sweep.model.latent,
+            ..sweep.training_base()
         };
-        let label = search::base_label(&hyper);
-        return vec![final_trial(sweep, dataset, &dae_config(sweep, &hyper, stage.epochs), label)];
+        let label = search::base_label(&config);
+        return vec![final_trial(sweep, dataset, &config, label)];
     };
     let mut trials = Vec::new();
     let mut labels = std::collections::BTreeSet::new();
-    for (config_index, hyper) in search::configs(sweep, cv).iter().enumerate() {
-        let mut label = search::label(hyper, cv);
+    for (config_index, cv_config) in search::configs(sweep, cv).iter().enumerate() {
+        let mut label = search::label(cv_config, cv);
         if !labels.insert(label.clone()) {
             // A random search may draw the same config twice: keep the configs apart in the tables.
             label = format!("{label} #{config_index}");
             labels.insert(label.clone());
         }
         for fold in 0..cv.folds {
-            let mut config = dae_config(sweep, hyper, cv.epochs);
+            let mut config = cv_config.clone();
             if cv.init == InitPolicy::PerTrial {
                 config.init_seed = Some(trial_seed(sweep.seed, config_index as u64, u64::from(fold)));
             }
             trials.push(TrialSpec {
-                stage: Stage::Cv,
-                name: format!("cv/c{config_index}/f{fold}"),
                 config_label: label.clone(),
-                kind: TrialKind::DaeFold,
-                config,
-                dataset: dataset.clone(),
                 fold: Some(FoldSpec { folds: cv.folds, index: fold, shuffle_seed: sweep.seed }),
                 checkpoint_every: cv.checkpoint_every,
                 max_attempts: cv.max_attempts,
-                init_from: None,
-                replicas: 1,
-                collective_backend: CollectiveBackend::Auto,
-                command: None,
+                ..TrialSpec::new(Stage::Cv, format!("cv/c{config_index}/f{fold}"), TrialKind::DaeFold, config, dataset.clone())
             });
         }
     }
@@ -121,20 +85,14 @@ fn gang(sweep: &SweepFile) -> (u32, CollectiveBackend) {
 fn final_trial(sweep: &SweepFile, dataset: DatasetSpec, config: &TrainingConfig, label: String) -> TrialSpec {
     let stage = sweep.final_stage.as_ref().expect("caller checked");
     let (replicas, collective_backend) = gang(sweep);
+    let config = TrainingConfig { epochs: stage.epochs, init_seed: None, ..config.clone() };
     TrialSpec {
-        stage: Stage::Final,
-        name: "final".into(),
         config_label: label,
-        kind: TrialKind::DaeFinal,
-        config: TrainingConfig { epochs: stage.epochs, init_seed: None, ..config.clone() },
-        dataset,
-        fold: None,
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
-        init_from: None,
         replicas,
         collective_backend,
-        command: None,
+        ..TrialSpec::new(Stage::Final, "final", TrialKind::DaeFinal, config, dataset)
     }
 }
 
@@ -142,33 +100,28 @@ fn finetune_trial(sweep: &SweepFile, dataset: DatasetSpec, pretrained_from: &Tri
     let stage = sweep.finetune.as_ref().expect("caller checked");
     // The encoder's shape (latent size) and the input noise come from the autoencoder it starts from.
     let pretrained_config = &pretrained_from.config;
-    let hyper = Hyper {
+    let config = TrainingConfig {
         lr: stage.lr_head,
+        lr_encoder: stage.lr_encoder,
         weight_decay: stage.weight_decay,
         batch_size: stage.batch_size,
+        epochs: stage.epochs,
         noise_std: pretrained_config.noise_std,
         latent: pretrained_config.latent,
+        ..sweep.training_base()
     };
-    let mut config = dae_config(sweep, &hyper, stage.epochs);
-    config.lr_encoder = stage.lr_encoder;
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
-        stage: Stage::Finetune,
-        name: "finetune".into(),
         config_label: format!(
             "lr_head={:e} lr_encoder={:e} wd={:e} bs={}",
             stage.lr_head, stage.lr_encoder, stage.weight_decay, stage.batch_size
         ),
-        kind: TrialKind::Classifier,
-        config,
-        dataset,
-        fold: None,
         checkpoint_every: stage.checkpoint_every,
         max_attempts: stage.max_attempts,
         init_from: Some(pretrained),
         replicas,
         collective_backend,
-        command: None,
+        ..TrialSpec::new(Stage::Finetune, "finetune", TrialKind::Classifier, config, dataset)
     }
 }
 
@@ -187,33 +140,23 @@ fn gan_trial(sweep: &SweepFile, dataset: DatasetSpec) -> TrialSpec {
         // The judge's blob and digits come from the blob store and the dataset: `check_and_plan`.
         judge: None,
     };
+    let config = TrainingConfig {
+        lr: train.lr,
+        batch_size: train.batch_size,
+        epochs: train.epochs,
+        noise_std: 0.0,
+        latent: 0,
+        wgan: Some(wgan),
+        ..sweep.training_base()
+    };
     let (replicas, collective_backend) = gang(sweep);
     TrialSpec {
-        stage: Stage::Train,
-        name: "train".into(),
         config_label: format!("lr={:e} bs={} betas=({}, {})", train.lr, train.batch_size, train.beta1, train.beta2),
-        kind: TrialKind::Wgan,
-        config: TrainingConfig {
-            lr: train.lr,
-            weight_decay: 0.0,
-            batch_size: train.batch_size,
-            epochs: train.epochs,
-            noise_std: 0.0,
-            latent: 0,
-            seed: sweep.seed,
-            init_seed: None,
-            lr_encoder: 0.0,
-            augment: augment(sweep),
-            wgan: Some(wgan),
-        },
-        dataset,
-        fold: None,
         checkpoint_every: train.checkpoint_every,
         max_attempts: train.max_attempts,
-        init_from: None,
         replicas,
         collective_backend,
-        command: None,
+        ..TrialSpec::new(Stage::Train, "train", TrialKind::Wgan, config, dataset)
     }
 }
 
@@ -449,14 +392,7 @@ mod tests {
     use crate::sweep::tests::{GAN, GOOD, SEED};
 
     fn dataset() -> DatasetSpec {
-        DatasetSpec {
-            format: crate::domain::DatasetFormat::Idx,
-            files: vec![],
-            train_limit: 0,
-            test_limit: 0,
-            image_size: 64,
-            min_foreground: 0.05,
-        }
+        DatasetSpec { format: crate::domain::DatasetFormat::Idx, image_size: 64, min_foreground: 0.05, ..DatasetSpec::default() }
     }
 
     #[test]
@@ -582,8 +518,8 @@ mod tests {
         let cv = initial(&sweep, dataset());
         let failed: Vec<Outcome<'_>> = cv.iter().map(|t| outcome(t, TaskState::Failed, None, None)).collect();
         assert_eq!(next_stage(&sweep, &failed), Next::Done);
-        let hyper = Hyper { lr: 1e-3, weight_decay: 0.0, batch_size: 256, noise_std: 0.3, latent: 4 };
-        let final_spec = final_trial(&sweep, dataset(), &dae_config(&sweep, &hyper, 40), "x".into());
+        let config = TrainingConfig { lr: 1e-3, batch_size: 256, noise_std: 0.3, latent: 4, epochs: 40, ..sweep.training_base() };
+        let final_spec = final_trial(&sweep, dataset(), &config, "x".into());
         assert_eq!(next_stage(&sweep, &[outcome(&final_spec, TaskState::Failed, None, None)]), Next::Done);
     }
 

@@ -520,30 +520,15 @@ fn sweep_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SweepRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{CollectiveBackend, DatasetFormat, DatasetSpec, Stage, TrainingConfig, TrialKind};
+    use crate::domain::{DatasetFormat, DatasetSpec, Stage, TrainingConfig, TrialKind};
 
     pub(super) fn spec() -> TrialSpec {
+        let config = TrainingConfig { lr: 1e-3, batch_size: 8, epochs: 2, noise_std: 0.3, latent: 4, seed: 1, ..TrainingConfig::default() };
+        let dataset = DatasetSpec { format: DatasetFormat::Idx, ..DatasetSpec::default() };
         TrialSpec {
-            stage: Stage::Cv,
-            name: "cv/c0/f0".into(),
             config_label: "lr=1e-3".into(),
-            kind: TrialKind::DaeFold,
-            config: TrainingConfig { lr: 1e-3, batch_size: 8, epochs: 2, noise_std: 0.3, latent: 4, seed: 1, ..TrainingConfig::default() },
-            dataset: DatasetSpec {
-                format: DatasetFormat::Idx,
-                files: vec![],
-                train_limit: 0,
-                test_limit: 0,
-                image_size: 0,
-                min_foreground: 0.0,
-            },
-            fold: None,
-            checkpoint_every: 1,
             max_attempts: 3,
-            init_from: None,
-            replicas: 1,
-            collective_backend: CollectiveBackend::Auto,
-            command: None,
+            ..TrialSpec::new(Stage::Cv, "cv/c0/f0", TrialKind::DaeFold, config, dataset)
         }
     }
 

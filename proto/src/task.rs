@@ -365,6 +365,26 @@ pub struct MalformedTask {
 }
 
 impl TrialSpec {
+    /// A single-replica trial of `kind` in `stage`, checkpointed every epoch, one attempt, no
+    /// fold, no label and nothing to start from: the planners set the rest on top.
+    pub fn new(stage: Stage, name: impl Into<String>, kind: TrialKind, config: TrainingConfig, dataset: DatasetSpec) -> Self {
+        Self {
+            stage,
+            name: name.into(),
+            config_label: String::new(),
+            kind,
+            config,
+            dataset,
+            fold: None,
+            checkpoint_every: 1,
+            max_attempts: 1,
+            init_from: None,
+            replicas: 1,
+            collective_backend: CollectiveBackend::Auto,
+            command: None,
+        }
+    }
+
     /// The JSON that is stored and sent ([`SPEC_VERSION`]).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a trial spec is plain data")
@@ -479,20 +499,14 @@ mod tests {
     use super::*;
 
     fn spec() -> TrialSpec {
+        let config = TrainingConfig { lr: 1e-3, batch_size: 32, epochs: 2, noise_std: 0.3, latent: 4, ..TrainingConfig::default() };
+        let dataset = DatasetSpec { format: DatasetFormat::Idx, ..DatasetSpec::default() };
         TrialSpec {
-            stage: Stage::Cv,
-            name: "cv/c0/f1".into(),
             config_label: "lr=1e-3".into(),
-            kind: TrialKind::DaeFold,
-            config: TrainingConfig { lr: 1e-3, batch_size: 32, epochs: 2, noise_std: 0.3, latent: 4, ..TrainingConfig::default() },
-            dataset: DatasetSpec { format: DatasetFormat::Idx, ..DatasetSpec::default() },
             fold: Some(FoldSpec { folds: 4, index: 1, shuffle_seed: 0 }),
             checkpoint_every: 0,
             max_attempts: 3,
-            init_from: None,
-            replicas: 1,
-            collective_backend: CollectiveBackend::Auto,
-            command: None,
+            ..TrialSpec::new(Stage::Cv, "cv/c0/f1", TrialKind::DaeFold, config, dataset)
         }
     }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cohort_cluster_tests::{mnist_sample, repo_root, Cluster};
+use cohort_worker::command::process::live_group_members;
 use serde_json::Value;
 
 /// The venv's Python (which has torch), else `python3` from PATH.
@@ -42,21 +43,6 @@ fn trial<'a>(results: &'a Value, name: &str) -> &'a Value {
 
 fn state_of(results: &Value, name: &str) -> String {
     trial(results, name)["state"].as_str().unwrap_or_default().to_string()
-}
-
-/// The pids of live (not zombie) processes in process group `group`.
-fn live_group_members(group: u32) -> Vec<u32> {
-    let mut live = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group) && fields.first() != Some(&"Z") {
-            live.push(pid);
-        }
-    }
-    live
 }
 
 fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {

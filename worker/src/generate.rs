@@ -135,7 +135,7 @@ pub fn load_generator(path: &Path) -> Result<LoadedGenerator, GenerateError> {
     }
     let classes = tensors.get("model.generator.embedding.weight").map_or(0, |t| t.size()[0]);
     let vars = nn::VarStore::new(Device::Cpu);
-    let generator = Generator::conditional(&(vars.root() / "generator"), &widths, classes);
+    let generator = Generator::new(&(vars.root() / "generator"), &widths, classes);
     tch::no_grad(|| {
         for (name, mut variable) in vars.variables() {
             let saved = tensors.get(&format!("model.{name}")).ok_or_else(|| bad(format!("no weights for {name}")))?;
@@ -276,7 +276,7 @@ mod tests {
     fn checkpoint_of(classes: i64, dir: &Path) -> PathBuf {
         tch::manual_seed(3);
         let vars = nn::VarStore::new(Device::Cpu);
-        let _generator = Generator::conditional(&(vars.root() / "generator"), [8i64, 4, 4], classes);
+        let _generator = Generator::new(&(vars.root() / "generator"), [8i64, 4, 4], classes);
         let path = dir.join("c.safetensors");
         checkpoint::save(&path, &vars, &[], 1).unwrap();
         path

@@ -122,8 +122,8 @@ fn wgan_gp_losses_and_gradients_match_pytorch() {
     let reference = fixture("wgan_reference.safetensors");
     let widths = [16, 8, 8, 4];
     let vars = nn::VarStore::new(Device::Cpu);
-    let generator = Generator::new(&(vars.root() / "generator"), widths);
-    let critic = Critic::new(&(vars.root() / "critic"), widths);
+    let generator = Generator::new(&(vars.root() / "generator"), widths, 0);
+    let critic = Critic::new(&(vars.root() / "critic"), widths, 0);
     load_variables(&vars, &reference);
 
     let (real, fake, epsilon) = (&reference["input.real"], &reference["input.fake"], &reference["input.epsilon"]);
@@ -154,8 +154,8 @@ fn conditional_wgan_gp_losses_and_gradients_match_pytorch() {
     let reference = fixture("cwgan_reference.safetensors");
     let widths = [16, 8, 4];
     let vars = nn::VarStore::new(Device::Cpu);
-    let generator = Generator::conditional(&(vars.root() / "generator"), widths, 3);
-    let critic = Critic::conditional(&(vars.root() / "critic"), widths, 3);
+    let generator = Generator::new(&(vars.root() / "generator"), widths, 3);
+    let critic = Critic::new(&(vars.root() / "critic"), widths, 3);
     load_variables(&vars, &reference);
     let losses = ["generator.loss", "critic.loss", "critic.penalty"];
     let saved =

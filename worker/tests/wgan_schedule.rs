@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use cohort_worker::task::{
-    BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec, WganSpec,
-};
+use cohort_worker::task::{BlobRef, DatasetFormat, DatasetSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec, WganSpec};
 use cohort_worker::train::wgan::generator_step_due;
 use cohort_worker::train::{self, EpochReport, Events, RunInputs, TrainEvent};
 use tch::{Device, Tensor};
@@ -61,52 +59,40 @@ struct Schedule {
 /// A single-replica WGAN-GP task at [`TEST_WIDTHS`] on the committed volume, with the seed's
 /// optimiser settings and a checkpoint after every epoch.
 fn wgan_task(schedule: &Schedule, min_foreground: f64) -> Task {
+    let wgan = WganSpec {
+        widths: TEST_WIDTHS.iter().map(|&width| width as u32).collect(),
+        critic_steps: schedule.critic_steps,
+        gp_lambda: 10.0,
+        beta1: 0.0,
+        beta2: 0.9,
+        sample_every: 0,
+        sample_count: 4,
+        conditional: false,
+        eval_every: 0,
+        judge: None,
+    };
+    let config = TrainingConfig {
+        lr: 1e-4,
+        batch_size: schedule.batch_size as u32,
+        epochs: schedule.epochs,
+        wgan: Some(wgan),
+        ..TrainingConfig::default()
+    };
+    let dataset = DatasetSpec {
+        format: DatasetFormat::Nifti,
+        files: vec![("ch2bet.nii.gz".into(), BlobRef { sha256: String::new(), size: 0 })],
+        train_limit: schedule.train_limit as u64,
+        image_size: 64,
+        min_foreground,
+        ..DatasetSpec::default()
+    };
     Task {
         id: "gan".into(),
         attempt: 1,
         resume_from: None,
         rank: 0,
         world: 1,
-        spec: TrialSpec {
-            stage: Stage::Train,
-            name: "train".into(),
-            kind: TrialKind::Wgan,
-            config: TrainingConfig {
-                lr: 1e-4,
-                weight_decay: 0.0,
-                batch_size: schedule.batch_size as u32,
-                epochs: schedule.epochs,
-                wgan: Some(WganSpec {
-                    widths: TEST_WIDTHS.iter().map(|&width| width as u32).collect(),
-                    critic_steps: schedule.critic_steps,
-                    gp_lambda: 10.0,
-                    beta1: 0.0,
-                    beta2: 0.9,
-                    sample_every: 0,
-                    sample_count: 4,
-                    conditional: false,
-                    eval_every: 0,
-                    judge: None,
-                }),
-                ..TrainingConfig::default()
-            },
-            dataset: DatasetSpec {
-                format: DatasetFormat::Nifti,
-                files: vec![("ch2bet.nii.gz".into(), BlobRef { sha256: String::new(), size: 0 })],
-                train_limit: schedule.train_limit as u64,
-                test_limit: 0,
-                image_size: 64,
-                min_foreground,
-            },
-            fold: None,
-            checkpoint_every: 1,
-            init_from: None,
-            collective_backend: CollectiveBackend::Auto,
-            command: None,
-            config_label: String::new(),
-            max_attempts: 1,
-            replicas: 1,
-        },
+        spec: TrialSpec::new(Stage::Train, "train", TrialKind::Wgan, config, dataset),
     }
 }
 

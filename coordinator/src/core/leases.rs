@@ -361,7 +361,7 @@ impl Core {
             Ok((queued, ended))
         })?;
         if ended {
-            self.forget_gathering(lease.task_id);
+            self.gatherings.forget(lease.task_id);
         }
         self.changes.publish(Change::task(lease.task_id, ChangeKind::State));
         tracing::info!(task = %lease.task_id, worker = %lease.worker_id, "task succeeded");
@@ -381,7 +381,7 @@ impl Core {
             Self::persist_and_advance(self, inner, &[lease.task_id.to_string()])?;
             Ok(retry)
         })?;
-        self.forget_gathering(lease.task_id);
+        self.gatherings.forget(lease.task_id);
         self.changes.publish(Change::task(lease.task_id, ChangeKind::State));
         tracing::warn!(task = %lease.task_id, worker = %lease.worker_id, ?kind, ?retry, error, "task failed");
         self.work_available.notify_waiters();

@@ -155,11 +155,6 @@ impl Core {
         self.gatherings.wait(task_id, attempt, wait).await
     }
 
-    /// Forgets a finished task's rendezvous.
-    pub(super) fn forget_gathering(&self, task_id: &str) {
-        self.gatherings.forget(task_id);
-    }
-
     /// Drops every rendezvous whose attempt the scheduler no longer runs: its task ended
     /// (cancelled, failed or requeued after a lapsed lease) or went on to a later attempt. The
     /// two locks are taken one after the other, never together; an entry announced meanwhile

@@ -192,14 +192,8 @@ fn pruning_plans_cross_validation_fold_first() {
 }
 
 fn dataset() -> crate::domain::DatasetSpec {
-    crate::domain::DatasetSpec {
-        format: crate::domain::DatasetFormat::Idx,
-        files: vec![],
-        train_limit: 0,
-        test_limit: 0,
-        image_size: 64,
-        min_foreground: 0.05,
-    }
+    let format = crate::domain::DatasetFormat::Idx;
+    crate::domain::DatasetSpec { format, image_size: 64, min_foreground: 0.05, ..Default::default() }
 }
 
 /// A pruning sweep run on the real scheduler: `configs` × `folds` trials of `epochs` epochs

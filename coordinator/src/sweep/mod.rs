@@ -13,9 +13,9 @@ pub mod search;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::domain::TrainingConfig;
 use check::Checker;
 pub use schema::*;
-use search::Hyper;
 
 /// Why a sweep file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ impl SweepFile {
 
     /// The cross-validation configs (empty without `[cv]`): [`crate::sweep::search`] over `[cv.grid]`
     /// or `[cv.random]`.
-    pub fn cv_configs(&self) -> Vec<Hyper> {
+    pub fn cv_configs(&self) -> Vec<TrainingConfig> {
         self.cv.as_ref().map(|cv| search::configs(self, cv)).unwrap_or_default()
     }
 

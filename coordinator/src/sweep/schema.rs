@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{CollectiveBackend, DatasetFormat, InitPolicy};
+use crate::domain::{AugmentSpec, CollectiveBackend, DatasetFormat, InitPolicy, TrainingConfig};
 use crate::prune::PruneSection;
 
 /// `[dataset]`: where the data is and how to read it.
@@ -377,6 +377,21 @@ impl DatasetSection {
     /// [`DatasetFormat::None`]).
     pub fn format(&self) -> DatasetFormat {
         DatasetFormat::parse(&self.format_name).unwrap_or_default()
+    }
+}
+
+impl SweepFile {
+    /// What every trial's config starts from: the seed, `[augment]`, `[noise] std` and
+    /// `[model] latent`; each stage sets its own hyperparameters on top.
+    pub fn training_base(&self) -> TrainingConfig {
+        let augment = self.augment.as_ref().map(|a| AugmentSpec {
+            copies: a.copies,
+            rotate_deg: a.rotate_deg,
+            translate: a.translate,
+            shear_deg: a.shear_deg,
+            seed: self.seed,
+        });
+        TrainingConfig { noise_std: self.noise.std, latent: self.model.latent, seed: self.seed, augment, ..TrainingConfig::default() }
     }
 }
 

@@ -8,24 +8,9 @@
 //! part of the sweep module that depends only on its schema, so no module imports loop.
 
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
+use crate::domain::TrainingConfig;
 use crate::sweep::schema::{Axis, CvSection, GridSection, RandomSection, SweepFile};
-
-/// The hyperparameters a cross-validation config sets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Hyper {
-    /// Learning rate.
-    pub lr: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
-    /// Mini-batch size.
-    pub batch_size: u32,
-    /// Input noise standard deviation.
-    pub noise_std: f64,
-    /// Latent code size.
-    pub latent: u32,
-}
 
 fn draw_f64(rng: &mut rand::rngs::StdRng, axis: &Axis<f64>) -> f64 {
     match axis {
@@ -46,20 +31,21 @@ fn draw_u32(rng: &mut rand::rngs::StdRng, axis: &Axis<u32>) -> u32 {
     }
 }
 
-/// The config every axis starts from: the `[cv]` scalars, `[noise] std` and `[model] latent`.
-pub fn base(sweep: &SweepFile, cv: &CvSection) -> Hyper {
-    Hyper { lr: cv.lr, weight_decay: cv.weight_decay, batch_size: cv.batch_size, noise_std: sweep.noise.std, latent: sweep.model.latent }
+/// The config every axis starts from: the `[cv]` scalars and epochs on the sweep's
+/// [`SweepFile::training_base`].
+pub fn base(sweep: &SweepFile, cv: &CvSection) -> TrainingConfig {
+    TrainingConfig { lr: cv.lr, weight_decay: cv.weight_decay, batch_size: cv.batch_size, epochs: cv.epochs, ..sweep.training_base() }
 }
 
-/// Every config of the stage's search, in a stable order (grid: the axes as written, the first
+/// Every config of the stage's search (the hyperparameters it sets, on [`base`]), in a stable order (grid: the axes as written, the first
 /// axis outermost; random: draw order).
-pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<Hyper> {
+pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<TrainingConfig> {
     expand(base(sweep, cv), sweep.seed, &cv.grid, cv.random.as_ref())
 }
 
 /// Every config of a search from `start`: `random`'s draws (seeded by `seed`) when there is one,
 /// else every combination of `grid`'s values (the axes as written, the first outermost).
-pub fn expand(start: Hyper, seed: u64, grid: &GridSection, random: Option<&RandomSection>) -> Vec<Hyper> {
+pub fn expand(start: TrainingConfig, seed: u64, grid: &GridSection, random: Option<&RandomSection>) -> Vec<TrainingConfig> {
     if let Some(random) = random {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         return (0..random.samples)
@@ -94,9 +80,9 @@ pub fn expand(start: Hyper, seed: u64, grid: &GridSection, random: Option<&Rando
 }
 
 /// Every config of `configs` with every value of one grid axis (`None`: the axis is not searched).
-fn cross<T: Copy>(configs: Vec<Hyper>, values: Option<&Vec<T>>, set: fn(&mut Hyper, T)) -> Vec<Hyper> {
+fn cross<T: Copy>(configs: Vec<TrainingConfig>, values: Option<&Vec<T>>, set: fn(&mut TrainingConfig, T)) -> Vec<TrainingConfig> {
     let Some(values) = values else { return configs };
-    let with = |config: &Hyper, value: T| {
+    let with = |config: &TrainingConfig, value: T| {
         let mut config = config.clone();
         set(&mut config, value);
         config
@@ -105,18 +91,18 @@ fn cross<T: Copy>(configs: Vec<Hyper>, values: Option<&Vec<T>>, set: fn(&mut Hyp
 }
 
 /// The part of a config's label every config has: `lr=1e-3 wd=1e-6 bs=256`.
-pub fn base_label(h: &Hyper) -> String {
+pub fn base_label(h: &TrainingConfig) -> String {
     format!("lr={:e} wd={:e} bs={}", h.lr, h.weight_decay, h.batch_size)
 }
 
 /// A config's label for tables: learning rate, weight decay and batch size always, noise and
 /// latent size when they are searched.
-pub fn label(h: &Hyper, cv: &CvSection) -> String {
+pub fn label(h: &TrainingConfig, cv: &CvSection) -> String {
     searched_label(h, &cv.grid, cv.random.as_ref())
 }
 
 /// [`label`] for the search of `grid` or `random`.
-pub fn searched_label(h: &Hyper, grid: &GridSection, random: Option<&RandomSection>) -> String {
+pub fn searched_label(h: &TrainingConfig, grid: &GridSection, random: Option<&RandomSection>) -> String {
     let mut text = base_label(h);
     if grid.noise_std.is_some() || random.is_some_and(|r| r.noise_std.is_some()) {
         text.push_str(&format!(" noise={}", h.noise_std));

@@ -82,9 +82,10 @@ pub fn build(task: &Task, inputs: &EnvInputs<'_>, inherited: impl IntoIterator<I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{CollectiveBackend, CommandSpec, DatasetSpec, FoldSpec, Stage, TrainingConfig, TrialKind, TrialSpec};
+    use crate::task::{CommandSpec, DatasetSpec, FoldSpec, Stage, TrainingConfig, TrialKind, TrialSpec};
 
     fn task(rank: u32, world: u32) -> Task {
+        let config = TrainingConfig { epochs: 4, seed: 7, ..TrainingConfig::default() };
         Task {
             id: "s1.t3".into(),
             attempt: 2,
@@ -92,15 +93,7 @@ mod tests {
             rank,
             world,
             spec: TrialSpec {
-                stage: Stage::Cv,
-                name: "cv/c1/f0".into(),
-                kind: TrialKind::Command,
-                config: TrainingConfig { epochs: 4, seed: 7, ..TrainingConfig::default() },
-                dataset: DatasetSpec::default(),
                 fold: Some(FoldSpec { folds: 3, index: 0, shuffle_seed: 7 }),
-                checkpoint_every: 1,
-                init_from: None,
-                collective_backend: CollectiveBackend::Auto,
                 command: Some(CommandSpec {
                     run: vec!["python3".into()],
                     files: vec![],
@@ -108,9 +101,7 @@ mod tests {
                     timeout_minutes: 0,
                     hparams_json: r#"{"lr":0.1}"#.into(),
                 }),
-                config_label: String::new(),
-                max_attempts: 1,
-                replicas: 1,
+                ..TrialSpec::new(Stage::Cv, "cv/c1/f0", TrialKind::Command, config, DatasetSpec::default())
             },
         }
     }

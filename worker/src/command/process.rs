@@ -198,6 +198,23 @@ pub fn describe(status: ExitStatus) -> Option<(bool, String)> {
     }
 }
 
+/// The pids of the live processes (not zombies waiting for a reaper) in process group `group`:
+/// what a stopped program must leave none of (the tests of stopping and cancelling check it).
+pub fn live_group_members(group: u32) -> Vec<u32> {
+    let mut live = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group) && fields.first() != Some(&"Z") {
+            live.push(pid);
+        }
+    }
+    live
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,27 +255,11 @@ mod tests {
     fn stopping_ends_the_whole_group_even_a_child_that_ignores_sigterm() {
         let (mut program, _receiver) = run("trap '' TERM; sleep 300 & sleep 300");
         std::thread::sleep(Duration::from_millis(300));
-        let group = program.pid() as i32;
+        let group = program.pid();
         let status = program.stop(Duration::from_millis(300)).expect("stopped");
         assert_eq!(describe(status).map(|(user, _)| user), Some(false), "a killed program is not the user's failure");
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(live_members(group), Vec::<u32>::new(), "a process of the group survived");
-    }
-
-    /// The pids of the group's processes that are alive (not zombies waiting for a reaper).
-    fn live_members(group: i32) -> Vec<u32> {
-        let mut live = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-            // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
-            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group) && fields.first() != Some(&"Z") {
-                live.push(pid);
-            }
-        }
-        live
+        assert_eq!(live_group_members(group), Vec::<u32>::new(), "a process of the group survived");
     }
 
     #[test]

@@ -46,19 +46,11 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Builds the unconditional generator under `path`; `widths` are the hidden channel counts,
-    /// widest first, one per stage (four for the seed's 64×64).
-    pub fn new(path: &nn::Path, widths: impl AsRef<[i64]>) -> Self {
-        Self::build(path, widths.as_ref(), 0)
-    }
-
-    /// Builds a class-conditional generator for `classes` classes (0: unconditional): a learned
-    /// class embedding (`embedding.weight`) is concatenated to the noise.
-    pub fn conditional(path: &nn::Path, widths: impl AsRef<[i64]>, classes: i64) -> Self {
-        Self::build(path, widths.as_ref(), classes)
-    }
-
-    fn build(path: &nn::Path, widths: &[i64], classes: i64) -> Self {
+    /// Builds the generator under `path`; `widths` are the hidden channel counts, widest first,
+    /// one per stage (four for the seed's 64×64). With `classes` > 0 it is class-conditional: a
+    /// learned class embedding (`embedding.weight`) is concatenated to the noise.
+    pub fn new(path: &nn::Path, widths: impl AsRef<[i64]>, classes: i64) -> Self {
+        let widths = widths.as_ref();
         let input = if classes > 0 { NOISE_DIM + CLASS_EMBED_DIM } else { NOISE_DIM };
         let channels: Vec<i64> = std::iter::once(input).chain(widths.iter().copied()).chain([1]).collect();
         let stages = widths.len();
@@ -149,17 +141,10 @@ pub struct Critic {
 }
 
 impl Critic {
-    /// Builds the unconditional critic under `path`, mirroring a generator of the same `widths`.
-    pub fn new(path: &nn::Path, widths: impl AsRef<[i64]>) -> Self {
-        Self::build(path, widths.as_ref(), 0)
-    }
-
-    /// Builds a projection critic for `classes` classes (0: unconditional).
-    pub fn conditional(path: &nn::Path, widths: impl AsRef<[i64]>, classes: i64) -> Self {
-        Self::build(path, widths.as_ref(), classes)
-    }
-
-    fn build(path: &nn::Path, widths: &[i64], classes: i64) -> Self {
+    /// Builds the critic under `path`, mirroring a generator of the same `widths`; with
+    /// `classes` > 0, a projection critic for that many classes.
+    pub fn new(path: &nn::Path, widths: impl AsRef<[i64]>, classes: i64) -> Self {
+        let widths = widths.as_ref();
         let stages = widths.len();
         let channels: Vec<i64> = std::iter::once(1).chain(widths.iter().rev().copied()).chain([1]).collect();
         let convs = (0..=stages)
@@ -295,8 +280,8 @@ mod tests {
     fn shapes_follow_the_seed() {
         let vs = nn::VarStore::new(Device::Cpu);
         let widths = [32, 16, 8, 4];
-        let generator = Generator::new(&(vs.root() / "generator"), widths);
-        let critic = Critic::new(&(vs.root() / "critic"), widths);
+        let generator = Generator::new(&(vs.root() / "generator"), widths, 0);
+        let critic = Critic::new(&(vs.root() / "critic"), widths, 0);
         let noise = Tensor::randn([3, NOISE_DIM], (Kind::Float, Device::Cpu));
         let images = generator.forward_t(&noise, true);
         assert_eq!(images.size(), [3, 1, 64, 64]);
@@ -312,8 +297,8 @@ mod tests {
         assert_eq!((stages_for(32), stages_for(64), stages_for(128), stages_for(100)), (Some(3), Some(4), Some(5), None));
         for widths in [vec![16i64, 8, 4], vec![16, 8, 8, 4, 4]] {
             let vs = nn::VarStore::new(Device::Cpu);
-            let generator = Generator::conditional(&(vs.root() / "generator"), &widths, 3);
-            let critic = Critic::conditional(&(vs.root() / "critic"), &widths, 3);
+            let generator = Generator::new(&(vs.root() / "generator"), &widths, 3);
+            let critic = Critic::new(&(vs.root() / "critic"), &widths, 3);
             let labels = Tensor::from_slice(&[0i64, 2]);
             let images = generator.generate(&Tensor::randn([2, NOISE_DIM], (Kind::Float, Device::Cpu)), Some(&labels), true);
             let side = image_size_for(widths.len());

@@ -65,8 +65,8 @@ impl Gan {
     pub fn conditional(widths: impl AsRef<[i64]>, classes: i64, lr: f64, betas: (f64, f64), device: Device) -> Self {
         let widths = widths.as_ref();
         let vars = nn::VarStore::new(device);
-        let generator = Generator::conditional(&(vars.root() / "generator"), widths, classes);
-        let critic = Critic::conditional(&(vars.root() / "critic"), widths, classes);
+        let generator = Generator::new(&(vars.root() / "generator"), widths, classes);
+        let critic = Critic::new(&(vars.root() / "critic"), widths, classes);
         let (generator_named, critic_named): (Vec<_>, Vec<_>) =
             trainable(&vars).into_iter().partition(|(name, _)| name.starts_with("generator."));
         let generator_params = generator_named.iter().map(|(_, t)| t.shallow_clone()).collect();

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use cohort_worker::data::idx::{encode_images, encode_labels, IdxImages};
-use cohort_worker::task::{
-    AugmentSpec, BlobRef, CollectiveBackend, DatasetFormat, DatasetSpec, FoldSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec,
-};
+use cohort_worker::task::{AugmentSpec, BlobRef, DatasetFormat, DatasetSpec, FoldSpec, Stage, Task, TrainingConfig, TrialKind, TrialSpec};
 use cohort_worker::train::{self, Events, RunInputs, TrainEvent};
 use tch::Device;
 
@@ -42,33 +40,29 @@ pub fn fold_task(index: usize, epochs: u32, checkpoint_every: u32, augment: Opti
         rank: 0,
         world: 1,
         spec: TrialSpec {
-            stage: Stage::Cv,
-            name: format!("cv/c0/f{index}"),
-            kind: TrialKind::DaeFold,
-            config: TrainingConfig {
-                lr: 1e-3,
-                weight_decay: 1e-5,
-                batch_size: 16,
-                epochs,
-                noise_std: 0.3,
-                latent: 4,
-                seed: 9,
-                augment,
-                ..TrainingConfig::default()
-            },
-            dataset: DatasetSpec {
-                format: DatasetFormat::Idx,
-                files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
-                ..DatasetSpec::default()
-            },
             fold: Some(FoldSpec { folds: 4, index: index as u32, shuffle_seed: 3 }),
             checkpoint_every,
-            init_from: None,
-            collective_backend: CollectiveBackend::Auto,
-            command: None,
-            config_label: String::new(),
-            max_attempts: 1,
-            replicas: 1,
+            ..TrialSpec::new(
+                Stage::Cv,
+                format!("cv/c0/f{index}"),
+                TrialKind::DaeFold,
+                TrainingConfig {
+                    lr: 1e-3,
+                    weight_decay: 1e-5,
+                    batch_size: 16,
+                    epochs,
+                    noise_std: 0.3,
+                    latent: 4,
+                    seed: 9,
+                    augment,
+                    ..TrainingConfig::default()
+                },
+                DatasetSpec {
+                    format: DatasetFormat::Idx,
+                    files: vec![("unused".into(), BlobRef { sha256: String::new(), size: 0 })],
+                    ..DatasetSpec::default()
+                },
+            )
         },
     }
 }

@@ -398,9 +398,15 @@ fn a_connection_dropped_unanswered_is_retried_until_accepted() {
 
 #[test]
 fn a_silent_peer_fails_the_collective_instead_of_hanging() {
-    let mut ring = local_ring(2, "t", Duration::from_millis(300)).unwrap();
+    // Set up with room to spare (a loaded machine may take longer than the collective's timeout
+    // to connect), then give the links the short timeout the test is about.
+    let mut ring = local_ring(2, "t", Duration::from_secs(30)).unwrap();
     let _silent = ring.pop().unwrap();
     let mut member = ring.pop().unwrap();
+    for stream in [&member.next, &member.prev].into_iter().flatten() {
+        stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
     let started = Instant::now();
     let mut data = vec![1.0f32; 10];
     let error = member.all_reduce_sum(&mut data).unwrap_err();
