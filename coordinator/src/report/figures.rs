@@ -67,8 +67,8 @@ fn bounds(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 }
 
 /// Lines of named series, each (epoch, value) pairs.
-fn lines_into(
-    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+fn lines_into<'b>(
+    area: &DrawingArea<BitMapBackend<'b>, Shift>,
     title: &str,
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
@@ -86,19 +86,32 @@ fn lines_into(
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .x_label_formatter(&|epoch| format!("{epoch:.0}"))
         .y_desc(y_label)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
         .draw()
         .map_err(draw_error)?;
     for (index, (name, points)) in series.iter().enumerate() {
-        let color = COLORS[index % COLORS.len()];
+        let (color, triangles) = line_style(index, series.len());
+        let width = if color == BLACK { 3 } else { 2 };
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(width)))
             .map_err(draw_error)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(draw_error)?;
+            .legend(move |(x, y)| {
+                let marker: DynElement<'static, BitMapBackend<'b>, (i32, i32)> = if triangles {
+                    TriangleMarker::new((x + 9, y), 4, color.filled()).into_dyn()
+                } else {
+                    Circle::new((x + 9, y), 3, color.filled()).into_dyn()
+                };
+                EmptyElement::at((0, 0)) + PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(width)) + marker
+            });
+        if triangles {
+            chart.draw_series(points.iter().map(|&p| TriangleMarker::new(p, 4, color.filled()))).map_err(draw_error)?;
+        } else {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(draw_error)?;
+        }
     }
     chart
         .configure_series_labels()
@@ -108,6 +121,19 @@ fn lines_into(
         .draw()
         .map_err(draw_error)?;
     Ok(())
+}
+
+/// The colour of line `index` of `count`, and whether its points are triangles (not circles).
+/// With more lines than colours, the first (a mean or total) is black and thicker, and the
+/// lines past the tenth colour repeat the colours with triangles, so no two lines look alike.
+fn line_style(index: usize, count: usize) -> (RGBColor, bool) {
+    if count <= COLORS.len() {
+        return (COLORS[index], false);
+    }
+    match index {
+        0 => (BLACK, false),
+        _ => (COLORS[(index - 1) % COLORS.len()], index > COLORS.len()),
+    }
 }
 
 /// A line chart of named series.
@@ -228,4 +254,23 @@ pub fn bars(path: &Path, title: &str, values: &[f32]) -> Result<(), ReportError>
         }))
         .map_err(draw_error)?;
     root.present().map_err(draw_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fig. 8 draws 13 lines (mean, 2 levels, 10 classes) and fig. 9 eleven (all, 10 digits):
+    /// each must look unlike every other, and up to ten keep the plain colours.
+    #[test]
+    fn no_two_lines_of_a_chart_look_alike() {
+        for count in [1, 10, 11, 13, 21] {
+            let styles: Vec<((u8, u8, u8), bool)> =
+                (0..count).map(|index| line_style(index, count)).map(|(color, triangles)| (color.rgb(), triangles)).collect();
+            let distinct: std::collections::BTreeSet<_> = styles.iter().collect();
+            assert_eq!(distinct.len(), count, "{count} lines: {styles:?}");
+        }
+        assert_eq!(line_style(3, 10), (COLORS[3], false));
+        assert_eq!(line_style(0, 11).0, BLACK);
+    }
 }
