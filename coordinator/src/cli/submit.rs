@@ -380,6 +380,24 @@ mod tests {
         path
     }
 
+    /// Every shipped sweep file is valid as it stands (their data may still need writing:
+    /// `make stand-in`).
+    #[test]
+    fn every_shipped_example_parses() {
+        let examples: Vec<PathBuf> = std::fs::read_dir(repo_root().join("examples"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        assert!(examples.len() >= 7, "{examples:?}");
+        for path in examples {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if let Err(error) = SweepFile::parse(&text, &path.display().to_string()) {
+                panic!("{error}");
+            }
+        }
+    }
+
     #[test]
     fn the_shipped_wgan_example_reads_without_a_warning() {
         let sweep = read(&repo_root().join("examples/seed-wgan.toml")).unwrap();
