@@ -37,8 +37,8 @@ pub fn base(sweep: &SweepFile, cv: &CvSection) -> TrainingConfig {
     TrainingConfig { lr: cv.lr, weight_decay: cv.weight_decay, batch_size: cv.batch_size, epochs: cv.epochs, ..sweep.training_base() }
 }
 
-/// Every config of the stage's search (the hyperparameters it sets, on [`base`]), in a stable order (grid: the axes as written, the first
-/// axis outermost; random: draw order).
+/// Every config of the stage's search (the hyperparameters it sets, on [`base`]), in a stable
+/// order (grid: the axes as written, the first axis outermost; random: draw order).
 pub fn configs(sweep: &SweepFile, cv: &CvSection) -> Vec<TrainingConfig> {
     expand(base(sweep, cv), sweep.seed, &cv.grid, cv.random.as_ref())
 }
