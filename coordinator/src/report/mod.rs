@@ -200,6 +200,18 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
     std::fs::create_dir_all(out).map_err(io_error(out))?;
     let mut drawn: Vec<Figure> = Vec::new();
     let series = |stage: &str, key: &str| input.series.get(&(stage.to_string(), key.to_string())).cloned();
+    // A training metric as lines: its overall series (named `overall`), then every `{key}_{part}`
+    // series by part (per level, per class): figs. 8 and 9.
+    let with_parts = |key: &str, overall: &str| {
+        let mut lines = vec![(overall.to_string(), series("train", key)?)];
+        let prefix = format!("{key}_");
+        for ((stage, name), points) in &input.series {
+            if let Some(part) = name.strip_prefix(&prefix).filter(|_| stage == "train") {
+                lines.push((part.to_string(), points.clone()));
+            }
+        }
+        Some(lines)
+    };
 
     if let Some(test_mse) = series("final", "test_mse") {
         let file = "fig1-test-mse.png";
@@ -292,24 +304,12 @@ pub fn render(input: &ReportInput, out: &Path) -> Result<Vec<Figure>, ReportErro
             }
         }
     }
-    if let Some(swd) = series("train", "swd") {
-        let mut lines = vec![("mean".to_string(), swd)];
-        for ((stage, key), points) in &input.series {
-            if stage == "train" && key.starts_with("swd_") {
-                lines.push((key.trim_start_matches("swd_").to_string(), points.clone()));
-            }
-        }
+    if let Some(lines) = with_parts("swd", "mean") {
         let file = "fig8-swd.png";
         figures::line_chart(&out.join(file), "Fig. 8: sliced Wasserstein distance to the test set", "SWD", &lines)?;
         drawn.push((file.into(), "Fig. 8: sliced Wasserstein distance between generated and test images, per pyramid level (by resolution), per class (classN) and their mean".into()));
     }
-    if let Some(accuracy) = series("train", "class_accuracy") {
-        let mut lines = vec![("all".to_string(), accuracy)];
-        for ((stage, key), points) in &input.series {
-            if stage == "train" && key.starts_with("class_accuracy_") {
-                lines.push((key.trim_start_matches("class_accuracy_").to_string(), points.clone()));
-            }
-        }
+    if let Some(lines) = with_parts("class_accuracy", "all") {
         let file = "fig9-class-accuracy.png";
         figures::line_chart(&out.join(file), "Fig. 9: class accuracy of generated samples under the judge classifier", "accuracy", &lines)?;
         drawn.push((file.into(), "Fig. 9: the fraction of samples generated for a class that the judge classifier ([train] judge) assigns to it, per class (by digit) and over all".into()));
