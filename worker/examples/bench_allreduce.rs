@@ -1,6 +1,8 @@
-//! Benchmark: all-reduce time of the TCP ring backend ([`RingCommunicator`]), one rank per
-//! process, so that `tools/bench/allreduce.py` can compare it with `torch.distributed`'s gloo
-//! backend (tools/reference/allreduce_gloo.py) on the same sizes and ranks. Two anchors:
+//! Benchmark: all-reduce time of the CPU gang communicator ([`RingCommunicator`]: shared memory
+//! between ranks on one host, the TCP ring otherwise), one rank per process, so that
+//! `tools/bench/allreduce.py` can compare it with `torch.distributed`'s gloo backend
+//! (tools/reference/allreduce_gloo.py) on the same sizes and ranks. `--tcp` forces the TCP ring
+//! ([`TcpRing`]) whatever the topology, so that both paths are measured side by side. Two anchors:
 //! `--memcpy` times an in-process copy of the same bytes, and `--link` times the ring's traffic
 //! alone — every rank streams the bytes a ring all-reduce sends, size × 2(n−1)/n, to its successor
 //! while receiving as much from its predecessor over plain TCP, with nothing reduced and no steps —
@@ -8,14 +10,15 @@
 //!
 //! Every rank is started as its own process with the same peer list; each binds its listener on
 //! its own entry of `--peers`. Rank 0 (or the single `--memcpy` process) prints one JSON object on
-//! stdout: `{"world": N, "results": [{"bytes": B, "seconds": [t, …]}, …]}` with one wall time per
-//! timed iteration. Each size is timed `--iters` times, or more for small sizes, so that every
-//! size moves at least `--budget-mib` MiB. Each all-reduce result is checked against the exact sum
+//! stdout: `{"world": N, "path": P, "results": [{"bytes": B, "seconds": [t, …]}, …]}` with one
+//! wall time per timed iteration (P: "shm" or "tcp", the path the gang took; "link", "memcpy").
+//! Each size is timed `--iters` times, or more for small sizes, so that every size moves at least
+//! `--budget-mib` MiB. Each all-reduce result is checked against the exact sum
 //! (the data are integer-valued floats, so every partial sum is exact); a wrong sum ends the
 //! process with an error.
 //!
 //! ```text
-//! bench_allreduce --rank R --peers 127.0.0.1:P0,127.0.0.1:P1 [--secret S] [--link]
+//! bench_allreduce --rank R --peers 127.0.0.1:P0,127.0.0.1:P1 [--secret S] [--tcp | --link]
 //!                 [--sizes-mib 1,4,64] [--warmup 1] [--iters 5] [--budget-mib 64]
 //! bench_allreduce --memcpy [--sizes-mib 1,4,64] [--warmup 1] [--iters 5] [--budget-mib 64]
 //! ```
@@ -25,13 +28,13 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cohort_worker::collective::ring::RingCommunicator;
+use cohort_worker::collective::ring::{RingCommunicator, TcpRing};
 use cohort_worker::collective::{Communicator, GangSettings};
 
 /// What one invocation measures.
 enum Mode {
-    /// One rank of a ring: its rank and every member's address.
-    Ring { rank: usize, peers: Vec<String>, secret: String },
+    /// One rank of a gang: its rank, every member's address, and whether to force the TCP ring.
+    Ring { rank: usize, peers: Vec<String>, secret: String, tcp: bool },
     /// One rank of the ring's traffic over plain TCP links, without the all-reduce.
     Link { rank: usize, peers: Vec<String> },
     /// An in-process copy of each size.
@@ -60,6 +63,7 @@ fn parse_options() -> Result<Options> {
     let mut secret = "bench".to_string();
     let mut memcpy = false;
     let mut link = false;
+    let mut tcp = false;
     let mut sizes_mib = vec![1, 2, 4, 8, 16, 32, 64];
     let mut warmup = 1;
     let mut iters = 5;
@@ -72,6 +76,10 @@ fn parse_options() -> Result<Options> {
         }
         if flag == "--link" {
             link = true;
+            continue;
+        }
+        if flag == "--tcp" {
+            tcp = true;
             continue;
         }
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
@@ -96,7 +104,7 @@ fn parse_options() -> Result<Options> {
     };
     ensure!(peers.len() >= 2, "a ring needs at least 2 peers");
     ensure!(rank < peers.len(), "rank {rank} is not below the world size {}", peers.len());
-    let mode = if link { Mode::Link { rank, peers } } else { Mode::Ring { rank, peers, secret } };
+    let mode = if link { Mode::Link { rank, peers } } else { Mode::Ring { rank, peers, secret, tcp } };
     Ok(Options { mode, sizes_mib, warmup, iters, budget_mib })
 }
 
@@ -116,13 +124,24 @@ fn expected_sum(world: usize, len: usize) -> Vec<f32> {
     sum
 }
 
+/// The path the gang's collectives took, for the output.
+type Path = &'static str;
+
+/// For each size in bytes, the seconds of every timed iteration.
+type Timings = Vec<(usize, Vec<f64>)>;
+
 /// One rank's all-reduce timings: for each size, `warmup` untimed then [`Options::iterations`]
 /// timed all-reduces, each preceded by a one-element all-reduce so that the ranks start together.
-fn run_ring(rank: usize, peers: Vec<String>, secret: String, options: &Options) -> Result<Vec<(usize, Vec<f64>)>> {
+fn run_ring(rank: usize, peers: Vec<String>, secret: String, tcp: bool, options: &Options) -> Result<(Path, Timings)> {
     let listener = TcpListener::bind(&peers[rank]).with_context(|| format!("bind {}", peers[rank]))?;
     let world = peers.len();
     let settings = GangSettings { rank, peers, secret, timeout: Duration::from_secs(60) };
-    let mut ring = RingCommunicator::connect(listener, &settings)?;
+    let (path, mut ring): (Path, Box<dyn Communicator>) = if tcp {
+        ("tcp", Box::new(TcpRing::connect(&listener, &settings)?))
+    } else {
+        let gang = RingCommunicator::connect(listener, &settings)?;
+        (if gang.uses_shared_memory() { "shm" } else { "tcp" }, Box::new(gang))
+    };
     let mut results = Vec::new();
     for &mib in &options.sizes_mib {
         let len = mib * (1 << 20) / std::mem::size_of::<f32>();
@@ -145,7 +164,7 @@ fn run_ring(rank: usize, peers: Vec<String>, secret: String, options: &Options) 
         }
         results.push((mib << 20, seconds));
     }
-    Ok(results)
+    Ok((path, results))
 }
 
 /// Times `copy_from_slice` of each size between two buffers (already written, so no page faults).
@@ -222,7 +241,7 @@ fn run_link(rank: usize, peers: &[String], options: &Options) -> Result<Vec<(usi
 }
 
 /// The result object without a JSON dependency.
-fn to_json(world: usize, results: &[(usize, Vec<f64>)]) -> String {
+fn to_json(world: usize, path: Path, results: &[(usize, Vec<f64>)]) -> String {
     let entries: Vec<String> = results
         .iter()
         .map(|(bytes, seconds)| {
@@ -230,23 +249,23 @@ fn to_json(world: usize, results: &[(usize, Vec<f64>)]) -> String {
             format!("{{\"bytes\": {bytes}, \"seconds\": [{}]}}", times.join(", "))
         })
         .collect();
-    format!("{{\"world\": {world}, \"results\": [{}]}}", entries.join(", "))
+    format!("{{\"world\": {world}, \"path\": \"{path}\", \"results\": [{}]}}", entries.join(", "))
 }
 
 fn main() -> Result<()> {
     let options = parse_options()?;
     match &options.mode {
-        Mode::Memcpy => println!("{}", to_json(1, &run_memcpy(&options))),
-        Mode::Ring { rank, peers, secret } => {
-            let results = run_ring(*rank, peers.clone(), secret.clone(), &options)?;
+        Mode::Memcpy => println!("{}", to_json(1, "memcpy", &run_memcpy(&options))),
+        Mode::Ring { rank, peers, secret, tcp } => {
+            let (path, results) = run_ring(*rank, peers.clone(), secret.clone(), *tcp, &options)?;
             if *rank == 0 {
-                println!("{}", to_json(peers.len(), &results));
+                println!("{}", to_json(peers.len(), path, &results));
             }
         }
         Mode::Link { rank, peers } => {
             let results = run_link(*rank, peers, &options)?;
             if *rank == 0 {
-                println!("{}", to_json(peers.len(), &results));
+                println!("{}", to_json(peers.len(), "link", &results));
             }
         }
     }

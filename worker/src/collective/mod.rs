@@ -1,10 +1,15 @@
 //! Collective communication between the replicas of a data-parallel gang.
 //!
-//! [`Communicator`] is what training code sees; [`ring::RingCommunicator`] implements it over
-//! TCP (the default on CPU workers).
+//! [`Communicator`] is what training code sees. On CPU workers [`ring::RingCommunicator`]
+//! implements it: through shared memory between ranks on one host ([`shm`]), over a TCP ring
+//! ([`ring`]) between hosts, hierarchically when both occur ([`hierarchical`]); it picks its path
+//! from the gang's addresses ([`topology`]). [`nccl`] reduces on GPUs.
 
+pub mod hierarchical;
 pub mod nccl;
 pub mod ring;
+pub mod shm;
+pub mod topology;
 
 use std::time::Duration;
 
@@ -81,7 +86,7 @@ fn write_back(tensor: &mut Tensor, values: &[f32]) {
 /// Which collective backend a gang uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// Ring all-reduce over TCP (host memory).
+    /// Host memory: shared memory within a host, a TCP ring across hosts ([`ring::RingCommunicator`]).
     Ring,
     /// NCCL on the GPUs.
     Nccl,

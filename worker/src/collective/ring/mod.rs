@@ -10,6 +10,10 @@
 //!
 //! Setting up the ring's links, and keeping strangers out of them, is the `setup` module's part;
 //! the links then carry only the collectives.
+//!
+//! [`TcpRing`] is the ring alone. Gangs use [`RingCommunicator`] (the `hierarchical` module),
+//! which sets up a [`TcpRing`] first and then, where ranks share a host, moves their traffic to
+//! shared memory.
 
 mod setup;
 #[cfg(test)]
@@ -21,15 +25,16 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
 use super::{CollectiveError, Communicator, GangSettings};
+pub use crate::collective::hierarchical::RingCommunicator;
 pub use setup::{HANDSHAKE_READ_TIMEOUT, MAX_PENDING_HANDSHAKES};
 
 /// Floats per pipelined segment (256 KiB): the unit the send thread forwards, and the scratch
 /// buffer the reduce-scatter receives into (small enough to stay in cache).
 pub const SEGMENT_FLOATS: usize = 64 * 1024;
 
-/// A rank's two ring links.
+/// A rank's two ring links: the ring all-reduce over TCP, whatever the topology.
 #[derive(Debug)]
-pub struct RingCommunicator {
+pub struct TcpRing {
     rank: usize,
     world: usize,
     /// To rank + 1.
@@ -88,14 +93,25 @@ fn as_bytes_mut(data: &mut [f32]) -> &mut [u8] {
 }
 
 /// The bounds of chunk `index` when `len` elements are cut into `parts` chunks differing by at most one.
-fn chunk(len: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
+pub(crate) fn chunk(len: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
     let base = len / parts;
     let extra = len % parts;
     let start = index * base + index.min(extra);
     start..start + base + usize::from(index < extra)
 }
 
-impl Communicator for RingCommunicator {
+impl TcpRing {
+    /// Gives both links a new read and write timeout (tests of silent peers).
+    #[cfg(test)]
+    pub(crate) fn set_timeout(&self, timeout: Duration) {
+        for stream in [&self.next, &self.prev].into_iter().flatten() {
+            stream.set_read_timeout(Some(timeout)).unwrap();
+            stream.set_write_timeout(Some(timeout)).unwrap();
+        }
+    }
+}
+
+impl Communicator for TcpRing {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -196,10 +212,28 @@ impl Communicator for RingCommunicator {
     }
 }
 
-/// Starts a ring of `world` ranks in this process on loopback (tests and benchmarks).
+/// Starts a gang of `world` ranks in this process on loopback, each with the communicator a gang
+/// gets ([`RingCommunicator`]: shared memory, as they share a host); tests and benchmarks.
 pub fn local_ring(world: usize, secret: &str, timeout: Duration) -> Result<Vec<RingCommunicator>, CollectiveError> {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
+    local_gang(&vec!["127.0.0.1"; world], secret, timeout, RingCommunicator::connect)
+}
+
+/// Starts a [`TcpRing`] of `world` ranks in this process on loopback (tests and benchmarks).
+pub fn local_tcp_ring(world: usize, secret: &str, timeout: Duration) -> Result<Vec<TcpRing>, CollectiveError> {
+    local_gang(&vec!["127.0.0.1"; world], secret, timeout, |listener, settings| TcpRing::connect(&listener, settings))
+}
+
+/// Starts one rank per entry of `hosts` (a loopback IP each: 127.0.0.1, 127.0.0.2, … act as
+/// separate hosts) in this process, each on its own thread, through `connect`.
+pub fn local_gang<C: Send>(
+    hosts: &[&str],
+    secret: &str,
+    timeout: Duration,
+    connect: impl Fn(TcpListener, &GangSettings) -> Result<C, CollectiveError> + Sync,
+) -> Result<Vec<C>, CollectiveError> {
+    let listeners: Vec<TcpListener> = hosts
+        .iter()
+        .map(|host| TcpListener::bind((*host, 0)))
         .collect::<Result<_, _>>()
         .map_err(|e| CollectiveError::Setup(format!("bind: {e}")))?;
     let peers: Vec<String> = listeners
@@ -207,15 +241,16 @@ pub fn local_ring(world: usize, secret: &str, timeout: Duration) -> Result<Vec<R
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<Result<_, _>>()
         .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+    let connect = &connect;
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let settings = GangSettings { rank, peers: peers.clone(), secret: secret.to_string(), timeout };
-                scope.spawn(move || RingCommunicator::connect(listener, &settings))
+                scope.spawn(move || connect(listener, &settings))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("ring member")).collect()
+        handles.into_iter().map(|h| h.join().expect("gang member")).collect()
     })
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{peer_error, RingCommunicator};
+use super::{peer_error, TcpRing};
 use crate::collective::{CollectiveError, GangSettings};
 
 /// Opens every handshake. Version 02 added the [`ACCEPTED`] answer: a rank of an older build is
@@ -154,18 +154,18 @@ fn resolve(address: &str) -> Result<SocketAddr, CollectiveError> {
         .ok_or_else(|| CollectiveError::Setup(format!("{address} resolves to nothing")))
 }
 
-impl RingCommunicator {
+impl TcpRing {
     /// Joins the ring: accepts the predecessor's connection on `listener` (already bound to this
     /// rank's advertised address) while connecting to the successor, retrying until `timeout`.
-    /// Cannot be interrupted; training code should use [`RingCommunicator::connect_with_stop`].
-    pub fn connect(listener: TcpListener, settings: &GangSettings) -> Result<Self, CollectiveError> {
+    /// Cannot be interrupted; training code should use [`TcpRing::connect_with_stop`].
+    pub fn connect(listener: &TcpListener, settings: &GangSettings) -> Result<Self, CollectiveError> {
         Self::connect_with_stop(listener, settings, &AtomicBool::new(false))
     }
 
-    /// [`RingCommunicator::connect`] that gives up with [`CollectiveError::Stopped`] soon after
+    /// [`TcpRing::connect`] that gives up with [`CollectiveError::Stopped`] soon after
     /// `stop` is set (within [`POLL_INTERVAL`], or [`CONNECT_ATTEMPT_TIMEOUT`] while a connection
     /// attempt to an unresponsive successor host is under way).
-    pub fn connect_with_stop(listener: TcpListener, settings: &GangSettings, stop: &AtomicBool) -> Result<Self, CollectiveError> {
+    pub fn connect_with_stop(listener: &TcpListener, settings: &GangSettings, stop: &AtomicBool) -> Result<Self, CollectiveError> {
         let world = settings.peers.len();
         let rank = settings.rank;
         if world == 0 || rank >= world {
@@ -193,7 +193,7 @@ impl RingCommunicator {
                 }
                 connected
             });
-            let accepted = accept_predecessor(&listener, &expected, predecessor, deadline, &should_stop);
+            let accepted = accept_predecessor(listener, &expected, predecessor, deadline, &should_stop);
             if accepted.is_err() {
                 half_failed.store(true, Ordering::Relaxed);
             }

@@ -1,4 +1,4 @@
-//! The ring's tests: exact sums and broadcasts, and a setup that strangers cannot stall.
+//! The TCP ring's tests: exact sums and broadcasts, and a setup that strangers cannot stall.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -11,7 +11,7 @@ use super::setup::{accept_predecessor, connect_successor, handshake_bytes, read_
 use super::*;
 
 fn run_all_reduce(world: usize, len: usize) {
-    let ring = local_ring(world, "s3cret", Duration::from_secs(10)).unwrap();
+    let ring = local_tcp_ring(world, "s3cret", Duration::from_secs(10)).unwrap();
     // Integer-valued floats: every partial sum is exact, so the result must equal the exact sum.
     let inputs: Vec<Vec<f32>> = (0..world).map(|rank| (0..len).map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0).collect()).collect();
     let expected: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
@@ -50,7 +50,7 @@ fn one_ring_stays_exact_across_calls_of_changing_size() {
     // scratch buffer kept between calls must never leak values from an earlier call.
     let world = 3;
     let lengths = [world * SEGMENT_FLOATS * 2 + 5, 4, SEGMENT_FLOATS + 1, 1, world * SEGMENT_FLOATS * 3 - 1];
-    let ring = local_ring(world, "again", Duration::from_secs(10)).unwrap();
+    let ring = local_tcp_ring(world, "again", Duration::from_secs(10)).unwrap();
     std::thread::scope(|scope| {
         let handles: Vec<_> = ring
             .into_iter()
@@ -93,7 +93,7 @@ fn segments_cut_every_chunk_the_same_way_on_every_rank() {
 #[test]
 fn broadcast_copies_the_roots_buffer_everywhere() {
     for (world, root) in [(2, 0), (3, 2), (5, 1)] {
-        let ring = local_ring(world, "k", Duration::from_secs(10)).unwrap();
+        let ring = local_tcp_ring(world, "k", Duration::from_secs(10)).unwrap();
         let outputs: Vec<Vec<f32>> = std::thread::scope(|scope| {
             let handles: Vec<_> = ring
                 .into_iter()
@@ -171,15 +171,15 @@ fn loopback_listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
     (listeners, peers)
 }
 
-/// Every rank's [`RingCommunicator::connect_with_stop`], each on its own thread.
-fn form_ring(listeners: Vec<TcpListener>, peers: &[String], timeout: Duration, stop: &AtomicBool) -> Vec<RingCommunicator> {
+/// Every rank's [`TcpRing::connect_with_stop`], each on its own thread.
+fn form_ring(listeners: Vec<TcpListener>, peers: &[String], timeout: Duration, stop: &AtomicBool) -> Vec<TcpRing> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let settings = GangSettings { rank, peers: peers.to_vec(), secret: "gang-secret".into(), timeout };
-                scope.spawn(move || RingCommunicator::connect_with_stop(listener, &settings, stop))
+                scope.spawn(move || TcpRing::connect_with_stop(&listener, &settings, stop))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
@@ -187,7 +187,7 @@ fn form_ring(listeners: Vec<TcpListener>, peers: &[String], timeout: Duration, s
 }
 
 /// Checks that `ring` all-reduces a small buffer to its exact sum on every rank.
-fn assert_ring_sums(ring: Vec<RingCommunicator>) {
+fn assert_ring_sums(ring: Vec<TcpRing>) {
     let world = ring.len();
     let expected: Vec<f32> = (0..100).map(|i| (0..world).map(|rank| (i * (rank + 1)) as f32).sum()).collect();
     std::thread::scope(|scope| {
@@ -317,7 +317,7 @@ fn setup_stops_soon_after_the_stop_flag_is_set() {
     let stop = AtomicBool::new(false);
     let settings = GangSettings { rank: 0, peers, secret: "gang-secret".into(), timeout: Duration::from_secs(60) };
     std::thread::scope(|scope| {
-        let setup = scope.spawn(|| RingCommunicator::connect_with_stop(own, &settings, &stop));
+        let setup = scope.spawn(|| TcpRing::connect_with_stop(&own, &settings, &stop));
         // Rank 0's handshake has arrived: it now waits for the answer and for its predecessor.
         let mut link = accept_within(&successor, Duration::from_secs(30));
         assert_eq!(read_handshake(&mut link, &secret_digest(b"gang-secret"), Instant::now() + Duration::from_secs(30)).unwrap(), 0);
@@ -337,7 +337,7 @@ fn setup_fails_at_its_deadline_when_the_ring_never_closes() {
     let timeout = Duration::from_millis(300);
     let settings = GangSettings { rank: 0, peers, secret: "gang-secret".into(), timeout };
     let started = Instant::now();
-    let error = RingCommunicator::connect_with_stop(own, &settings, &AtomicBool::new(false)).unwrap_err();
+    let error = TcpRing::connect_with_stop(&own, &settings, &AtomicBool::new(false)).unwrap_err();
     assert!(matches!(error, CollectiveError::Peer { peer: 1, .. }), "{error}");
     assert!(started.elapsed() >= timeout);
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
@@ -400,7 +400,7 @@ fn a_connection_dropped_unanswered_is_retried_until_accepted() {
 fn a_silent_peer_fails_the_collective_instead_of_hanging() {
     // Set up with room to spare (a loaded machine may take longer than the collective's timeout
     // to connect), then give the links the short timeout the test is about.
-    let mut ring = local_ring(2, "t", Duration::from_secs(30)).unwrap();
+    let mut ring = local_tcp_ring(2, "t", Duration::from_secs(30)).unwrap();
     let _silent = ring.pop().unwrap();
     let mut member = ring.pop().unwrap();
     for stream in [&member.next, &member.prev].into_iter().flatten() {
