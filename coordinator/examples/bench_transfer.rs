@@ -6,11 +6,12 @@
 //!
 //! - the anchors: a read+write copy loop (1 MiB buffer) and `std::fs::copy` (on Linux an in-kernel
 //!   `copy_file_range`) of the same file into the same folder, each ending with an fsync;
-//! - an upload through the coordinator in each of its two forms, back to back: a hash pass
-//!   (`transfer::hash_file`) then `UploadBlob` of `transfer::file_chunks`, as `coordinator submit`
-//!   sends a dataset (and the worker sent checkpoints before); and one pass, `UploadBlob` of
-//!   `transfer::file_chunks_hash_at_end` (hashed while sent, the hash last), as the worker sends a
-//!   checkpoint. The coordinator verifies the hash and fsyncs the blob before it answers;
+//! - an upload through the coordinator in each of its two forms, back to back: one pass,
+//!   `UploadBlob` of `transfer::file_chunks_hash_at_end` (hashed while sent, the hash last), as the
+//!   worker sends a checkpoint and `coordinator submit` a dataset file its hash cache does not
+//!   know; and, as the "before" beside it, a hash pass (`transfer::hash_file`) then `UploadBlob` of
+//!   `transfer::file_chunks`, as both sent before. The coordinator verifies the hash and fsyncs the
+//!   blob before it answers;
 //! - a download with the same calls as the worker's blob cache and `coordinator download`:
 //!   `FetchBlob`/`DownloadBlob` into `transfer::receive_to_file`, which hashes, verifies and fsyncs.
 //!
@@ -18,6 +19,11 @@
 //! dataset) and down through the worker service (as a worker fetches it); the checkpoint-sized
 //! file goes up through the worker service and down through the client service. Every read comes
 //! from the page cache (each file was just written) and every write is fsynced, on both sides.
+//! Before each timed step that writes a file, an untimed scratch file of the same size is written
+//! and deleted ([`recycle_pages`]), so that every step writes into pages the system just freed.
+//! Without it the download, the one step that must grow the page cache (the source, the stored
+//! blob and the download are resident together), pays alone for bringing fresh pages into use,
+//! which on a virtual machine whose host takes freed memory back costs more than the copy itself.
 //!
 //! Prints one JSON line: per file, the median MB/s (10^6 bytes per second) of each measurement,
 //! the hash pass and the `UploadBlob` call of the upload apart, and the CPU seconds per GB that
@@ -68,6 +74,9 @@ struct Args {
     /// Parent of the temporary folder holding the files and the coordinator's data dir.
     #[arg(long)]
     temp_root: Option<PathBuf>,
+    /// Do not write and delete a scratch file before each timed step (see the module's notes).
+    #[arg(long)]
+    no_page_recycling: bool,
 }
 
 /// The coordinator under test and its data dir.
@@ -143,23 +152,13 @@ impl Route {
 /// How an upload names its blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Form {
-    /// A hash pass over the file, then the stream with the hash in its first chunk: how
-    /// `coordinator submit` sends a dataset (it needs the hashes first, to skip the files the
-    /// coordinator holds), and how the worker sent checkpoints before.
+    /// A hash pass over the file, then the stream with the hash in its first chunk: how both
+    /// `coordinator submit` and the worker sent files before (timed as the "before").
     HashFirst,
     /// One pass: the file hashed while it is sent, the hash in the stream's last chunk: how the
-    /// worker sends checkpoints and artifacts.
+    /// worker sends checkpoints and artifacts, and `coordinator submit` a file its hash cache
+    /// does not know (one it knows and the coordinator holds is not sent at all).
     HashAtEnd,
-}
-
-impl Route {
-    /// The form the route's real client uses.
-    fn client_form(self) -> Form {
-        match self {
-            Route::Dataset => Form::HashFirst,
-            Route::Checkpoint => Form::HashAtEnd,
-        }
-    }
 }
 
 /// Uploads `path` in `form` through the route's service, as the users' commands and the worker
@@ -223,6 +222,23 @@ fn fs_copy(source: &Path, destination: &Path) -> std::io::Result<()> {
     std::fs::File::open(destination)?.sync_all()
 }
 
+/// Writes and deletes an untimed scratch file of `bytes` in `folder`, so that the timed step after
+/// it writes into page-cache pages the system has just freed, as every other step does (see the
+/// module's notes).
+fn recycle_pages(folder: &Path, bytes: u64) -> std::io::Result<()> {
+    let path = folder.join("recycle.scratch");
+    let mut output = std::fs::File::create(&path)?;
+    let buffer = vec![0x5au8; COPY_BUFFER_BYTES];
+    let mut left = bytes;
+    while left > 0 {
+        let now = left.min(buffer.len() as u64) as usize;
+        output.write_all(&buffer[..now])?;
+        left -= now as u64;
+    }
+    drop(output);
+    std::fs::remove_file(&path)
+}
+
 /// Writes `bytes` random bytes to `path`, fsynced.
 fn write_random_file(path: &Path, bytes: u64) -> std::io::Result<()> {
     let mut output = std::fs::File::create(path)?;
@@ -269,9 +285,18 @@ struct Bench<'a> {
     client: &'a mut Client,
     worker: &'a mut Worker,
     folder: &'a Path,
+    recycle: bool,
 }
 
 impl Bench<'_> {
+    /// [`recycle_pages`] before a timed step writing `bytes`, unless turned off.
+    fn before_write(&self, bytes: u64) -> std::io::Result<()> {
+        if self.recycle {
+            recycle_pages(self.folder, bytes)?;
+        }
+        Ok(())
+    }
+
     /// Copies, hashes, uploads and downloads `source` once, timing each, and removes what it made.
     async fn round(&mut self, route: Route, source: &Path) -> anyhow::Result<Round> {
         let bytes = std::fs::metadata(source)?.len();
@@ -279,6 +304,7 @@ impl Bench<'_> {
         let downloaded = self.folder.join(format!("{}.downloaded", route.label()));
         let mut round = Round::default();
 
+        self.before_write(bytes)?;
         let cpu_before = cpu_seconds("self")?;
         let started = Instant::now();
         copy_loop(source, &copy)?;
@@ -286,6 +312,7 @@ impl Bench<'_> {
         round.copy_loop_cpu_seconds = cpu_seconds("self")? - cpu_before;
         std::fs::remove_file(&copy)?;
 
+        self.before_write(bytes)?;
         let started = Instant::now();
         fs_copy(source, &copy)?;
         round.fs_copy = megabytes_per_second(bytes, started.elapsed());
@@ -296,13 +323,14 @@ impl Bench<'_> {
         round.hash = megabytes_per_second(bytes, started.elapsed());
 
         // Both forms of the upload, back to back (the stored blob removed in between); the
-        // route's own client's form is the one reported as `upload`.
+        // clients' form now, hashed at the end, is the one reported as `upload`.
         let mut stored = None;
         for form in [Form::HashFirst, Form::HashAtEnd] {
             if let Some(blob) = stored.take() {
                 let blob: pb::BlobRef = blob;
                 std::fs::remove_file(self.coordinator.blob_path(&blob.sha256))?;
             }
+            self.before_write(bytes)?;
             let cpu_before = cpu_both(self.coordinator)?;
             let started = Instant::now();
             let (blob, call_started) = upload(route, form, self.client, self.worker, source)
@@ -314,7 +342,7 @@ impl Bench<'_> {
                 Form::HashFirst => round.upload_hash_first = rate,
                 Form::HashAtEnd => round.upload_hash_at_end = rate,
             }
-            if form == route.client_form() {
+            if form == Form::HashAtEnd {
                 round.upload = rate;
                 round.upload_call = megabytes_per_second(bytes, call_started.elapsed());
                 round.upload_cpu_seconds = cpu;
@@ -323,6 +351,7 @@ impl Bench<'_> {
         }
         let blob = stored.expect("uploaded");
 
+        self.before_write(bytes)?;
         let cpu_before = cpu_both(self.coordinator)?;
         let started = Instant::now();
         download(route, self.client, self.worker, &blob, &downloaded)
@@ -387,7 +416,8 @@ async fn main() -> anyhow::Result<()> {
     let mut client = client(&coordinator.connect_options(dir.path().join("client.token"))).await?;
     let mut worker = worker(&coordinator.connect_options(dir.path().join("worker.token"))).await?;
 
-    let mut bench = Bench { coordinator: &coordinator, client: &mut client, worker: &mut worker, folder: dir.path() };
+    let mut bench =
+        Bench { coordinator: &coordinator, client: &mut client, worker: &mut worker, folder: dir.path(), recycle: !args.no_page_recycling };
     let mut files = Vec::new();
     for (index, &mib) in args.sizes_mib.iter().enumerate() {
         let route = if index == 0 { Route::Checkpoint } else { Route::Dataset };
@@ -415,7 +445,13 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(coordinator);
     dir.close()?;
-    let summary = serde_json::json!({ "repetitions": args.repetitions, "auth": true, "tls": false, "files": files });
+    let summary = serde_json::json!({
+        "repetitions": args.repetitions,
+        "auth": true,
+        "tls": false,
+        "page_recycling": !args.no_page_recycling,
+        "files": files,
+    });
     println!("{summary}");
     Ok(())
 }

@@ -295,6 +295,9 @@ impl Cluster {
             .arg(token_file)
             .args(self.tls_args())
             .args(args)
+            // The client's per-user cache (`submit`'s file hashes) lives in the cluster's folder,
+            // not in the user's home.
+            .env("XDG_CACHE_HOME", self.dir.path().join("client-cache"))
             .output()
             .expect("run the coordinator client")
     }

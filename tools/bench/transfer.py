@@ -2,10 +2,13 @@
 bench_transfer.rs) against copying the same file on the same disk. The example starts the real
 `coordinator serve` (bearer tokens on, plain HTTP on loopback) on a temporary data dir, then for a
 checkpoint-sized and a dataset-sized file of random bytes alternates: a read+write copy loop and
-`std::fs::copy`, each fsynced; an upload (the client's hash pass, then UploadBlob, which the
-coordinator verifies and fsyncs); a download (FetchBlob/DownloadBlob into a verified, fsynced file).
-Each figure is the median over the repetitions, after one untimed round. Writes the section
-between the transfer markers of docs/performance.md.
+`std::fs::copy`, each fsynced; an upload in both forms (hashed while sent with the hash last, as
+the worker and `coordinator submit` send now; and the "before", a hash pass then UploadBlob), which
+the coordinator verifies and fsyncs; a download (FetchBlob/DownloadBlob into a verified, fsynced
+file). Before each timed step that writes a file, an untimed scratch file of its size is written
+and deleted, so every step writes into pages just freed. Each figure is the median over the
+repetitions, after one untimed round. Writes the section between the transfer markers of
+docs/performance.md.
 
 Run: make bench-transfer   (or .venv/bin/python tools/bench/transfer.py [--repetitions N]
 [--sizes-mib 64,256] [--print-only]; --print-only prints the table and leaves docs/performance.md alone)
@@ -23,6 +26,7 @@ def main():
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--sizes-mib", default="64,256", help="comma-separated; the first is the checkpoint-like file")
     parser.add_argument("--print-only", action="store_true")
+    parser.add_argument("--no-page-recycling", action="store_true", help="no scratch file before each timed step")
     args = parser.parse_args()
     command = [
         release_binary("examples", "bench_transfer"),
@@ -32,17 +36,20 @@ def main():
         str(args.repetitions),
         "--sizes-mib",
         args.sizes_mib,
-    ]
+    ] + (["--no-page-recycling"] if args.no_page_recycling else [])
     result = run_json(command, timeout=900)
     lines = [
         f"Measured by `make bench-transfer` (`tools/bench/transfer.py`) on {machine()}: `coordinator serve` "
         "as its own process with bearer tokens on, plain HTTP on loopback, data dir on the same file system "
         f"as the files; the median of {result['repetitions']} alternating repetitions of each, after one untimed round. MB/s = 10^6 B/s. "
-        "Upload = as the route's client sends it: a checkpoint as the worker does, hashed while sent with the hash in the stream's "
-        "last chunk; a dataset as `coordinator submit` does, a hash pass (it needs the hashes first, to skip files the coordinator "
-        "holds) and then UploadBlob; the coordinator verifies the hash and fsyncs before it answers. "
+        "Upload = as both clients send now: hashed while sent, the hash in the stream's last chunk (a checkpoint from the worker; "
+        "a dataset file from `coordinator submit` when its hash cache does not know the file; one it knows and the coordinator "
+        "holds is not sent at all); the coordinator verifies the hash and fsyncs before it answers. "
         "download = FetchBlob into a verified, fsynced file; the copies are fsynced too, and every read "
-        "comes from the page cache.",
+        "comes from the page cache. "
+        + ("Before each timed step that writes a file, an untimed scratch file of its size is written and deleted, so every "
+           "step writes into pages just freed (see the prose below)." if result.get("page_recycling") else
+           "No scratch file before the timed steps (`--no-page-recycling`)."),
         "",
         "| file | size | upload | download | read+write copy | upload / copy | download / copy | `std::fs::copy` |",
         "|---|---|---|---|---|---|---|---|",
@@ -73,8 +80,8 @@ def main():
             f"| {file['upload_hash_at_end_mb_s']:,.0f} MB/s ({file['upload_hash_at_end_mb_s'] / copy:.0%}) "
             f"| {file['upload_cpu_s_per_gb']:.2f} | {file['download_cpu_s_per_gb']:.2f} | {file['copy_loop_cpu_s_per_gb']:.2f} |"
         )
-    lines += ["", "Both upload forms are timed in every repetition, back to back, through the route's service: hash first is the "
-              "form every upload had before the worker's moved to hashing at the end."]
+    lines += ["", "Both upload forms are timed in every repetition, back to back, through the route's service: hash first "
+              "(a hash pass, then the stream) is how both clients sent before, kept as the \"before\"."]
     lines.append("")
     if missed:
         lines.append(f"Target (≥ {TARGET_RATIO:.0%} of the read+write copy) missed at: {'; '.join(missed)}.")

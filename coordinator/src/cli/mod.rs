@@ -2,6 +2,7 @@
 
 pub mod follow;
 pub mod generate;
+pub mod hash_cache;
 pub mod local;
 pub mod logs;
 pub mod report;

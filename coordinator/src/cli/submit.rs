@@ -1,7 +1,14 @@
 //! `coordinator submit`: validate a sweep file, upload its dataset, register it.
+//!
+//! Each file is sent hashed while it streams, the hash in the stream's last chunk, which the
+//! coordinator verifies before the blob appears: one pass over the file. A file this machine sent
+//! before, unchanged since ([`super::hash_cache`]), is named by its cached hash and asked about
+//! with `HasBlobs` first, so a re-submitted dataset the coordinator holds is not sent again.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use cohort_coordinator::convert;
@@ -13,6 +20,8 @@ use cohort_coordinator::sweep::SweepFile;
 use cohort_proto::task::MalformedTask;
 use cohort_proto::transfer;
 use cohort_proto::v1 as pb;
+
+use super::hash_cache::{self, FileStamp, HashCache};
 
 /// A sweep file read and checked locally.
 #[derive(Debug)]
@@ -258,33 +267,90 @@ fn list_files(folder: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> 
     Ok(())
 }
 
+/// What [`upload_dataset`] did with the files.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UploadCounts {
+    /// Files sent.
+    pub sent: usize,
+    /// Files named by their cached hash and not sent: the coordinator held them.
+    pub skipped: usize,
+}
+
 /// Uploads the files the coordinator lacks; returns every file as a dataset entry.
-async fn upload_dataset(client: &mut super::Client, files: &[(String, PathBuf)]) -> anyhow::Result<Vec<pb::DatasetFile>> {
-    let mut entries = Vec::with_capacity(files.len());
-    for (name, path) in files {
-        let blob = transfer::hash_file(path).await?;
-        entries.push((name.clone(), path.clone(), blob));
+///
+/// Files `cache` knows, unchanged, are asked about in one `HasBlobs` call and not sent when the
+/// coordinator holds them; every other file is sent hashed while it streams and, once stored,
+/// recorded in `cache` (the caller saves it).
+async fn upload_dataset(
+    client: &mut super::Client,
+    files: &[(String, PathBuf)],
+    cache: &mut HashCache,
+) -> anyhow::Result<(Vec<pb::DatasetFile>, UploadCounts)> {
+    let mut known = Vec::with_capacity(files.len());
+    for (_, path) in files {
+        let stamp = FileStamp::of(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cached = cache.lookup(path, &stamp);
+        known.push((stamp, cached));
     }
-    let wanted = entries.iter().map(|(_, _, blob)| blob.sha256.clone()).collect();
-    let present = client.has_blobs(pb::HasBlobsRequest { sha256: wanted }).await.map_err(super::rpc_error)?.into_inner().present;
-    for (name, path, blob) in &entries {
-        if present.contains(&blob.sha256) {
+    let wanted: Vec<String> = known.iter().filter_map(|(_, cached)| cached.as_ref().map(|blob| blob.sha256.clone())).collect();
+    let present: HashSet<String> = match wanted.is_empty() {
+        true => HashSet::new(),
+        false => client
+            .has_blobs(pb::HasBlobsRequest { sha256: wanted })
+            .await
+            .map_err(super::rpc_error)?
+            .into_inner()
+            .present
+            .into_iter()
+            .collect(),
+    };
+    let mut counts = UploadCounts::default();
+    let mut entries = Vec::with_capacity(files.len());
+    for ((name, path), (stamp, cached)) in files.iter().zip(known) {
+        if let Some(blob) = cached.filter(|blob| present.contains(&blob.sha256)) {
+            tracing::debug!(file = %name, sha256 = %blob.sha256, "held by the coordinator, not sent");
+            counts.skipped += 1;
+            entries.push(pb::DatasetFile { name: name.clone(), blob: Some(blob) });
             continue;
         }
-        client
-            .upload_blob(transfer::file_chunks(path.clone(), blob.clone()))
-            .await
-            .map_err(super::rpc_error)
-            .with_context(|| format!("uploading {name}"))?;
+        // Taken before the file is opened: a write after it cannot share the cached stamp.
+        let started = SystemTime::now();
+        let blob = upload_file(client, path).await.with_context(|| format!("uploading {name}"))?;
+        if let Ok(after) = FileStamp::of(path) {
+            cache.record(path, &stamp, &after, &blob, started);
+        }
         tracing::info!(file = %name, bytes = blob.size, "uploaded");
+        counts.sent += 1;
+        entries.push(pb::DatasetFile { name: name.clone(), blob: Some(blob) });
     }
-    Ok(entries.into_iter().map(|(name, _, blob)| pb::DatasetFile { name, blob: Some(blob) }).collect())
+    Ok((entries, counts))
+}
+
+/// Sends one file hashed while it streams; returns the blob it was, as this side hashed it and
+/// the coordinator stored it.
+async fn upload_file(client: &mut super::Client, path: &Path) -> anyhow::Result<pb::BlobRef> {
+    let (chunks, sent) = transfer::file_chunks_hash_at_end_reporting(path.to_path_buf());
+    let answer = client.upload_blob(chunks).await.map_err(super::rpc_error)?.into_inner();
+    let sent = sent.await.with_context(|| format!("{} changed or could not be read while it was sent", path.display()))?;
+    if answer.blob.as_ref() != Some(&sent) {
+        bail!("the coordinator answered {:?} for the blob sent as {sent:?}", answer.blob);
+    }
+    Ok(sent)
 }
 
 /// Submits (or with `dry_run`, plans) the sweep; returns the response.
 pub async fn submit(client: &mut super::Client, sweep: &LocalSweep, dry_run: bool) -> anyhow::Result<pb::SubmitSweepResponse> {
-    let dataset_files = upload_dataset(client, &sweep.dataset_files).await?;
-    let command_files = upload_dataset(client, &sweep.command_files).await?;
+    let mut cache = HashCache::load(hash_cache::default_path(), hash_cache::SETTLE);
+    let uploaded = upload_dataset(client, &sweep.dataset_files, &mut cache).await;
+    let uploaded = match uploaded {
+        Ok((dataset_files, _)) => upload_dataset(client, &sweep.command_files, &mut cache).await.map(|(files, _)| (dataset_files, files)),
+        Err(error) => Err(error),
+    };
+    // What was sent before a failure is stored on the coordinator: worth remembering either way.
+    if let Err(error) = cache.save() {
+        tracing::warn!(%error, "cannot save the hash cache; the next submit sends these files again");
+    }
+    let (dataset_files, command_files) = uploaded?;
     let request = pb::SubmitSweepRequest {
         source: sweep.source.clone(),
         source_name: sweep.source_name.clone(),
@@ -459,6 +525,91 @@ mod tests {
         assert_eq!(plan.stages[0].trials, 32);
         assert_eq!(plan.planned.len(), 32);
         assert!(plan.sweep_id.is_empty());
+    }
+
+    /// A coordinator serving in this process on `dir`, and a client of it; the server stops
+    /// when the returned sender is dropped.
+    async fn serve_in_process(dir: &Path) -> (crate::cli::Client, tokio::sync::oneshot::Sender<()>) {
+        use cohort_coordinator::auth::Tokens;
+        use cohort_coordinator::core::CoreConfig;
+        use cohort_coordinator::scheduler::Timeouts;
+        use cohort_coordinator::server::{BoundServer, Security, DEFAULT_MAX_MESSAGE_BYTES};
+        std::fs::write(dir.join("client.token"), "client-token\n").unwrap();
+        let security =
+            Security { tokens: Tokens::new("client-token", "worker-token"), tls: None, max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES };
+        let config = CoreConfig { data_dir: dir.join("coordinator"), timeouts: Timeouts::default(), limits: Limits::default() };
+        let server = BoundServer::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), &config, security).await.unwrap();
+        let url = format!("http://{}", server.local_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        let options = cohort_proto::auth::ConnectOptions { url, token_file: Some(dir.join("client.token")), tls_ca: None };
+        (crate::cli::connect(&options).await.unwrap(), stop)
+    }
+
+    /// Every blob file the in-process coordinator stores.
+    fn stored_blobs(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("coordinator/blobs"))
+            .map(|prefixes| {
+                prefixes.flatten().filter(|p| p.path().is_dir()).flat_map(|p| std::fs::read_dir(p.path()).unwrap().flatten()).collect()
+            })
+            .unwrap_or_else(|_| Vec::new())
+            .into_iter()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A first submit sends every file (hashed while sent) and caches their hashes; a re-submit
+    /// sends none; a file changed since, or one the coordinator no longer holds, is sent again,
+    /// and the dataset names what was sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resubmitted_files_are_sent_only_when_changed_or_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, _stop) = serve_in_process(dir.path()).await;
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let big: Vec<u8> = (0..2 * cohort_proto::BLOB_CHUNK_BYTES + 5).map(|i| (i % 241) as u8).collect();
+        std::fs::write(data.join("big.bin"), &big).unwrap();
+        std::fs::write(data.join("small.txt"), b"labels").unwrap();
+        let files = vec![("big.bin".to_string(), data.join("big.bin")), ("small.txt".to_string(), data.join("small.txt"))];
+        // No settling time here: the files are written just before; `SETTLE` is tested apart.
+        let cache_file = dir.path().join("cache/file-hashes.json");
+        let mut cache = HashCache::load(Some(cache_file.clone()), std::time::Duration::ZERO);
+
+        let (first, counts) = upload_dataset(&mut client, &files, &mut cache).await.unwrap();
+        assert_eq!(counts, UploadCounts { sent: 2, skipped: 0 });
+        let hashes: Vec<String> = first.iter().map(|f| f.blob.as_ref().unwrap().sha256.clone()).collect();
+        for (file, (_, path)) in first.iter().zip(&files) {
+            assert_eq!(file.blob.as_ref(), Some(&transfer::hash_file(path).await.unwrap()), "{}", file.name);
+        }
+        let mut sorted = hashes.clone();
+        sorted.sort();
+        assert_eq!(stored_blobs(dir.path()), sorted);
+        cache.save().unwrap();
+
+        // Again, with the cache as saved: nothing is sent, the same blobs are named.
+        let mut cache = HashCache::load(Some(cache_file.clone()), std::time::Duration::ZERO);
+        let (again, counts) = upload_dataset(&mut client, &files, &mut cache).await.unwrap();
+        assert_eq!(counts, UploadCounts { sent: 0, skipped: 2 });
+        assert_eq!(again, first);
+
+        // One file changed (same size; its times moved back to what they were), and the other
+        // lost by the coordinator: both are sent, and the changed one is named by its new hash.
+        let modified = std::fs::metadata(data.join("small.txt")).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(data.join("small.txt"), b"LABELS").unwrap();
+        std::fs::File::options().write(true).open(data.join("small.txt")).unwrap().set_modified(modified).unwrap();
+        let big_blob = dir.path().join("coordinator/blobs").join(&hashes[0][..2]).join(&hashes[0]);
+        std::fs::remove_file(big_blob).unwrap();
+        let (changed, counts) = upload_dataset(&mut client, &files, &mut cache).await.unwrap();
+        assert_eq!(counts, UploadCounts { sent: 2, skipped: 0 });
+        assert_eq!(changed[0], first[0]);
+        assert_eq!(changed[1].blob.as_ref(), Some(&transfer::hash_file(&data.join("small.txt")).await.unwrap()));
+        assert_ne!(changed[1], first[1]);
+        assert_eq!(stored_blobs(dir.path()).len(), 3, "the big blob stored again, the new small one beside the old");
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //! between chunks, or takes too long overall, is cut off (see [`ReceiveTimeouts`]); a temporary
 //! file that a killed process left behind is found by [`is_partial_file_name`] and removed by
 //! [`remove_partial_files`].
+//!
+//! SHA-256 is the costliest step on either side, so it runs on a thread of its own, beside the
+//! thread that reads the file (sending) or writes it (receiving): the two overlap instead of
+//! taking turns on each chunk, and they share each chunk's buffer rather than copying it. A
+//! receiver starts the disk's writeback every [`WRITEBACK_BYTES`] as it writes, so that the
+//! fsync before the blob is renamed into place waits for the last few megabytes, not all of them.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -151,6 +157,35 @@ fn hash_file_blocking(path: &Path) -> Result<BlobRef, TransferError> {
 /// Chunks read ahead of the gRPC stream that sends them, and chunks received ahead of the disk.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
+/// How many bytes a receiver writes between two starts of the disk's writeback (Linux's
+/// `sync_file_range`; elsewhere the final fsync does it all).
+pub const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// What a reading or receiving task hands the threads that hash and write a blob's bytes.
+enum Piece {
+    /// The next bytes (shared, not copied, between the hashing and the writing thread).
+    Data(prost::bytes::Bytes),
+    /// Every byte arrived: hash it all, or sync the file.
+    End,
+}
+
+/// Starts a thread hashing every [`Piece::Data`] it is handed; it returns the hash (lowercase
+/// hex) after [`Piece::End`], or `None` when its sender goes away first.
+fn start_hasher() -> (tokio::sync::mpsc::Sender<Piece>, tokio::task::JoinHandle<Option<String>>) {
+    let (sender, mut pieces) = tokio::sync::mpsc::channel::<Piece>(CHUNKS_IN_FLIGHT);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        while let Some(piece) = pieces.blocking_recv() {
+            match piece {
+                Piece::Data(data) => hasher.update(&data),
+                Piece::End => return Some(hex::encode(hasher.finalize())),
+            }
+        }
+        None
+    });
+    (sender, hasher)
+}
+
 /// Streams a file whose hash is already known as chunks; the first chunk carries `blob`.
 ///
 /// A blocking task reads the file ahead of the consumer (each chunk into a buffer of its own that
@@ -189,7 +224,18 @@ pub fn file_chunks(path: PathBuf, blob: BlobRef) -> impl Stream<Item = BlobChunk
 /// chunk: the receiver then refuses the blob. A file that grows while it is read is refused too
 /// (more bytes than the first chunk named).
 pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> + Send + 'static {
+    file_chunks_hash_at_end_reporting(path).0
+}
+
+/// [`file_chunks_hash_at_end`], also handing back the blob the stream named: the receiver
+/// resolves once the hash chunk is queued, and fails when the stream ended without one. A
+/// sender that must know the hash (to name the file later, or to check what the coordinator
+/// answers) learns it from its own reading, not from the other side.
+pub fn file_chunks_hash_at_end_reporting(
+    path: PathBuf,
+) -> (impl Stream<Item = BlobChunk> + Send + 'static, tokio::sync::oneshot::Receiver<BlobRef>) {
     let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let (report, reported) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let Ok(mut file) = std::fs::File::open(&path) else {
             return;
@@ -197,7 +243,9 @@ pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> +
         let Ok(size) = file.metadata().map(|meta| meta.len()) else {
             return;
         };
-        let mut hasher = Sha256::new();
+        // The hash runs beside this thread, which reads the next chunk meanwhile; dropping
+        // `to_hasher` without `Piece::End` (any early return) leaves the stream without its hash.
+        let (to_hasher, hasher) = start_hasher();
         let mut first = true;
         let mut sent = 0u64;
         loop {
@@ -205,12 +253,15 @@ pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> +
                 return;
             };
             let last = data.len() < BLOB_CHUNK_BYTES;
-            hasher.update(&data);
             sent += data.len() as u64;
+            let data = prost::bytes::Bytes::from(data);
+            if !data.is_empty() && to_hasher.blocking_send(Piece::Data(data.clone())).is_err() {
+                return;
+            }
             let chunk = match first {
-                true => BlobChunk { sha256: String::new(), size, data: data.into() },
+                true => BlobChunk { sha256: String::new(), size, data },
                 false if data.is_empty() => break,
-                false => BlobChunk { data: data.into(), ..BlobChunk::default() },
+                false => BlobChunk { data, ..BlobChunk::default() },
             };
             first = false;
             if sender.blocking_send(chunk).is_err() {
@@ -222,12 +273,18 @@ pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> +
         }
         // A file cut short while it was read: no hash chunk, so the receiver refuses it rather
         // than waiting for bytes that will not come.
-        if sent != size {
+        if sent != size || to_hasher.blocking_send(Piece::End).is_err() {
             return;
         }
-        let _ = sender.blocking_send(BlobChunk { sha256: hex::encode(hasher.finalize()), size, ..BlobChunk::default() });
+        let Ok(Some(sha256)) = tokio::runtime::Handle::current().block_on(hasher) else {
+            return;
+        };
+        let blob = BlobRef { sha256: sha256.clone(), size };
+        if sender.blocking_send(BlobChunk { sha256, size, ..BlobChunk::default() }).is_ok() {
+            let _ = report.send(blob);
+        }
     });
-    tokio_stream::wrappers::ReceiverStream::new(receiver)
+    (tokio_stream::wrappers::ReceiverStream::new(receiver), reported)
 }
 
 /// Reads up to [`BLOB_CHUNK_BYTES`] (fewer only at the end of the file) into a new buffer.
@@ -445,18 +502,22 @@ where
     if announced.size > max_size {
         return Err(TransferError::Protocol(format!("blob of {} bytes exceeds the limit of {max_size}", announced.size)));
     }
-    // Hashing and writing run on a blocking thread while this task takes in the next chunks.
-    let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    // Hashing and writing run on two blocking threads, side by side, while this task takes in
+    // the next chunks.
+    let (to_writer, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let writer_path = temp.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || hash_and_write(&writer_path, receiver));
-    let received = forward_chunks(stream, first, announced.size, hash_at_end, &sender).await;
+    let writer = tokio::task::spawn_blocking(move || write_file(&writer_path, receiver));
+    let (to_hasher, hasher) = start_hasher();
+    let received = forward_chunks(stream, first, announced.size, hash_at_end, [&to_hasher, &to_writer]).await;
     if matches!(&received, Ok((size, trailer)) if *size == announced.size && (trailer.is_some() || !hash_at_end)) {
-        // The writer may have stopped on an error of its own; that error is reported below.
-        let _ = sender.send(ToWriter::Finish).await;
+        // Either thread may have stopped on an error of its own; the writer's is reported below.
+        let _ = to_hasher.send(Piece::End).await;
+        let _ = to_writer.send(Piece::End).await;
     }
-    drop(sender);
+    drop((to_hasher, to_writer));
     // The writer is always awaited, so the file is closed before the caller may remove it.
     let written = writer.await.unwrap_or_else(|join| Err(io_error(temp)(std::io::Error::other(join))));
+    let hashed = hasher.await.ok().flatten();
     // A disk error comes first: it is why the writer stopped taking chunks.
     let written = written?;
     let (received, trailer) = received?;
@@ -468,7 +529,7 @@ where
         check_name(&named, expected, "last")?;
         announced.sha256 = named;
     }
-    let actual = written.ok_or_else(|| TransferError::Protocol("the blob writer stopped early".into()))?;
+    let actual = hashed.filter(|_| written).ok_or_else(|| TransferError::Protocol("the blob writer stopped early".into()))?;
     if actual != announced.sha256 {
         return Err(TransferError::HashMismatch { expected: announced.sha256, actual });
     }
@@ -488,24 +549,16 @@ fn check_name(named: &str, expected: Option<&str>, which: &str) -> Result<(), Tr
     }
 }
 
-/// What the receiving task hands the blocking writer.
-enum ToWriter {
-    /// The next bytes of the blob.
-    Data(prost::bytes::Bytes),
-    /// Every byte arrived: sync the file and report its hash.
-    Finish,
-}
-
-/// Hands each chunk's bytes to the writer until the stream ends; returns the bytes received and,
-/// with `hash_at_end`, the hash the last chunk named. Stops at the first stream error, at more
-/// bytes than `announced_size`, at anything after the hash chunk, or when the writer has stopped
-/// (the caller then reports the writer's own error).
+/// Hands each chunk's bytes to the hashing and the writing thread until the stream ends; returns
+/// the bytes received and, with `hash_at_end`, the hash the last chunk named. Stops at the first
+/// stream error, at more bytes than `announced_size`, at anything after the hash chunk, or when a
+/// thread has stopped (the caller then reports the writer's own error).
 async fn forward_chunks<S>(
     stream: &mut Paced<'_, S>,
     first: BlobChunk,
     announced_size: u64,
     hash_at_end: bool,
-    writer: &tokio::sync::mpsc::Sender<ToWriter>,
+    threads: [&tokio::sync::mpsc::Sender<Piece>; 2],
 ) -> Result<(u64, Option<String>), TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
@@ -528,34 +581,61 @@ where
         if received > announced_size {
             return Err(TransferError::Protocol(format!("more than the announced {announced_size} bytes")));
         }
-        if !current.data.is_empty() && writer.send(ToWriter::Data(current.data)).await.is_err() {
-            return Ok((received, None));
+        if !current.data.is_empty() {
+            for thread in threads {
+                if thread.send(Piece::Data(current.data.clone())).await.is_err() {
+                    return Ok((received, None));
+                }
+            }
         }
         chunk = stream.next().await?;
     }
     Ok((received, None))
 }
 
-/// Creates `path`, then hashes and writes every buffer received until told to finish, when it
-/// fsyncs the file and returns the hash (lowercase hex). Returns `None`, without syncing, when
-/// the receiving task gives up first.
-fn hash_and_write(path: &Path, mut chunks: tokio::sync::mpsc::Receiver<ToWriter>) -> Result<Option<String>, TransferError> {
+/// Creates `path` and writes every buffer it is handed, starting the disk's writeback every
+/// [`WRITEBACK_BYTES`]; on [`Piece::End`] it fsyncs the file and returns `true`. Returns `false`,
+/// without syncing, when the receiving task gives up first.
+fn write_file(path: &Path, mut pieces: tokio::sync::mpsc::Receiver<Piece>) -> Result<bool, TransferError> {
     let mut file = std::fs::File::create(path).map_err(io_error(path))?;
-    let mut hasher = Sha256::new();
-    while let Some(message) = chunks.blocking_recv() {
-        match message {
-            ToWriter::Data(data) => {
-                hasher.update(&data);
+    let mut written = 0u64;
+    let mut flushed = 0u64;
+    while let Some(piece) = pieces.blocking_recv() {
+        match piece {
+            Piece::Data(data) => {
                 file.write_all(&data).map_err(io_error(path))?;
+                written += data.len() as u64;
+                if written - flushed >= WRITEBACK_BYTES {
+                    start_writeback(&file, flushed, written - flushed);
+                    flushed = written;
+                }
             }
-            ToWriter::Finish => {
+            Piece::End => {
                 file.sync_all().map_err(io_error(path))?;
-                return Ok(Some(hex::encode(hasher.finalize())));
+                return Ok(true);
             }
         }
     }
-    Ok(None)
+    Ok(false)
 }
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` to disk without waiting
+/// for them, so that the final fsync finds most of the file already written. Advice only: a file
+/// system that refuses it leaves the work to the fsync.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for the call's duration (borrowed from `file`), and
+    // sync_file_range reads no memory of this process.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 #[cfg(test)]
 mod tests;

@@ -179,6 +179,33 @@ async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
     receive(chunks, None).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_learns_the_hash_it_streamed_and_nothing_when_the_stream_ends_short() {
+    let dir = tempfile::tempdir().unwrap();
+    // Past WRITEBACK_BYTES, so the receiver starts the writeback mid-way, and not a whole number
+    // of chunks.
+    let size = WRITEBACK_BYTES as usize + BLOB_CHUNK_BYTES + 99;
+    let bytes: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+    let source = dir.path().join("src");
+    std::fs::write(&source, &bytes).unwrap();
+    let (chunks, reported) = file_chunks_hash_at_end_reporting(source.clone());
+    let dest = dir.path().join("dst");
+    let received = receive_to_file(chunks.map(Ok), &dest, None, u64::MAX).await.unwrap();
+    assert_eq!(reported.await.unwrap(), received);
+    assert_eq!(received, hash_file(&source).await.unwrap());
+    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+
+    // A stream whose receiver gives up after the first chunk never names its hash.
+    let (chunks, reported) = file_chunks_hash_at_end_reporting(source.clone());
+    let first: Vec<BlobChunk> = chunks.take(1).collect().await;
+    assert_eq!(first.len(), 1);
+    assert!(reported.await.is_err(), "no hash was sent, so none is reported");
+    // Nor does a file that cannot be read.
+    let (chunks, reported) = file_chunks_hash_at_end_reporting(dir.path().join("missing"));
+    assert_eq!(chunks.collect::<Vec<_>>().await.len(), 0);
+    assert!(reported.await.is_err());
+}
+
 /// The names of the entries of `folder`, sorted.
 fn names_in(folder: &Path) -> Vec<String> {
     let mut names: Vec<_> = std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
