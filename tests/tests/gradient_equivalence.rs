@@ -2,7 +2,9 @@
 //! replicas (real processes' code path: ring all-reduce over loopback, one thread per replica)
 //! equal the single-process full-batch gradients, for the critic (penalty included) and the
 //! generator; and so for the class-conditional GAN (projection critic), each replica taking
-//! its rows' labels. Its own test binary, so nothing else touches libtorch's global generator.
+//! its rows' labels. The generator's BatchNorm running statistics (moved by both steps, the
+//! critic step's from each replica's own rows with the gang's statistics) match one process's
+//! too, bitwise alike on every replica. Its own test binary, so nothing else touches libtorch's global generator.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -97,6 +99,11 @@ fn gradients(
     (critic, generator)
 }
 
+/// The generator's BatchNorm running statistics, by name.
+fn running_statistics(gan: &Gan) -> BTreeMap<String, Plain> {
+    gan.vars.variables().into_iter().filter(|(name, _)| name.contains("running")).map(|(name, t)| (name, Plain::of(&t))).collect()
+}
+
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a - b).to_kind(Kind::Double).norm().double_value(&[]);
     diff / b.to_kind(Kind::Double).norm().double_value(&[]).max(1e-30)
@@ -125,7 +132,10 @@ fn check_equivalence(classes: i64) {
         labels: (classes > 0).then(|| Tensor::arange(BATCH, (Kind::Int64, Device::Cpu)).remainder(classes)),
     };
     assert!(classes == 0 || reference.vars.variables().contains_key("critic.projection.weight"));
-    let (full_critic, full_generator) = gradients(&mut gan_with(&inputs.weights, classes), &inputs, Shard::SOLE, None);
+    let mut whole = gan_with(&inputs.weights, classes);
+    let (full_critic, full_generator) = gradients(&mut whole, &inputs, Shard::SOLE, None);
+    let full_running = running_statistics(&whole);
+    assert!(!full_running.is_empty());
 
     let plain_inputs = PlainInputs::of(&inputs);
     for world in [2usize, 4] {
@@ -143,13 +153,18 @@ fn check_equivalence(classes: i64) {
                         let plain = |m: BTreeMap<String, Tensor>| -> Vec<(String, Plain)> {
                             m.into_iter().map(|(n, t)| (n, Plain::of(&t))).collect()
                         };
-                        (plain(critic), plain(generator))
+                        (plain(critic), plain(generator), running_statistics(&gan))
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for (rank, (critic, generator)) in results.iter().enumerate() {
+        for (rank, (critic, generator, running)) in results.iter().enumerate() {
+            for (name, plain) in running {
+                let error = relative_error(&plain.tensor(), &full_running[name].tensor());
+                assert!(error < 1e-6, "world {world} rank {rank}: {name} relative error {error:e}");
+            }
+            assert_eq!(running, &results[0].2, "every replica holds the same running statistics");
             for (name, plain) in critic.iter().chain(generator.iter()) {
                 let ours = plain.tensor();
                 let expected = full_critic.get(name).or_else(|| full_generator.get(name)).unwrap();

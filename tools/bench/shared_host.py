@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 from perfdoc import ROOT, machine, release_binary, write_section
 from sweep import free_port, tail, wait_until, write_token
@@ -119,11 +120,37 @@ def results(coordinator_bin, env, sweep_id):
     return json.loads(listing.stdout)
 
 
-def run_cluster(threads, workload, args, work_dir):
+# Steps a measured worker takes before its steps' own figure starts (DDP's warm-up).
+WARMUP_STEPS = 5
+
+
+def scrape_steps(metrics_port, pid):
+    """A worker's training-step counters from its /metrics (step count, seconds in steps) and its
+    process CPU seconds (user + system, from /proc)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("cohort_worker_step_seconds_count", "cohort_worker_step_seconds_sum"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return values.get("cohort_worker_step_seconds_count", 0.0), values.get("cohort_worker_step_seconds_sum", 0.0), cpu
+
+
+def run_cluster(threads, workload, args, work_dir, binaries=None, steps=None):
     """Starts a coordinator and 2 workers with `--threads threads` (None: the default), runs
     `workload` ("gang", "cv" or "final") until its measured trials have all their epochs, and returns
-    the per-epoch throughput samples (after each trial's first epoch) and the load average."""
-    coordinator_bin, worker_bin = release_binary("coordinator"), release_binary("worker")
+    the per-epoch throughput samples (after each trial's first epoch) and the load average.
+
+    `binaries`: (coordinator, worker) paths instead of this checkout's release build. `steps`: a
+    dict that, given, receives the training steps' own throughput after WARMUP_STEPS steps (what a
+    step-timed anchor such as DDP measures): `samples_per_second` from worker 0's step counter and
+    step seconds (samples per step from the whole run), and `cpu_seconds_per_sample`, both
+    workers' process CPU over the same span (whole epochs, everything in them)."""
+    coordinator_bin, worker_bin = binaries or (release_binary("coordinator"), release_binary("worker"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     run_dir = tempfile.mkdtemp(prefix=f"{workload}-", dir=work_dir)
@@ -149,9 +176,13 @@ def run_cluster(threads, workload, args, work_dir):
         start("coordinator", [coordinator_bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(run_dir, "coordinator"),
                               "--worker-token-file", worker_token])
         thread_flag = [] if threads is None else ["--threads", str(threads)]
+        metrics_ports = [free_port() for _ in range(2)]
         for index in range(2):
+            metrics_flag = [] if steps is None else ["--metrics-listen", f"127.0.0.1:{metrics_ports[index]}"]
             start(f"worker-{index}", [worker_bin, "--coordinator", url, "--token-file", worker_token, "--name", f"bench-{index}",
-                                      "--cache-dir", os.path.join(run_dir, f"worker-{index}"), "--advertise-host", "127.0.0.1", *thread_flag])
+                                      "--cache-dir", os.path.join(run_dir, f"worker-{index}"), "--advertise-host", "127.0.0.1", *thread_flag,
+                                      *metrics_flag])
+        worker_pids = [process.pid for process in processes[1:]]
 
         def registered():
             listing = subprocess.run([coordinator_bin, "workers", "--format", "json"], env=env, capture_output=True, text=True, check=True)
@@ -161,7 +192,7 @@ def run_cluster(threads, workload, args, work_dir):
         load = os.getloadavg()[0]
         submitted = subprocess.run([coordinator_bin, "submit", sweep_file], env=env, capture_output=True, text=True, check=True)
         sweep_id = submitted.stdout.split()[0]
-        finished = {}
+        finished, marks = {}, []
 
         def stage_done():
             # cv: the cross-validation trials, not the final one that follows them.
@@ -171,9 +202,32 @@ def run_cluster(threads, workload, args, work_dir):
                 raise TrialFailed(f"trials {failed} failed")
             done = [t for t in trials if len(t["epochs"]) >= epochs]
             finished["trials"] = done
+            if len(done) >= trials_wanted and steps is not None:
+                marks.append([scrape_steps(p, pid) for p, pid in zip(metrics_ports, worker_pids)])
             return len(done) >= trials_wanted
 
-        wait_until(f"the {workload} trials", stage_done, timeout=args.timeout)
+        if steps is not None:
+            # The steps' own figure starts after WARMUP_STEPS steps, as DDP's does; the workers'
+            # /metrics are cheap to read, so this poll is fine-grained.
+            def warmed_up():
+                marks[:] = [[scrape_steps(p, pid) for p, pid in zip(metrics_ports, worker_pids)]]
+                return marks[0][0][0] >= WARMUP_STEPS
+
+            wait_until("the warm-up steps", warmed_up, timeout=args.timeout, interval=0.05)
+        # Each poll runs the `coordinator results` CLI, about 0.3 s of CPU (most of it loading
+        # libtorch): polled every 0.2 s it would take a large share of the 2 cores the measured
+        # workers train on. Their figures come from the reported epoch seconds and the step timer,
+        # not from when the poll notices, so polling every few seconds loses nothing.
+        wait_until(f"the {workload} trials", stage_done, timeout=args.timeout, interval=3)
+        if steps is not None:
+            epochs_run = finished["trials"][0]["epochs"]
+            # Samples per step, from the whole run (the gang counts full global batches only).
+            samples_run = sum(e["samples"] // 32 * 32 if workload == "gang" else e["samples"] for e in epochs_run)
+            (count0, sum0, _), (count1, sum1, _) = marks[0][0], marks[1][0]
+            taken = count1 - count0
+            samples = taken * samples_run / count1
+            cpu = sum(after[2] - before[2] for before, after in zip(marks[0], marks[1]))
+            steps.update(samples_per_second=samples / (sum1 - sum0), cpu_seconds_per_sample=cpu / samples, steps=taken)
     except Exception:
         for name, path in logs.items():
             print(f"--- {name} ({path}) ---\n{tail(path)}", file=sys.stderr)

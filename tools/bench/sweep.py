@@ -58,7 +58,7 @@ def phase_seconds(metrics_port):
     return seconds
 
 
-def wait_until(what, ready, timeout=120):
+def wait_until(what, ready, timeout=120, interval=0.2):
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -68,7 +68,7 @@ def wait_until(what, ready, timeout=120):
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def tail(path, lines=20):

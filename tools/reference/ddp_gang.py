@@ -7,7 +7,8 @@ critic step a generator step (generator through DDP, the critic outside its DDP 
 gradients are not reduced). --model dae: the seed's denoising autoencoder (noise std 0.3, Adam
 lr 1e-3, weight decay 1e-6).
 
-Rank 0 prints one JSON object: global training samples per second over the timed steps.
+Each rank prints one JSON object: global training samples per second over the timed steps, and
+the rank's CPU seconds over them.
 
 Run (2 ranks): python ddp_gang.py --rank R --world 2 --port P [--model wgan|dae]
 """
@@ -108,8 +109,7 @@ def main():
     dist.barrier()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
-    if args.rank == 0:
-        print(json.dumps({"samples_per_second": args.batch * args.steps / seconds, "seconds": seconds, "cpu_seconds_rank0": cpu}))
+    print(json.dumps({"samples_per_second": args.batch * args.steps / seconds, "seconds": seconds, "cpu_seconds": cpu, "samples": args.batch * args.steps}))
     dist.destroy_process_group()
 
 

@@ -8,6 +8,8 @@
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+use crate::collective::CollectiveError;
+
 /// Length of the generator's input noise.
 pub const NOISE_DIM: i64 = 100;
 /// Length of the conditional generator's learned class embedding, concatenated to the noise.
@@ -18,6 +20,14 @@ pub const SEED_WIDTHS: [i64; 4] = [1024, 512, 256, 128];
 const LEAKY_SLOPE: f64 = 0.2;
 /// Standard deviation of the weight initialisation.
 const INIT_STD: f64 = 0.02;
+/// The generator's BatchNorm settings (tch's defaults), named because the gang's synchronised
+/// statistics ([`Generator::generate_synced`]) apply them by hand.
+const NORM_EPS: f64 = 1e-5;
+const NORM_MOMENTUM: f64 = 0.1;
+
+/// Sums float64 values element-wise over every replica of a gang, every replica getting
+/// bitwise the same sums (`train::data_parallel::sum_over_gang`).
+pub type GangSum<'a> = dyn FnMut(&[f64]) -> Result<Vec<f64>, CollectiveError> + 'a;
 
 fn init() -> nn::Init {
     nn::Init::Randn { mean: 0.0, stdev: INIT_STD }
@@ -60,7 +70,8 @@ impl Generator {
                 let last = i == stages;
                 let config = nn::ConvTransposeConfig { stride, padding, ws_init: init(), bias: last, ..Default::default() };
                 let conv = nn::conv_transpose2d(path / format!("deconv{}", i + 1), channels[i], channels[i + 1], 4, config);
-                let norm = (!last).then(|| nn::batch_norm2d(path / format!("bn{}", i + 1), channels[i + 1], Default::default()));
+                let norm_config = nn::BatchNormConfig { eps: NORM_EPS, momentum: NORM_MOMENTUM, ..Default::default() };
+                let norm = (!last).then(|| nn::batch_norm2d(path / format!("bn{}", i + 1), channels[i + 1], norm_config));
                 (conv, norm)
             })
             .collect();
@@ -82,16 +93,7 @@ impl Generator {
     ///
     /// When a conditional generator gets no labels.
     pub fn generate(&self, noise: &Tensor, labels: Option<&Tensor>, train: bool) -> Tensor {
-        let noise = noise.view([-1, NOISE_DIM]);
-        let input = match &self.embedding {
-            Some(embedding) => {
-                let labels = labels.expect("a conditional generator needs class labels");
-                Tensor::cat(&[noise, labels.apply(embedding)], 1)
-            }
-            None => noise,
-        };
-        let channels = input.size()[1];
-        let mut xs = input.view([-1, channels, 1, 1]);
+        let mut xs = self.input(noise, labels);
         for (conv, norm) in &self.layers {
             xs = xs.apply(conv);
             xs = match norm {
@@ -101,6 +103,77 @@ impl Generator {
         }
         xs
     }
+
+    /// [`Generator::generate`] in training mode for one replica's rows (`noise`, `labels`) of a
+    /// global batch of `global_rows` rows, with BatchNorm's batch statistics taken over the global
+    /// batch: each layer's per-channel sums and sums of squares (float64) are summed over the
+    /// gang by `gang_sum`. The images are the global batch's images' rows within float rounding,
+    /// and every replica's running statistics move as one process's do, bitwise alike on every
+    /// replica. So a replica computes its own rows only, not the whole global batch.
+    ///
+    /// No gradient flows through the gang's statistics: this is for the critic's steps, which
+    /// run the generator under `no_grad`. (The generator's own step needs the statistics'
+    /// gradient from every replica, and runs [`Generator::generate`] on the global batch.)
+    pub fn generate_synced(
+        &self,
+        noise: &Tensor,
+        labels: Option<&Tensor>,
+        global_rows: i64,
+        gang_sum: &mut GangSum<'_>,
+    ) -> Result<Tensor, CollectiveError> {
+        let mut xs = self.input(noise, labels);
+        for (conv, norm) in &self.layers {
+            xs = xs.apply(conv);
+            xs = match norm {
+                Some(norm) => synced_batch_norm(&xs, norm, global_rows, gang_sum)?.relu(),
+                None => xs.tanh(),
+            };
+        }
+        Ok(xs)
+    }
+
+    /// The first layer's input: the noise, with the class embedding for a conditional generator.
+    fn input(&self, noise: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        let noise = noise.view([-1, NOISE_DIM]);
+        let input = match &self.embedding {
+            Some(embedding) => {
+                let labels = labels.expect("a conditional generator needs class labels");
+                Tensor::cat(&[noise, labels.apply(embedding)], 1)
+            }
+            None => noise,
+        };
+        let channels = input.size()[1];
+        input.view([-1, channels, 1, 1])
+    }
+}
+
+/// Training-mode BatchNorm of one replica's rows `xs` (`[n, C, H, W]`) with the statistics of
+/// the global batch of `global_rows` rows (see [`Generator::generate_synced`]). Updates the
+/// running statistics as libtorch does: the biased variance normalises, the unbiased one is
+/// averaged in.
+fn synced_batch_norm(xs: &Tensor, norm: &nn::BatchNorm, global_rows: i64, gang_sum: &mut GangSum<'_>) -> Result<Tensor, CollectiveError> {
+    let size = xs.size();
+    let channels = size[1];
+    let count = (global_rows * size[2] * size[3]) as f64;
+    let wide = xs.to_kind(Kind::Double);
+    let dims = &[0i64, 2, 3][..];
+    let local =
+        Tensor::cat(&[wide.sum_dim_intlist(dims, false, Kind::Double), wide.square().sum_dim_intlist(dims, false, Kind::Double)], 0);
+    let local = Vec::<f64>::try_from(&local.to_device(tch::Device::Cpu)).expect("float64 statistics to host");
+    let global = Tensor::from_slice(&gang_sum(&local)?).to_device(xs.device());
+    let mean = global.narrow(0, 0, channels) / count;
+    let variance = (global.narrow(0, channels, channels) / count - mean.square()).clamp_min(0.0);
+    tch::no_grad(|| {
+        let unbiased = &variance * (count / (count - 1.0).max(1.0));
+        let mut running_mean = norm.running_mean.shallow_clone();
+        let mut running_var = norm.running_var.shallow_clone();
+        let moved_mean = running_mean.to_kind(Kind::Double) * (1.0 - NORM_MOMENTUM) + &mean * NORM_MOMENTUM;
+        let moved_var = running_var.to_kind(Kind::Double) * (1.0 - NORM_MOMENTUM) + unbiased * NORM_MOMENTUM;
+        running_mean.copy_(&moved_mean);
+        running_var.copy_(&moved_var);
+    });
+    let (mean, variance) = (mean.to_kind(xs.kind()), variance.to_kind(xs.kind()));
+    Ok(Tensor::batch_norm(xs, norm.ws.as_ref(), norm.bs.as_ref(), Some(&mean), Some(&variance), false, 0.0, NORM_EPS, false))
 }
 
 impl ModuleT for Generator {
@@ -240,7 +313,12 @@ pub fn critic_loss_given(
     epsilon: &Tensor,
     lambda: f64,
 ) -> (Tensor, Tensor, Tensor) {
-    let wasserstein = critic.score(real, labels).mean(Kind::Float) - critic.score(fake, labels).mean(Kind::Float);
+    // Real and fake rows in one pass: every operation of the critic is per sample, and one
+    // larger batch keeps the convolutions' kernels busier than two halves.
+    let rows = real.size()[0];
+    let both_labels = labels.map(|labels| Tensor::cat(&[labels, labels], 0));
+    let scores = critic.score(&Tensor::cat(&[real, fake], 0), both_labels.as_ref());
+    let wasserstein = scores.narrow(0, 0, rows).mean(Kind::Float) - scores.narrow(0, rows, rows).mean(Kind::Float);
     let penalty = gradient_penalty_given(critic, real, fake, labels, epsilon, lambda);
     (&penalty - &wasserstein, wasserstein, penalty)
 }
@@ -274,6 +352,92 @@ mod tests {
         let second = Tensor::run_backward(&[grads.sum(Kind::Float)], &[&xs], false, false).remove(0);
         let slopes = Tensor::from_slice(&[0.4f32, 0.4, 0.4, 2.0, 2.0]);
         assert!(second.allclose(&slopes, 1e-6, 1e-6, false), "{second}");
+    }
+
+    /// Every variable of `vars`, sorted by name.
+    fn sorted(vars: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Variables of `vars` whose names contain `part`, as host copies, sorted by name.
+    fn named(vars: &nn::VarStore, part: &str) -> Vec<(String, Vec<f32>)> {
+        sorted(vars)
+            .into_iter()
+            .filter(|(name, _)| name.contains(part))
+            .map(|(name, t)| (name, Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap()))
+            .collect()
+    }
+
+    fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Replicas that each generate their own rows with the gang's statistics make the global
+    /// batch's images and move the running statistics as one process does, alike on every replica.
+    #[test]
+    fn synced_statistics_make_the_global_batchs_images() {
+        let widths = [16, 8, 8, 4];
+        let (rows, world) = (12i64, 3usize);
+        tch::manual_seed(5);
+        let noise = Tensor::randn([rows, NOISE_DIM], (Kind::Float, Device::Cpu));
+        tch::manual_seed(6);
+        let (whole_vars, whole) = {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let generator = Generator::new(&(vs.root() / "generator"), widths, 0);
+            (vs, generator)
+        };
+        // Each replica starts from the same weights (copied: libtorch's generator is shared by
+        // the replicas' threads, so seeding it in each would race).
+        let weights = named(&whole_vars, "");
+        let build = || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let generator = Generator::new(&(vs.root() / "generator"), widths, 0);
+            tch::no_grad(|| {
+                for ((_, values), (_, mut variable)) in weights.iter().zip(sorted(&vs)) {
+                    variable.copy_(&Tensor::from_slice(values).view(variable.size().as_slice()));
+                }
+            });
+            (vs, generator)
+        };
+        let expected = Vec::<f32>::try_from(&tch::no_grad(|| whole.generate(&noise, None, true)).flatten(0, -1)).unwrap();
+        let expected_running = named(&whole_vars, "running");
+        assert!(!expected_running.is_empty());
+
+        let ring = crate::collective::ring::local_ring(world, "synced", std::time::Duration::from_secs(30)).unwrap();
+        let noise_rows: Vec<f32> = Vec::try_from(&noise.flatten(0, -1)).unwrap();
+        type Replica = (Vec<f32>, Vec<(String, Vec<f32>)>);
+        let replicas: Vec<Replica> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ring
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut member)| {
+                    let noise_rows = noise_rows.clone();
+                    scope.spawn(move || {
+                        let (vars, generator) = build();
+                        let per = rows / world as i64;
+                        let own = Tensor::from_slice(&noise_rows).view([rows, NOISE_DIM]).narrow(0, rank as i64 * per, per);
+                        let mut gang_sum = |values: &[f64]| crate::train::data_parallel::sum_over_gang(Some(&mut member), values);
+                        let images = tch::no_grad(|| generator.generate_synced(&own, None, rows, &mut gang_sum)).unwrap();
+                        (Vec::<f32>::try_from(&images.flatten(0, -1)).unwrap(), named(&vars, "running"))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let images: Vec<f32> = replicas.iter().flat_map(|(images, _)| images.iter().copied()).collect();
+        assert!(max_difference(&images, &expected) < 1e-5, "images differ by {}", max_difference(&images, &expected));
+        for (_, running) in &replicas {
+            assert_eq!(running, &replicas[0].1, "every replica's running statistics are bitwise alike");
+            for ((name, ours), (_, theirs)) in running.iter().zip(&expected_running) {
+                assert!(max_difference(ours, theirs) < 1e-6, "{name} differs by {}", max_difference(ours, theirs));
+            }
+        }
+        // One process: the identity as the gang's sum gives generate's images.
+        let (_, sole) = build();
+        let alone = tch::no_grad(|| sole.generate_synced(&noise, None, rows, &mut |values: &[f64]| Ok(values.to_vec()))).unwrap();
+        assert!(max_difference(&Vec::<f32>::try_from(&alone.flatten(0, -1)).unwrap(), &expected) < 1e-5);
     }
 
     #[test]

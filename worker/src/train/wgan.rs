@@ -17,10 +17,13 @@
 //! Data parallel over a gang of `world` replicas, it computes what one process would on the
 //! global batch: every replica walks the same shuffled order and draws the same global noise
 //! (shared seeds), takes its rows of each global batch for the critic, and averages gradients
-//! after every backward pass. BatchNorm (in the generator) sees the global batch: each replica
-//! runs the generator over all of the global batch's noise, so the batch statistics, the running
-//! statistics and the generator's gradient equal the single-process ones; only the critic's
-//! work (5 steps per generator step, each with a double backward: most of the compute) is split.
+//! after every backward pass. BatchNorm (in the generator) sees the global batch. In a critic
+//! step, where the generator runs without gradients, each replica generates its own rows with
+//! the global batch's statistics, summed over the gang (`Generator::generate_synced`). In a
+//! generator step, whose gradient must also flow through the statistics from every replica's
+//! rows, each replica runs the generator over all of the global batch's noise. So the batch
+//! statistics, the running statistics and the generator's gradient equal the single-process
+//! ones (within float rounding), and the work is split but for the generator step's generator.
 
 use std::time::Instant;
 
@@ -121,16 +124,19 @@ impl Gan {
         comm: Option<&mut (dyn Communicator + 'static)>,
     ) -> Result<(f64, f64, f64), CollectiveError> {
         let labels = self.condition(labels);
-        let fake = tch::no_grad(|| self.generator.generate(noise, labels, true));
         let own_labels = labels.map(|l| shard.slice(l));
-        let (loss, wasserstein, penalty) = wgan::critic_loss_given(
-            &self.critic,
-            &shard.slice(real),
-            &shard.slice(&fake),
-            own_labels.as_ref(),
-            &shard.slice(epsilon),
-            lambda,
-        );
+        let mut comm = comm;
+        // A gang's replica generates its own rows only, with the global batch's statistics.
+        let own_fake = match comm.as_deref_mut() {
+            Some(comm) if shard.world > 1 => {
+                let global_rows = noise.size()[0];
+                let mut gang_sum = |values: &[f64]| data_parallel::sum_over_gang(Some(&mut *comm), values);
+                tch::no_grad(|| self.generator.generate_synced(&shard.slice(noise), own_labels.as_ref(), global_rows, &mut gang_sum))?
+            }
+            _ => shard.slice(&tch::no_grad(|| self.generator.generate(noise, labels, true))),
+        };
+        let (loss, wasserstein, penalty) =
+            wgan::critic_loss_given(&self.critic, &shard.slice(real), &own_fake, own_labels.as_ref(), &shard.slice(epsilon), lambda);
         self.critic_optimizer.zero_grad();
         loss.backward();
         if let Some(comm) = comm {
@@ -164,7 +170,11 @@ impl Gan {
         let own_labels = labels.map(|l| shard.slice(l));
         let loss = wgan::generator_loss_given(&self.critic, &shard.slice(&fake), own_labels.as_ref());
         self.generator_optimizer.zero_grad();
+        // The critic's weights take no gradient from this loss: the backward pass only goes
+        // through the critic to its input (as PyTorch's recipes switch `requires_grad` off).
+        set_requires_grad(&self.critic_params, false);
         loss.backward();
+        set_requires_grad(&self.critic_params, true);
         if let Some(comm) = comm {
             data_parallel::average_gradients(comm, &self.generator_params)?;
         }
@@ -193,6 +203,13 @@ impl Gan {
     /// The gradients of the critic's or the generator's parameters, by name (for tests).
     pub fn gradients(&self, prefix: &str) -> Vec<(String, Tensor)> {
         trainable(&self.vars).into_iter().filter(|(name, _)| name.starts_with(prefix)).map(|(name, t)| (name, t.grad())).collect()
+    }
+}
+
+/// Switches `requires_grad` on or off for every tensor of `params`, in place.
+fn set_requires_grad(params: &[Tensor], requires_grad: bool) {
+    for param in params {
+        let _ = param.set_requires_grad(requires_grad);
     }
 }
 
