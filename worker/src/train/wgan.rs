@@ -18,8 +18,9 @@
 //! global batch: every replica walks the same shuffled order and draws the same global noise
 //! (shared seeds), takes its rows of each global batch for the critic, and averages gradients
 //! after every backward pass. BatchNorm (in the generator) sees the global batch. In a critic
-//! step, where the generator runs without gradients, each replica generates its own rows with
-//! the global batch's statistics, summed over the gang (`Generator::generate_synced`). In a
+//! step, where the generator runs without gradients, each replica on the CPU generates its own
+//! rows with the global batch's statistics, summed over the gang (`Generator::generate_synced`;
+//! on CUDA it runs the generator over the global batch, as in the generator step). In a
 //! generator step, whose gradient must also flow through the statistics from every replica's
 //! rows, each replica runs the generator over all of the global batch's noise. So the batch
 //! statistics, the running statistics and the generator's gradient equal the single-process
@@ -126,9 +127,12 @@ impl Gan {
         let labels = self.condition(labels);
         let own_labels = labels.map(|l| shard.slice(l));
         let mut comm = comm;
-        // A gang's replica generates its own rows only, with the global batch's statistics.
+        // A gang's replica generates its own rows only, with the global batch's statistics. On
+        // the CPU only: on CUDA each layer's statistics would cross to the host for the sum, four
+        // device synchronisations a step, a trade no GPU has measured yet; there every replica
+        // keeps running the generator over the global batch.
         let own_fake = match comm.as_deref_mut() {
-            Some(comm) if shard.world > 1 => {
+            Some(comm) if shard.world > 1 && self.vars.device() == Device::Cpu => {
                 let global_rows = noise.size()[0];
                 let mut gang_sum = |values: &[f64]| data_parallel::sum_over_gang(Some(&mut *comm), values);
                 tch::no_grad(|| self.generator.generate_synced(&shard.slice(noise), own_labels.as_ref(), global_rows, &mut gang_sum))?
