@@ -93,15 +93,8 @@ impl Generator {
     ///
     /// When a conditional generator gets no labels.
     pub fn generate(&self, noise: &Tensor, labels: Option<&Tensor>, train: bool) -> Tensor {
-        let mut xs = self.input(noise, labels);
-        for (conv, norm) in &self.layers {
-            xs = xs.apply(conv);
-            xs = match norm {
-                Some(norm) => xs.apply_t(norm, train).relu(),
-                None => xs.tanh(),
-            };
-        }
-        xs
+        self.generate_with(noise, labels, |xs, norm| Ok::<_, std::convert::Infallible>(xs.apply_t(norm, train)))
+            .unwrap_or_else(|never| match never {})
     }
 
     /// [`Generator::generate`] in training mode for one replica's rows (`noise`, `labels`) of a
@@ -121,19 +114,16 @@ impl Generator {
         global_rows: i64,
         gang_sum: &mut GangSum<'_>,
     ) -> Result<Tensor, CollectiveError> {
-        let mut xs = self.input(noise, labels);
-        for (conv, norm) in &self.layers {
-            xs = xs.apply(conv);
-            xs = match norm {
-                Some(norm) => synced_batch_norm(&xs, norm, global_rows, gang_sum)?.relu(),
-                None => xs.tanh(),
-            };
-        }
-        Ok(xs)
+        self.generate_with(noise, labels, |xs, norm| synced_batch_norm(xs, norm, global_rows, gang_sum))
     }
 
-    /// The first layer's input: the noise, with the class embedding for a conditional generator.
-    fn input(&self, noise: &Tensor, labels: Option<&Tensor>) -> Tensor {
+    /// The generator's layers with `normalize` as each hidden layer's BatchNorm.
+    fn generate_with<E>(
+        &self,
+        noise: &Tensor,
+        labels: Option<&Tensor>,
+        mut normalize: impl FnMut(&Tensor, &nn::BatchNorm) -> Result<Tensor, E>,
+    ) -> Result<Tensor, E> {
         let noise = noise.view([-1, NOISE_DIM]);
         let input = match &self.embedding {
             Some(embedding) => {
@@ -143,7 +133,15 @@ impl Generator {
             None => noise,
         };
         let channels = input.size()[1];
-        input.view([-1, channels, 1, 1])
+        let mut xs = input.view([-1, channels, 1, 1]);
+        for (conv, norm) in &self.layers {
+            xs = xs.apply(conv);
+            xs = match norm {
+                Some(norm) => normalize(&xs, norm)?.relu(),
+                None => xs.tanh(),
+            };
+        }
+        Ok(xs)
     }
 }
 
