@@ -148,6 +148,7 @@ fn share_memory(
     let mut names = vec![0f32; world * NAME_ENTRY];
     let mut mapped: Result<Option<Segment>, String> = Ok(None);
     if members.len() > 1 && local_rank == 0 {
+        shm::sweep_orphans(dir);
         mapped = random_name()
             .and_then(|random| Ok((random, Segment::create(dir, &file_name(&random), len)?)))
             .map(|(random, segment)| {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::ring::chunk;
 use super::CollectiveError;
-pub(crate) use segment::{file_name, random_name, Segment, NAME_BYTES, SHM_DIR};
+pub(crate) use segment::{file_name, random_name, sweep_orphans, Segment, NAME_BYTES, SHM_DIR};
 
 /// Floats in one of a rank's two buffers (1 MiB): the piece an all-reduce or broadcast moves per
 /// round of barriers. Meant to keep a 4-rank group's buffers in the last-level cache while moving

@@ -7,6 +7,18 @@
 //! its own user with mode 0600 and the expected size. The leader unlinks it as soon as every
 //! member has mapped it (or given up), so that a rank dying later leaves nothing behind; the
 //! mappings live on until each rank drops its [`Segment`].
+//!
+//! A leader killed between creating and unlinking (`kill -9` during a gang's setup) cannot
+//! unlink: its file would hold tmpfs memory until the host restarts. So a leader holds an
+//! exclusive `flock` on the file for as long as it owns it (the kernel drops the lock when the
+//! process dies), and before creating a segment a leader removes the segments of its own user
+//! in that directory whose lock no one holds ([`sweep_orphans`]).
+//!
+//! A leader killed between creating and unlinking (`kill -9` during a gang's setup) cannot
+//! unlink: its file would hold tmpfs memory until the host restarts. So a leader holds an
+//! exclusive `flock` on the file for as long as it owns it (the kernel drops the lock when the
+//! process dies), and before creating a segment a leader removes the segments of its own user
+//! in that directory whose lock no one holds ([`sweep_orphans`]).
 
 // Shared memory and futexes are system calls on raw memory; each unsafe block says why it is sound.
 #![allow(unsafe_code)]
@@ -16,6 +28,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where segments are created: tmpfs on every Linux host.
 pub(crate) const SHM_DIR: &str = "/dev/shm";
@@ -23,9 +36,47 @@ pub(crate) const SHM_DIR: &str = "/dev/shm";
 /// Random bytes in a segment's name.
 pub(crate) const NAME_BYTES: usize = 16;
 
+/// The start of every segment's file name.
+const NAME_PREFIX: &str = "cohort-collective-";
+
+/// How old an unlocked segment must be to be swept: a leader locks its segment right after
+/// creating it, so only a file this young can be unlocked and still be in use.
+const ORPHAN_AGE: Duration = Duration::from_secs(60);
+
 /// A segment's file name, from its random bytes.
 pub(crate) fn file_name(random: &[u8; NAME_BYTES]) -> String {
-    format!("cohort-collective-{}", hex::encode(random))
+    format!("{NAME_PREFIX}{}", hex::encode(random))
+}
+
+/// Removes the segments in `dir` that a dead leader left behind: files named like a segment,
+/// owned by this user, older than [`ORPHAN_AGE`], whose lock no process holds. Returns how many
+/// it removed; a file it cannot inspect is left alone.
+pub(crate) fn sweep_orphans(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(|name| name.starts_with(NAME_PREFIX)) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) else { continue };
+        let Ok(meta) = file.metadata() else { continue };
+        let old = meta.modified().ok().and_then(|modified| modified.elapsed().ok()).is_some_and(|age| age >= ORPHAN_AGE);
+        if !meta.file_type().is_file() || meta.uid() != uid || !old || file.try_lock().is_err() {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), bytes = meta.len(), "removed a shared collective segment its dead creator left behind");
+                removed += 1;
+            }
+            Err(error) => tracing::warn!(path = %path.display(), %error, "cannot remove a leftover shared collective segment"),
+        }
+    }
+    removed
 }
 
 /// Fresh random bytes for a segment's name, from the kernel.
@@ -42,8 +93,8 @@ pub(crate) struct Segment {
     len: usize,
     /// The file's path.
     path: PathBuf,
-    /// Whether this rank created the file and has not unlinked it yet.
-    owned: bool,
+    /// The file, locked, while this rank created it and has not unlinked it yet.
+    owned: Option<File>,
 }
 
 // SAFETY: the mapping belongs to this value alone in this process; access to its contents is
@@ -57,13 +108,18 @@ impl Segment {
     pub(crate) fn create(dir: &Path, name: &str, len: usize) -> std::io::Result<Segment> {
         let path = dir.join(name);
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
-        let mut segment = Segment { base: std::ptr::null_mut(), len, path, owned: true };
+        // Locked at once, so that a leader dying from here on leaves a file the next sweep can
+        // tell from a live one; from here on, dropping `segment` removes the file.
+        let locked = file.try_lock().map_err(std::io::Error::from);
+        let mut segment = Segment { base: std::ptr::null_mut(), len, path, owned: Some(file) };
+        locked?;
+        let file = segment.owned.as_ref().expect("just created");
         // SAFETY: a valid descriptor; posix_fallocate returns its error instead of setting errno.
         let reserved = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
         if reserved != 0 {
             return Err(std::io::Error::from_raw_os_error(reserved));
         }
-        segment.base = map(&file, len)?;
+        segment.base = map(file, len)?;
         Ok(segment)
     }
 
@@ -82,12 +138,13 @@ impl Segment {
         if meta.len() != len as u64 {
             return Err(invalid("unexpected size"));
         }
-        Ok(Segment { base: map(&file, len)?, len, path, owned: false })
+        Ok(Segment { base: map(&file, len)?, len, path, owned: None })
     }
 
     /// Removes the file (the mappings stay); a no-op on a rank that did not create it.
     pub(crate) fn unlink(&mut self) {
-        if std::mem::take(&mut self.owned) {
+        // The lock goes with the file, after it is removed.
+        if let Some(_locked) = self.owned.take() {
             if let Err(error) = std::fs::remove_file(&self.path) {
                 tracing::warn!(path = %self.path.display(), %error, "cannot unlink a shared collective segment");
             }

@@ -179,3 +179,62 @@ fn names_are_fresh_random_bytes() {
     assert_ne!(a, b);
     assert_eq!(file_name(&a).len(), "cohort-collective-".len() + 2 * NAME_BYTES);
 }
+
+/// A leader killed during a gang's setup leaves its segment behind, unlocked (the kernel drops a
+/// dead process's locks); the next leader's sweep removes it, and nothing else: not a live
+/// leader's segment (locked), not a file just created (young), not another user's name.
+#[test]
+fn a_dead_leaders_segment_is_swept_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let aged = |name: &str| {
+        let file = std::fs::File::options().write(true).open(dir.path().join(name)).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
+    };
+    let orphan = file_name(&random_name().unwrap());
+    std::fs::write(dir.path().join(&orphan), vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(dir.path().join(&orphan), std::fs::Permissions::from_mode(0o600)).unwrap();
+    aged(&orphan);
+    let live_name = file_name(&random_name().unwrap());
+    let live = Segment::create(dir.path(), &live_name, 4096).unwrap();
+    aged(&live_name);
+    let young = file_name(&random_name().unwrap());
+    std::fs::write(dir.path().join(&young), b"").unwrap();
+    std::fs::write(dir.path().join("unrelated"), b"").unwrap();
+    aged("unrelated");
+
+    assert_eq!(sweep_orphans(dir.path()), 1);
+    assert!(!dir.path().join(&orphan).exists(), "the dead leader's segment is gone");
+    assert!(dir.path().join(&live_name).exists(), "a live leader's segment stays");
+    assert!(dir.path().join(&young).exists() && dir.path().join("unrelated").exists());
+    assert!(Segment::open(dir.path(), &live_name, 4096).is_ok(), "and still maps");
+    drop(live);
+    assert!(!dir.path().join(&live_name).exists());
+    assert_eq!(sweep_orphans(Path::new("/nonexistent-cohort-dir")), 0);
+}
+
+/// The lock really is the process's: a child that creates a segment and is killed before it can
+/// unlink leaves a file whose lock is free, which the sweep then removes.
+#[test]
+fn a_killed_creator_leaves_its_segment_unlocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = file_name(&random_name().unwrap());
+    let path = dir.path().join(&name);
+    // A shell holding an exclusive flock on the file, as a leader does, then killed.
+    let script = format!("exec 9>'{}'; flock -x 9; echo locked; exec sleep 60", path.display());
+    let mut child = std::process::Command::new("sh").args(["-c", &script]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    assert_eq!(sweep_orphans(dir.path()), 0, "held by a live process");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(sweep_orphans(dir.path()), 1, "free once it died");
+    assert!(!path.exists());
+}
