@@ -13,12 +13,6 @@
 //! exclusive `flock` on the file for as long as it owns it (the kernel drops the lock when the
 //! process dies), and before creating a segment a leader removes the segments of its own user
 //! in that directory whose lock no one holds ([`sweep_orphans`]).
-//!
-//! A leader killed between creating and unlinking (`kill -9` during a gang's setup) cannot
-//! unlink: its file would hold tmpfs memory until the host restarts. So a leader holds an
-//! exclusive `flock` on the file for as long as it owns it (the kernel drops the lock when the
-//! process dies), and before creating a segment a leader removes the segments of its own user
-//! in that directory whose lock no one holds ([`sweep_orphans`]).
 
 // Shared memory and futexes are system calls on raw memory; each unsafe block says why it is sound.
 #![allow(unsafe_code)]

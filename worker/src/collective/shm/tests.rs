@@ -182,7 +182,7 @@ fn names_are_fresh_random_bytes() {
 
 /// A leader killed during a gang's setup leaves its segment behind, unlocked (the kernel drops a
 /// dead process's locks); the next leader's sweep removes it, and nothing else: not a live
-/// leader's segment (locked), not a file just created (young), not another user's name.
+/// leader's segment (locked), not a file just created (young), not a file named otherwise.
 #[test]
 fn a_dead_leaders_segment_is_swept_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
