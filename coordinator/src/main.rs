@@ -227,9 +227,10 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Sample a trained WGAN-GP's generator into a PNG grid (libtorch on the CPU, in this
-    /// process; no worker): the final checkpoint of a sweep's `train` trial or of a task, or
-    /// --checkpoint. Conditional generators draw one row per class, or only --class's row.
+    /// Sample a trained WGAN-GP's generator into a PNG grid (libtorch on this machine's CPU,
+    /// through the `worker` binary beside this one; no worker daemon): the final checkpoint of a
+    /// sweep's `train` trial or of a task, or --checkpoint. Conditional generators draw one row
+    /// per class, or only --class's row.
     Generate {
         /// A sweep id (its WGAN-GP trial) or a task id.
         target: String,

@@ -126,6 +126,13 @@ fn a_conditional_run_reports_swd_and_generate_draws_the_requested_class() {
     assert_eq!(all.size(), [2 * cell + 2, 5 * cell + 2], "one row per class");
     assert!(all.narrow(0, cell, cell + 2).equal(&ring), "the ring row of the full grid is the --class ring grid");
     assert!(!all.narrow(0, 0, cell + 2).equal(&ring), "the disc row differs");
+    // The sampling runs in the worker binary: its errors reach the user once, as the command's.
+    let missing = out.join("no-such-latents.txt");
+    let failed =
+        cluster.client(&["generate", &sweep_id, "--latent", &missing.to_string_lossy(), "--out", &out.join("x.png").to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(stderr.contains("no-such-latents.txt") && stderr.matches("error:").count() == 1, "{stderr}");
 }
 
 #[test]

@@ -12,8 +12,11 @@ use tracing_subscriber::Layer;
 /// Runs Cohort trials for a coordinator: registers, leases tasks, trains them with libtorch,
 /// streams metrics and uploads checkpoints.
 #[derive(Debug, Parser)]
-#[command(name = "worker", version)]
+#[command(name = "worker", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Without one: run the daemon.
+    #[command(subcommand)]
+    command: Option<WorkerCommand>,
     /// Coordinator URL (https:// with --tls-ca).
     #[arg(long, env = "COHORT_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
@@ -68,6 +71,67 @@ struct Args {
     /// started with this flag.
     #[arg(long)]
     allow_commands: bool,
+}
+
+/// What the worker binary does besides running the daemon.
+#[derive(Debug, clap::Subcommand)]
+enum WorkerCommand {
+    /// Sample a WGAN-GP checkpoint file into a PNG grid, with libtorch on the CPU and no
+    /// coordinator; prints the grid's shape as JSON. `coordinator generate` runs this after
+    /// downloading the checkpoint, so that the coordinator's binary needs no libtorch.
+    Generate(GenerateArgs),
+}
+
+/// `worker generate`'s arguments (see `cohort_worker::generate`).
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// The checkpoint (safetensors holding `model.generator.*`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// A conditional generator's rows: these classes, by index (repeatable; default: every class).
+    #[arg(long = "class-index")]
+    classes: Vec<i64>,
+    /// Random vectors to draw (one column each).
+    #[arg(long, default_value_t = 16)]
+    count: i64,
+    /// Seeds the random vectors.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Draw the vectors of this latent file (one vector a line) instead.
+    #[arg(long, conflicts_with = "interpolate")]
+    latent: Option<PathBuf>,
+    /// Write the vectors used to this latent file.
+    #[arg(long)]
+    save_latent: Option<PathBuf>,
+    /// One row from the first vector of latent file A to the first of latent file B.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    interpolate: Option<Vec<PathBuf>>,
+    /// Images of the interpolation, both ends included.
+    #[arg(long, default_value_t = 8)]
+    steps: i64,
+}
+
+/// Draws the grid and prints `{"rows": R, "columns": C, "row_classes": [...]}`.
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use cohort_worker::generate::{self, Latents, Request};
+    let latents = match (args.interpolate, args.latent) {
+        (Some(ends), _) => {
+            let [from, to]: [PathBuf; 2] = ends.try_into().map_err(|_| anyhow::anyhow!("--interpolate takes two latent files"))?;
+            Latents::Interpolate { from, to, steps: args.steps }
+        }
+        (None, Some(file)) => Latents::File(file),
+        (None, None) => Latents::Random { count: args.count, seed: args.seed },
+    };
+    let request = Request { latents, classes: args.classes, save_latent: args.save_latent };
+    let generator = generate::load_generator(&args.checkpoint)?;
+    let grid = generator.draw(&request)?;
+    generate::write_png(&grid, &args.out)?;
+    // `{:?}` of a Vec<i64> is a JSON array.
+    println!(r#"{{"rows": {}, "columns": {}, "row_classes": {:?}}}"#, grid.rows, grid.columns, grid.row_classes);
+    Ok(())
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -132,7 +196,11 @@ async fn run() -> anyhow::Result<()> {
     if !allocator_tuned {
         tracing::warn!("malloc settings for training not applied: training steps may page-fault more");
     }
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(WorkerCommand::Generate(generate_args)) = args.command.take() {
+        // libtorch on a thread of its own, not the runtime's.
+        return tokio::task::spawn_blocking(move || generate(generate_args)).await?;
+    }
     // Each task's training thread sets its count from the plan as it starts; inter-op threads
     // (unused by the recipes) stay at one.
     let threads = std::sync::Arc::new(cohort_worker::host_threads::ThreadPlan::new(

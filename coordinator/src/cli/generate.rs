@@ -1,14 +1,14 @@
 //! `coordinator generate`: samples a trained WGAN-GP's generator on demand. The checkpoint (a
 //! sweep's `train` trial's final one, a task's final one, or a named blob) is downloaded from
-//! the coordinator, then the generator runs with libtorch on the CPU in this process
-//! (`cohort_worker::generate`): no worker takes part.
+//! the coordinator, then `worker generate` (the worker binary beside this one, which holds
+//! libtorch) runs the generator on the CPU of this machine: no worker daemon takes part. The
+//! coordinator's binary links no libtorch, so every other command starts without loading it.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use cohort_proto::task::{TrialKind, TrialSpec};
-use cohort_worker::generate::{self, Latents, Request};
 
 use super::results::{self, Download};
 
@@ -35,6 +35,14 @@ pub struct GenerateOptions {
     pub steps: i64,
     /// The PNG.
     pub out: PathBuf,
+}
+
+/// What `worker generate` prints: the grid's shape.
+#[derive(Debug, serde::Deserialize)]
+struct GridShape {
+    rows: i64,
+    columns: i64,
+    row_classes: Vec<i64>,
 }
 
 /// The class names of an image-folder dataset from its file names: the folders under `train/`
@@ -92,22 +100,28 @@ pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow
     let dir = tempfile::tempdir()?;
     let checkpoint = dir.path().join("checkpoint.safetensors");
     results::download(client, &what, &checkpoint).await.with_context(|| format!("downloading the checkpoint of {}", options.target))?;
-    let latents = match (&options.interpolate, &options.latent) {
-        (Some((from, to)), _) => Latents::Interpolate { from: from.clone(), to: to.clone(), steps: options.steps },
-        (None, Some(file)) => Latents::File(file.clone()),
-        (None, None) => Latents::Random { count: options.count, seed: options.seed },
+    let mut command = tokio::process::Command::new(super::local::worker_binary()?);
+    command.arg("generate").arg("--checkpoint").arg(&checkpoint).arg("--out").arg(&options.out);
+    for class in classes {
+        command.arg("--class-index").arg(class.to_string());
+    }
+    match (&options.interpolate, &options.latent) {
+        (Some((from, to)), _) => command.arg("--interpolate").arg(from).arg(to).arg("--steps").arg(options.steps.to_string()),
+        (None, Some(file)) => command.arg("--latent").arg(file),
+        (None, None) => command.arg("--count").arg(options.count.to_string()).arg("--seed").arg(options.seed.to_string()),
     };
-    let request = Request { latents, classes, save_latent: options.save_latent.clone() };
-    let out = options.out.clone();
-    // libtorch on a thread of its own, not the runtime's.
-    let grid = tokio::task::spawn_blocking(move || -> anyhow::Result<(i64, i64, Vec<i64>)> {
-        let generator = generate::load_generator(&checkpoint)?;
-        let grid = generator.draw(&request)?;
-        generate::write_png(&grid, &out)?;
-        Ok((grid.rows, grid.columns, grid.row_classes))
-    })
-    .await??;
-    let (rows, columns, row_classes) = grid;
+    if let Some(file) = &options.save_latent {
+        command.arg("--save-latent").arg(file);
+    }
+    let output = command.kill_on_drop(true).output().await.context("running `worker generate`")?;
+    if !output.status.success() {
+        // The worker says why on stderr, as "error: …".
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = stderr.trim().strip_prefix("error: ").unwrap_or(stderr.trim());
+        anyhow::bail!("{reason}");
+    }
+    let grid: GridShape = serde_json::from_slice(&output.stdout).context("reading `worker generate`'s answer")?;
+    let GridShape { rows, columns, row_classes } = grid;
     let labels: Vec<String> = row_classes.iter().map(|&c| names.get(c as usize).cloned().unwrap_or_else(|| c.to_string())).collect();
     let rows_text = if labels.is_empty() { format!("{rows} rows") } else { format!("rows: {}", labels.join(", ")) };
     Ok(format!("wrote {} ({rows_text}; {columns} columns)", options.out.display()))

@@ -32,7 +32,8 @@ pub struct LocalOptions {
     pub report: Option<PathBuf>,
 }
 
-fn worker_binary() -> anyhow::Result<PathBuf> {
+/// The `worker` binary beside this one (both are built and installed together).
+pub(crate) fn worker_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("cannot locate this executable")?;
     let worker = me.with_file_name("worker");
     if !worker.is_file() {
