@@ -237,24 +237,8 @@ enum Command {
         /// Only this class's row (its image-folder name, or its index).
         #[arg(long)]
         class: Option<String>,
-        /// Random vectors to draw (one column each).
-        #[arg(long, default_value_t = 16)]
-        count: i64,
-        /// Seeds the random vectors.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Draw the vectors of this latent file (one vector a line) instead.
-        #[arg(long, conflicts_with = "interpolate")]
-        latent: Option<PathBuf>,
-        /// Write the vectors used to this latent file.
-        #[arg(long)]
-        save_latent: Option<PathBuf>,
-        /// One row from the first vector of latent file A to the first of latent file B.
-        #[arg(long, num_args = 2, value_names = ["A", "B"])]
-        interpolate: Option<Vec<PathBuf>>,
-        /// Images of the interpolation, both ends included.
-        #[arg(long, default_value_t = 8)]
-        steps: i64,
+        #[command(flatten)]
+        latents: cohort_proto::sampling::LatentArgs,
         /// A checkpoint blob (SHA-256, see `checkpoints ID`) instead of the final checkpoint.
         #[arg(long)]
         checkpoint: Option<String>,
@@ -580,11 +564,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             results::download(&mut client, &what, &output).await.with_context(|| format!("downloading {checkpoint}"))?;
             eprintln!("wrote {}", output.display());
         }
-        Command::Generate { target, class, count, seed, latent, save_latent, interpolate, steps, checkpoint, out } => {
+        Command::Generate { target, class, latents, checkpoint, out } => {
             let mut client = connect(&remote).await?;
-            let interpolate = interpolate.map(|pair| (pair[0].clone(), pair[1].clone()));
-            let options =
-                cli::generate::GenerateOptions { target, checkpoint, class, count, seed, latent, save_latent, interpolate, steps, out };
+            let options = cli::generate::GenerateOptions { target, checkpoint, class, latents, out };
             println!("{}", cli::generate::run(&mut client, options).await?);
         }
         Command::Local { file, workers, data_dir, format, report } => {

@@ -19,5 +19,6 @@ pub mod auth;
 pub mod errors;
 pub mod lease;
 pub mod metrics_http;
+pub mod sampling;
 pub mod task;
 pub mod transfer;

@@ -94,38 +94,23 @@ struct GenerateArgs {
     /// A conditional generator's rows: these classes, by index (repeatable; default: every class).
     #[arg(long = "class-index")]
     classes: Vec<i64>,
-    /// Random vectors to draw (one column each).
-    #[arg(long, default_value_t = 16)]
-    count: i64,
-    /// Seeds the random vectors.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Draw the vectors of this latent file (one vector a line) instead.
-    #[arg(long, conflicts_with = "interpolate")]
-    latent: Option<PathBuf>,
-    /// Write the vectors used to this latent file.
-    #[arg(long)]
-    save_latent: Option<PathBuf>,
-    /// One row from the first vector of latent file A to the first of latent file B.
-    #[arg(long, num_args = 2, value_names = ["A", "B"])]
-    interpolate: Option<Vec<PathBuf>>,
-    /// Images of the interpolation, both ends included.
-    #[arg(long, default_value_t = 8)]
-    steps: i64,
+    #[command(flatten)]
+    latents: cohort_proto::sampling::LatentArgs,
 }
 
 /// Draws the grid and prints `{"rows": R, "columns": C, "row_classes": [...]}`.
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use cohort_worker::generate::{self, Latents, Request};
-    let latents = match (args.interpolate, args.latent) {
+    let options = args.latents;
+    let latents = match (options.interpolate, options.latent) {
         (Some(ends), _) => {
             let [from, to]: [PathBuf; 2] = ends.try_into().map_err(|_| anyhow::anyhow!("--interpolate takes two latent files"))?;
-            Latents::Interpolate { from, to, steps: args.steps }
+            Latents::Interpolate { from, to, steps: options.steps }
         }
         (None, Some(file)) => Latents::File(file),
-        (None, None) => Latents::Random { count: args.count, seed: args.seed },
+        (None, None) => Latents::Random { count: options.count, seed: options.seed },
     };
-    let request = Request { latents, classes: args.classes, save_latent: args.save_latent };
+    let request = Request { latents, classes: args.classes, save_latent: options.save_latent };
     let generator = generate::load_generator(&args.checkpoint)?;
     let grid = generator.draw(&request)?;
     generate::write_png(&grid, &args.out)?;

@@ -21,18 +21,8 @@ pub struct GenerateOptions {
     pub checkpoint: Option<String>,
     /// A class by name (or index): only its row.
     pub class: Option<String>,
-    /// Random vectors drawn.
-    pub count: i64,
-    /// Seeds them.
-    pub seed: u64,
-    /// Vectors from a latent file instead.
-    pub latent: Option<PathBuf>,
-    /// Write the vectors used here.
-    pub save_latent: Option<PathBuf>,
-    /// A row from the first vector of one latent file to the first of another.
-    pub interpolate: Option<(PathBuf, PathBuf)>,
-    /// Images of the interpolation.
-    pub steps: i64,
+    /// The noise vectors.
+    pub latents: cohort_proto::sampling::LatentArgs,
     /// The PNG.
     pub out: PathBuf,
 }
@@ -105,14 +95,7 @@ pub async fn run(client: &mut super::Client, options: GenerateOptions) -> anyhow
     for class in classes {
         command.arg("--class-index").arg(class.to_string());
     }
-    match (&options.interpolate, &options.latent) {
-        (Some((from, to)), _) => command.arg("--interpolate").arg(from).arg(to).arg("--steps").arg(options.steps.to_string()),
-        (None, Some(file)) => command.arg("--latent").arg(file),
-        (None, None) => command.arg("--count").arg(options.count.to_string()).arg("--seed").arg(options.seed.to_string()),
-    };
-    if let Some(file) = &options.save_latent {
-        command.arg("--save-latent").arg(file);
-    }
+    command.args(options.latents.to_args());
     let output = command.kill_on_drop(true).output().await.context("running `worker generate`")?;
     if !output.status.success() {
         // The worker says why on stderr, as "error: …".
