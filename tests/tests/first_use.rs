@@ -255,8 +255,17 @@ fn a_finished_sweep_reads_back_by_name_and_as_data() {
     assert!(status.contains("has the device it needs (it runs on workers with a CUDA device)"), "{status}");
     cluster.client_ok(&["cancel", &nccl_id]);
 
-    // The worker listing: its device and where its time went, as data.
-    let workers: Value = serde_json::from_str(&cluster.client_ok(&["workers", "--format", "json"])).unwrap();
+    // The worker listing: its device and where its time went, as data. The time by phase comes
+    // with the worker's heartbeats (one a second), so the training above may not be in it yet:
+    // the CLI answers in milliseconds since it stopped loading libtorch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let workers = loop {
+        let workers: Value = serde_json::from_str(&cluster.client_ok(&["workers", "--format", "json"])).unwrap();
+        if workers[0]["phase_seconds"]["train"].as_f64().unwrap() > 0.0 || Instant::now() > deadline {
+            break workers;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(workers[0]["name"], "alpha", "{workers}");
     assert_eq!(workers[0]["device"], "cpu", "{workers}");
     assert_eq!(workers[0]["allow_commands"], false, "{workers}");
