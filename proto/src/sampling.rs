@@ -28,6 +28,25 @@ pub struct LatentArgs {
     pub steps: i64,
 }
 
+/// What `worker generate` prints on stdout and `coordinator generate` reads back: the shape of
+/// the grid it drew.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GridShape {
+    /// Rows (one per class for a conditional generator).
+    pub rows: i64,
+    /// Columns.
+    pub columns: i64,
+    /// The class of each row (conditional generators).
+    pub row_classes: Vec<i64>,
+}
+
+impl GridShape {
+    /// The line `worker generate` prints.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("integers serialize")
+    }
+}
+
 impl LatentArgs {
     /// The same options as command-line arguments, for the command that draws them.
     pub fn to_args(&self) -> Vec<OsString> {

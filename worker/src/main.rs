@@ -98,7 +98,7 @@ struct GenerateArgs {
     latents: cohort_proto::sampling::LatentArgs,
 }
 
-/// Draws the grid and prints `{"rows": R, "columns": C, "row_classes": [...]}`.
+/// Draws the grid and prints its shape (`cohort_proto::sampling::GridShape`) as JSON.
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use cohort_worker::generate::{self, Latents, Request};
     let options = args.latents;
@@ -114,8 +114,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let generator = generate::load_generator(&args.checkpoint)?;
     let grid = generator.draw(&request)?;
     generate::write_png(&grid, &args.out)?;
-    // `{:?}` of a Vec<i64> is a JSON array.
-    println!(r#"{{"rows": {}, "columns": {}, "row_classes": {:?}}}"#, grid.rows, grid.columns, grid.row_classes);
+    let shape = cohort_proto::sampling::GridShape { rows: grid.rows, columns: grid.columns, row_classes: grid.row_classes };
+    println!("{}", shape.to_json());
     Ok(())
 }
 

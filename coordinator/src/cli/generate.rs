@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use cohort_proto::sampling::GridShape;
 use cohort_proto::task::{TrialKind, TrialSpec};
 
 use super::results::{self, Download};
@@ -25,14 +26,6 @@ pub struct GenerateOptions {
     pub latents: cohort_proto::sampling::LatentArgs,
     /// The PNG.
     pub out: PathBuf,
-}
-
-/// What `worker generate` prints: the grid's shape.
-#[derive(Debug, serde::Deserialize)]
-struct GridShape {
-    rows: i64,
-    columns: i64,
-    row_classes: Vec<i64>,
 }
 
 /// The class names of an image-folder dataset from its file names: the folders under `train/`
