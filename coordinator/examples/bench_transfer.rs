@@ -6,12 +6,13 @@
 //!
 //! - the anchors: a read+write copy loop (1 MiB buffer) and `std::fs::copy` (on Linux an in-kernel
 //!   `copy_file_range`) of the same file into the same folder, each ending with an fsync;
-//! - an upload through the coordinator in each of its two forms, back to back: one pass,
-//!   `UploadBlob` of `transfer::file_chunks_hash_at_end` (hashed while sent, the hash last), as the
-//!   worker sends a checkpoint and `coordinator submit` a dataset file its hash cache does not
-//!   know; and, as the "before" beside it, a hash pass (`transfer::hash_file`) then `UploadBlob` of
-//!   `transfer::file_chunks`, as both sent before. The coordinator verifies the hash and fsyncs the
-//!   blob before it answers;
+//! - an upload through the coordinator in each of its three forms, back to back: one pass,
+//!   `UploadBlob` of `transfer::file_chunks_checksum_at_end` (the CRC-32 last, the coordinator
+//!   naming the blob by the SHA-256 it computes), as the worker sends a checkpoint and
+//!   `coordinator submit` a dataset file its hash cache does not know; and, as the two "befores"
+//!   beside it, `transfer::file_chunks_hash_at_end` (hashed while sent, the hash last) and a hash
+//!   pass (`transfer::hash_file`) then `UploadBlob` of `transfer::file_chunks`. The coordinator
+//!   hashes and checks what it receives and fsyncs the blob before it answers;
 //! - a download with the same calls as the worker's blob cache and `coordinator download`:
 //!   `FetchBlob`/`DownloadBlob` into `transfer::receive_to_file`, which hashes, verifies and fsyncs.
 //!
@@ -26,8 +27,8 @@
 //! which on a virtual machine whose host takes freed memory back costs more than the copy itself.
 //!
 //! Prints one JSON line: per file, the median MB/s (10^6 bytes per second) of each measurement,
-//! the hash pass and the `UploadBlob` call of the upload apart, and the CPU seconds per GB that
-//! the uploads, the downloads (this process and the coordinator together) and the copy loop took.
+//! the hash pass alone, and the CPU seconds per GB that the uploads in their two one-pass forms,
+//! the downloads (this process and the coordinator together) and the copy loop took.
 //! Each repetition's figures go to stderr as it ends.
 //!
 //! Run: `make bench-transfer`, or
@@ -155,21 +156,25 @@ enum Form {
     /// A hash pass over the file, then the stream with the hash in its first chunk: how both
     /// `coordinator submit` and the worker sent files before (timed as the "before").
     HashFirst,
-    /// One pass: the file hashed while it is sent, the hash in the stream's last chunk: how the
-    /// worker sends checkpoints and artifacts, and `coordinator submit` a file its hash cache
-    /// does not know (one it knows and the coordinator holds is not sent at all).
+    /// One pass: the file hashed while it is sent, the hash in the stream's last chunk: how both
+    /// sent files before checksums.
     HashAtEnd,
+    /// One pass ending with the file's CRC-32, the coordinator naming the blob: how the worker
+    /// sends checkpoints and artifacts, and `coordinator submit` a file its hash cache does not
+    /// know (one it knows and the coordinator holds is not sent at all).
+    ChecksumAtEnd,
 }
 
 /// Uploads `path` in `form` through the route's service, as the users' commands and the worker
-/// do; returns its ref and when the `UploadBlob` call began (after the hash pass, if any).
-async fn upload(route: Route, form: Form, client: &mut Client, worker: &mut Worker, path: &Path) -> anyhow::Result<(pb::BlobRef, Instant)> {
-    let (chunks, call_started): (std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::BlobChunk> + Send>>, Instant) = match form {
+/// do; returns its ref.
+async fn upload(route: Route, form: Form, client: &mut Client, worker: &mut Worker, path: &Path) -> anyhow::Result<pb::BlobRef> {
+    let chunks: std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::BlobChunk> + Send>> = match form {
         Form::HashFirst => {
             let blob = transfer::hash_file(path).await?;
-            (Box::pin(transfer::file_chunks(path.to_path_buf(), blob)), Instant::now())
+            Box::pin(transfer::file_chunks(path.to_path_buf(), blob))
         }
-        Form::HashAtEnd => (Box::pin(transfer::file_chunks_hash_at_end(path.to_path_buf())), Instant::now()),
+        Form::HashAtEnd => Box::pin(transfer::file_chunks_hash_at_end(path.to_path_buf())),
+        Form::ChecksumAtEnd => Box::pin(transfer::file_chunks_checksum_at_end(path.to_path_buf())),
     };
     let response = match route {
         Route::Dataset => client.upload_blob(chunks).await?.into_inner(),
@@ -179,7 +184,7 @@ async fn upload(route: Route, form: Form, client: &mut Client, worker: &mut Work
     if response.already_present {
         bail!("the coordinator already held {}: the upload was not timed", blob.sha256);
     }
-    Ok((blob, call_started))
+    Ok(blob)
 }
 
 /// Downloads `blob` into `destination`, verified, as the worker's cache and `coordinator download` do.
@@ -272,10 +277,10 @@ struct Round {
     upload: f64,
     upload_hash_first: f64,
     upload_hash_at_end: f64,
-    upload_call: f64,
     download: f64,
     copy_loop_cpu_seconds: f64,
     upload_cpu_seconds: f64,
+    upload_hash_at_end_cpu_seconds: f64,
     download_cpu_seconds: f64,
 }
 
@@ -322,30 +327,29 @@ impl Bench<'_> {
         transfer::hash_file(source).await?;
         round.hash = megabytes_per_second(bytes, started.elapsed());
 
-        // Both forms of the upload, back to back (the stored blob removed in between); the
-        // clients' form now, hashed at the end, is the one reported as `upload`.
+        // The three forms of the upload, back to back (the stored blob removed in between); the
+        // clients' form now, the checksum at the end, is the one reported as `upload`.
         let mut stored = None;
-        for form in [Form::HashFirst, Form::HashAtEnd] {
-            if let Some(blob) = stored.take() {
-                let blob: pb::BlobRef = blob;
+        for form in [Form::HashFirst, Form::HashAtEnd, Form::ChecksumAtEnd] {
+            if let Some(blob) = &stored {
+                let blob: &pb::BlobRef = blob;
                 std::fs::remove_file(self.coordinator.blob_path(&blob.sha256))?;
             }
             self.before_write(bytes)?;
             let cpu_before = cpu_both(self.coordinator)?;
             let started = Instant::now();
-            let (blob, call_started) = upload(route, form, self.client, self.worker, source)
+            let blob = upload(route, form, self.client, self.worker, source)
                 .await
                 .with_context(|| format!("uploading the {} file", route.label()))?;
             let rate = megabytes_per_second(bytes, started.elapsed());
             let cpu = cpu_both(self.coordinator)? - cpu_before;
             match form {
                 Form::HashFirst => round.upload_hash_first = rate,
-                Form::HashAtEnd => round.upload_hash_at_end = rate,
+                Form::HashAtEnd => (round.upload_hash_at_end, round.upload_hash_at_end_cpu_seconds) = (rate, cpu),
+                Form::ChecksumAtEnd => (round.upload, round.upload_cpu_seconds) = (rate, cpu),
             }
-            if form == Form::HashAtEnd {
-                round.upload = rate;
-                round.upload_call = megabytes_per_second(bytes, call_started.elapsed());
-                round.upload_cpu_seconds = cpu;
+            if stored.as_ref().is_some_and(|previous| *previous != blob) {
+                bail!("the {} file was stored as {blob:?} in one form, {stored:?} in another", route.label());
             }
             stored = Some(blob);
         }
@@ -434,12 +438,12 @@ async fn main() -> anyhow::Result<()> {
             "fs_copy_mb_s": median_of(&rounds, |r| r.fs_copy),
             "hash_mb_s": median_of(&rounds, |r| r.hash),
             "upload_mb_s": median_of(&rounds, |r| r.upload),
-            "upload_call_mb_s": median_of(&rounds, |r| r.upload_call),
             "upload_hash_first_mb_s": median_of(&rounds, |r| r.upload_hash_first),
             "upload_hash_at_end_mb_s": median_of(&rounds, |r| r.upload_hash_at_end),
             "download_mb_s": median_of(&rounds, |r| r.download),
             "copy_loop_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.copy_loop_cpu_seconds),
             "upload_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.upload_cpu_seconds),
+            "upload_hash_at_end_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.upload_hash_at_end_cpu_seconds),
             "download_cpu_s_per_gb": cpu_per_gigabyte(&rounds, bytes, |r| r.download_cpu_seconds),
         }));
     }

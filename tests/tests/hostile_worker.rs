@@ -168,7 +168,7 @@ async fn a_worker_token_cannot_touch_another_workers_trial() {
         };
         refused(attacker.client.rendezvous(join).await, Code::PermissionDenied, "lease secret");
         let lease = UploadLease { worker_id: worker_id.clone(), task_id: task_id.clone(), attempt: 1, secret: secret.clone() };
-        let chunk = pb::BlobChunk { sha256: "b".repeat(64), size: 3, data: b"abc".to_vec().into() };
+        let chunk = pb::BlobChunk { sha256: "b".repeat(64), size: 3, data: b"abc".to_vec().into(), crc32: None };
         let mut upload = tonic::Request::new(tokio_stream::iter(vec![chunk]));
         lease.attach(upload.metadata_mut()).unwrap();
         refused(attacker.client.upload_blob(upload).await, Code::PermissionDenied, "lease secret");
@@ -272,7 +272,7 @@ async fn a_lease_holder_cannot_store_bad_or_unbounded_input() {
 
     // An upload that stalls after its first chunk is dropped.
     let lease = UploadLease { worker_id: attacker.worker_id.clone(), task_id: task_id.clone(), attempt, secret: secret.clone() };
-    let first = pb::BlobChunk { sha256: "c".repeat(64), size: 1 << 20, data: vec![0u8; 1024].into() };
+    let first = pb::BlobChunk { sha256: "c".repeat(64), size: 1 << 20, data: vec![0u8; 1024].into(), crc32: None };
     let stalled = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![first]), tokio_stream::pending());
     let mut upload = tonic::Request::new(stalled);
     lease.attach(upload.metadata_mut()).unwrap();

@@ -1,7 +1,8 @@
-//! Uploads that name their hash in the stream's last chunk (the worker's form since checkpoints
-//! are hashed while they are sent), against the real coordinator: the blob appears under its
-//! hash only once verified, a wrong or missing hash is refused and leaves nothing behind, and
-//! the coordinator's answer names the blob.
+//! Uploads named in the stream's last chunk, against the real coordinator: by the sender's hash
+//! (hashed while sent), or by a CRC-32 alone (how the worker and `submit` send now), when the
+//! coordinator names the blob by the SHA-256 it computes. Either way the blob appears under its
+//! hash only once verified, a wrong or missing hash or checksum is refused and leaves nothing
+//! behind, and the coordinator's answer names the blob.
 
 use std::path::{Path, PathBuf};
 
@@ -81,4 +82,58 @@ async fn uploads_hashed_at_end_are_stored_only_when_their_hash_checks_out() {
     let copy = dir.path().join("copy.bin");
     assert_eq!(transfer::receive_to_file(download, &copy, Some(&blob.sha256), u64::MAX).await.unwrap(), blob);
     assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_ending_with_a_checksum_are_named_by_the_coordinator() {
+    let cluster = Cluster::start();
+    let options = ConnectOptions { url: cluster.url(), token_file: Some(cluster.client_token()), tls_ca: None };
+    let (channel, token) = options.lazy_channel().expect("channel");
+    let mut client =
+        ClientServiceClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+    let blobs = cluster.data_dir().join("blobs");
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("dataset.bin");
+    let bytes: Vec<u8> = (0..3 * BLOB_CHUNK_BYTES + 45).map(|i| (i * 11 % 253) as u8).collect();
+    std::fs::write(&source, &bytes).unwrap();
+    let blob = transfer::hash_file(&source).await.unwrap();
+    let chunks: Vec<pb::BlobChunk> = transfer::file_chunks_checksum_at_end(source.clone()).collect().await;
+    let last = chunks.last().unwrap();
+    assert!(last.sha256.is_empty() && last.data.is_empty());
+    assert_eq!(last.crc32, Some(crc32fast::hash(&bytes)));
+
+    // A wrong checksum, a corrupted chunk under the true one, a checksum on a data chunk, and a
+    // stream that stops before its checksum: each refused, and nothing is stored.
+    let mut wrong = chunks.clone();
+    wrong.last_mut().unwrap().crc32 = Some(crc32fast::hash(&bytes) ^ 1);
+    let mut corrupted = chunks.clone();
+    let mut flipped = corrupted[2].data.to_vec();
+    flipped[100] ^= 0x10;
+    corrupted[2].data = flipped.into();
+    let mut early = chunks.clone();
+    early[0].crc32 = Some(0);
+    let unfinished = chunks[..chunks.len() - 1].to_vec();
+    for (what, stream) in [
+        ("a wrong checksum", wrong),
+        ("a corrupted chunk", corrupted),
+        ("a checksum on the first chunk", early),
+        ("no checksum", unfinished),
+    ] {
+        let status = client.upload_blob(tokio_stream::iter(stream)).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(stored_files(&blobs).is_empty(), "{what} left {:?}", stored_files(&blobs));
+    }
+
+    // The whole stream: stored under the hash of its bytes, which the answer names.
+    let answer = client.upload_blob(tokio_stream::iter(chunks.clone())).await.expect("a true upload").into_inner();
+    assert_eq!(answer.blob, Some(blob.clone()));
+    assert!(!answer.already_present);
+    let stored = blobs.join(&blob.sha256[..2]).join(&blob.sha256);
+    assert_eq!(stored_files(&blobs), vec![stored.clone()]);
+    assert_eq!(std::fs::read(&stored).unwrap(), bytes);
+    let again = client.upload_blob(tokio_stream::iter(chunks)).await.expect("a repeated upload").into_inner();
+    assert!(again.already_present);
+    assert_eq!(again.blob, Some(blob));
+    assert_eq!(stored_files(&blobs), vec![stored]);
 }

@@ -2,8 +2,8 @@
 //! the same dataset again asks the coordinator whether it holds them (`HasBlobs`) instead of
 //! sending them again, without a hash pass over every file before every submission.
 //!
-//! A file is sent hashed while it streams, the hash in the stream's last chunk; once the
-//! coordinator has verified and stored it, its hash is recorded here under the file's absolute
+//! A file is sent in one pass, its CRC-32 in the stream's last chunk; once the coordinator has
+//! checked and stored it, the hash the coordinator named it by is recorded here under the file's absolute
 //! path with the file's stamp: device, inode, size, modification and change times. A later
 //! lookup trusts the hash only while the stamp is the same. Writing a file changes its
 //! modification and change times, replacing it changes its inode, and setting the times back

@@ -1,7 +1,7 @@
 //! `coordinator submit`: validate a sweep file, upload its dataset, register it.
 //!
-//! Each file is sent hashed while it streams, the hash in the stream's last chunk, which the
-//! coordinator verifies before the blob appears: one pass over the file. A file this machine sent
+//! Each file is sent in one pass, its CRC-32 in the stream's last chunk; the coordinator checks
+//! it, names the blob by the SHA-256 of what it received, and only then lets the blob appear. A file this machine sent
 //! before, unchanged since ([`super::hash_cache`]), is named by its cached hash and asked about
 //! with `HasBlobs` first, so a re-submitted dataset the coordinator holds is not sent again.
 
@@ -279,8 +279,8 @@ pub struct UploadCounts {
 /// Uploads the files the coordinator lacks; returns every file as a dataset entry.
 ///
 /// Files `cache` knows, unchanged, are asked about in one `HasBlobs` call and not sent when the
-/// coordinator holds them; every other file is sent hashed while it streams and, once stored,
-/// recorded in `cache` (the caller saves it).
+/// coordinator holds them; every other file is sent (its checksum last) and, once stored,
+/// recorded in `cache` under the coordinator's name for it (the caller saves it).
 async fn upload_dataset(
     client: &mut super::Client,
     files: &[(String, PathBuf)],
@@ -326,16 +326,16 @@ async fn upload_dataset(
     Ok((entries, counts))
 }
 
-/// Sends one file hashed while it streams; returns the blob it was, as this side hashed it and
-/// the coordinator stored it.
+/// Sends one file with its CRC-32 at the end; returns the blob the coordinator stored it as,
+/// named by the SHA-256 of the bytes it received once they matched that checksum.
 async fn upload_file(client: &mut super::Client, path: &Path) -> anyhow::Result<pb::BlobRef> {
-    let (chunks, sent) = transfer::file_chunks_hash_at_end_reporting(path.to_path_buf());
+    let (chunks, sent) = transfer::file_chunks_ending(path.to_path_buf(), transfer::StreamEnd::Checksum);
     let answer = client.upload_blob(chunks).await.map_err(super::rpc_error)?.into_inner();
     let sent = sent.await.with_context(|| format!("{} changed or could not be read while it was sent", path.display()))?;
-    if answer.blob.as_ref() != Some(&sent) {
-        bail!("the coordinator answered {:?} for the blob sent as {sent:?}", answer.blob);
-    }
-    Ok(sent)
+    let Some(blob) = answer.blob.filter(|blob| transfer::is_sha256_hex(&blob.sha256) && blob.size == sent.size) else {
+        bail!("the coordinator's answer does not name a blob of the {} bytes sent", sent.size);
+    };
+    Ok(blob)
 }
 
 /// Submits (or with `dry_run`, plans) the sweep; returns the response.
@@ -562,7 +562,7 @@ mod tests {
         names
     }
 
-    /// A first submit sends every file (hashed while sent) and caches their hashes; a re-submit
+    /// A first submit sends every file and caches their hashes; a re-submit
     /// sends none; a file changed since, or one the coordinator no longer holds, is sent again,
     /// and the dataset names what was sent.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

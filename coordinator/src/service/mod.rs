@@ -56,7 +56,9 @@ fn transfer_status(error: TransferError) -> Status {
             tracing::error!(%error, "blob i/o failed");
             Status::internal(error.to_string())
         }
-        TransferError::HashMismatch { .. } | TransferError::Protocol(_) => Status::invalid_argument(error.to_string()),
+        TransferError::HashMismatch { .. } | TransferError::ChecksumMismatch { .. } | TransferError::Protocol(_) => {
+            Status::invalid_argument(error.to_string())
+        }
     }
 }
 
@@ -125,9 +127,10 @@ async fn record_upload(core: &Arc<Core>, lease: Option<UploadLease>, blob: &pb::
     blocking(core, move |core| core.record_lease_upload(&proof_of(&lease), &stored)).await
 }
 
-/// [`receive_blob`] of a stream that names its hash in its last chunk (hashed while sent, see
-/// [`transfer::file_chunks_hash_at_end`]): received into a hidden file in the store's folder,
-/// verified against the hash it ends with, and only then renamed to the blob's path. A blob
+/// [`receive_blob`] of a stream named in its last chunk ([`transfer::StreamEnd`]): by the
+/// sender's hash, or by its checksum alone, when the hash computed here names the blob. Received
+/// into a hidden file in the store's folder, verified against what the stream ends with, and
+/// only then renamed to the blob's path. A blob
 /// already stored stays as it is (the verified copy is dropped), and the answer says so.
 async fn receive_hashed_at_end(
     core: &Arc<Core>,

@@ -1,15 +1,20 @@
 //! Moving content-addressed blobs over gRPC streams, shared by every side that sends or stores one.
 //!
-//! A stream of [`BLOB_CHUNK_BYTES`] chunks carries a blob in one of two forms. Named up front
-//! ([`file_chunks`]): the sender hashed the file before sending, and the first chunk names the
-//! hash and size (what a stored blob's download does). Hashed at the end
-//! ([`file_chunks_hash_at_end`]): the first chunk names only the size (its `sha256` left empty),
-//! the sender hashes while it sends, and a last chunk without data names the hash; an upload then
-//! costs one pass over the file, not two. A receiver writes into a hidden temporary file, hashing
-//! as it goes, and the blob becomes visible only once the hash and size check out: renamed into
+//! A stream of [`BLOB_CHUNK_BYTES`] chunks carries a blob in one of three forms. Named up front
+//! ([`file_chunks`]): the sender knows the hash before sending, and the first chunk names the
+//! hash and size (what a stored blob's download does). Named at the end: the first chunk names
+//! only the size (its `sha256` left empty) and a last chunk without data names what the sender
+//! computed while it sent ([`StreamEnd`]): the SHA-256 ([`file_chunks_hash_at_end`]), or only
+//! the CRC-32 of the bytes ([`file_chunks_checksum_at_end`], how the worker and `submit` upload),
+//! in which case the receiver names the blob by the SHA-256 it computes itself. The receiver
+//! hashes every byte it takes whatever the form (a sender may lie about its name), so the
+//! sender's SHA-256 would only guard the way between the two against accidental damage, and a
+//! CRC-32 does that for a twentieth of the CPU; on a host that runs both ends, that CPU is the
+//! upload's limit. A receiver writes into a hidden temporary file, hashing
+//! as it goes, and the blob becomes visible only once the hash, checksum and size check out: renamed into
 //! place by [`receive_to_file`], or by [`VerifiedBlob::persist`] once the hash, and with it the
 //! blob's name, is known ([`receive_verified_within`]). An interrupted or corrupted transfer never
-//! leaves a partial blob visible, and a stream whose bytes do not hash to what it names is refused. A sender that stalls
+//! leaves a partial blob visible, and a stream whose bytes do not match what it names is refused. A sender that stalls
 //! between chunks, or takes too long overall, is cut off (see [`ReceiveTimeouts`]); a temporary
 //! file that a killed process left behind is found by [`is_partial_file_name`] and removed by
 //! [`remove_partial_files`].
@@ -98,6 +103,14 @@ pub enum TransferError {
         /// Hash of what arrived.
         actual: String,
     },
+    /// The bytes received do not match the CRC-32 the stream ended with: damaged on the way.
+    #[error("blob content has CRC-32 {actual:08x}, the sender sent {expected:08x}")]
+    ChecksumMismatch {
+        /// The sender's CRC-32.
+        expected: u32,
+        /// CRC-32 of what arrived.
+        actual: u32,
+    },
     /// The sender broke the stream's rules (no header, wrong size, too large).
     #[error("bad blob stream: {0}")]
     Protocol(String),
@@ -169,16 +182,31 @@ enum Piece {
     End,
 }
 
-/// Starts a thread hashing every [`Piece::Data`] it is handed; it returns the hash (lowercase
-/// hex) after [`Piece::End`], or `None` when its sender goes away first.
-fn start_hasher() -> (tokio::sync::mpsc::Sender<Piece>, tokio::task::JoinHandle<Option<String>>) {
+/// What a hashing thread computed over every byte it was handed.
+struct Digests {
+    /// SHA-256, lowercase hex.
+    sha256: String,
+    /// CRC-32, when it was asked for.
+    crc32: Option<u32>,
+}
+
+/// Starts a thread hashing every [`Piece::Data`] it is handed (and, `with_crc32`, taking its
+/// CRC-32 in the same pass); it returns the digests after [`Piece::End`], or `None` when its
+/// sender goes away first.
+fn start_hasher(with_crc32: bool) -> (tokio::sync::mpsc::Sender<Piece>, tokio::task::JoinHandle<Option<Digests>>) {
     let (sender, mut pieces) = tokio::sync::mpsc::channel::<Piece>(CHUNKS_IN_FLIGHT);
     let hasher = tokio::task::spawn_blocking(move || {
         let mut hasher = Sha256::new();
+        let mut checksum = with_crc32.then(crc32fast::Hasher::new);
         while let Some(piece) = pieces.blocking_recv() {
             match piece {
-                Piece::Data(data) => hasher.update(&data),
-                Piece::End => return Some(hex::encode(hasher.finalize())),
+                Piece::Data(data) => {
+                    if let Some(checksum) = checksum.as_mut() {
+                        checksum.update(&data);
+                    }
+                    hasher.update(&data);
+                }
+                Piece::End => return Some(Digests { sha256: hex::encode(hasher.finalize()), crc32: checksum.map(|c| c.finalize()) }),
             }
         }
         None
@@ -204,7 +232,7 @@ pub fn file_chunks(path: PathBuf, blob: BlobRef) -> impl Stream<Item = BlobChunk
             };
             let last = data.len() < BLOB_CHUNK_BYTES;
             let chunk = match header.take() {
-                Some(blob) => BlobChunk { sha256: blob.sha256, size: blob.size, data: data.into() },
+                Some(blob) => BlobChunk { sha256: blob.sha256, size: blob.size, data: data.into(), crc32: None },
                 None if data.is_empty() => return,
                 None => BlobChunk { data: data.into(), ..BlobChunk::default() },
             };
@@ -216,75 +244,117 @@ pub fn file_chunks(path: PathBuf, blob: BlobRef) -> impl Stream<Item = BlobChunk
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
+/// What the last chunk of a stream named at the end names (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The SHA-256 of the bytes, hashed while they were read: the sender names the blob.
+    Hash,
+    /// The CRC-32 of the bytes alone: the receiver names the blob by the SHA-256 it computes
+    /// once the bytes match the checksum.
+    Checksum,
+}
+
+/// What a stream named at the end sent, once its last chunk is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFile {
+    /// Bytes sent, the size the first chunk named.
+    pub size: u64,
+    /// The SHA-256 the last chunk named ([`StreamEnd::Hash`]).
+    pub sha256: Option<String>,
+    /// The CRC-32 the last chunk named ([`StreamEnd::Checksum`]).
+    pub crc32: Option<u32>,
+}
+
 /// Streams a file whose hash is not known yet, hashing it as it is read: the first chunk names
 /// the file's size and leaves `sha256` empty, and after the data a last chunk without data names
 /// the hash (lowercase hex). One pass over the file instead of a hash pass and then the stream.
-///
-/// A read error, or a file shorter than its size at the start, ends the stream without the hash
-/// chunk: the receiver then refuses the blob. A file that grows while it is read is refused too
-/// (more bytes than the first chunk named).
+/// See [`file_chunks_ending`] for what ends such a stream early.
 pub fn file_chunks_hash_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> + Send + 'static {
-    file_chunks_hash_at_end_reporting(path).0
+    file_chunks_ending(path, StreamEnd::Hash).0
 }
 
-/// [`file_chunks_hash_at_end`], also handing back the blob the stream named: the receiver
-/// resolves once the hash chunk is queued, and fails when the stream ended without one. A
-/// sender that must know the hash (to name the file later, or to check what the coordinator
-/// answers) learns it from its own reading, not from the other side.
-pub fn file_chunks_hash_at_end_reporting(
+/// Streams a file as [`file_chunks_hash_at_end`] does, but ends with its CRC-32 alone, for the
+/// receiver to name the blob (how the worker and `coordinator submit` upload).
+pub fn file_chunks_checksum_at_end(path: PathBuf) -> impl Stream<Item = BlobChunk> + Send + 'static {
+    file_chunks_ending(path, StreamEnd::Checksum).0
+}
+
+/// Streams a file named at the end (the first chunk names its size, a last chunk without data
+/// names what `end` says), also handing back what the last chunk named: the receiver resolves
+/// once that chunk is queued, and fails when the stream ended without one.
+///
+/// A read error, or a file shorter than its size at the start, ends the stream without its last
+/// chunk: the receiver then refuses the blob. A file that grows while it is read is refused too
+/// (more bytes than the first chunk named).
+pub fn file_chunks_ending(
     path: PathBuf,
-) -> (impl Stream<Item = BlobChunk> + Send + 'static, tokio::sync::oneshot::Receiver<BlobRef>) {
+    end: StreamEnd,
+) -> (impl Stream<Item = BlobChunk> + Send + 'static, tokio::sync::oneshot::Receiver<SentFile>) {
     let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let (report, reported) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
-        let Ok(mut file) = std::fs::File::open(&path) else {
+        let Some(sent) = send_data_chunks(&path, end, &sender) else {
             return;
         };
-        let Ok(size) = file.metadata().map(|meta| meta.len()) else {
-            return;
-        };
-        // The hash runs beside this thread, which reads the next chunk meanwhile; dropping
-        // `to_hasher` without `Piece::End` (any early return) leaves the stream without its hash.
-        let (to_hasher, hasher) = start_hasher();
-        let mut first = true;
-        let mut sent = 0u64;
-        loop {
-            let Ok(data) = read_chunk(&mut file) else {
-                return;
-            };
-            let last = data.len() < BLOB_CHUNK_BYTES;
-            sent += data.len() as u64;
-            let data = prost::bytes::Bytes::from(data);
-            if !data.is_empty() && to_hasher.blocking_send(Piece::Data(data.clone())).is_err() {
-                return;
-            }
-            let chunk = match first {
-                true => BlobChunk { sha256: String::new(), size, data },
-                false if data.is_empty() => break,
-                false => BlobChunk { data, ..BlobChunk::default() },
-            };
-            first = false;
-            if sender.blocking_send(chunk).is_err() {
-                return;
-            }
-            if last {
-                break;
-            }
-        }
-        // A file cut short while it was read: no hash chunk, so the receiver refuses it rather
-        // than waiting for bytes that will not come.
-        if sent != size || to_hasher.blocking_send(Piece::End).is_err() {
-            return;
-        }
-        let Ok(Some(sha256)) = tokio::runtime::Handle::current().block_on(hasher) else {
-            return;
-        };
-        let blob = BlobRef { sha256: sha256.clone(), size };
-        if sender.blocking_send(BlobChunk { sha256, size, ..BlobChunk::default() }).is_ok() {
-            let _ = report.send(blob);
+        let last =
+            BlobChunk { sha256: sent.sha256.clone().unwrap_or_default(), size: sent.size, crc32: sent.crc32, ..BlobChunk::default() };
+        if sender.blocking_send(last).is_ok() {
+            let _ = report.send(sent);
         }
     });
     (tokio_stream::wrappers::ReceiverStream::new(receiver), reported)
+}
+
+/// Sends the data chunks of a stream named at the end (the first naming the file's size);
+/// returns what its last chunk must name, or `None` when the stream must end without one (the
+/// file could not be read whole, or the receiver went away).
+fn send_data_chunks(path: &Path, end: StreamEnd, sender: &tokio::sync::mpsc::Sender<BlobChunk>) -> Option<SentFile> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    // SHA-256 runs beside this thread, which reads the next chunk meanwhile; dropping its
+    // sender without `Piece::End` (any early return) stops it. The CRC-32 (over ten times
+    // faster) runs inline.
+    let hashing = (end == StreamEnd::Hash).then(|| start_hasher(false));
+    let mut checksum = (end == StreamEnd::Checksum).then(crc32fast::Hasher::new);
+    let mut first = true;
+    let mut sent = 0u64;
+    loop {
+        let data = read_chunk(&mut file).ok()?;
+        let last = data.len() < BLOB_CHUNK_BYTES;
+        sent += data.len() as u64;
+        let data = prost::bytes::Bytes::from(data);
+        if let Some(checksum) = checksum.as_mut() {
+            checksum.update(&data);
+        }
+        if let Some((to_hasher, _)) = &hashing {
+            if !data.is_empty() {
+                to_hasher.blocking_send(Piece::Data(data.clone())).ok()?;
+            }
+        }
+        let chunk = match first {
+            true => BlobChunk { size, data, ..BlobChunk::default() },
+            false if data.is_empty() => break,
+            false => BlobChunk { data, ..BlobChunk::default() },
+        };
+        first = false;
+        sender.blocking_send(chunk).ok()?;
+        if last {
+            break;
+        }
+    }
+    // A file cut short while it was read: no last chunk, so the receiver refuses it rather
+    // than waiting for bytes that will not come.
+    if sent != size {
+        return None;
+    }
+    let sha256 = match hashing {
+        Some((to_hasher, hasher)) => {
+            to_hasher.blocking_send(Piece::End).ok()?;
+            Some(tokio::runtime::Handle::current().block_on(hasher).ok()??.sha256)
+        }
+        None => None,
+    };
+    Some(SentFile { size, sha256, crc32: checksum.map(|c| c.finalize()) })
 }
 
 /// Reads up to [`BLOB_CHUNK_BYTES`] (fewer only at the end of the file) into a new buffer.
@@ -298,7 +368,7 @@ fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
 /// within the [`ReceiveTimeouts::default`] limits (see [`receive_to_file_within`]).
 ///
 /// `expected` pins the hash the caller wants (a download); otherwise the hash the stream names,
-/// first or last, is verified. At most `max_size` bytes are accepted. The temporary file lives in
+/// first or last, is verified, or the stream's checksum when it names no hash. At most `max_size` bytes are accepted. The temporary file lives in
 /// `destination`'s folder and is removed on any failure.
 pub async fn receive_to_file<S>(stream: S, destination: &Path, expected: Option<&str>, max_size: u64) -> Result<BlobRef, TransferError>
 where
@@ -365,10 +435,11 @@ impl Drop for VerifiedBlob {
     }
 }
 
-/// Receives a chunk stream whose name may come last ([`file_chunks_hash_at_end`]) into a hidden
-/// temporary file in `folder` (a [`is_partial_file_name`] file, created with the folder), under
-/// `timeouts`; returns it once its bytes hash to what the stream names, for the caller to
-/// [`VerifiedBlob::persist`] under that name. `expected` and `max_size` as for
+/// Receives a chunk stream whose name may come last, or not at all ([`StreamEnd`]), into a
+/// hidden temporary file in `folder` (a [`is_partial_file_name`] file, created with the folder),
+/// under `timeouts`; returns it once its bytes match what the stream names, for the caller to
+/// [`VerifiedBlob::persist`] under the blob's name: the hash the stream named, or the one this
+/// side computed when the stream named only a checksum. `expected` and `max_size` as for
 /// [`receive_to_file`]. On any failure the temporary file is gone.
 pub async fn receive_verified_within<S>(
     mut stream: S,
@@ -493,10 +564,10 @@ where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
     let first = stream.next().await?.ok_or_else(|| TransferError::Protocol("empty stream".into()))?;
-    // An empty name: the stream names its hash in its last chunk.
-    let hash_at_end = first.sha256.is_empty();
+    // An empty name: the stream names its hash or checksum in its last chunk.
+    let named_at_end = first.sha256.is_empty();
     let mut announced = BlobRef { sha256: first.sha256.clone(), size: first.size };
-    if !hash_at_end {
+    if !named_at_end {
         check_name(&announced.sha256, expected, "first")?;
     }
     if announced.size > max_size {
@@ -507,9 +578,9 @@ where
     let (to_writer, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let writer_path = temp.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || write_file(&writer_path, receiver));
-    let (to_hasher, hasher) = start_hasher();
-    let received = forward_chunks(stream, first, announced.size, hash_at_end, [&to_hasher, &to_writer]).await;
-    if matches!(&received, Ok((size, trailer)) if *size == announced.size && (trailer.is_some() || !hash_at_end)) {
+    let (to_hasher, hasher) = start_hasher(named_at_end);
+    let received = forward_chunks(stream, first, announced.size, named_at_end, [&to_hasher, &to_writer]).await;
+    if matches!(&received, Ok((size, last)) if *size == announced.size && (last.is_some() || !named_at_end)) {
         // Either thread may have stopped on an error of its own; the writer's is reported below.
         let _ = to_hasher.send(Piece::End).await;
         let _ = to_writer.send(Piece::End).await;
@@ -520,18 +591,33 @@ where
     let hashed = hasher.await.ok().flatten();
     // A disk error comes first: it is why the writer stopped taking chunks.
     let written = written?;
-    let (received, trailer) = received?;
+    let (received, last) = received?;
     if received != announced.size {
         return Err(TransferError::Protocol(format!("received {received} of {} announced bytes", announced.size)));
     }
-    if hash_at_end {
-        let named = trailer.ok_or_else(|| TransferError::Protocol("the stream ended without naming its hash".into()))?;
-        check_name(&named, expected, "last")?;
-        announced.sha256 = named;
-    }
+    let last = match named_at_end {
+        true => Some(last.ok_or_else(|| TransferError::Protocol("the stream ended without naming its hash or checksum".into()))?),
+        false => None,
+    };
     let actual = hashed.filter(|_| written).ok_or_else(|| TransferError::Protocol("the blob writer stopped early".into()))?;
-    if actual != announced.sha256 {
-        return Err(TransferError::HashMismatch { expected: announced.sha256, actual });
+    if let Some(last) = last {
+        if let Some(named) = &last.sha256 {
+            check_name(named, expected, "last")?;
+        }
+        // Damage on the way is the likelier cause of a mismatch, so the checksum speaks first.
+        if let Some(sent) = last.crc32 {
+            let arrived = actual.crc32.unwrap_or_default();
+            if arrived != sent {
+                return Err(TransferError::ChecksumMismatch { expected: sent, actual: arrived });
+            }
+        }
+        announced.sha256 = last.sha256.unwrap_or_else(|| actual.sha256.clone());
+    }
+    if let Some(expected) = expected.filter(|expected| *expected != actual.sha256) {
+        return Err(TransferError::HashMismatch { expected: expected.to_string(), actual: actual.sha256 });
+    }
+    if actual.sha256 != announced.sha256 {
+        return Err(TransferError::HashMismatch { expected: announced.sha256, actual: actual.sha256 });
     }
     Ok(announced)
 }
@@ -549,17 +635,24 @@ fn check_name(named: &str, expected: Option<&str>, which: &str) -> Result<(), Tr
     }
 }
 
+/// What the last chunk of a stream named at the end named: a hash, a checksum, or both.
+struct LastChunk {
+    sha256: Option<String>,
+    crc32: Option<u32>,
+}
+
 /// Hands each chunk's bytes to the hashing and the writing thread until the stream ends; returns
-/// the bytes received and, with `hash_at_end`, the hash the last chunk named. Stops at the first
-/// stream error, at more bytes than `announced_size`, at anything after the hash chunk, or when a
-/// thread has stopped (the caller then reports the writer's own error).
+/// the bytes received and, when `named_at_end`, what the last chunk named. Stops at the first
+/// stream error, at more bytes than `announced_size`, at anything after the last chunk, at a
+/// checksum anywhere else, or when a thread has stopped (the caller then reports the writer's
+/// own error).
 async fn forward_chunks<S>(
     stream: &mut Paced<'_, S>,
     first: BlobChunk,
     announced_size: u64,
-    hash_at_end: bool,
+    named_at_end: bool,
     threads: [&tokio::sync::mpsc::Sender<Piece>; 2],
-) -> Result<(u64, Option<String>), TransferError>
+) -> Result<(u64, Option<LastChunk>), TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
 {
@@ -567,14 +660,19 @@ where
     let mut chunk = Some(first);
     let mut is_first = true;
     while let Some(current) = chunk {
-        if hash_at_end && !is_first && !current.sha256.is_empty() {
+        let names_something = !current.sha256.is_empty() || current.crc32.is_some();
+        if named_at_end && !is_first && names_something {
             if !current.data.is_empty() {
-                return Err(TransferError::Protocol("the chunk naming the hash carries data".into()));
+                return Err(TransferError::Protocol("the chunk naming the hash or checksum carries data".into()));
             }
             if stream.next().await?.is_some() {
-                return Err(TransferError::Protocol("chunks after the one naming the hash".into()));
+                return Err(TransferError::Protocol("chunks after the one naming the hash or checksum".into()));
             }
-            return Ok((received, Some(current.sha256)));
+            let sha256 = Some(current.sha256).filter(|named| !named.is_empty());
+            return Ok((received, Some(LastChunk { sha256, crc32: current.crc32 })));
+        }
+        if current.crc32.is_some() {
+            return Err(TransferError::Protocol("a crc32 in a chunk other than the last of a stream named at the end".into()));
         }
         is_first = false;
         received += current.data.len() as u64;

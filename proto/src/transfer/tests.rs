@@ -180,7 +180,7 @@ async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_learns_the_hash_it_streamed_and_nothing_when_the_stream_ends_short() {
+async fn a_sender_learns_what_it_streamed_and_nothing_when_the_stream_ends_short() {
     let dir = tempfile::tempdir().unwrap();
     // Past WRITEBACK_BYTES, so the receiver starts the writeback mid-way, and not a whole number
     // of chunks.
@@ -188,22 +188,125 @@ async fn a_sender_learns_the_hash_it_streamed_and_nothing_when_the_stream_ends_s
     let bytes: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
     let source = dir.path().join("src");
     std::fs::write(&source, &bytes).unwrap();
-    let (chunks, reported) = file_chunks_hash_at_end_reporting(source.clone());
-    let dest = dir.path().join("dst");
-    let received = receive_to_file(chunks.map(Ok), &dest, None, u64::MAX).await.unwrap();
-    assert_eq!(reported.await.unwrap(), received);
-    assert_eq!(received, hash_file(&source).await.unwrap());
-    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+    let blob = hash_file(&source).await.unwrap();
+    for (end, named) in [
+        (StreamEnd::Hash, SentFile { size: size as u64, sha256: Some(blob.sha256.clone()), crc32: None }),
+        (StreamEnd::Checksum, SentFile { size: size as u64, sha256: None, crc32: Some(crc32fast::hash(&bytes)) }),
+    ] {
+        let (chunks, reported) = file_chunks_ending(source.clone(), end);
+        let dest = dir.path().join("dst");
+        let received = receive_to_file(chunks.map(Ok), &dest, None, u64::MAX).await.unwrap();
+        assert_eq!(received, blob, "{end:?}");
+        assert_eq!(reported.await.unwrap(), named, "{end:?}");
+        assert_eq!(std::fs::read(&dest).unwrap(), bytes);
 
-    // A stream whose receiver gives up after the first chunk never names its hash.
-    let (chunks, reported) = file_chunks_hash_at_end_reporting(source.clone());
-    let first: Vec<BlobChunk> = chunks.take(1).collect().await;
-    assert_eq!(first.len(), 1);
-    assert!(reported.await.is_err(), "no hash was sent, so none is reported");
-    // Nor does a file that cannot be read.
-    let (chunks, reported) = file_chunks_hash_at_end_reporting(dir.path().join("missing"));
-    assert_eq!(chunks.collect::<Vec<_>>().await.len(), 0);
-    assert!(reported.await.is_err());
+        // A stream whose receiver gives up after the first chunk never names anything.
+        let (chunks, reported) = file_chunks_ending(source.clone(), end);
+        let first: Vec<BlobChunk> = chunks.take(1).collect().await;
+        assert_eq!(first.len(), 1);
+        assert!(reported.await.is_err(), "nothing was named, so nothing is reported");
+        // Nor does a file that cannot be read.
+        let (chunks, reported) = file_chunks_ending(dir.path().join("missing"), end);
+        assert_eq!(chunks.collect::<Vec<_>>().await.len(), 0);
+        assert!(reported.await.is_err());
+    }
+}
+
+async fn chunks_with_checksum_at_end(path: &Path) -> Vec<BlobChunk> {
+    file_chunks_checksum_at_end(path.to_path_buf()).collect().await
+}
+
+#[tokio::test]
+async fn streams_ending_with_a_checksum_are_named_by_the_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    for size in [0usize, 1, BLOB_CHUNK_BYTES, BLOB_CHUNK_BYTES * 2 + 17] {
+        let source = dir.path().join(format!("src-{size}"));
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 41 % 251) as u8).collect();
+        std::fs::write(&source, &bytes).unwrap();
+        let blob = hash_file(&source).await.unwrap();
+        let chunks = chunks_with_checksum_at_end(&source).await;
+        // Data chunks (at least one, naming the size), then one naming the CRC-32 alone.
+        assert_eq!(chunks.len(), size.div_ceil(BLOB_CHUNK_BYTES).max(1) + 1, "{size}");
+        assert!(chunks[0].sha256.is_empty() && chunks[0].crc32.is_none());
+        assert_eq!(chunks[0].size, size as u64);
+        let tail = chunks.last().unwrap();
+        assert_eq!((tail.sha256.as_str(), tail.crc32, tail.data.len()), ("", Some(crc32fast::hash(&bytes)), 0));
+
+        let stream = || tokio_stream::iter(chunks.clone().into_iter().map(Ok));
+        let verified = receive_verified_within(stream(), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+        assert_eq!(verified.blob, blob, "named by the hash the receiver computed");
+        assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)));
+        let dest = dir.path().join("store").join(&blob.sha256);
+        assert_eq!(verified.persist(&dest).await.unwrap(), blob);
+        assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+        // A caller that pins the hash gets it checked against the bytes.
+        let dest = dir.path().join(format!("dst-{size}"));
+        assert_eq!(receive_to_file(stream(), &dest, Some(&blob.sha256), u64::MAX).await.unwrap(), blob);
+        let err = receive_to_file(stream(), &dest, Some(&"2".repeat(64)), u64::MAX).await.unwrap_err();
+        assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
+    }
+    assert!(names_in(&incoming).is_empty());
+}
+
+#[tokio::test]
+async fn streams_ending_with_a_checksum_are_refused_unless_whole_and_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    let source = dir.path().join("src");
+    let bytes: Vec<u8> = (0..BLOB_CHUNK_BYTES + 5000).map(|i| (i % 7) as u8).collect();
+    std::fs::write(&source, &bytes).unwrap();
+    let blob = hash_file(&source).await.unwrap();
+    let chunks = chunks_with_checksum_at_end(&source).await;
+    assert_eq!(chunks.len(), 3);
+    let receive = |chunks: Vec<BlobChunk>| {
+        let incoming = incoming.clone();
+        async move {
+            receive_verified_within(tokio_stream::iter(chunks.into_iter().map(Ok)), &incoming, None, u64::MAX, ReceiveTimeouts::default())
+                .await
+        }
+    };
+
+    // Damaged on the way: a wrong checksum, or a flipped bit under the true one.
+    let mut wrong = chunks.clone();
+    wrong[2].crc32 = wrong[2].crc32.map(|crc| crc ^ 0x8000_0000);
+    assert!(matches!(receive(wrong).await.unwrap_err(), TransferError::ChecksumMismatch { .. }));
+    let mut corrupted = chunks.clone();
+    let mut flipped = corrupted[1].data.to_vec();
+    flipped[4000] ^= 4;
+    corrupted[1].data = flipped.into();
+    assert!(matches!(receive(corrupted.clone()).await.unwrap_err(), TransferError::ChecksumMismatch { .. }));
+    // The sender's hash beside its checksum is checked too: a true checksum does not excuse a
+    // false name, nor a true name damaged bytes.
+    let mut false_name = chunks.clone();
+    false_name[2].sha256 = "3".repeat(64);
+    assert!(matches!(receive(false_name).await.unwrap_err(), TransferError::HashMismatch { .. }));
+    let mut both = corrupted;
+    both[2].sha256 = blob.sha256.clone();
+    assert!(matches!(receive(both).await.unwrap_err(), TransferError::ChecksumMismatch { .. }));
+    // No checksum at the end, a checksum on the first chunk, and one in a stream named up front.
+    let err = receive(chunks[..2].to_vec()).await.unwrap_err();
+    assert!(err.to_string().contains("ended without naming its hash or checksum"), "{err}");
+    let mut early = chunks.clone();
+    early[0].crc32 = Some(0);
+    assert!(receive(early).await.unwrap_err().to_string().contains("a crc32 in a chunk other than the last"));
+    let (_, named_first) = chunks_of(&source).await;
+    let mut named_first: Vec<BlobChunk> = named_first.into_iter().map(Result::unwrap).collect();
+    named_first[1].crc32 = Some(crc32fast::hash(&bytes));
+    assert!(receive(named_first).await.unwrap_err().to_string().contains("a crc32 in a chunk other than the last"));
+    // Data in the checksum's chunk, and chunks after it.
+    let mut loaded = chunks.clone();
+    loaded[2].data = vec![1u8].into();
+    assert!(receive(loaded).await.unwrap_err().to_string().contains("carries data"));
+    let mut extra = chunks.clone();
+    extra.push(BlobChunk { data: vec![1u8].into(), ..BlobChunk::default() });
+    assert!(receive(extra).await.unwrap_err().to_string().contains("after the one naming the hash or checksum"));
+    assert!(names_in(&incoming).is_empty(), "nothing left behind: {:?}", names_in(&incoming));
+    // And the whole, true stream passes, with or without the sender's hash beside the checksum.
+    assert_eq!(receive(chunks.clone()).await.unwrap().blob, blob);
+    let mut with_hash = chunks;
+    with_hash[2].sha256 = blob.sha256.clone();
+    assert_eq!(receive(with_hash).await.unwrap().blob, blob);
 }
 
 /// The names of the entries of `folder`, sorted.

@@ -62,9 +62,10 @@ pub(super) async fn relay(shared: &Shared, task: &Task, current: &Running, event
 /// unreachable) and returns its ref. The lease travels in the call's metadata: the coordinator
 /// accepts a checkpoint or artifact only from a blob uploaded under the same lease.
 async fn upload_file(shared: &Shared, current: &Running, path: &std::path::Path) -> Result<pb::BlobRef, tonic::Status> {
-    // Hashed while it is sent (the stream names the hash last): one pass over the file.
+    // One pass over the file, ending with its CRC-32; the coordinator names the blob by the
+    // SHA-256 it computes of what it received (its answer says which).
     let response = with_retry(shared, "upload", |mut c, worker_id| {
-        let chunks = transfer::file_chunks_hash_at_end(path.to_path_buf());
+        let chunks = transfer::file_chunks_checksum_at_end(path.to_path_buf());
         let lease = cohort_proto::lease::UploadLease {
             worker_id,
             task_id: current.task_id.clone(),
