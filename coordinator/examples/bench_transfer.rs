@@ -303,7 +303,9 @@ impl Bench<'_> {
     }
 
     /// Copies, hashes, uploads and downloads `source` once, timing each, and removes what it made.
-    async fn round(&mut self, route: Route, source: &Path) -> anyhow::Result<Round> {
+    /// The upload forms go in a different order in each `repetition`, so that none always comes
+    /// first or last after the copies.
+    async fn round(&mut self, route: Route, source: &Path, repetition: usize) -> anyhow::Result<Round> {
         let bytes = std::fs::metadata(source)?.len();
         let copy = self.folder.join(format!("{}.copy", route.label()));
         let downloaded = self.folder.join(format!("{}.downloaded", route.label()));
@@ -330,7 +332,10 @@ impl Bench<'_> {
         // The three forms of the upload, back to back (the stored blob removed in between); the
         // clients' form now, the checksum at the end, is the one reported as `upload`.
         let mut stored = None;
-        for form in [Form::HashFirst, Form::HashAtEnd, Form::ChecksumAtEnd] {
+        let mut forms = [Form::HashFirst, Form::HashAtEnd, Form::ChecksumAtEnd];
+        let turns = repetition % forms.len();
+        forms.rotate_left(turns);
+        for form in forms {
             if let Some(blob) = &stored {
                 let blob: &pb::BlobRef = blob;
                 std::fs::remove_file(self.coordinator.blob_path(&blob.sha256))?;
@@ -376,11 +381,11 @@ impl Bench<'_> {
     async fn measure(&mut self, route: Route, source: &Path, repetitions: usize) -> anyhow::Result<Vec<Round>> {
         let mut rounds = Vec::with_capacity(repetitions);
         for repetition in 0..=repetitions {
-            let round = self.round(route, source).await?;
+            let round = self.round(route, source, repetition).await?;
             let label = if repetition == 0 { "warm-up".to_string() } else { format!("repetition {repetition}") };
             eprintln!(
-                "  {label}: copy {:.0}, std::fs::copy {:.0}, upload {:.0}, download {:.0} MB/s",
-                round.copy_loop, round.fs_copy, round.upload, round.download
+                "  {label}: copy {:.0}, std::fs::copy {:.0}, upload {:.0} (hash at end {:.0}, hash first {:.0}), download {:.0} MB/s",
+                round.copy_loop, round.fs_copy, round.upload, round.upload_hash_at_end, round.upload_hash_first, round.download
             );
             if repetition > 0 {
                 rounds.push(round);
