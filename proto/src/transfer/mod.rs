@@ -6,18 +6,21 @@
 //! only the size (its `sha256` left empty) and a last chunk without data names what the sender
 //! computed while it sent ([`StreamEnd`]): the SHA-256 ([`file_chunks_hash_at_end`]), or only
 //! the CRC-32 of the bytes ([`file_chunks_checksum_at_end`], how the worker and `submit` upload),
-//! in which case the receiver names the blob by the SHA-256 it computes itself. The receiver
-//! hashes every byte it takes whatever the form (a sender may lie about its name), so the
-//! sender's SHA-256 would only guard the way between the two against accidental damage, and a
-//! CRC-32 does that for a twentieth of the CPU; on a host that runs both ends, that CPU is the
-//! upload's limit. A receiver writes into a hidden temporary file, hashing
-//! as it goes, and the blob becomes visible only once the hash, checksum and size check out: renamed into
-//! place by [`receive_to_file`], or by [`VerifiedBlob::persist`] once the hash, and with it the
-//! blob's name, is known ([`receive_verified_within`]). An interrupted or corrupted transfer never
-//! leaves a partial blob visible, and a stream whose bytes do not match what it names is refused. A sender that stalls
-//! between chunks, or takes too long overall, is cut off (see [`ReceiveTimeouts`]); a temporary
-//! file that a killed process left behind is found by [`is_partial_file_name`] and removed by
-//! [`remove_partial_files`].
+//! in which case the receiver names the blob by the SHA-256 it computes itself.
+//!
+//! The receiver hashes every byte it takes, whatever the form, because a sender may lie about a
+//! blob's name. A sender's SHA-256 therefore only guards the way between the two against
+//! accidental damage, which a CRC-32 does for an eighth of the CPU; on a host that runs both
+//! ends, that CPU is what limits an upload.
+//!
+//! A receiver writes into a hidden temporary file, hashing as it goes, and the blob becomes
+//! visible only once the hash, checksum and size check out: renamed into place by
+//! [`receive_to_file`], or by [`VerifiedBlob::persist`] once the hash, and with it the blob's
+//! name, is known ([`receive_verified_within`]). An interrupted or corrupted transfer never
+//! leaves a partial blob visible, and a stream whose bytes do not match what it names is
+//! refused. A sender that stalls between chunks, or takes too long overall, is cut off (see
+//! [`ReceiveTimeouts`]); a temporary file that a killed process left behind is found by
+//! [`is_partial_file_name`] and removed by [`remove_partial_files`].
 //!
 //! SHA-256 is the costliest step on either side, so it runs on a thread of its own, beside the
 //! thread that reads the file (sending) or writes it (receiving): the two overlap instead of
@@ -368,8 +371,9 @@ fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
 /// within the [`ReceiveTimeouts::default`] limits (see [`receive_to_file_within`]).
 ///
 /// `expected` pins the hash the caller wants (a download); otherwise the hash the stream names,
-/// first or last, is verified, or the stream's checksum when it names no hash. At most `max_size` bytes are accepted. The temporary file lives in
-/// `destination`'s folder and is removed on any failure.
+/// first or last, is verified, or its checksum when it names no hash. At most `max_size` bytes
+/// are accepted. The temporary file lives in `destination`'s folder and is removed on any
+/// failure.
 pub async fn receive_to_file<S>(stream: S, destination: &Path, expected: Option<&str>, max_size: u64) -> Result<BlobRef, TransferError>
 where
     S: Stream<Item = Result<BlobChunk, tonic::Status>> + Unpin,
