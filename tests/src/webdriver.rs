@@ -134,6 +134,9 @@ pub struct Browser {
     driver: Child,
     address: SocketAddr,
     session: String,
+    /// The browser's home and XDG folders (chromium writes its profile, dconf database and crash
+    /// folder there, not into the user's own); removed once `drop` has ended the browser.
+    home: tempfile::TempDir,
 }
 
 impl Browser {
@@ -144,8 +147,13 @@ impl Browser {
             .find(|p| Path::new(p).exists())
             .expect("chromedriver is missing: `apt-get install chromium chromium-driver` (make test does)");
         let address = crate::free_address();
+        let home = tempfile::Builder::new().prefix("cohort-browser-home-").tempdir().expect("a home folder for the browser");
         let driver = Command::new(driver_path)
             .arg(format!("--port={}", address.port()))
+            .env("HOME", home.path())
+            .env("XDG_CACHE_HOME", home.path().join(".cache"))
+            .env("XDG_CONFIG_HOME", home.path().join(".config"))
+            .env("XDG_DATA_HOME", home.path().join(".local/share"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -163,10 +171,16 @@ impl Browser {
             "goog:chromeOptions": {"binary": binary, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100", "--hide-scrollbars"]},
             "goog:loggingPrefs": {"browser": "ALL"},
         }}});
-        let mut browser = Browser { driver, address, session: String::new() };
+        let mut browser = Browser { driver, address, session: String::new(), home };
         let answer = browser.raw("POST", "/session", Some(capabilities));
         browser.session = answer["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {answer}")).to_string();
         browser
+    }
+
+    /// The folder the browser and its driver use as home (`HOME` and the XDG folders), so a
+    /// test never writes into the user's own.
+    pub fn home(&self) -> &Path {
+        self.home.path()
     }
 
     fn raw(&self, method: &str, path: &str, body: Option<Value>) -> Value {

@@ -330,6 +330,8 @@ fn the_console_follows_a_sweep_live_in_a_real_browser() {
     screenshot(&browser, "sweep-wgan");
     assert_no_script_errors(&browser, "sweep (WGAN-GP)");
 
+    // The browser kept its profile, dconf and crash folders in a home of its own, not the user's.
+    assert!(browser.home().join(".config/chromium").is_dir(), "the browser wrote nothing into its own home");
     drop(browser);
     cluster.kill("w0");
 }
