@@ -103,8 +103,8 @@ async fn uploads_ending_with_a_checksum_are_named_by_the_coordinator() {
     assert!(last.sha256.is_empty() && last.data.is_empty());
     assert_eq!(last.crc32, Some(crc32fast::hash(&bytes)));
 
-    // A wrong checksum, a corrupted chunk under the true one, a checksum on a data chunk, and a
-    // stream that stops before its checksum: each refused, and nothing is stored.
+    // A wrong checksum, a corrupted chunk under the true one, a checksum on the first chunk, and
+    // a stream that stops before its checksum: each refused, and nothing is stored.
     let mut wrong = chunks.clone();
     wrong.last_mut().unwrap().crc32 = Some(crc32fast::hash(&bytes) ^ 1);
     let mut corrupted = chunks.clone();

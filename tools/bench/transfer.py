@@ -4,8 +4,8 @@ bench_transfer.rs) against copying the same file on the same disk. The example s
 checkpoint-sized and a dataset-sized file of random bytes alternates: a read+write copy loop and
 `std::fs::copy`, each fsynced; an upload in three forms (the CRC-32 last and the coordinator naming
 the blob, as the worker and `coordinator submit` send now; and the two "befores", hashed while sent
-with the hash last, and a hash pass then UploadBlob), which the coordinator hashes, checks and fsyncs; a download (FetchBlob/DownloadBlob into a verified, fsynced
-file). Before each timed step that writes a file, an untimed scratch file of its size is written
+with the hash last, and a hash pass then UploadBlob), which the coordinator hashes, checks and
+fsyncs; a download (FetchBlob/DownloadBlob into a verified, fsynced file). Before each timed step that writes a file, an untimed scratch file of its size is written
 and deleted, so every step writes into pages just freed. Each figure is the median over the
 repetitions, after one untimed round. Writes the section between the transfer markers of
 docs/performance.md.

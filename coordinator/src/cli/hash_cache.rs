@@ -3,9 +3,9 @@
 //! sending them again, without a hash pass over every file before every submission.
 //!
 //! A file is sent in one pass, its CRC-32 in the stream's last chunk; once the coordinator has
-//! checked and stored it, the hash the coordinator named it by is recorded here under the file's absolute
-//! path with the file's stamp: device, inode, size, modification and change times. A later
-//! lookup trusts the hash only while the stamp is the same. Writing a file changes its
+//! checked and stored it, the hash the coordinator named it by is recorded here under the
+//! file's absolute path with the file's stamp: device, inode, size, modification and change
+//! times. A later lookup trusts the hash only while the stamp is the same. Writing a file changes its
 //! modification and change times, replacing it changes its inode, and setting the times back
 //! (`touch -d`) still moves the change time, so a file that changed is sent again rather than
 //! named by a stale hash. Two guards keep a change from hiding inside one timestamp tick: the

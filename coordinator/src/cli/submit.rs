@@ -1,9 +1,10 @@
 //! `coordinator submit`: validate a sweep file, upload its dataset, register it.
 //!
 //! Each file is sent in one pass, its CRC-32 in the stream's last chunk; the coordinator checks
-//! it, names the blob by the SHA-256 of what it received, and only then lets the blob appear. A file this machine sent
-//! before, unchanged since ([`super::hash_cache`]), is named by its cached hash and asked about
-//! with `HasBlobs` first, so a re-submitted dataset the coordinator holds is not sent again.
+//! it, names the blob by the SHA-256 of what it received, and only then lets the blob appear. A
+//! file this machine sent before, unchanged since ([`super::hash_cache`]), is named by its
+//! cached hash and asked about with `HasBlobs` first, so a re-submitted dataset the coordinator
+//! holds is not sent again.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -562,9 +563,9 @@ mod tests {
         names
     }
 
-    /// A first submit sends every file and caches their hashes; a re-submit
-    /// sends none; a file changed since, or one the coordinator no longer holds, is sent again,
-    /// and the dataset names what was sent.
+    /// A first submit sends every file and caches their hashes; a re-submit sends none; a file
+    /// changed since, or one the coordinator no longer holds, is sent again, and the dataset
+    /// names what was sent.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn resubmitted_files_are_sent_only_when_changed_or_missing() {
         let dir = tempfile::tempdir().unwrap();

@@ -130,8 +130,8 @@ async fn record_upload(core: &Arc<Core>, lease: Option<UploadLease>, blob: &pb::
 /// [`receive_blob`] of a stream named in its last chunk ([`transfer::StreamEnd`]): by the
 /// sender's hash, or by its checksum alone, when the hash computed here names the blob. Received
 /// into a hidden file in the store's folder, verified against what the stream ends with, and
-/// only then renamed to the blob's path. A blob
-/// already stored stays as it is (the verified copy is dropped), and the answer says so.
+/// only then renamed to the blob's path. A blob already stored stays as it is (the verified
+/// copy is dropped), and the answer says so.
 async fn receive_hashed_at_end(
     core: &Arc<Core>,
     lease: Option<UploadLease>,
