@@ -331,13 +331,12 @@ impl Bench<'_> {
 
         // The three forms of the upload, back to back (the stored blob removed in between); the
         // clients' form now, the checksum at the end, is the one reported as `upload`.
-        let mut stored = None;
+        let mut stored: Option<pb::BlobRef> = None;
         let mut forms = [Form::HashFirst, Form::HashAtEnd, Form::ChecksumAtEnd];
         let turns = repetition % forms.len();
         forms.rotate_left(turns);
         for form in forms {
             if let Some(blob) = &stored {
-                let blob: &pb::BlobRef = blob;
                 std::fs::remove_file(self.coordinator.blob_path(&blob.sha256))?;
             }
             self.before_write(bytes)?;
