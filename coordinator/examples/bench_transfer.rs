@@ -413,6 +413,11 @@ fn cpu_per_gigabyte(rounds: &[Round], bytes: u64, figure: impl Fn(&Round) -> f64
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // As the clients it stands for: `coordinator submit` and `download` keep their transfer
+    // buffers this way, and the worker keeps more (its training settings).
+    if !cohort_proto::transfer::allocator::keep_transfer_buffers() {
+        bail!("glibc refused the transfer buffers' malloc settings");
+    }
     let args = Args::parse();
     if args.sizes_mib.is_empty() || args.repetitions == 0 {
         bail!("need at least one size and one repetition");

@@ -581,16 +581,22 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Blobs move through `serve`, `submit` and `download`: their buffers are reused, not faulted in anew.
+    let transfer_buffers_kept = cohort_proto::transfer::allocator::keep_transfer_buffers();
     // `coordinator logs … | head`: the reader going away ends the command quietly.
     cohort_proto::errors::exit_quietly_on_broken_pipe();
     let args = Args::parse();
     // The server logs what it does; client commands only what goes wrong.
-    let default_level = if matches!(args.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let serving = matches!(args.command, Command::Serve { .. });
+    let default_level = if serving { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
         .with_ansi(cohort_proto::errors::colour_on_stderr())
         .init();
+    if serving && !transfer_buffers_kept {
+        tracing::warn!("malloc settings for transfers not applied: blob transfers may page-fault more");
+    }
     match run(args).await {
         Ok(code) => code,
         Err(error) if cohort_proto::errors::is_broken_pipe(error.as_ref()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ pub const BLOB_CHUNK_BYTES: usize = 1 << 20;
 pub mod auth;
 pub mod errors;
 pub mod lease;
+pub mod malloc;
 pub mod metrics_http;
 pub mod sampling;
 pub mod task;

@@ -46,6 +46,8 @@ def main():
         "a dataset file from `coordinator submit` when its hash cache does not know the file; one it knows and the coordinator "
         "holds is not sent at all); the coordinator checks the checksum, names the blob by the SHA-256 it computes and fsyncs "
         "before it answers. "
+        "Both processes keep their transfer buffers as the coordinator, its commands and the worker do "
+        "(`transfer::allocator`: glibc keeps 32 MiB of free heap top and serves blocks under 4 MiB from its heaps). "
         "download = FetchBlob into a verified, fsynced file; the copies are fsynced too, and every read "
         "comes from the page cache. "
         + ("Before each timed step that writes a file, an untimed scratch file of its size is written and deleted, so every "

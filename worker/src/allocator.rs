@@ -21,22 +21,8 @@ const TRIM_THRESHOLD_BYTES: i32 = 1 << 30;
 /// Applies the settings above; returns false where they do not apply (not glibc) or glibc
 /// refused one. Call it once, first thing in `main`, before tensors exist.
 pub fn tune_for_training() -> bool {
-    tune()
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune() -> bool {
-    // SAFETY: mallopt only changes allocator parameters; glibc serialises it with allocation.
-    let mmap = unsafe { libc::mallopt(libc::M_MMAP_MAX, MMAP_MAX) };
-    // SAFETY: as above.
-    let trim = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) };
-    mmap == 1 && trim == 1
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune() -> bool {
-    false
+    use cohort_proto::malloc::{set, Parameter};
+    set(&[(Parameter::MmapMax, MMAP_MAX), (Parameter::TrimThreshold, TRIM_THRESHOLD_BYTES)])
 }
 
 #[cfg(test)]

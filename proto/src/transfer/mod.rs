@@ -39,6 +39,8 @@ use tokio_stream::{Stream, StreamExt};
 use crate::v1::{BlobChunk, BlobRef};
 use crate::BLOB_CHUNK_BYTES;
 
+pub mod allocator;
+
 /// HTTP/2 flow-control window of one stream, set on both ends of every connection to the
 /// coordinator. The defaults (1 MiB on a server, 2 MiB on a client) hold at most one
 /// [`BLOB_CHUNK_BYTES`] message, so a sender stalls while the receiver hashes and writes each

@@ -8,6 +8,30 @@ async fn chunks_of(path: &Path) -> (BlobRef, Vec<Result<BlobChunk, tonic::Status
     (blob, chunks)
 }
 
+/// Writes `bytes` to `dir/name`; returns its path and the blob it holds.
+async fn source_file(dir: &Path, name: &str, bytes: &[u8]) -> (PathBuf, BlobRef) {
+    let source = dir.join(name);
+    std::fs::write(&source, bytes).unwrap();
+    let blob = hash_file(&source).await.unwrap();
+    (source, blob)
+}
+
+/// `chunks` with byte `byte` of chunk `index` flipped by `mask`.
+fn flipped(chunks: &[BlobChunk], index: usize, byte: usize, mask: u8) -> Vec<BlobChunk> {
+    let mut damaged = chunks.to_vec();
+    let mut data = damaged[index].data.to_vec();
+    data[byte] ^= mask;
+    damaged[index].data = data.into();
+    damaged
+}
+
+/// Receives `chunks` into `incoming` as the coordinator receives an upload (no size limit, the
+/// default timeouts), checked against `expected` when given.
+async fn receive_into(incoming: &Path, chunks: Vec<BlobChunk>, expected: Option<&str>) -> Result<VerifiedBlob, TransferError> {
+    let stream = tokio_stream::iter(chunks.into_iter().map(Ok));
+    receive_verified_within(stream, incoming, expected, u64::MAX, ReceiveTimeouts::default()).await
+}
+
 #[tokio::test]
 async fn round_trips_empty_small_and_multi_chunk_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,10 +56,7 @@ async fn corrupted_or_truncated_streams_leave_nothing_behind() {
     std::fs::write(&source, vec![7u8; 5000]).unwrap();
     let (blob, chunks) = chunks_of(&source).await;
 
-    let mut corrupted = chunks.iter().map(|c| c.as_ref().unwrap().clone()).collect::<Vec<_>>();
-    let mut flipped = corrupted[0].data.to_vec();
-    flipped[10] ^= 1;
-    corrupted[0].data = flipped.into();
+    let corrupted = flipped(&chunks.iter().map(|c| c.as_ref().unwrap().clone()).collect::<Vec<_>>(), 0, 10, 1);
     let dest = dir.path().join("dst");
     let err = receive_to_file(tokio_stream::iter(corrupted.into_iter().map(Ok)), &dest, None, u64::MAX).await.unwrap_err();
     assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
@@ -70,10 +91,8 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
     for size in [0usize, 1, BLOB_CHUNK_BYTES, BLOB_CHUNK_BYTES * 2 + 17] {
-        let source = dir.path().join(format!("src-{size}"));
         let bytes: Vec<u8> = (0..size).map(|i| (i * 37 % 253) as u8).collect();
-        std::fs::write(&source, &bytes).unwrap();
-        let blob = hash_file(&source).await.unwrap();
+        let (source, blob) = source_file(dir.path(), &format!("src-{size}"), &bytes).await;
         let chunks = chunks_hashed_at_end(&source).await;
         // Data chunks (at least one, naming the size), then one naming the hash.
         assert_eq!(chunks.len(), size.div_ceil(BLOB_CHUNK_BYTES).max(1) + 1, "{size}");
@@ -84,9 +103,8 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
         assert_eq!(tail.sha256, blob.sha256);
         assert!(tail.data.is_empty());
 
-        let verified = receive_verified_within(tokio_stream::iter(chunks.clone()), &incoming, None, u64::MAX, ReceiveTimeouts::default())
-            .await
-            .unwrap();
+        let data_chunks = chunks.iter().map(|chunk| chunk.as_ref().unwrap().clone()).collect();
+        let verified = receive_into(&incoming, data_chunks, None).await.unwrap();
         assert_eq!(verified.blob, blob);
         // Verified but not persisted: only a hidden partial file exists.
         assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)), "{:?}", names_in(&incoming));
@@ -101,16 +119,8 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
         assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     }
     // Dropped without persisting: the file goes.
-    let source = dir.path().join("src-1");
-    let verified = receive_verified_within(
-        tokio_stream::iter(chunks_hashed_at_end(&source).await),
-        &incoming,
-        None,
-        u64::MAX,
-        ReceiveTimeouts::default(),
-    )
-    .await
-    .unwrap();
+    let chunks = chunks_hashed_at_end(&dir.path().join("src-1")).await.into_iter().map(Result::unwrap).collect();
+    let verified = receive_into(&incoming, chunks, None).await.unwrap();
     assert_eq!(names_in(&incoming).len(), 1);
     drop(verified);
     assert!(names_in(&incoming).is_empty());
@@ -120,23 +130,10 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
 async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
-    let source = dir.path().join("src");
-    std::fs::write(&source, vec![9u8; BLOB_CHUNK_BYTES + 5000]).unwrap();
+    let (source, _) = source_file(dir.path(), "src", &vec![9u8; BLOB_CHUNK_BYTES + 5000]).await;
     let chunks: Vec<BlobChunk> = chunks_hashed_at_end(&source).await.into_iter().map(Result::unwrap).collect();
     assert_eq!(chunks.len(), 3);
-    let receive = |chunks: Vec<BlobChunk>, expected: Option<String>| {
-        let incoming = incoming.clone();
-        async move {
-            receive_verified_within(
-                tokio_stream::iter(chunks.into_iter().map(Ok)),
-                &incoming,
-                expected.as_deref(),
-                u64::MAX,
-                ReceiveTimeouts::default(),
-            )
-            .await
-        }
-    };
+    let receive = |chunks: Vec<BlobChunk>, expected: Option<&'static str>| receive_into(&incoming, chunks, expected);
 
     // No hash at the end (the sender stopped after its last data).
     let err = receive(chunks[..2].to_vec(), None).await.unwrap_err();
@@ -145,11 +142,7 @@ async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
     let mut wrong = chunks.clone();
     wrong[2].sha256 = "0".repeat(64);
     assert!(matches!(receive(wrong, None).await.unwrap_err(), TransferError::HashMismatch { .. }));
-    let mut corrupted = chunks.clone();
-    let mut flipped = corrupted[1].data.to_vec();
-    flipped[7] ^= 1;
-    corrupted[1].data = flipped.into();
-    assert!(matches!(receive(corrupted, None).await.unwrap_err(), TransferError::HashMismatch { .. }));
+    assert!(matches!(receive(flipped(&chunks, 1, 7, 1), None).await.unwrap_err(), TransferError::HashMismatch { .. }));
     // A hash that is not one, data in the hash chunk, and chunks after it.
     let mut garbage = chunks.clone();
     garbage[2].sha256 = "not a hash".into();
@@ -168,7 +161,9 @@ async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
     long[0].size -= 1;
     assert!(receive(long, None).await.unwrap_err().to_string().contains("more than the announced"));
     // The right stream, but not the blob the caller asked for.
-    assert!(matches!(receive(chunks.clone(), Some("1".repeat(64))).await.unwrap_err(), TransferError::HashMismatch { .. }));
+    let other = "1".repeat(64);
+    let err = receive_into(&incoming, chunks.clone(), Some(&other)).await.unwrap_err();
+    assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
     // A stream cut off mid-way.
     let failing = vec![Ok(chunks[0].clone()), Err(tonic::Status::aborted("cut"))];
     let err =
@@ -186,9 +181,7 @@ async fn a_sender_learns_what_it_streamed_and_nothing_when_the_stream_ends_short
     // of chunks.
     let size = WRITEBACK_BYTES as usize + BLOB_CHUNK_BYTES + 99;
     let bytes: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
-    let source = dir.path().join("src");
-    std::fs::write(&source, &bytes).unwrap();
-    let blob = hash_file(&source).await.unwrap();
+    let (source, blob) = source_file(dir.path(), "src", &bytes).await;
     for (end, named) in [
         (StreamEnd::Hash, SentFile { size: size as u64, sha256: Some(blob.sha256.clone()), crc32: None }),
         (StreamEnd::Checksum, SentFile { size: size as u64, sha256: None, crc32: Some(crc32fast::hash(&bytes)) }),
@@ -221,10 +214,8 @@ async fn streams_ending_with_a_checksum_are_named_by_the_receiver() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
     for size in [0usize, 1, BLOB_CHUNK_BYTES, BLOB_CHUNK_BYTES * 2 + 17] {
-        let source = dir.path().join(format!("src-{size}"));
         let bytes: Vec<u8> = (0..size).map(|i| (i * 41 % 251) as u8).collect();
-        std::fs::write(&source, &bytes).unwrap();
-        let blob = hash_file(&source).await.unwrap();
+        let (source, blob) = source_file(dir.path(), &format!("src-{size}"), &bytes).await;
         let chunks = chunks_with_checksum_at_end(&source).await;
         // Data chunks (at least one, naming the size), then one naming the CRC-32 alone.
         assert_eq!(chunks.len(), size.div_ceil(BLOB_CHUNK_BYTES).max(1) + 1, "{size}");
@@ -234,7 +225,7 @@ async fn streams_ending_with_a_checksum_are_named_by_the_receiver() {
         assert_eq!((tail.sha256.as_str(), tail.crc32, tail.data.len()), ("", Some(crc32fast::hash(&bytes)), 0));
 
         let stream = || tokio_stream::iter(chunks.clone().into_iter().map(Ok));
-        let verified = receive_verified_within(stream(), &incoming, None, u64::MAX, ReceiveTimeouts::default()).await.unwrap();
+        let verified = receive_into(&incoming, chunks.clone(), None).await.unwrap();
         assert_eq!(verified.blob, blob, "named by the hash the receiver computed");
         assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)));
         let dest = dir.path().join("store").join(&blob.sha256);
@@ -253,28 +244,17 @@ async fn streams_ending_with_a_checksum_are_named_by_the_receiver() {
 async fn streams_ending_with_a_checksum_are_refused_unless_whole_and_true() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
-    let source = dir.path().join("src");
     let bytes: Vec<u8> = (0..BLOB_CHUNK_BYTES + 5000).map(|i| (i % 7) as u8).collect();
-    std::fs::write(&source, &bytes).unwrap();
-    let blob = hash_file(&source).await.unwrap();
+    let (source, blob) = source_file(dir.path(), "src", &bytes).await;
     let chunks = chunks_with_checksum_at_end(&source).await;
     assert_eq!(chunks.len(), 3);
-    let receive = |chunks: Vec<BlobChunk>| {
-        let incoming = incoming.clone();
-        async move {
-            receive_verified_within(tokio_stream::iter(chunks.into_iter().map(Ok)), &incoming, None, u64::MAX, ReceiveTimeouts::default())
-                .await
-        }
-    };
+    let receive = |chunks: Vec<BlobChunk>| receive_into(&incoming, chunks, None);
 
     // Damaged on the way: a wrong checksum, or a flipped bit under the true one.
     let mut wrong = chunks.clone();
     wrong[2].crc32 = wrong[2].crc32.map(|crc| crc ^ 0x8000_0000);
     assert!(matches!(receive(wrong).await.unwrap_err(), TransferError::ChecksumMismatch { .. }));
-    let mut corrupted = chunks.clone();
-    let mut flipped = corrupted[1].data.to_vec();
-    flipped[4000] ^= 4;
-    corrupted[1].data = flipped.into();
+    let corrupted = flipped(&chunks, 1, 4000, 4);
     assert!(matches!(receive(corrupted.clone()).await.unwrap_err(), TransferError::ChecksumMismatch { .. }));
     // The sender's hash beside its checksum is checked too: a true checksum does not excuse a
     // false name, nor a true name damaged bytes.
