@@ -82,8 +82,8 @@ async fn corrupted_or_truncated_streams_leave_nothing_behind() {
     let _ = blob;
 }
 
-async fn chunks_hashed_at_end(path: &Path) -> Vec<Result<BlobChunk, tonic::Status>> {
-    file_chunks_hash_at_end(path.to_path_buf()).map(Ok).collect().await
+async fn chunks_hashed_at_end(path: &Path) -> Vec<BlobChunk> {
+    file_chunks_hash_at_end(path.to_path_buf()).collect().await
 }
 
 #[tokio::test]
@@ -96,15 +96,14 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
         let chunks = chunks_hashed_at_end(&source).await;
         // Data chunks (at least one, naming the size), then one naming the hash.
         assert_eq!(chunks.len(), size.div_ceil(BLOB_CHUNK_BYTES).max(1) + 1, "{size}");
-        let head = chunks[0].as_ref().unwrap();
+        let head = &chunks[0];
         assert!(head.sha256.is_empty());
         assert_eq!(head.size, size as u64);
-        let tail = chunks.last().unwrap().as_ref().unwrap();
+        let tail = chunks.last().unwrap();
         assert_eq!(tail.sha256, blob.sha256);
         assert!(tail.data.is_empty());
 
-        let data_chunks = chunks.iter().map(|chunk| chunk.as_ref().unwrap().clone()).collect();
-        let verified = receive_into(&incoming, data_chunks, None).await.unwrap();
+        let verified = receive_into(&incoming, chunks.clone(), None).await.unwrap();
         assert_eq!(verified.blob, blob);
         // Verified but not persisted: only a hidden partial file exists.
         assert!(names_in(&incoming).iter().all(|name| is_partial_file_name(name)), "{:?}", names_in(&incoming));
@@ -115,11 +114,14 @@ async fn streams_hashed_at_end_round_trip_and_appear_only_when_persisted() {
 
         // receive_to_file takes both forms.
         let dest = dir.path().join(format!("dst-{size}"));
-        assert_eq!(receive_to_file(tokio_stream::iter(chunks), &dest, Some(&blob.sha256), u64::MAX).await.unwrap(), blob);
+        assert_eq!(
+            receive_to_file(tokio_stream::iter(chunks.into_iter().map(Ok)), &dest, Some(&blob.sha256), u64::MAX).await.unwrap(),
+            blob
+        );
         assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     }
     // Dropped without persisting: the file goes.
-    let chunks = chunks_hashed_at_end(&dir.path().join("src-1")).await.into_iter().map(Result::unwrap).collect();
+    let chunks = chunks_hashed_at_end(&dir.path().join("src-1")).await;
     let verified = receive_into(&incoming, chunks, None).await.unwrap();
     assert_eq!(names_in(&incoming).len(), 1);
     drop(verified);
@@ -131,7 +133,7 @@ async fn streams_hashed_at_end_are_refused_unless_whole_and_true() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
     let (source, _) = source_file(dir.path(), "src", &vec![9u8; BLOB_CHUNK_BYTES + 5000]).await;
-    let chunks: Vec<BlobChunk> = chunks_hashed_at_end(&source).await.into_iter().map(Result::unwrap).collect();
+    let chunks = chunks_hashed_at_end(&source).await;
     assert_eq!(chunks.len(), 3);
     let receive = |chunks: Vec<BlobChunk>, expected: Option<&'static str>| receive_into(&incoming, chunks, expected);
 
